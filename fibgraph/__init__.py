@@ -1,0 +1,2 @@
+"""fibgraph: fibration symmetries of trained neural networks as graphs."""
+__version__ = "0.1.0"

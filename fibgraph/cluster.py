@@ -1,0 +1,119 @@
+"""Threshold agglomerative clustering of signature rows (quasi-fibrations).
+
+The paper's Algorithm 1 clusters the rows of a layer's aggregated weight
+matrix with agglomerative clustering cut at distance ``eps``.  Done plainly
+that builds the full ``n x n`` distance matrix.  Here the same partition is
+computed by first finding the connected components of the ``eps``-neighbour
+graph (blockwise BLAS products, memory ``O(block * n)``): every complete- or
+average-linkage cluster cut at ``eps`` lies inside one component (a merge at
+height <= eps needs at least one pair at distance <= eps), so scipy's linkage
+run per component gives exactly the partition of the global run.
+
+Distances (both dimensionless, range [0, 2]):
+- ``cosine``: ``1 - <u, v> / (|u| |v|)``; rows that differ by a positive
+  factor are at distance 0.  All-zero rows form a class of their own.
+- ``euclidean``: ``|u - v| / max_k |x_k|`` (rows scaled by the largest row norm
+  of the layer): 0 only for equal rows, so it is magnitude-aware.
+"""
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+from scipy.cluster.hierarchy import fcluster, linkage
+from scipy.sparse.csgraph import connected_components
+from scipy.spatial.distance import pdist
+
+from .partition import canonical
+
+__all__ = ["threshold_clusters", "algorithm1", "prepare_rows", "METRICS", "LINKAGES"]
+
+METRICS = ("cosine", "euclidean")
+LINKAGES = ("complete", "average")
+
+
+def prepare_rows(X, metric):
+    """Rows scaled for ``metric``: unit rows (cosine) or rows over the largest norm.
+
+    Returns ``(Y, norms, zero_mask)``.
+    """
+    X = X.toarray() if sp.issparse(X) else np.asarray(X, dtype=np.float64)
+    norms = np.linalg.norm(X, axis=1)
+    zero = norms <= 0
+    if metric == "cosine":
+        Y = X / np.where(zero, 1.0, norms)[:, None]
+    elif metric == "euclidean":
+        scale = norms.max() if norms.size and norms.max() > 0 else 1.0
+        Y = X / scale
+    else:
+        raise ValueError(f"unknown metric {metric!r}; choose from {METRICS}")
+    return Y, norms, zero
+
+
+def _neighbour_components(Y, radius, block_elems=1 << 24):
+    """Connected components of the graph joining rows at euclidean distance <= radius."""
+    n = Y.shape[0]
+    sq = np.einsum("ij,ij->i", Y, Y)
+    bs = max(1, min(n, block_elems // max(n, 1)))
+    r2 = radius * radius * (1 + 1e-9) + 1e-12
+    rows, cols = [], []
+    for s in range(0, n, bs):
+        e = min(n, s + bs)
+        d2 = sq[s:e, None] + sq[None, :] - 2.0 * (Y[s:e] @ Y.T)
+        i, j = np.nonzero(d2 <= r2)
+        rows.append(i + s)
+        cols.append(j)
+    r = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+    c = np.concatenate(cols) if cols else np.zeros(0, np.int64)
+    g = sp.coo_matrix((np.ones(r.size, dtype=np.int8), (r, c)), shape=(n, n))
+    return connected_components(g, directed=False)[1]
+
+
+def threshold_clusters(X, eps, linkage_method="average", metric="cosine"):
+    """Flat clusters of the rows of ``X`` cut at distance ``eps``.
+
+    Equal to ``fcluster(linkage(pdist(rows), method), eps, 'distance')`` (the
+    paper's Algorithm 1) but computed per connected component of the
+    ``eps``-neighbour graph.  Returns canonical labels.
+    """
+    if linkage_method not in LINKAGES:
+        raise ValueError(f"unknown linkage {linkage_method!r}; choose from {LINKAGES}")
+    Y, norms, zero = prepare_rows(X, metric)
+    n = Y.shape[0]
+    labels = np.full(n, -1, dtype=np.int64)
+    nz = np.flatnonzero(~zero) if metric == "cosine" else np.arange(n)
+    if metric == "cosine" and zero.any():
+        labels[zero] = 0  # all-zero rows: one class
+    if nz.size:
+        Z = Y[nz]
+        # cosine distance d = |u - v|^2 / 2 on unit rows
+        radius = np.sqrt(2.0 * eps) if metric == "cosine" else eps
+        comp = _neighbour_components(Z, radius)
+        out = np.empty(nz.size, dtype=np.int64)
+        order = np.argsort(comp, kind="stable")
+        bounds = np.flatnonzero(np.diff(comp[order])) + 1
+        nxt = 0
+        for members in np.split(order, bounds):
+            if members.size == 1:
+                out[members] = nxt
+                nxt += 1
+                continue
+            d = pdist(Z[members], "euclidean")
+            if metric == "cosine":
+                d = 0.5 * d * d
+            lab = fcluster(linkage(d, method=linkage_method), t=eps, criterion="distance")
+            out[members] = nxt + lab - 1
+            nxt += int(lab.max())
+        labels[nz] = out + (1 if (metric == "cosine" and zero.any()) else 0)
+    return canonical(labels)
+
+
+def algorithm1(X, eps, linkage_method="average", metric="cosine"):
+    """Reference: the paper's Algorithm 1 for one layer, plainly (full distance matrix)."""
+    Y, norms, zero = prepare_rows(X, metric)
+    if Y.shape[0] < 2:
+        return np.zeros(Y.shape[0], dtype=np.int64)
+    d = pdist(Y, "cosine" if metric == "cosine" else "euclidean")
+    if metric == "cosine":
+        d = np.nan_to_num(d, nan=0.0)
+    lab = fcluster(linkage(d, method=linkage_method), t=eps, criterion="distance")
+    return canonical(lab)

@@ -1,0 +1,428 @@
+"""The one refinement engine: coarsest balanced colourings by signature rounds.
+
+Definitions (DESIGN.md section 2).  A colouring ``c`` of the nodes is
+*in-balanced* (a fibration's fibers) iff for every two nodes ``i ~ j`` and every
+colour ``a``::
+
+    sum_{k: c(k) = a} W[i, k] == sum_{k: c(k) = a} W[j, k]
+
+(weights are vectors, edge categories are kept apart, bias edges come from a
+constant node of its own colour).  *Out-balanced* (opfibration) is the same on
+outgoing weights; *balanced both ways* is the strict covering.  The engine
+computes the coarsest such colouring that refines a given initial colouring:
+each step replaces a node's colour by ``(old colour, signature)`` where the
+signature is the vector of per-colour weight sums above.
+
+Two schedules, one engine:
+- levelled (a DAG given in topological levels, e.g. a feed-forward network):
+  each level is refined once, in order (reverse order for out-balance) - the
+  paper's layer-by-layer procedure, O(m) in all;
+- rounds (any digraph, cycles included): synchronous rounds, each O(m log m)
+  vectorised, until the number of colours stops growing.
+
+Two criteria for "equal signatures":
+- :class:`Exact`: equal up to float rounding.  Each signature entry is
+  compared with tolerance ``rtol * max|entry|`` over the level (0 for integer
+  weights); values are grouped by sorting and splitting at gaps larger than
+  the tolerance, then rows are hashed (two independent 64-bit hashes).
+- :class:`Tolerance`: quasi-fibrations (the paper's Algorithm 1): per level,
+  agglomerative clustering of the signature rows at distance ``eps``
+  (see :mod:`fibgraph.cluster`).  With ``metric='cosine'`` on nodes whose
+  activation is positively homogeneous, proportional rows merge exactly by
+  the rescaling merge (``relu(s z) = s relu(z)``): each node gets a scale and
+  the next level aggregates ``s_k W[i, k]``.  On other nodes cosine is not
+  exact, so the magnitude-aware euclidean distance is used instead and the
+  substitution is recorded.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.sparse as sp
+
+from .cluster import LINKAGES, METRICS, threshold_clusters
+from .graph import WeightedDigraph
+from .partition import canonical
+
+__all__ = ["Exact", "Tolerance", "Refinement", "refine", "DEFAULT_RTOL"]
+
+DEFAULT_RTOL = 1e-5
+
+
+@dataclass(frozen=True)
+class Exact:
+    """Signatures equal up to ``rtol`` times the largest magnitude in the level."""
+
+    rtol: float = DEFAULT_RTOL
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Quasi-fibration: signature rows clustered at distance ``eps``."""
+
+    eps: float
+    linkage: str = "average"
+    metric: str = "cosine"
+    rescale: bool = True
+
+    def __post_init__(self):
+        if not (0.0 <= self.eps < 2.0) or not np.isfinite(self.eps):
+            raise ValueError(f"eps must be in [0, 2), got {self.eps}")
+        if self.linkage not in LINKAGES:
+            raise ValueError(f"linkage must be one of {LINKAGES}, got {self.linkage!r}")
+        if self.metric not in METRICS:
+            raise ValueError(f"metric must be one of {METRICS}, got {self.metric!r}")
+
+
+def make_criterion(eps=0.0, linkage="average", metric="cosine", rescale=True, rtol=DEFAULT_RTOL):
+    """``Exact`` for ``eps == 0``, else ``Tolerance``."""
+    if eps is None or eps == 0:
+        return Exact(rtol)
+    return Tolerance(float(eps), linkage, metric, rescale)
+
+
+@dataclass
+class Refinement:
+    """Result of :func:`refine`: canonical ``labels``, per-node ``scales`` (1 unless
+    the rescaling merge applied), the number of sweeps or rounds, and per-level
+    notes (criterion actually used)."""
+
+    labels: np.ndarray
+    scales: np.ndarray
+    rounds: int
+    info: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- hashing
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+_GOLD = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mix(x):
+    """splitmix64 finaliser, vectorised on uint64 arrays (wraps modulo 2**64)."""
+    x = np.asarray(x, dtype=np.uint64) + _GOLD
+    x = (x ^ (x >> np.uint64(30))) * _M1
+    x = (x ^ (x >> np.uint64(27))) * _M2
+    return x ^ (x >> np.uint64(31))
+
+
+def _key(colour, d, etype=None):
+    k = _mix(_mix(np.asarray(colour, dtype=np.int64).astype(np.uint64)) + np.asarray(d, dtype=np.uint64))
+    if etype is not None:
+        k = _mix(k ^ _mix(np.asarray(etype, dtype=np.int64).astype(np.uint64) + _M1))
+    return k
+
+
+# ------------------------------------------------------- signature parts
+def _parts(graph: WeightedDigraph, nodes_mask, direction, colours, scales):
+    """Per-block aggregated signatures of the target nodes in ``nodes_mask``.
+
+    Yields dicts: dense parts ``{targets, A (n_t, K), keys (K,)}`` and sparse
+    parts ``{t, key, v}`` (global target ids, one entry per (target, key)).
+    """
+    for b in graph.blocks:
+        if direction == "in":
+            targets, others = b.dst, b.src
+        else:
+            targets, others = b.src, b.dst
+        sel = nodes_mask[targets]
+        if not sel.any():
+            continue
+        if b.dense:
+            if not sel.all():
+                raise ValueError(f"block {b.name!r} straddles a level")
+            W = b.weight if direction == "in" else b.weight.transpose(1, 0, 2)
+            n_t, n_o, D = W.shape
+            uc, inv = np.unique(colours[others], return_inverse=True)
+            s = scales[others]
+            if uc.size == n_o and np.all(s == 1):
+                A = np.empty((n_t, n_o, D), dtype=np.float64)
+                A[:, inv, :] = W
+            else:
+                M = sp.csr_matrix((s.astype(np.float64), (inv, np.arange(n_o))), shape=(uc.size, n_o))
+                W2 = np.ascontiguousarray(W.transpose(0, 2, 1), dtype=np.float64).reshape(n_t * D, n_o)
+                A = np.asarray(M @ W2.T).T.reshape(n_t, D, uc.size).transpose(0, 2, 1)
+            keys = _key(np.repeat(uc, D), np.tile(np.arange(D), uc.size))
+            yield {"targets": targets, "A": A.reshape(n_t, uc.size * D), "keys": keys,
+                   "exact": b.exact}
+        else:
+            r, c = (b.rows, b.cols) if direction == "in" else (b.cols, b.rows)
+            t = targets[r]
+            keep = sel[r]
+            t, o = t[keep], others[c[keep]]
+            v = b.values[keep] * scales[o][:, None]
+            D = v.shape[1]
+            et = None if b.etype is None else np.repeat(b.etype[keep], D)
+            key = _key(np.repeat(colours[o], D), np.tile(np.arange(D), o.size), et)
+            yield {"t": np.repeat(t, D), "key": key, "v": v.reshape(-1), "exact": b.exact}
+
+
+def _dense_to_sparse(p):
+    n_t, K = p["A"].shape
+    return {"t": np.repeat(p["targets"], K), "key": np.tile(p["keys"], n_t),
+            "v": p["A"].reshape(-1), "exact": p["exact"]}
+
+
+def _sum_sparse(parts):
+    """Concatenate sparse parts and add entries with the same (target, key)."""
+    t = np.concatenate([p["t"] for p in parts])
+    key = np.concatenate([p["key"] for p in parts])
+    v = np.concatenate([p["v"] for p in parts])
+    exact = all(p["exact"] for p in parts)
+    if t.size == 0:
+        return {"t": t, "key": key, "v": v, "exact": exact}
+    order = np.lexsort((key, t))
+    t, key, v = t[order], key[order], v[order]
+    start = np.concatenate([[True], (t[1:] != t[:-1]) | (key[1:] != key[:-1])])
+    idx = np.flatnonzero(start)
+    return {"t": t[idx], "key": key[idx], "v": np.add.reduceat(v, idx), "exact": exact}
+
+
+def _merge_parts(parts):
+    """Dense parts stay dense when their keys are disjoint from every other part's."""
+    dense = [p for p in parts if "A" in p]
+    sparse = [p for p in parts if "A" not in p]
+    if len(dense) > 1 or sparse:
+        allkeys = [p["keys"] for p in dense] + [np.unique(p["key"]) for p in sparse]
+        cat = np.concatenate(allkeys) if allkeys else np.zeros(0, np.uint64)
+        u, cnt = np.unique(cat, return_counts=True)
+        shared = set(u[cnt > 1].tolist())
+        keep = []
+        for p in dense:
+            if shared and np.isin(p["keys"], list(shared)).any():
+                sparse.append(_dense_to_sparse(p))
+            else:
+                keep.append(p)
+        dense = keep
+    if sparse:
+        sparse = [_sum_sparse(sparse)]
+    return dense, sparse
+
+
+# ---------------------------------------------------------- quantising
+def _gap_labels_sorted(vals_sorted, newgroup, tol):
+    """Group ids for sorted values: a new group starts at a gap > tol or at a key
+    boundary (``newgroup``); a group containing |v| <= tol gets label 0."""
+    gid = np.cumsum(newgroup | np.concatenate([[True], np.diff(vals_sorted) > tol]))
+    near0 = np.abs(vals_sorted) <= tol
+    zero_groups = np.zeros(gid[-1] + 2 if gid.size else 1, dtype=bool)
+    zero_groups[gid[near0]] = True
+    return np.where(zero_groups[gid], 0, gid)
+
+
+def _hash_dense(A, keys, tol):
+    n_t, K = A.shape
+    if n_t == 0 or K == 0:
+        return np.zeros(n_t, np.uint64), np.zeros(n_t, np.uint64)
+    order = np.argsort(A, axis=0, kind="stable")
+    S = np.take_along_axis(A, order, axis=0)
+    gap = np.vstack([np.ones((1, K), bool), np.diff(S, axis=0) > tol])
+    gid = np.cumsum(gap, axis=0)  # per column, 1-based
+    near0 = np.abs(S) <= tol
+    big = np.iinfo(np.int64).max
+    gmin = np.where(near0, gid, big).min(axis=0)
+    gmax = np.where(near0, gid, -1).max(axis=0)
+    lab_sorted = np.where((gid >= gmin) & (gid <= gmax), 0, gid)
+    L = np.empty_like(lab_sorted)
+    np.put_along_axis(L, order, lab_sorted, axis=0)
+    Lu = L.astype(np.uint64)
+    nz = L != 0
+    h1 = np.where(nz, _mix(keys[None, :] + Lu * _GOLD), np.uint64(0)).sum(axis=1, dtype=np.uint64)
+    h2 = np.where(nz, _mix((keys[None, :] ^ _M2) + Lu * _M1), np.uint64(0)).sum(axis=1, dtype=np.uint64)
+    return h1, h2
+
+
+def _hash_sparse(t_local, key, v, tol, n_t):
+    h1 = np.zeros(n_t, np.uint64)
+    h2 = np.zeros(n_t, np.uint64)
+    if key.size == 0:
+        return h1, h2
+    order = np.lexsort((v, key))
+    ks, vs = key[order], v[order]
+    newkey = np.concatenate([[True], ks[1:] != ks[:-1]])
+    lab = _gap_labels_sorted(vs, newkey, tol)
+    nz = lab != 0
+    tl = t_local[order][nz]
+    lu = lab[nz].astype(np.uint64)
+    ks = ks[nz]
+    np.add.at(h1, tl, _mix(ks + lu * _GOLD))
+    np.add.at(h2, tl, _mix((ks ^ _M2) + lu * _M1))
+    return h1, h2
+
+
+def _tol(values, exact, rtol):
+    if exact or values.size == 0:
+        return 0.0
+    return float(rtol * np.abs(values).max())
+
+
+# ------------------------------------------------------------- one split
+def _split_exact(graph, nodes, directions, colours, scales, rtol):
+    """New local labels of ``nodes``: (old colour, signatures) up to rounding."""
+    mask = np.zeros(graph.n, dtype=bool)
+    mask[nodes] = True
+    local = np.full(graph.n, -1, dtype=np.int64)
+    local[nodes] = np.arange(nodes.size)
+    cols = [colours[nodes].astype(np.int64)]
+    for direction in directions:
+        dense, sparse = _merge_parts(list(_parts(graph, mask, direction, colours, scales)))
+        h1 = np.zeros(nodes.size, np.uint64)
+        h2 = np.zeros(nodes.size, np.uint64)
+        for p in dense:
+            a, b = _hash_dense(p["A"], p["keys"], _tol(p["A"], p["exact"], rtol))
+            tl = local[p["targets"]]
+            h1[tl] += a
+            h2[tl] += b
+        for p in sparse:
+            a, b = _hash_sparse(local[p["t"]], p["key"], p["v"], _tol(p["v"], p["exact"], rtol),
+                                nodes.size)
+            h1 += a
+            h2 += b
+        cols += [h1.view(np.int64), h2.view(np.int64)]
+    return canonical(np.stack(cols, axis=1))
+
+
+def _signature_matrix(graph, nodes, directions, colours, scales):
+    """Signature rows of ``nodes`` as a (sparse) matrix with aligned columns."""
+    mask = np.zeros(graph.n, dtype=bool)
+    mask[nodes] = True
+    local = np.full(graph.n, -1, dtype=np.int64)
+    local[nodes] = np.arange(nodes.size)
+    mats = []
+    exact = True
+    for direction in directions:
+        dense, sparse = _merge_parts(list(_parts(graph, mask, direction, colours, scales)))
+        for p in dense:
+            exact &= p["exact"]
+            tl = local[p["targets"]]
+            M = np.zeros((nodes.size, p["A"].shape[1]))
+            M[tl] = p["A"]
+            mats.append(sp.csr_matrix(M) if not np.all(tl == np.arange(nodes.size)) else M)
+        for p in sparse:
+            exact &= p["exact"]
+            uk, kcol = np.unique(p["key"], return_inverse=True)
+            mats.append(sp.csr_matrix((p["v"], (local[p["t"]], kcol)), shape=(nodes.size, uk.size)))
+    if not mats:
+        return np.zeros((nodes.size, 0)), exact
+    if all(isinstance(m, np.ndarray) for m in mats):
+        return np.hstack(mats), exact
+    return sp.hstack([sp.csr_matrix(m) for m in mats]).tocsr(), exact
+
+
+def _split_tolerance(graph, nodes, directions, colours, scales, crit, info_key, info):
+    """Cluster the signature rows of ``nodes`` within each old colour class."""
+    X, _ = _signature_matrix(graph, nodes, directions, colours, scales)
+    if X.shape[1] == 0:  # no edges into these nodes: nothing to compare
+        return canonical(colours[nodes]), np.ones(nodes.size)
+    homog = bool(np.all(graph.homogeneous[nodes])) if nodes.size else False
+    metric = crit.metric
+    note = None
+    if metric == "cosine" and not homog:
+        metric = "euclidean"
+        note = "cosine is not exact for non-homogeneous activations: euclidean used"
+    rescale = crit.rescale and metric == "cosine" and homog and list(directions) == ["in"]
+    old = colours[nodes]
+    out = np.zeros(nodes.size, dtype=np.int64)
+    new_scales = np.ones(nodes.size)
+    nxt = 0
+    order = np.argsort(old, kind="stable")
+    bounds = np.flatnonzero(np.diff(old[order])) + 1
+    Xd = X.toarray() if sp.issparse(X) else X
+    for members in np.split(order, bounds):
+        if members.size == 1:
+            out[members] = nxt
+            nxt += 1
+            continue
+        rows = Xd[members]
+        lab = threshold_clusters(rows, crit.eps, crit.linkage, metric)
+        out[members] = nxt + lab
+        nxt += int(lab.max()) + 1
+        if rescale:
+            norms = np.linalg.norm(rows, axis=1)
+            for c in np.unique(lab):
+                m = lab == c
+                mean = norms[m].mean()
+                if m.sum() > 1 and mean > 0:
+                    new_scales[members[m]] = np.where(norms[m] > 0, norms[m] / mean, 1.0)
+    info[info_key] = {"eps": crit.eps, "linkage": crit.linkage, "metric": metric,
+                      "metric_requested": crit.metric, "rescale": rescale,
+                      **({"note": note} if note else {})}
+    return canonical(out), new_scales
+
+
+# ------------------------------------------------------------------ engine
+def _criterion_for(criterion, level_name):
+    if isinstance(criterion, dict):
+        return criterion.get(level_name, criterion.get(None, Exact()))
+    return criterion
+
+
+def refine(graph: WeightedDigraph, direction="in", criterion=None, initial=None,
+           schedule="auto", scales=None, max_rounds=None) -> Refinement:
+    """Coarsest colouring refining ``initial`` that is balanced in ``direction``.
+
+    ``direction``: ``'in'`` (fibration), ``'out'`` (opfibration) or ``'both'``
+    (strict covering).  ``criterion``: :class:`Exact` (default),
+    :class:`Tolerance`, or a dict ``{level name: criterion, None: default}``.
+    ``schedule``: ``'levels'`` (one sweep per direction over ``graph.levels``;
+    'both' alternates sweeps until stable), ``'rounds'`` (synchronous rounds to
+    a fixed point), or ``'auto'`` (levels when the graph has them).
+    ``scales``: incoming per-node scales (rescaling merge); returned updated.
+    """
+    if direction not in ("in", "out", "both"):
+        raise ValueError(f"direction must be 'in', 'out' or 'both', got {direction!r}")
+    criterion = Exact() if criterion is None else criterion
+    n = graph.n
+    colours = canonical(graph.initial if initial is None else initial)
+    scales = np.ones(n) if scales is None else np.asarray(scales, dtype=np.float64).copy()
+    info: dict = {}
+    use_levels = graph.levels is not None and schedule in ("auto", "levels")
+    if schedule == "levels" and graph.levels is None:
+        raise ValueError("graph has no levels; use schedule='rounds'")
+    rounds = 0
+    if use_levels:
+        dirs = ["in"] if direction == "in" else ["out"] if direction == "out" else ["in", "out"]
+        while True:
+            before = colours.max() + 1 if n else 0
+            for d in dirs:
+                levels = graph.levels if d == "in" else list(reversed(graph.levels))
+                for lv in levels:
+                    lv = np.asarray(lv, dtype=np.int64)
+                    if lv.size == 0:
+                        continue
+                    name = graph.layer_names[graph.layer[lv[0]]]
+                    crit = _criterion_for(criterion, name)
+                    if isinstance(crit, Tolerance) and crit.eps > 0:
+                        new, sc = _split_tolerance(graph, lv, [d], colours, scales, crit,
+                                                   name, info)
+                        scales[lv] = scales[lv] * sc if d == "out" else sc
+                    else:
+                        new = _split_exact(graph, lv, [d], colours, scales,
+                                           getattr(crit, "rtol", DEFAULT_RTOL))
+                    colours[lv] = colours.max() + 1 + new
+                colours = canonical(colours)
+                rounds += 1
+            after = colours.max() + 1 if n else 0
+            if direction != "both" or after == before:
+                break
+        return Refinement(colours, scales, rounds, info)
+
+    dirs = ["in"] if direction == "in" else ["out"] if direction == "out" else ["in", "out"]
+    allnodes = np.arange(n, dtype=np.int64)
+    ncol = colours.max() + 1 if n else 0
+    while max_rounds is None or rounds < max_rounds:
+        crit = _criterion_for(criterion, graph.layer_names[0] if graph.layer_names else None)
+        if isinstance(crit, Tolerance) and crit.eps > 0:
+            new, _ = _split_tolerance(graph, allnodes, dirs, colours, scales, crit, "graph", info)
+        else:
+            new = _split_exact(graph, allnodes, dirs, colours, scales,
+                               getattr(crit, "rtol", DEFAULT_RTOL))
+        rounds += 1
+        new_n = new.max() + 1 if n else 0
+        colours = new
+        if new_n == ncol:
+            break
+        ncol = new_n
+    return Refinement(colours, scales, rounds, info)

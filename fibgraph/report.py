@@ -1,0 +1,47 @@
+"""Printing colouring and compression reports (rich tables)."""
+from __future__ import annotations
+
+import sys
+
+from rich.console import Console
+from rich.table import Table
+
+__all__ = ["print_colour_report", "console"]
+
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 150)
+
+
+def _crit_text(c):
+    if not c or c.get("exact"):
+        return f"exact (rtol {c.get('rtol', 1e-5):g})" if c else "exact"
+    s = f"eps {c['eps']:g} {c.get('linkage', '')} {c.get('metric', '')}"
+    if c.get("rescale"):
+        s += " +rescale"
+    if c.get("note"):
+        s += " *"
+    return s
+
+
+def print_colour_report(report):
+    t = Table(title=f"{report.get('model', '')}: {report.get('symmetry', '')}", title_justify="left")
+    for col in ("layer (weight)", "kind", "activation", "nodes", "fibers", "kept", "criterion"):
+        t.add_column(col, justify="right" if col in ("nodes", "fibers", "kept") else "left")
+    notes = set()
+    for ly in report["layers"]:
+        kept = f"{ly['nodes_after'] / max(ly['nodes_before'], 1):.0%}"
+        c = ly.get("criterion", {})
+        if c.get("note"):
+            notes.add(c["note"])
+        t.add_row(ly["weight"], ly.get("kind", ""), ly.get("activation", ""), str(ly["nodes_before"]),
+                  str(len(ly["fibers"])) + (" (output kept)" if ly.get("output_layer") else ""),
+                  kept, _crit_text(c))
+    console.print(t)
+    pb, pa = report["params_before"], report["params_after"]
+    console.print(f"parameters: {pb:,} -> {pa:,} ({pa / max(pb, 1):.1%} kept)")
+    for n in sorted(notes):
+        console.print(f"* {n}")
+    if "verify" in report:
+        v = report["verify"]
+        console.print(f"verify: max |output difference| = {v['max_abs_diff']:.3g} on {v['inputs']}")
+    if "output" in report:
+        console.print(f"wrote {report['output']}")

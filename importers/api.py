@@ -1,0 +1,314 @@
+"""The whole job on an ONNX model: import, colour, compress, write, verify, evaluate.
+
+This is the Python API behind the CLI::
+
+    from importers.api import color_model, compress_model, evaluate
+    report = color_model("model.onnx", symmetry="fibration", eps=0.1)
+    report = compress_model("model.onnx", "small.onnx", eps=0.0, verify=True)
+    scores = evaluate("small.onnx", "test.npz")
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+
+import numpy as np
+import onnx
+
+from fibgraph.errors import InputError
+from fibgraph.network import colour_network, compress_network
+from fibgraph.partition import classes
+from fibgraph.refine import DEFAULT_RTOL, Exact, Tolerance
+
+from .onnx_in import import_onnx
+from .onnx_load import float_tensors, load_onnx
+from .onnx_out import write_base_onnx
+
+__all__ = ["make_criteria", "color_model", "compress_model", "evaluate", "verify_models",
+           "atomic_write_bytes", "atomic_write_json", "COMPRESS_SYMMETRIES"]
+
+COMPRESS_SYMMETRIES = ("fibration", "covering", "covering-strict", "automorphism")
+
+
+def _check_eps(eps, where="--eps"):
+    try:
+        eps = float(eps)
+    except (TypeError, ValueError):
+        raise InputError(f"{where}: eps must be a number, got {eps!r}") from None
+    if not math.isfinite(eps) or eps < 0 or eps >= 2:
+        raise InputError(f"{where}: eps must be in [0, 2) (0 = exact fibers), got {eps}")
+    return eps
+
+
+def _one(eps, linkage, metric, rescale, rtol):
+    if eps == 0:
+        return Exact(rtol)
+    return Tolerance(eps, linkage, metric, rescale)
+
+
+def make_criteria(network, eps=0.0, eps_file=None, linkage="average", metric="cosine",
+                  rescale=True, rtol=DEFAULT_RTOL):
+    """Criterion per layer: ``eps`` for all, overridden per layer by ``eps_file``
+    (JSON ``{"<weight name>": eps, ...}``; the key ``"*"`` sets the default)."""
+    if linkage not in ("complete", "average"):
+        raise InputError(f"--linkage must be complete or average, got {linkage!r}")
+    if metric not in ("cosine", "euclidean"):
+        raise InputError(f"--metric must be cosine or euclidean, got {metric!r}")
+    eps = _check_eps(eps)
+    crit = {None: _one(eps, linkage, metric, rescale, rtol)}
+    if eps_file is not None:
+        try:
+            with open(eps_file) as f:
+                table = json.load(f)
+        except OSError as e:
+            raise InputError(f"{eps_file}: cannot read eps file ({e.strerror})") from None
+        except json.JSONDecodeError as e:
+            raise InputError(f"{eps_file}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        if not isinstance(table, dict):
+            raise InputError(f"{eps_file}: eps file must be a JSON object {{layer weight name: eps}}")
+        names = {ly.name for ly in network.layers}
+        unknown = sorted(k for k in table if k != "*" and k not in names)
+        if unknown:
+            raise InputError(f"{eps_file}: layers not in the model: {', '.join(unknown)} "
+                             f"(layers: {', '.join(ly.name for ly in network.layers)})")
+        for k, v in table.items():
+            e = _check_eps(v, f"{eps_file}[{k!r}]")
+            crit[None if k == "*" else k] = _one(e, linkage, metric, rescale, rtol)
+    return crit
+
+
+def count_params(model) -> int:
+    """Elements of all floating-point initializers and Constant tensors."""
+    return int(sum(n for _, n in float_tensors(model)))
+
+
+def _layer_reports(col, base=None):
+    out = []
+    for l, ly in enumerate(col.network.layers):
+        fibers = [list(range(ly.n_out))] if False else col.layer_fibers(l)
+        nodes_after = ly.n_out if ly.is_output else len(fibers)
+        if base is not None:
+            nodes_after = base.layers[l].n_out
+        rec = {"weight": ly.name, "kind": ly.kind, "nodes_before": ly.n_out,
+               "nodes_after": nodes_after, "fibers": fibers,
+               "activation": ly.activation or "identity", "homogeneous": bool(ly.homogeneous),
+               "output_layer": bool(ly.is_output)}
+        info = col.info.get(ly.name)
+        crit = col.criterion.get(ly.name, col.criterion.get(None)) if isinstance(col.criterion, dict) else col.criterion
+        if isinstance(crit, Tolerance):
+            rec["criterion"] = info or {"eps": crit.eps, "linkage": crit.linkage, "metric": crit.metric}
+        else:
+            rec["criterion"] = {"eps": 0.0, "exact": True, "rtol": getattr(crit, "rtol", DEFAULT_RTOL)}
+        out.append(rec)
+    return out
+
+
+def _partition_json(col):
+    g = col.graph
+    return {g.node_label(i): int(c) for i, c in enumerate(col.labels)}
+
+
+def color_model(path, symmetry="fibration", eps=0.0, eps_file=None, linkage="average",
+                metric="cosine", rescale=True, rtol=DEFAULT_RTOL, imported=None):
+    """Colour an ONNX model; returns the report dict (see README)."""
+    t0 = time.perf_counter()
+    res = imported or import_onnx(path)
+    crit = make_criteria(res.network, eps, eps_file, linkage, metric, rescale, rtol)
+    col = colour_network(res.network, symmetry, crit)
+    t1 = time.perf_counter()
+    report = {"model": os.fspath(path), "symmetry": symmetry,
+              "params_before": count_params(res.model)}
+    if symmetry in COMPRESS_SYMMETRIES:
+        base, _ = compress_network(col)
+        m2 = write_base_onnx(res.model, base, check=False)
+        report["params_after"] = count_params(m2)
+        layers = _layer_reports(col, base)
+    else:
+        report["params_after"] = report["params_before"]
+        layers = _layer_reports(col)
+    report["layers"] = layers
+    report["nodes"] = int(col.graph.n)
+    report["colors"] = int(col.labels.max() + 1) if col.labels.size else 0
+    report["partition"] = _partition_json(col)
+    report["seconds"] = {"colour": round(t1 - t0, 4)}
+    return report, res, col
+
+
+def compress_model(path, out, symmetry="fibration", eps=0.0, eps_file=None, linkage="average",
+                   metric="cosine", rescale=True, rtol=DEFAULT_RTOL, verify=False, data=None,
+                   seed=0):
+    """Compress an ONNX model to its base and write it atomically to ``out``."""
+    if symmetry not in COMPRESS_SYMMETRIES:
+        raise InputError(f"--symmetry {symmetry}: only in-balanced colourings ({', '.join(COMPRESS_SYMMETRIES)}) "
+                         "preserve the function; opfibers do not")
+    _check_out_path(path, out)
+    t0 = time.perf_counter()
+    res = import_onnx(path)
+    crit = make_criteria(res.network, eps, eps_file, linkage, metric, rescale, rtol)
+    col = colour_network(res.network, symmetry, crit)
+    t1 = time.perf_counter()
+    base, _ = compress_network(col)
+    m2 = write_base_onnx(res.model, base, check=True)
+    t2 = time.perf_counter()
+    report = {"model": os.fspath(path), "output": os.fspath(out), "symmetry": symmetry,
+              "params_before": count_params(res.model), "params_after": count_params(m2),
+              "layers": _layer_reports(col, base)}
+    if verify or data is not None:
+        report["verify"] = verify_models(res.model, m2, data=data, seed=seed)
+    atomic_write_bytes(out, m2.SerializeToString())
+    report["seconds"] = {"colour": round(t1 - t0, 4), "compress_write": round(t2 - t1, 4)}
+    return report
+
+
+def _check_out_path(inp, out):
+    if out is None:
+        raise InputError("an output path is required (-o OUT.onnx)")
+    if os.path.exists(out) and os.path.exists(inp) and os.path.samefile(inp, out):
+        raise InputError(f"{out}: output path equals the input path; refusing to overwrite the input")
+    if os.path.abspath(out) == os.path.abspath(inp):
+        raise InputError(f"{out}: output path equals the input path; refusing to overwrite the input")
+    d = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(d):
+        raise InputError(f"{out}: folder {d} does not exist")
+
+
+def atomic_write_bytes(path, data: bytes):
+    d = os.path.dirname(os.path.abspath(path)) or "."
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".fibgraph-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path, obj):
+    atomic_write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode())
+
+
+# ------------------------------------------------------------- running
+_NP = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.DOUBLE: np.float64,
+       onnx.TensorProto.FLOAT16: np.float16, onnx.TensorProto.INT64: np.int64,
+       onnx.TensorProto.INT32: np.int32}
+
+
+def session(model, device="cpu"):
+    import onnxruntime as ort
+
+    if device == "cuda":
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise InputError("--device cuda: onnxruntime has no CUDA provider on this machine "
+                             "(install onnxruntime-gpu on a machine with a GPU)")
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    elif device == "cpu":
+        providers = ["CPUExecutionProvider"]
+    else:
+        raise InputError(f"--device must be cpu or cuda, got {device!r}")
+    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
+    try:
+        return ort.InferenceSession(data, providers=providers)
+    except Exception as e:
+        raise InputError(f"onnxruntime cannot load the model: {str(e).splitlines()[0][:300]}") from None
+
+
+def load_data(path, need_y=False):
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if "x" not in z:
+                raise InputError(f"{path}: data file needs an array 'x' (and 'y' for eval)")
+            x = z["x"]
+            y = z["y"] if "y" in z else None
+    except InputError:
+        raise
+    except Exception:
+        raise InputError(f"{path}: not a readable .npz file with arrays x, y") from None
+    if need_y and y is None:
+        raise InputError(f"{path}: data file needs an array 'y' (labels)")
+    if x.shape[0] == 0:
+        raise InputError(f"{path}: 'x' is empty")
+    return x, y
+
+
+def _inputs_for(sess, data=None, n=64, seed=0):
+    inp = sess.get_inputs()[0]
+    if data is not None:
+        x = data if isinstance(data, np.ndarray) else load_data(data)[0]
+    else:
+        shape = [n] + [d if isinstance(d, int) else None for d in inp.shape[1:]]
+        if any(d is None for d in shape):
+            raise InputError(f"input {inp.name!r} has unknown non-batch dimensions {inp.shape}; pass --data")
+        x = np.random.default_rng(seed).standard_normal(shape)
+    dt = {"tensor(float)": np.float32, "tensor(double)": np.float64,
+          "tensor(float16)": np.float16}.get(inp.type, np.float32)
+    return {inp.name: np.asarray(x).astype(dt)}
+
+
+def verify_models(a, b, data=None, seed=0, n=64):
+    """Run both models on the same inputs; the largest absolute difference of
+    every floating output (random standard-normal inputs unless ``data``)."""
+    sa, sb = session(a), session(b)
+    feeds = _inputs_for(sa, data, n, seed)
+    ra, rb = sa.run(None, feeds), sb.run(None, feeds)
+    diffs = []
+    for p, q in zip(ra, rb):
+        p, q = np.asarray(p), np.asarray(q)
+        if p.dtype.kind == "f":
+            diffs.append(float(np.max(np.abs(p.astype(np.float64) - q.astype(np.float64)))) if p.size else 0.0)
+        elif p.dtype.kind in "iub":
+            diffs.append(float(np.mean(p != q)))
+    src = "data" if data is not None else f"random normal inputs (n={n}, seed={seed})"
+    return {"max_abs_diff": max(diffs) if diffs else 0.0, "inputs": src,
+            "n": int(next(iter(feeds.values())).shape[0])}
+
+
+def _prob_kind(model, out_name):
+    prod = {o: n for n in model.graph.node for o in n.output}
+    node = prod.get(out_name)
+    while node is not None and node.op_type in ("Identity", "Cast", "Reshape", "Flatten"):
+        node = prod.get(node.input[0])
+    if node is None:
+        return "logits"
+    return {"Softmax": "probs", "LogSoftmax": "logprobs", "Sigmoid": "sigmoid"}.get(node.op_type, "logits")
+
+
+def evaluate(model_path, data, device="cpu", batch=1024):
+    """Accuracy and mean cross-entropy of a classifier on ``data`` (npz x, y)."""
+    model = load_onnx(model_path) if not isinstance(model_path, onnx.ModelProto) else model_path
+    x, y = load_data(data, need_y=True) if not isinstance(data, tuple) else data
+    sess = session(model, device)
+    outs = sess.get_outputs()
+    pick = None
+    for k, o in enumerate(outs):
+        if o.type in ("tensor(float)", "tensor(double)") and len(o.shape) == 2:
+            pick = k
+            break
+    if pick is None:
+        raise InputError("the model has no (batch, classes) float output to evaluate")
+    kind = _prob_kind(model, outs[pick].name)
+    scores = []
+    for s in range(0, x.shape[0], batch):
+        feeds = _inputs_for(sess, x[s:s + batch])
+        scores.append(np.asarray(sess.run([outs[pick].name], feeds)[0], dtype=np.float64))
+    S = np.concatenate(scores)
+    y = np.asarray(y).astype(np.int64).reshape(-1)
+    if y.size != S.shape[0] or y.min() < 0 or y.max() >= S.shape[1]:
+        raise InputError("labels 'y' do not match the model's outputs")
+    if kind == "probs":
+        logp = np.log(np.clip(S, 1e-12, None))
+    elif kind == "logprobs":
+        logp = S
+    else:
+        if kind == "sigmoid":
+            S = np.log(np.clip(S, 1e-12, None))
+        m = S.max(axis=1, keepdims=True)
+        logp = S - m - np.log(np.exp(S - m).sum(axis=1, keepdims=True))
+    acc = float(np.mean(S.argmax(axis=1) == y))
+    loss = float(-np.mean(logp[np.arange(y.size), y]))
+    return {"accuracy": acc, "loss": loss, "n": int(y.size), "output": outs[pick].name,
+            "output_kind": kind, "device": device}

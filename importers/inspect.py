@@ -1,0 +1,49 @@
+"""``fibgraph inspect``: what a model holds and what fibgraph makes of it."""
+from __future__ import annotations
+
+from rich.table import Table
+
+from fibgraph.report import console
+
+from .api import count_params
+from .onnx_in import import_onnx
+from .onnx_load import float_tensors
+
+__all__ = ["inspect_model"]
+
+
+def inspect_model(path):
+    res = import_onnx(path)
+    net = res.network
+    m = res.model
+    opset = {o.domain or "ai.onnx": o.version for o in m.opset_import}
+    total = count_params(m)
+    console.print(f"[bold]{path}[/bold]  producer: {m.producer_name or '?'} {m.producer_version}  "
+                  f"opset: {opset.get('ai.onnx', '?')}  IR: {m.ir_version}")
+    console.print(f"input: {res.input_name}  outputs: {', '.join(res.output_names)}  "
+                  f"input units: {net.input_units}")
+    t = Table(title="layers", title_justify="left")
+    for c in ("#", "weight", "op", "kind", "units in -> out", "positions/kernel", "params", "then",
+              "homogeneous"):
+        t.add_column(c)
+    for l, ly in enumerate(net.layers):
+        t.add_row(str(l), ly.name, ly.meta.get("op", ""), ly.kind, f"{ly.n_in} -> {ly.n_out}",
+                  str(ly.weight.shape[2]), f"{ly.weight.size + ly.bias.size:,}",
+                  (ly.activation or "identity") + (" (output)" if ly.is_output else ""),
+                  "yes" if ly.homogeneous else "no")
+    console.print(t)
+    roles = {}
+    for name, op, role in res.ops:
+        roles.setdefault(role, []).append(op)
+    for role, ops in roles.items():
+        uniq = sorted(set(ops))
+        console.print(f"{role}: " + ", ".join(f"{o} x{ops.count(o)}" for o in uniq))
+    console.print(f"parameters: {total:,} (floating-point initializers and Constant tensors: "
+                  f"{len(float_tensors(m))})  -  supported: yes, every node is mapped")
+    return {"model": str(path), "input": res.input_name, "outputs": res.output_names,
+            "input_units": net.input_units, "params": total, "supported": True,
+            "layers": [{"weight": ly.name, "op": ly.meta.get("op"), "kind": ly.kind,
+                        "units_in": ly.n_in, "units_out": ly.n_out, "params": int(ly.weight.size + ly.bias.size),
+                        "activation": ly.activation or "identity", "homogeneous": bool(ly.homogeneous),
+                        "output_layer": bool(ly.is_output)} for ly in net.layers],
+            "ops": [{"node": n, "op": o, "role": r} for n, o, r in res.ops]}

@@ -1,0 +1,94 @@
+"""Loading an ONNX file safely: clear errors, in-folder external data only."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from fibgraph.errors import InputError
+
+__all__ = ["load_onnx", "tensor_value", "float_tensors"]
+
+
+def _external_location(t):
+    for kv in t.external_data:
+        if kv.key == "location":
+            return kv.value
+    return None
+
+
+def load_onnx(path) -> onnx.ModelProto:
+    """Read an ONNX model; raise :class:`InputError` with one clear line on bad input.
+
+    External-data tensors must lie inside the model's folder (a path that
+    leaves it is refused, never read).
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: no such file")
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise InputError(f"{path}: cannot read ({e.strerror})") from None
+    if not data:
+        raise InputError(f"{path}: empty file, not an ONNX model")
+    try:
+        model = onnx.load_model_from_string(data)
+    except Exception:
+        raise InputError(f"{path}: not an ONNX model (cannot parse the protobuf; truncated or another format)") from None
+    if model.ir_version <= 0 or not model.HasField("graph") or len(model.graph.node) == 0:
+        raise InputError(f"{path}: not an ONNX model (no graph; truncated or another format)")
+    base = os.path.dirname(os.path.abspath(path))
+    ext = [t for t in _all_tensors(model) if t.data_location == onnx.TensorProto.EXTERNAL]
+    for t in ext:
+        loc = _external_location(t)
+        if loc is None:
+            raise InputError(f"{path}: tensor {t.name!r} is external but names no location")
+        full = os.path.realpath(os.path.join(base, loc))
+        if os.path.isabs(loc) or os.path.commonpath([full, os.path.realpath(base)]) != os.path.realpath(base):
+            raise InputError(f"{path}: tensor {t.name!r} has external data {loc!r} outside the model's folder; refused")
+        if not os.path.isfile(full):
+            raise InputError(f"{path}: external data file {loc!r} of tensor {t.name!r} is missing")
+    if ext:
+        try:
+            onnx.external_data_helper.load_external_data_for_model(model, base)
+        except Exception as e:
+            raise InputError(f"{path}: cannot load external data ({e})") from None
+    return model
+
+
+def _all_tensors(model):
+    yield from model.graph.initializer
+    for node in model.graph.node:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.TENSOR:
+                yield a.t
+
+
+def tensor_value(t) -> np.ndarray:
+    return numpy_helper.to_array(t)
+
+
+FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
+               onnx.TensorProto.BFLOAT16}
+
+
+def float_tensors(model):
+    """(name, element count) of every floating-point initializer and Constant tensor."""
+    out = []
+    for t in model.graph.initializer:
+        if t.data_type in FLOAT_TYPES:
+            out.append((t.name, int(np.prod(t.dims)) if len(t.dims) else 1))
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value" and a.t.data_type in FLOAT_TYPES:
+                    out.append((node.output[0], int(np.prod(a.t.dims)) if len(a.t.dims) else 1))
+                elif a.name == "value_floats":
+                    out.append((node.output[0], len(a.floats)))
+                elif a.name == "value_float":
+                    out.append((node.output[0], 1))
+    return out
