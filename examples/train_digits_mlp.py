@@ -13,7 +13,7 @@ to zero, so fibers form at moderate eps).  Writes:
 
 Run from the repository root::
 
-    python examples/train_digits_mlp.py [--steps 600] [--l1 1e-4] [--out fibgraph/data]
+    python examples/train_digits_mlp.py [--steps 600] [--l1 1e-3] [--out fibgraph/data]
 
 Takes a few seconds on 2 CPU cores.
 """
@@ -49,7 +49,7 @@ def build_mlp(widths=(64, 48, 48, 10)):
     return nn.Sequential(*mods[:-1])
 
 
-def train(model, xtr, ytr, steps=600, lr=1e-2, l1=1e-4, seed=0):
+def train(model, xtr, ytr, steps=600, lr=1e-2, l1=1e-3, seed=0):
     torch.manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     X, Y = torch.from_numpy(xtr), torch.from_numpy(ytr)
@@ -85,7 +85,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--lr", type=float, default=1e-2)
-    ap.add_argument("--l1", type=float, default=1e-4, help="L1 penalty on weights (0 = off)")
+    ap.add_argument("--l1", type=float, default=1e-3, help="L1 penalty on weights (0 = off)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=DEFAULT_OUT, help="folder for digits_mlp.onnx and digits_test.npz")
     args = ap.parse_args(argv)

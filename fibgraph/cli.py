@@ -60,7 +60,9 @@ def inspect(model, json_out):
 @click.option("--symmetry", type=click.Choice(SYM_MODEL), default="fibration", show_default=True)
 @_colouring_options
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Write the report here.")
-def color(model, symmetry, eps, eps_file, linkage, metric, no_rescale, rtol, json_out):
+@click.option("--graphml", "graphml_out", type=click.Path(dir_okay=False), default=None,
+              help="Also write the coloured graph as GraphML (node attributes layer, index, kind, colour; edge weight).")
+def color(model, symmetry, eps, eps_file, linkage, metric, no_rescale, rtol, json_out, graphml_out):
     """Colour MODEL (.onnx) or a graph (.edgelist/.txt/.graphml/.gml) by a symmetry."""
     if not model.lower().endswith(".onnx"):
         if model.lower().endswith(GRAPH_EXT):
@@ -73,10 +75,22 @@ def color(model, symmetry, eps, eps_file, linkage, metric, no_rescale, rtol, jso
     from .report import print_colour_report
 
     _check_json_out(model, json_out)
-    report, _, _ = color_model(model, symmetry, eps, eps_file, linkage, metric, not no_rescale, rtol)
+    _check_json_out(model, graphml_out)
+    report, _, col = color_model(model, symmetry, eps, eps_file, linkage, metric, not no_rescale, rtol)
     print_colour_report(report)
     if json_out:
         atomic_write_json(json_out, report)
+    if graphml_out:
+        import tempfile
+
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(graphml_out)), suffix=".graphml")
+        os.close(fd)
+        try:
+            col.graph.write_graphml(tmp, col.labels)
+            os.replace(tmp, graphml_out)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
 
 
 @cli.command()
@@ -160,6 +174,24 @@ def demo(out_dir):
     from .demo import run_demo
 
     run_demo(out_dir)
+
+
+def _register_extra_commands():
+    """Commands defined in their own modules (analysis, compression studies)."""
+    import importlib
+
+    for mod in ("fibgraph.cli_analysis", "fibgraph.cli_compress"):
+        try:
+            m = importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name == mod:
+                continue
+            raise
+        for c in getattr(m, "COMMANDS", []):
+            cli.add_command(c)
+
+
+_register_extra_commands()
 
 
 def _check_json_out(inp, out):

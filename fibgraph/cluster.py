@@ -52,13 +52,17 @@ def prepare_rows(X, metric):
 def _neighbour_components(Y, radius, block_elems=1 << 24):
     """Connected components of the graph joining rows at euclidean distance <= radius."""
     n = Y.shape[0]
-    sq = np.einsum("ij,ij->i", Y, Y)
+    # float32 products (twice the BLAS speed); the radius gets a margin far above
+    # float32 rounding (rows have norm <= 1), so components can only grow, which
+    # keeps the per-component linkage exact.
+    Y32 = np.ascontiguousarray(Y, dtype=np.float32)
+    sq = np.einsum("ij,ij->i", Y32, Y32)
     bs = max(1, min(n, block_elems // max(n, 1)))
-    r2 = radius * radius * (1 + 1e-9) + 1e-12
+    r2 = np.float32(radius * radius + 1e-4)
     rows, cols = [], []
     for s in range(0, n, bs):
         e = min(n, s + bs)
-        d2 = sq[s:e, None] + sq[None, :] - 2.0 * (Y[s:e] @ Y.T)
+        d2 = sq[s:e, None] + sq[None, :] - 2.0 * (Y32[s:e] @ Y32.T)
         i, j = np.nonzero(d2 <= r2)
         rows.append(i + s)
         cols.append(j)

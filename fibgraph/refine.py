@@ -329,13 +329,15 @@ def _split_tolerance(graph, nodes, directions, colours, scales, crit, info_key, 
     nxt = 0
     order = np.argsort(old, kind="stable")
     bounds = np.flatnonzero(np.diff(old[order])) + 1
-    Xd = X.toarray() if sp.issparse(X) else X
     for members in np.split(order, bounds):
         if members.size == 1:
             out[members] = nxt
             nxt += 1
             continue
-        rows = Xd[members]
+        rows = X[members]
+        if sp.issparse(rows):  # only the columns this class uses
+            rows = rows.tocsc()
+            rows = rows[:, np.flatnonzero(np.diff(rows.indptr))].toarray()
         lab = threshold_clusters(rows, crit.eps, crit.linkage, metric)
         out[members] = nxt + lab
         nxt += int(lab.max()) + 1
