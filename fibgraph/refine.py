@@ -24,7 +24,11 @@ Two criteria for "equal signatures":
 - :class:`Exact`: equal up to float rounding.  Each signature entry is
   compared with tolerance ``rtol * max|entry|`` over the level (0 for integer
   weights); values are grouped by sorting and splitting at gaps larger than
-  the tolerance, then rows are hashed (two independent 64-bit hashes).
+  the tolerance (a chain of groups spanning more than the tolerance is cut at
+  the grid ``floor(value / tol)``, so that chaining cannot merge values far
+  apart), then rows are hashed (two independent 64-bit hashes); see
+  :mod:`fibgraph.sigsparse`, which also holds the fast path for graphs whose
+  blocks are all sparse.
 - :class:`Tolerance`: quasi-fibrations (the paper's Algorithm 1): per level,
   agglomerative clustering of the signature rows at distance ``eps``
   (see :mod:`fibgraph.cluster`).  With ``metric='cosine'`` on nodes whose
@@ -202,54 +206,27 @@ def _merge_parts(parts):
 
 
 # ---------------------------------------------------------- quantising
-def _gap_labels_sorted(vals_sorted, newgroup, tol):
-    """Group ids for sorted values: a new group starts at a gap > tol or at a key
-    boundary (``newgroup``); a group containing |v| <= tol gets label 0."""
-    gid = np.cumsum(newgroup | np.concatenate([[True], np.diff(vals_sorted) > tol]))
-    near0 = np.abs(vals_sorted) <= tol
-    zero_groups = np.zeros(gid[-1] + 2 if gid.size else 1, dtype=bool)
-    zero_groups[gid[near0]] = True
-    return np.where(zero_groups[gid], 0, gid)
-
-
 def _hash_dense(A, keys, tol):
+    """Hashes of the rows of a dense signature block (grouping: :func:`sigsparse.quantise`)."""
+    from .sigsparse import hash_entries, quantise
+
     n_t, K = A.shape
     if n_t == 0 or K == 0:
         return np.zeros(n_t, np.uint64), np.zeros(n_t, np.uint64)
-    order = np.argsort(A, axis=0, kind="stable")
-    S = np.take_along_axis(A, order, axis=0)
-    gap = np.vstack([np.ones((1, K), bool), np.diff(S, axis=0) > tol])
-    gid = np.cumsum(gap, axis=0)  # per column, 1-based
-    near0 = np.abs(S) <= tol
-    big = np.iinfo(np.int64).max
-    gmin = np.where(near0, gid, big).min(axis=0)
-    gmax = np.where(near0, gid, -1).max(axis=0)
-    lab_sorted = np.where((gid >= gmin) & (gid <= gmax), 0, gid)
-    L = np.empty_like(lab_sorted)
-    np.put_along_axis(L, order, lab_sorted, axis=0)
-    Lu = L.astype(np.uint64)
-    nz = L != 0
-    h1 = np.where(nz, _mix(keys[None, :] + Lu * _GOLD), np.uint64(0)).sum(axis=1, dtype=np.uint64)
-    h2 = np.where(nz, _mix((keys[None, :] ^ _M2) + Lu * _M1), np.uint64(0)).sum(axis=1, dtype=np.uint64)
-    return h1, h2
+    col = np.tile(np.arange(K, dtype=np.int64), n_t)
+    lab = quantise(col, A.reshape(-1), tol)
+    t = np.repeat(np.arange(n_t, dtype=np.int64), K)
+    return hash_entries(keys[col], lab, t, n_t, t_sorted=True)
 
 
 def _hash_sparse(t_local, key, v, tol, n_t):
-    h1 = np.zeros(n_t, np.uint64)
-    h2 = np.zeros(n_t, np.uint64)
+    from .sigsparse import hash_entries, quantise
+
     if key.size == 0:
-        return h1, h2
-    order = np.lexsort((v, key))
-    ks, vs = key[order], v[order]
-    newkey = np.concatenate([[True], ks[1:] != ks[:-1]])
-    lab = _gap_labels_sorted(vs, newkey, tol)
-    nz = lab != 0
-    tl = t_local[order][nz]
-    lu = lab[nz].astype(np.uint64)
-    ks = ks[nz]
-    np.add.at(h1, tl, _mix(ks + lu * _GOLD))
-    np.add.at(h2, tl, _mix((ks ^ _M2) + lu * _M1))
-    return h1, h2
+        return np.zeros(n_t, np.uint64), np.zeros(n_t, np.uint64)
+    _, kcode = np.unique(key, return_inverse=True)
+    lab = quantise(kcode.reshape(-1), v, tol)
+    return hash_entries(key, lab, t_local, n_t)
 
 
 def _tol(values, exact, rtol):
@@ -261,12 +238,18 @@ def _tol(values, exact, rtol):
 # ------------------------------------------------------------- one split
 def _split_exact(graph, nodes, directions, colours, scales, rtol):
     """New local labels of ``nodes``: (old colour, signatures) up to rounding."""
+    from .sigsparse import group_rows, sparse_hash
+
     mask = np.zeros(graph.n, dtype=bool)
     mask[nodes] = True
     local = np.full(graph.n, -1, dtype=np.int64)
     local[nodes] = np.arange(nodes.size)
     cols = [colours[nodes].astype(np.int64)]
     for direction in directions:
+        fast = sparse_hash(graph, nodes, mask, local, direction, colours, scales, rtol)
+        if fast is not None:  # every block is sparse: int64 keys, one argsort
+            cols += [fast[0], fast[1]]
+            continue
         dense, sparse = _merge_parts(list(_parts(graph, mask, direction, colours, scales)))
         h1 = np.zeros(nodes.size, np.uint64)
         h2 = np.zeros(nodes.size, np.uint64)
@@ -280,8 +263,8 @@ def _split_exact(graph, nodes, directions, colours, scales, rtol):
                                 nodes.size)
             h1 += a
             h2 += b
-        cols += [h1.view(np.int64), h2.view(np.int64)]
-    return canonical(np.stack(cols, axis=1))
+        cols += [h1, h2]
+    return group_rows(cols)
 
 
 def _signature_matrix(graph, nodes, directions, colours, scales):

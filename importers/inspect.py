@@ -6,14 +6,44 @@ from rich.table import Table
 from fibgraph.report import console
 
 from .api import count_params
-from .onnx_in import import_onnx
-from .onnx_load import float_tensors
+from .onnx_in import SUPPORTED_OPS, import_onnx
+from .onnx_load import FLOAT_TYPES, float_tensors, load_onnx
 
-__all__ = ["inspect_model"]
+__all__ = ["inspect_model", "op_census"]
+
+
+def op_census(model):
+    """Per op type: node count, whether fibgraph maps it, floating-point
+    parameters it reads (initializers and Constant tensors)."""
+    sizes = dict(float_tensors(model))
+    total = sum(sizes.values()) or 1
+    rows = {}
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            continue
+        r = rows.setdefault(node.op_type, {"op": node.op_type, "count": 0, "params": 0,
+                                           "supported": node.op_type in SUPPORTED_OPS,
+                                           "nodes": []})
+        r["count"] += 1
+        r["params"] += sum(sizes.get(x, 0) for x in node.input)
+        if len(r["nodes"]) < 3:
+            r["nodes"].append(node.name)
+    for r in rows.values():
+        r["param_share"] = r["params"] / total
+    return sorted(rows.values(), key=lambda r: (r["supported"], -r["params"]))
 
 
 def inspect_model(path):
-    res = import_onnx(path)
+    model = load_onnx(path)
+    census = op_census(model)
+    t = Table(title=f"{path}: op types", title_justify="left")
+    for c in ("op", "nodes", "params read", "share", "supported", "e.g."):
+        t.add_column(c)
+    for r in census:
+        t.add_row(r["op"], str(r["count"]), f"{r['params']:,}", f"{r['param_share']:.1%}",
+                  "yes" if r["supported"] else "[bold red]no[/bold red]", ", ".join(n for n in r["nodes"] if n))
+    console.print(t)
+    res = import_onnx(model, str(path))
     net = res.network
     m = res.model
     opset = {o.domain or "ai.onnx": o.version for o in m.opset_import}
@@ -40,7 +70,7 @@ def inspect_model(path):
         console.print(f"{role}: " + ", ".join(f"{o} x{ops.count(o)}" for o in uniq))
     console.print(f"parameters: {total:,} (floating-point initializers and Constant tensors: "
                   f"{len(float_tensors(m))})  -  supported: yes, every node is mapped")
-    return {"model": str(path), "input": res.input_name, "outputs": res.output_names,
+    return {"model": str(path), "input": res.input_name, "op_types": census, "outputs": res.output_names,
             "input_units": net.input_units, "params": total, "supported": True,
             "layers": [{"weight": ly.name, "op": ly.meta.get("op"), "kind": ly.kind,
                         "units_in": ly.n_in, "units_out": ly.n_out, "params": int(ly.weight.size + ly.bias.size),

@@ -26,8 +26,11 @@ LINEAR = {"Gemm", "MatMul", "Conv"}
 HOMOGENEOUS = {"Relu", "LeakyRelu", "PRelu", "Identity", "Dropout", "Cast", "MaxPool",
                "AveragePool", "GlobalAveragePool", "GlobalMaxPool"}
 UNARY = {"Relu", "LeakyRelu", "Sigmoid", "Tanh", "Gelu", "Elu", "Selu", "Softplus", "Softsign",
-         "HardSigmoid", "HardSwish", "Clip", "Identity", "Dropout", "Erf", "Cast", "Mish"}
-BINARY = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min"}
+         "HardSigmoid", "HardSwish", "Clip", "Identity", "Dropout", "Erf", "Cast", "Mish", "Abs",
+         "Neg", "Exp", "Log", "Sqrt", "Reciprocal", "Sign", "Not", "ThresholdedRelu", "Celu"}
+# element-wise ops of several operands: each operand is the stream (same layout) or a constant
+BINARY = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Greater", "Less", "Equal",
+          "GreaterOrEqual", "LessOrEqual", "And", "Or", "Where"}
 POOL = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool"}
 SHAPE = {"Flatten", "Reshape", "Transpose", "Squeeze"}
 OUTPUT_ONLY = {"Softmax", "LogSoftmax", "ArgMax"}
@@ -223,8 +226,6 @@ class _Importer:
         if op in UNARY:
             if op == "Dropout" and len(node.output) > 1 and node.output[1] and node.output[1] in self.consumers:
                 self.fail(node, i, "Dropout mask output is used")
-            if op == "Cast" and _attrs(node).get("to") not in FLOATS:
-                self.fail(node, i, "Cast to a non-float type inside the network")
             return self._pointwise(node, i, st, op in HOMOGENEOUS)
         if op in BINARY:
             return self._binary(node, i, sin)
@@ -533,29 +534,34 @@ class _Importer:
         self._pointwise(node, i, st, True)
 
     def _binary(self, node, i, sin):
+        """Element-wise op of the stream with itself (AND rule: one stream, same
+        colours) and/or constants (scalar: colour-preserving; per-channel: its
+        values join the units' criterion)."""
         op = node.op_type
         ins = [x for x in node.input if x]
         st = self.streams[sin[0]]
-        if len(sin) == 2:
-            s2 = self.streams[sin[1]]
+        for x in sin[1:]:
+            s2 = self.streams[x]
             if s2.level != st.level or s2.S != st.S or s2.axis != st.axis or s2.flat != st.flat:
                 self.fail(node, i, "joins two different streams (residual or branch): not a feed-forward chain")
-            return self._pointwise(node, i, st, False)
-        other = [x for x in ins if x not in self.streams][0]
-        if other not in self.consts:
-            self.fail(node, i, f"operand {other!r} is neither the stream nor a constant")
-        c = np.asarray(self.consts[other])
-        if c.dtype.kind == "f" and not np.all(np.isfinite(c)):
-            self.fail(node, i, f"constant {other!r} holds NaN or Inf")
-        if c.size == 1:
-            positive = float(c.reshape(-1)[0]) > 0
-            homog = positive and (op == "Mul" or (op == "Div" and other == ins[1]))
-            return self._pointwise(node, i, st, homog)
-        if st.level == 0:
-            self.fail(node, i, "per-feature constant on the input is not supported")
-        vec, ax = self._per_unit(node, i, st, c, f"{op} constant")
-        self._add_unit_key(st, vec, [{"name": other, "axis": ax}])
-        self._pointwise(node, i, st, op in ("Mul",) and bool(np.all(vec > 0)))
+        others = [x for x in ins if x not in self.streams]
+        homog = len(sin) == 1 and op in ("Mul", "Div")
+        for k, other in enumerate(others):
+            if other not in self.consts:
+                self.fail(node, i, f"operand {other!r} is neither the stream nor a constant")
+            c = np.asarray(self.consts[other])
+            if c.dtype.kind == "f" and not np.all(np.isfinite(c)):
+                self.fail(node, i, f"constant {other!r} holds NaN or Inf")
+            if c.size == 1:
+                positive = c.dtype.kind in "fiu" and float(c.reshape(-1)[0]) > 0
+                homog = homog and positive and (op == "Mul" or other == ins[-1])
+                continue
+            if st.level == 0:
+                self.fail(node, i, "per-feature constant on the input is not supported")
+            vec, ax = self._per_unit(node, i, st, c, f"{op} constant")
+            self._add_unit_key(st, vec, [{"name": other, "axis": ax}])
+            homog = homog and op == "Mul" and bool(np.all(vec > 0))
+        return self._pointwise(node, i, st, homog)
 
 
 def import_onnx(path_or_model, path_label=None) -> ImportResult:

@@ -1,0 +1,177 @@
+"""CLI commands for compression studies: ``tune`` (greedy per-layer eps,
+Algorithm 3) and ``compare-methods`` (fibration against pruning and folding
+at equal node counts).  Registered by :mod:`fibgraph.cli` through ``COMMANDS``.
+"""
+from __future__ import annotations
+
+import os
+
+import click
+
+from .errors import InputError
+
+__all__ = ["COMMANDS", "tune", "compare_methods_cmd"]
+
+
+def _check_out(inp, out, what):
+    if out is None:
+        return
+    if os.path.abspath(out) == os.path.abspath(inp):
+        raise InputError(f"{out}: {what} path equals the input path; refusing to overwrite the input")
+    d = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(d):
+        raise InputError(f"{out}: folder {d} does not exist")
+
+
+def _check_model(model):
+    if not os.path.isfile(model):
+        raise InputError(f"{model}: no such file")
+
+
+def _parse_eps_list(text):
+    vals = []
+    for part in text.replace(" ", "").split(","):
+        if not part:
+            continue
+        try:
+            v = float(part)
+        except ValueError:
+            raise InputError(f"--eps: {part!r} is not a number (give a comma-separated list, e.g. 0.05,0.1,0.2)") from None
+        vals.append(v)
+    if not vals:
+        raise InputError("--eps: give at least one tolerance")
+    return vals
+
+
+@click.command("tune")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--data", type=click.Path(dir_okay=False), required=True,
+              help="Calibration .npz with arrays x, y.")
+@click.option("--tau", type=float, default=0.01, show_default=True,
+              help="Allowed relative loss increase: loss <= (1 + tau) * original loss.")
+@click.option("--steps", type=int, default=10, show_default=True,
+              help="Bisection steps per layer (resolution 2 / 2**steps).")
+@click.option("--linkage", type=click.Choice(["complete", "average"]), default="average", show_default=True)
+@click.option("--metric", type=click.Choice(["cosine", "euclidean"]), default="cosine", show_default=True)
+@click.option("--no-rescale", is_flag=True, help="Disable the rescaling merge of proportional rows.")
+@click.option("-o", "--output", "out", type=click.Path(dir_okay=False), required=True,
+              help="Eps file to write (JSON {layer weight name: eps}).")
+@click.option("--report", "report_out", type=click.Path(dir_okay=False), default=None,
+              help="Write the full report (every evaluation) here.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def tune(model, data, tau, steps, linkage, metric, no_rescale, out, report_out, no_progress):
+    """Greedy per-layer eps (Algorithm 3): for each layer in turn, the largest
+    eps keeping the calibration loss <= (1 + tau) * the original loss."""
+    from importers.api import atomic_write_json
+    from importers.tuning import ModelCompressor, tune_model
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .report import console
+
+    _check_model(model)
+    _check_out(model, out, "-o")
+    _check_out(model, report_out, "--report")
+    if report_out and os.path.abspath(report_out) == os.path.abspath(out):
+        raise InputError("--report and -o name the same file")
+    if steps < 0 or steps > 40:
+        raise InputError(f"--steps must be in 0..40, got {steps}")
+    if not (tau >= 0):
+        raise InputError(f"--tau must be >= 0, got {tau}")
+    mc = ModelCompressor(model, linkage, metric, not no_rescale)
+    total = len(mc.tunable) * (steps + 1)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console, disable=no_progress, transient=False) as bar:
+        task = bar.add_task("tuning", total=total)
+        done = {"layer": None, "k": 0}
+
+        def on_step(layer, k, eps, loss, ok):
+            if layer != done["layer"]:
+                if done["layer"] is not None:   # the previous layer ended early (probe at the top passed)
+                    bar.update(task, completed=(mc.tunable.index(layer)) * (steps + 1))
+                done["layer"] = layer
+            bar.update(task, completed=mc.tunable.index(layer) * (steps + 1) + k + 1,
+                       description=f"{layer}: eps {eps:.4g} loss {loss:.4g} {'ok' if ok else 'over'}")
+
+        report = tune_model(model, data, tau=tau, steps=steps, linkage=linkage, metric=metric,
+                            rescale=not no_rescale, on_step=on_step, compressor=mc)
+        bar.update(task, completed=total, description="tuned")
+    from rich.table import Table
+
+    console.print(f"{model}: greedy eps (tau {tau:g}, {linkage} linkage, {metric}"
+                  f"{', rescaling merge' if not no_rescale else ''})")
+    t = Table()
+    for c in ("layer (weight)", "eps", "nodes", "kept"):
+        t.add_column(c, justify="left" if c.startswith("layer") else "right")
+    for ly in report["layers"]:
+        t.add_row(ly["weight"], "output" if ly["output_layer"] else f"{ly['eps']:.4g}",
+                  f"{ly['nodes_before']} -> {ly['nodes_after']}",
+                  f"{ly['nodes_after'] / max(ly['nodes_before'], 1):.0%}")
+    console.print(t)
+    pb, pa = report["params_before"], report["params_after"]
+    console.print(f"parameters: {pb:,} -> {pa:,} ({pa / max(pb, 1):.1%} kept)")
+    console.print(f"calibration loss {report['loss_before']:.4f} -> {report['loss_after']:.4f} "
+                  f"(limit {report['limit']:.4f}); accuracy {report['accuracy_before']:.4f} -> "
+                  f"{report['accuracy_after']:.4f}; {report['evaluations']} evaluations, "
+                  f"{report['distinct_models_run']} distinct models, {report['seconds']:.1f} s")
+    atomic_write_json(out, report["eps"])
+    if report_out:
+        atomic_write_json(report_out, report)
+    flags = f" --linkage {linkage} --metric {metric}" + (" --no-rescale" if no_rescale else "")
+    console.print(f"wrote {out}; use it with: fibgraph compress {model} --eps-file {out}{flags} -o SMALL.onnx")
+
+
+@click.command("compare-methods")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--data", type=click.Path(dir_okay=False), required=True, help="Test .npz with arrays x, y.")
+@click.option("--eps", "eps_text", default="0.02,0.05,0.1,0.2,0.3,0.4,0.5,0.7", show_default=True,
+              help="Comma-separated tolerances, one fibration point each.")
+@click.option("--eps-file", "eps_files", multiple=True, type=click.Path(dir_okay=False),
+              help="Also a point per eps file (e.g. from 'fibgraph tune'); repeatable.")
+@click.option("--linkage", type=click.Choice(["complete", "average"]), default="average", show_default=True)
+@click.option("--metric", type=click.Choice(["cosine", "euclidean"]), default="cosine", show_default=True)
+@click.option("--no-rescale", is_flag=True, help="Disable the rescaling merge of proportional rows.")
+@click.option("--methods", default="random,l2,l1,fold", show_default=True,
+              help="Baselines, comma-separated: random, l2, l1, fold.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of random pruning and k-means.")
+@click.option("-o", "--output", "plot_out", type=click.Path(dir_okay=False), default=None,
+              help="Plot of accuracy against parameters kept (.png or .svg).")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None)
+def compare_methods_cmd(model, data, eps_text, eps_files, linkage, metric, no_rescale, methods, seed,
+                        plot_out, json_out):
+    """Fibration compression against random, L2 and L1 pruning and k-means
+    folding, all at the fibration base's node counts per layer."""
+    from importers.api import atomic_write_json
+    from importers.compare import METHOD_LABELS, compare_methods, plot_comparison
+    from rich.table import Table
+
+    from .report import console
+
+    _check_model(model)
+    _check_out(model, plot_out, "-o")
+    _check_out(model, json_out, "--json")
+    if plot_out and os.path.splitext(plot_out)[1].lower() not in (".png", ".svg", ".pdf"):
+        raise InputError(f"{plot_out}: the plot must end in .png, .svg or .pdf")
+    if plot_out and json_out and os.path.abspath(plot_out) == os.path.abspath(json_out):
+        raise InputError("-o and --json name the same file")
+    eps_list = _parse_eps_list(eps_text)
+    meths = tuple(m for m in methods.replace(" ", "").split(",") if m)
+    res = compare_methods(model, data, eps_list, eps_files, linkage, metric, not no_rescale,
+                          meths, seed)
+    t = Table(title=f"{model}: equal nodes per layer ({linkage}, {metric}"
+                    f"{', rescale' if not no_rescale else ''}); n = {res['n']}", title_justify="left")
+    for c in ("point", "method", "nodes", "params kept", "accuracy", "loss"):
+        t.add_column(c, justify="left" if c in ("point", "method") else "right")
+    for r in res["rows"]:
+        t.add_row(r["point"], METHOD_LABELS.get(r["method"], r["method"]),
+                  "-".join(str(c) for c in r["nodes"]),
+                  f"{r['params']:,} ({r['params_kept']:.1%})", f"{r['accuracy']:.4f}", f"{r['loss']:.4f}")
+    console.print(t)
+    if plot_out:
+        plot_comparison(res, plot_out)
+        console.print(f"wrote {plot_out}")
+    if json_out:
+        atomic_write_json(json_out, res)
+        console.print(f"wrote {json_out}")
+
+
+COMMANDS = [tune, compare_methods_cmd]
