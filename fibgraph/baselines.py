@@ -156,7 +156,7 @@ def _kmeans(X, k, seed):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")   # "fewer distinct clusters": fixed below
-        lab = KMeans(n_clusters=k, n_init=3, random_state=seed).fit_predict(X)
+        lab = KMeans(n_clusters=k, n_init=1, random_state=seed).fit_predict(X)
     lab = canonical(lab)
     # identical points can leave fewer than k clusters: split the largest ones
     nxt = int(lab.max()) + 1

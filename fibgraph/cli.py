@@ -48,6 +48,7 @@ def inspect(model, json_out):
     """Layers, op types, parameter count and what is supported."""
     from importers.inspect import inspect_model
 
+    _check_json_out(model, json_out)
     info = inspect_model(model)
     if json_out:
         from importers.api import atomic_write_json

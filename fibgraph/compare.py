@@ -127,7 +127,11 @@ def align_units(A: Network, B: Network) -> list:
     """Permutations ``perm[l]`` (one per layer) such that unit ``perm[l][i]`` of B
     matches unit ``i`` of A: forward pass, layer by layer, Hungarian matching of
     incoming weights (B's columns permuted by the previous match) and bias.
-    Output layers keep their order."""
+    Output layers keep their order.  Matching uses incoming weights only: units
+    with equal incoming rows (exact duplicates) are interchangeable, and the
+    order chosen among them can make the NEXT layer's rows look different
+    (its fibers are balanced sums, not equal columns); good for independent
+    runs, where ties do not occur."""
     from scipy.optimize import linear_sum_assignment
 
     check_same_architecture(A, B)

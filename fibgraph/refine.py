@@ -22,8 +22,8 @@ Two schedules, one engine:
 
 Two criteria for "equal signatures":
 - :class:`Exact`: equal up to float rounding.  Each signature entry is
-  compared with tolerance ``rtol * max|entry|`` over the level (0 for integer
-  weights); values are grouped by sorting and splitting at gaps larger than
+  compared with tolerance ``rtol * max(max|entry|, max|weight|)`` over the
+  level (0 for integer weights); values are grouped by sorting and splitting at gaps larger than
   the tolerance (a chain of groups spanning more than the tolerance is cut at
   the grid ``floor(value / tol)``, so that chaining cannot merge values far
   apart), then rows are hashed (two independent 64-bit hashes); see
@@ -207,16 +207,43 @@ def _merge_parts(parts):
 
 # ---------------------------------------------------------- quantising
 def _hash_dense(A, keys, tol):
-    """Hashes of the rows of a dense signature block (grouping: :func:`sigsparse.quantise`)."""
-    from .sigsparse import hash_entries, quantise
+    """Hashes of the rows of a dense signature block: values grouped per column
+    (rule of :mod:`fibgraph.sigsparse`), then ``(key, group)`` mixes summed per row."""
+    from .sigsparse import group_sorted, value_labels
 
     n_t, K = A.shape
     if n_t == 0 or K == 0:
         return np.zeros(n_t, np.uint64), np.zeros(n_t, np.uint64)
-    col = np.tile(np.arange(K, dtype=np.int64), n_t)
-    lab = quantise(col, A.reshape(-1), tol)
-    t = np.repeat(np.arange(n_t, dtype=np.int64), K)
-    return hash_entries(keys[col], lab, t, n_t, t_sorted=True)
+    if tol > 0:
+        order = np.argsort(A, axis=0, kind="stable")          # per column
+        S = np.take_along_axis(A, order, axis=0)
+        small = np.diff(S, axis=0) <= tol
+        gap = np.vstack([np.ones((1, K), bool), ~small])
+        gid = np.cumsum(gap, axis=0) + np.arange(K)[None, :] * (n_t + 1)   # plain gap chaining
+        zero = np.zeros(K * (n_t + 1) + 1, bool)
+        zero[gid[np.abs(S) <= tol]] = True
+        lab_sorted = np.where(zero[gid], 0, gid)
+        del gap, gid, zero
+        # a chain can span more than tol only if it has 3+ values: regroup those
+        # columns with the grid rule (group_sorted equals gap chaining elsewhere)
+        cand = np.flatnonzero((small[:-1] & small[1:]).any(axis=0)) if n_t > 2 else []
+        del small
+        if len(cand):
+            sub = np.ascontiguousarray(S[:, cand].T).reshape(-1)
+            newkey = np.zeros(sub.size, bool)
+            newkey[::n_t] = True
+            g = group_sorted(sub, newkey, tol).reshape(len(cand), n_t).T
+            lab_sorted[:, cand] = np.where(g == 0, 0, g + K * (n_t + 1) + 1)
+        del S
+        L = np.empty((n_t, K), np.int64)
+        np.put_along_axis(L, order, lab_sorted, axis=0)
+    else:
+        L = value_labels(A)
+    Lu = L.view(np.uint64)
+    nz = L != 0
+    h1 = np.where(nz, _mix(keys[None, :] + Lu * _GOLD), np.uint64(0)).sum(axis=1, dtype=np.uint64)
+    h2 = np.where(nz, _mix((keys[None, :] ^ _M2) + Lu * _M1), np.uint64(0)).sum(axis=1, dtype=np.uint64)
+    return h1, h2
 
 
 def _hash_sparse(t_local, key, v, tol, n_t):
@@ -229,10 +256,25 @@ def _hash_sparse(t_local, key, v, tol, n_t):
     return hash_entries(key, lab, t_local, n_t)
 
 
-def _tol(values, exact, rtol):
+def _tol(values, exact, rtol, wscale=0.0):
+    """``rtol`` times the larger of the largest sum and the largest single weight
+    (sums that cancel to rounding residue must not shrink the tolerance)."""
     if exact or values.size == 0:
         return 0.0
-    return float(rtol * np.abs(values).max())
+    return float(rtol * max(np.abs(values).max(), wscale))
+
+
+def _weight_scale(graph, mask, direction, scales):
+    """Largest |weight| (times the largest scale) over the blocks that feed ``mask``."""
+    m = 0.0
+    for b in graph.blocks:
+        targets = b.dst if direction == "in" else b.src
+        if not mask[targets].any():
+            continue
+        w = b.weight if b.dense else b.values
+        if w.size:                                   # no |w| temporary: max and -min
+            m = max(m, float(w.max()), -float(w.min()))
+    return m * (float(scales.max()) if scales.size else 1.0)
 
 
 # ------------------------------------------------------------- one split
@@ -246,20 +288,21 @@ def _split_exact(graph, nodes, directions, colours, scales, rtol):
     local[nodes] = np.arange(nodes.size)
     cols = [colours[nodes].astype(np.int64)]
     for direction in directions:
-        fast = sparse_hash(graph, nodes, mask, local, direction, colours, scales, rtol)
-        if fast is not None:  # every block is sparse: int64 keys, one argsort
+        wscale = _weight_scale(graph, mask, direction, scales)
+        fast = sparse_hash(graph, nodes, mask, local, direction, colours, scales, rtol, wscale)
+        if fast is not None:  # every block is sparse: one sparse product, no sort
             cols += [fast[0], fast[1]]
             continue
         dense, sparse = _merge_parts(list(_parts(graph, mask, direction, colours, scales)))
         h1 = np.zeros(nodes.size, np.uint64)
         h2 = np.zeros(nodes.size, np.uint64)
         for p in dense:
-            a, b = _hash_dense(p["A"], p["keys"], _tol(p["A"], p["exact"], rtol))
+            a, b = _hash_dense(p["A"], p["keys"], _tol(p["A"], p["exact"], rtol, wscale))
             tl = local[p["targets"]]
             h1[tl] += a
             h2[tl] += b
         for p in sparse:
-            a, b = _hash_sparse(local[p["t"]], p["key"], p["v"], _tol(p["v"], p["exact"], rtol),
+            a, b = _hash_sparse(local[p["t"]], p["key"], p["v"], _tol(p["v"], p["exact"], rtol, wscale),
                                 nodes.size)
             h1 += a
             h2 += b

@@ -45,7 +45,13 @@ def covering(graph, criterion=None, initial=None, kind="intersection"):
         fib.rounds += op.rounds
         return fib
     if kind == "strict":
-        return refine(graph, "both", criterion or Exact(), initial)
+        # Start from the intersection: with exact criteria the result is the
+        # coarsest colouring balanced both ways (it refines the intersection
+        # anyway); with a tolerance this keeps the levels nested.
+        inter = covering(graph, criterion, initial, "intersection")
+        r = refine(graph, "both", criterion or Exact(), inter.labels)
+        r.info = {**inter.info, **r.info}
+        return r
     raise ValueError(f"covering kind must be 'intersection' or 'strict', got {kind!r}")
 
 

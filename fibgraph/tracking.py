@@ -77,6 +77,7 @@ class FiberTracker:
     ``linkage``/``metric``/``rescale`` for eps > 0, ``rtol`` for eps = 0,
     ``include_output`` to record the output layer too, ``keep_labels`` to keep
     every partition in :attr:`labels` (``{(epoch, layer, symmetry, eps): labels}``).
+    Layers are numbered from 1 (the first linear layer), as in the other reports.
     """
 
     def __init__(self, eps=(0.0, 0.05, 0.1), symmetries=("fibration", "opfibration", "covering"),
@@ -135,13 +136,13 @@ class FiberTracker:
                     if ly.is_output and not self.include_output:
                         continue
                     lab = col.level_labels(l + 1)
-                    key = (l, sym, eps)
+                    key = (l + 1, sym, eps)
                     prev = self._prev.get(key)
                     coarsens = "" if prev is None or prev.shape != lab.shape else bool(refines(prev, lab))
                     self._prev[key] = lab
                     if self.keep_labels:
-                        self.labels[(epoch, l, sym, eps)] = lab
-                    row = {"epoch": epoch, "layer": l, "layer_name": ly.name, "kind": ly.kind,
+                        self.labels[(epoch, l + 1, sym, eps)] = lab
+                    row = {"epoch": epoch, "layer": l + 1, "layer_name": ly.name, "kind": ly.kind,
                            "symmetry": sym, "eps": eps, **layer_stats(lab),
                            "coarsens_previous": coarsens}
                     out.append(row)
@@ -160,8 +161,8 @@ class FiberTracker:
                 and (eps is None or r["eps"] == float(eps))
                 and (layer is None or r["layer"] == layer)]
 
-    def series(self, field="classes", symmetry="fibration", eps=0.0, layer=0):
-        """(epochs, values) of one field for one layer, symmetry and eps."""
+    def series(self, field="classes", symmetry="fibration", eps=0.0, layer=1):
+        """(epochs, values) of one field for one layer (1 = the first linear layer), symmetry and eps."""
         rows = self.table(symmetry, eps, layer)
         return np.array([r["epoch"] for r in rows]), np.array([r[field] for r in rows])
 
@@ -186,7 +187,8 @@ class FiberTracker:
         os.replace(tmp, path)
         return path
 
-    def plot(self, path, field="classes", title=None, metric_key=None, dpi=110):
+    def plot(self, path=None, field="classes", title=None, metric_key=None, dpi=110, axes=None,
+             legend=True):
         """Emergence figure (PNG/SVG/PDF by extension): one panel per symmetry,
         x = epoch, y = ``field`` as a fraction of the layer's units (``classes``:
         1 = all units distinct, lower = more symmetry; ``nontrivial_fraction``
@@ -204,8 +206,17 @@ class FiberTracker:
         layers = sorted({(r["layer"], r["layer_name"]) for r in self.rows})
         styles = ["-", "--", ":", "-.", (0, (5, 1)), (0, (1, 1))]
         cmap = plt.get_cmap("viridis")
-        fig, axes = plt.subplots(1, len(syms), figsize=(3.6 * len(syms) + 0.6, 3.3), squeeze=False,
-                                 sharey=True)
+        own = axes is None
+        if own:
+            if path is None:
+                raise InputError("plot needs a path (or axes to draw into)")
+            fig, axes = plt.subplots(1, len(syms), figsize=(3.6 * len(syms) + 0.6, 3.3), squeeze=False,
+                                     sharey=True)
+        else:
+            axes = np.asarray(axes, dtype=object).reshape(1, -1)
+            if axes.shape[1] < len(syms):
+                raise InputError(f"{len(syms)} symmetries need {len(syms)} axes, got {axes.shape[1]}")
+            fig = axes[0][0].figure
         for a, sym in zip(axes[0], syms):
             for li, (l, name) in enumerate(layers):
                 colour = cmap(li / max(1, len(layers) - 1) * 0.85)
@@ -219,7 +230,7 @@ class FiberTracker:
                     else:
                         y = [r[field] for r in rows]
                     a.plot(x, y, color=colour, linestyle=styles[ei % len(styles)], lw=1.6,
-                           label=f"layer {l + 1}, eps={eps:g}")
+                           label=f"layer {l}, eps={eps:g}")
             a.set_title(SYMMETRY_NOUN.get(sym, sym))
             a.set_xlabel("epoch")
             a.grid(alpha=0.3)
@@ -234,11 +245,16 @@ class FiberTracker:
                      alpha=0.7)
             ax2.set_ylabel(metric_key, color="tab:red")
             ax2.tick_params(axis="y", colors="tab:red")
+        if not own:
+            if title:
+                axes[0][0].set_ylabel(f"{title}\n{ylabel}")
+            return None
         handles, labs = axes[0][0].get_legend_handles_labels()
-        fig.legend(handles, labs, loc="center right", fontsize=7, frameon=False)
+        if legend:
+            fig.legend(handles, labs, loc="center right", fontsize=7, frameon=False)
         if title:
             fig.suptitle(title, fontsize=10)
-        fig.tight_layout(rect=(0, 0, 0.84, 1))
+        fig.tight_layout(rect=(0, 0, 0.84 if legend else 1, 1))
         fig.savefig(path, dpi=dpi)
         plt.close(fig)
         return path

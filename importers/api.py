@@ -181,6 +181,9 @@ def atomic_write_bytes(path, data: bytes):
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual mode
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -217,6 +220,14 @@ def session(model, device="cpu"):
         raise InputError(f"onnxruntime cannot load the model: {str(e).splitlines()[0][:300]}") from None
 
 
+def _run(sess, names, feeds):
+    try:
+        return sess.run(names, feeds)
+    except Exception as e:
+        raise InputError(f"onnxruntime could not run the model on these inputs: "
+                         f"{str(e).splitlines()[0][:300]}") from None
+
+
 def load_data(path, need_y=False):
     try:
         with np.load(path, allow_pickle=False) as z:
@@ -239,6 +250,12 @@ def _inputs_for(sess, data=None, n=64, seed=0):
     inp = sess.get_inputs()[0]
     if data is not None:
         x = data if isinstance(data, np.ndarray) else load_data(data)[0]
+        want = inp.shape
+        fixed = [d if isinstance(d, int) else None for d in want]
+        if x.ndim != len(want) or any(f is not None and f != s for f, s in zip(fixed[1:], x.shape[1:])):
+            src = "data" if isinstance(data, np.ndarray) else str(data)
+            raise InputError(f"{src}: x has shape {list(x.shape)}, the model's input {inp.name!r} "
+                             f"expects {['?' if f is None else f for f in fixed]}")
     else:
         shape = [n] + [d if isinstance(d, int) else None for d in inp.shape[1:]]
         if any(d is None for d in shape):
@@ -254,7 +271,7 @@ def verify_models(a, b, data=None, seed=0, n=64):
     every floating output (random standard-normal inputs unless ``data``)."""
     sa, sb = session(a), session(b)
     feeds = _inputs_for(sa, data, n, seed)
-    ra, rb = sa.run(None, feeds), sb.run(None, feeds)
+    ra, rb = _run(sa, None, feeds), _run(sb, None, feeds)
     diffs = []
     for p, q in zip(ra, rb):
         p, q = np.asarray(p), np.asarray(q)
@@ -294,7 +311,7 @@ def evaluate(model_path, data, device="cpu", batch=1024):
     scores = []
     for s in range(0, x.shape[0], batch):
         feeds = _inputs_for(sess, x[s:s + batch])
-        scores.append(np.asarray(sess.run([outs[pick].name], feeds)[0], dtype=np.float64))
+        scores.append(np.asarray(_run(sess, [outs[pick].name], feeds)[0], dtype=np.float64))
     S = np.concatenate(scores)
     y = np.asarray(y).astype(np.int64).reshape(-1)
     if y.size != S.shape[0] or y.min() < 0 or y.max() >= S.shape[1]:

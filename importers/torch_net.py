@@ -100,8 +100,12 @@ def network_from_torch(module, input_shape=None, name=None) -> Network:
     if isinstance(module, (list, tuple)):
         module = nn.Sequential(*module)
     if not isinstance(module, nn.Sequential):
-        raise InputError(f"network_from_torch reads an nn.Sequential (its forward is its child order); "
-                         f"got {type(module).__name__}: pass the inner nn.Sequential of the model")
+        seqs = [n for n, c in module.named_children() if isinstance(c, nn.Sequential)] \
+            if isinstance(module, nn.Module) else []
+        hint = (f" (if its forward only runs it, pass model.{seqs[0]})" if len(seqs) == 1
+                else " (pass the nn.Sequential inside the model)")
+        raise InputError(f"network_from_torch reads an nn.Sequential, whose forward is its child order; "
+                         f"got {type(module).__name__}, whose forward fibgraph cannot see{hint}")
     mods = _flatten_modules(module)
     lin_pos = [k for k, (_, m) in enumerate(mods) if isinstance(m, nn.Linear) or type(m).__name__ in _CONV]
     if not lin_pos:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPSET = 17
@@ -175,29 +175,42 @@ def _init(name, arr, dtype=np.float32):
 
 
 def mlp_onnx(Ws, bs, act="Relu", form="gemm", out_op=None, batch="N", input_name="x",
-             output_name="y", name="mlp", extra_nodes=None):
+             output_name="y", name="mlp", extra_nodes=None, dtype=np.float32, constants=False):
     """A hand-built MLP.  ``form``: 'gemm' (transB=1), 'gemm_ab' (second layer
-    stored transB=0 with alpha=0.5 and beta=2), or 'matmul' (MatMul + Add).
+    stored transB=0 with alpha=0.5 and beta=2), 'matmul' (MatMul + Add) or
+    'matmul_rev' (MatMul, then Add(bias, product)).
     ``act``: one op type or a list per hidden layer.  ``out_op``: None,
     'Softmax' or 'LogSoftmax' after the last layer.  Weights are named
-    W1, W2, ...; biases b1, b2, ...
+    W1, W2, ...; biases b1, b2, ...  ``dtype``: float32 or float64 (weights,
+    input and output).  ``constants``: weights as Constant nodes instead of
+    initializers (biases stay initializers).
     """
     acts = act if isinstance(act, (list, tuple)) else [act] * (len(Ws) - 1)
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
     nodes, inits = [], []
+
+    def _tensor(name, arr):
+        t = numpy_helper.from_array(np.asarray(arr, dtype=dtype), name)
+        if constants and name.startswith("W"):
+            nodes.append(helper.make_node("Constant", [], [name], name=f"const_{name}", value=t))
+            return []
+        return [t]
+
     cur = input_name
     for l, (W, b) in enumerate(zip(Ws, bs)):
         wn, bn = f"W{l + 1}", f"b{l + 1}"
         z = f"z{l + 1}"
-        if form == "matmul":
-            inits += [_init(wn, W.T), _init(bn, b)]
+        if form in ("matmul", "matmul_rev"):
+            inits += _tensor(wn, W.T) + _tensor(bn, b)
             nodes.append(helper.make_node("MatMul", [cur, wn], [f"mm{l + 1}"], name=f"matmul{l + 1}"))
-            nodes.append(helper.make_node("Add", [f"mm{l + 1}", bn], [z], name=f"add{l + 1}"))
+            operands = [f"mm{l + 1}", bn] if form == "matmul" else [bn, f"mm{l + 1}"]
+            nodes.append(helper.make_node("Add", operands, [z], name=f"add{l + 1}"))
         elif form == "gemm_ab" and l == 1:
-            inits += [_init(wn, 2.0 * W.T), _init(bn, b / 2.0)]
+            inits += _tensor(wn, 2.0 * W.T) + _tensor(bn, b / 2.0)
             nodes.append(helper.make_node("Gemm", [cur, wn, bn], [z], name=f"gemm{l + 1}",
                                           alpha=0.5, beta=2.0, transB=0))
         else:
-            inits += [_init(wn, W), _init(bn, b)]
+            inits += _tensor(wn, W) + _tensor(bn, b)
             nodes.append(helper.make_node("Gemm", [cur, wn, bn], [z], name=f"gemm{l + 1}", transB=1))
         cur = z
         if l < len(Ws) - 1:
@@ -214,8 +227,8 @@ def mlp_onnx(Ws, bs, act="Relu", form="gemm", out_op=None, batch="N", input_name
         nodes[-1].output[0] = output_name
     g = helper.make_graph(
         nodes, name,
-        [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, [batch, Ws[0].shape[1]])],
-        [helper.make_tensor_value_info(output_name, TensorProto.FLOAT, [batch, Ws[-1].shape[0]])],
+        [helper.make_tensor_value_info(input_name, elem, [batch, Ws[0].shape[1]])],
+        [helper.make_tensor_value_info(output_name, elem, [batch, Ws[-1].shape[0]])],
         inits)
     return finish(g)
 
@@ -235,12 +248,14 @@ def save(model, path):
 
 
 def run_onnx(model, x):
-    """All outputs of ``model`` (path or ModelProto) on ``x`` (float32)."""
+    """All outputs of ``model`` (path or ModelProto) on ``x`` (cast to the input's float type)."""
     import onnxruntime as ort
 
     data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
     s = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
-    return s.run(None, {s.get_inputs()[0].name: np.asarray(x, dtype=np.float32)})
+    inp = s.get_inputs()[0]
+    dt = np.float64 if inp.type == "tensor(double)" else np.float32
+    return s.run(None, {inp.name: np.asarray(x, dtype=dt)})
 
 
 def max_rel_diff(a, b):

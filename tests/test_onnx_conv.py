@@ -276,3 +276,73 @@ def test_depthwise_conv(capsys, tmp_path, variant, fibers, dw_out):
     b = _check_written(path, small, (3, 6, 6), rep)
     assert initializer(b, "W1").shape == (3, 3, 3, 3)
     assert initializer(b, "W3").shape == (2, dw_out)
+
+
+# ------------------------------------------------ BatchNorm1d after Linear
+@pytest.fixture(scope="module")
+def torch_bn1d(tmp_path_factory):
+    """Linear(5, 6) -> BatchNorm1d -> ReLU -> Linear(3).  Units 1, 4: same row,
+    bias and BN; 0, 2: same row and bias, BN gamma differs."""
+    import torch
+
+    torch.manual_seed(1)
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.bn, self.fc2 = torch.nn.Linear(5, 6), torch.nn.BatchNorm1d(6), torch.nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.fc2(torch.relu(self.bn(self.fc1(x))))
+
+    m = M().eval()
+    with torch.no_grad():
+        bn = m.bn
+        bn.weight.copy_(torch.rand(6) + 0.5)
+        bn.bias.copy_(torch.randn(6) * 0.3)
+        bn.running_mean.copy_(torch.randn(6) * 0.2)
+        bn.running_var.copy_(torch.rand(6) + 0.5)
+        for i, j in ((1, 4), (0, 2)):
+            m.fc1.weight[j], m.fc1.bias[j] = m.fc1.weight[i], m.fc1.bias[i]
+            for p in (bn.weight, bn.bias, bn.running_mean, bn.running_var):
+                p[j] = p[i]
+        bn.weight[2] = bn.weight[0] * 1.5
+    d = tmp_path_factory.mktemp("bn1d")
+    x = torch.randn(2, 5)
+    return {dyn: torch_export(m, x, d / f"bn1d_{dyn}.onnx", dynamo=dyn) for dyn in (True, False)}
+
+
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
+def test_torch_linear_batchnorm1d(capsys, tmp_path, torch_bn1d, dynamo):
+    path = torch_bn1d[dynamo]
+    small, rep = _compress(capsys, path, tmp_path)
+    assert [ly["fibers"] for ly in rep["layers"]] == [[[0], [1, 4], [2], [3], [5]], [[0], [1], [2]]]
+    # the base: Linear(5, 5) + Linear(3, 5), any BatchNorm folded or sliced
+    assert rep["params_after"] in (5 * 5 + 5 + 3 * 5 + 3, 5 * 5 + 5 + 4 * 5 + 3 * 5 + 3)
+    _check_written(path, small, (5,), rep)
+
+
+# ------------------------------------------- conv bias as a separate Add
+def test_conv_bias_as_broadcast_add(capsys, tmp_path):
+    """Conv without bias, then Add of a (1, C, 1, 1) constant (a common export
+    pattern): the Add is the layer's bias and is sliced with the fibers."""
+    rng = np.random.default_rng(17)
+    W1 = rng.normal(0, 0.5, (4, 2, 3, 3))
+    W1[3] = W1[1]
+    b1 = rng.normal(0, 0.3, (1, 4, 1, 1))
+    b1[0, 3] = b1[0, 1]
+    W2, b2 = rng.normal(0, 0.5, (3, 4)), rng.normal(0, 0.3, 3)
+    nodes = [helper.make_node("Conv", ["x", "W1"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Add", ["c", "b1"], ["cb"], name="conv_bias"),
+             helper.make_node("Relu", ["cb"], ["r"], name="relu"),
+             helper.make_node("GlobalMaxPool", ["r"], ["g"], name="gmp"),
+             helper.make_node("Flatten", ["g"], ["f"], name="flat"),
+             helper.make_node("Gemm", ["f", "W2", "b2"], ["y"], name="fc", transB=1)]
+    inits = [_init("W1", W1), _init("b1", b1), _init("W2", W2), _init("b2", b2)]
+    m = finish(helper.make_graph(nodes, "conv_add", [_vi("x", ["N", 2, 5, 5])], [_vi("y", ["N", 3])], inits))
+    path = save(m, tmp_path / "conv_add.onnx")
+    small, rep = _compress(capsys, path, tmp_path)
+    assert rep["layers"][0]["fibers"] == [[0], [1, 3], [2]]
+    assert rep["params_after"] == 3 * 2 * 9 + 3 + 3 * 3 + 3
+    b = _check_written(path, small, (2, 5, 5), rep)
+    assert initializer(b, "b1").shape == (1, 3, 1, 1)

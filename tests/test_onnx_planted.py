@@ -9,9 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import (assert_one_line_error, classes, cli, initializer, io_signature, max_rel_diff,
-                     mlp_onnx, node_by_op, planted_mlp, read_json, run_onnx, save, torch_export,
-                     torch_mlp)
+from helpers import (cli, initializer, io_signature, max_rel_diff, mlp_onnx, planted_mlp, read_json,
+                     run_onnx, save, torch_export, torch_mlp)
 
 TOL = 1e-5
 
@@ -96,6 +95,33 @@ def test_hand_built_planted_fibers_recovered_and_compressed(capsys, tmp_path, pl
     small, report = _compress(capsys, path, tmp_path)
     _check_report(report, planted, ["W1", "W2", "W3"])
     _check_same_function(path, small, N_IN)
+
+
+@pytest.mark.parametrize("form,dtype,constants", [
+    ("gemm", np.float32, True), ("matmul", np.float32, True), ("matmul_rev", np.float32, False),
+    ("gemm", np.float64, False), ("matmul", np.float64, False), ("gemm_ab", np.float64, True)])
+def test_other_encodings(capsys, tmp_path, planted, form, dtype, constants):
+    """Weights as Constant nodes (parameters counted, written back as
+    Constants), Add(bias, product), float64 models (dtype preserved)."""
+    import onnx
+
+    path = save(mlp_onnx(planted.Ws, planted.bs, form=form, dtype=dtype, constants=constants),
+                tmp_path / "m.onnx")
+    small, report = _compress(capsys, path, tmp_path)
+    _check_report(report, planted, ["W1", "W2", "W3"])
+    _check_same_function(path, small, N_IN)
+    a, b = onnx.load(path), onnx.load(small)
+    assert io_signature(a) == io_signature(b)
+    onnx.checker.check_model(b, full_check=True)
+    consts = {n.output[0]: n for n in b.graph.node if n.op_type == "Constant"}
+    inits = {t.name for t in b.graph.initializer}
+    for l in range(3):
+        assert (f"W{l + 1}" in consts) == constants and (f"W{l + 1}" in inits) != constants
+    if constants:
+        from onnx import numpy_helper
+
+        W1 = numpy_helper.to_array(consts["W1"].attribute[0].t)
+        assert W1.shape in ((4, N_IN), (N_IN, 4)) and W1.dtype == dtype
 
 
 @pytest.mark.parametrize("form", ["gemm", "matmul"])
@@ -232,7 +258,7 @@ def test_property_planted_partition_compresses_exactly(tmp_path_factory, data):
         hidden.append(data.draw(st.lists(st.integers(0, k - 1), min_size=n, max_size=n)))
     n_out = data.draw(st.integers(1, 4), label="n_out")
     split = data.draw(st.sampled_from([0.0, 0.3, 1.0, 2.0]), label="split")
-    form = data.draw(st.sampled_from(["gemm", "gemm_ab", "matmul"]), label="form")
+    form = data.draw(st.sampled_from(["gemm", "gemm_ab", "matmul", "matmul_rev"]), label="form")
     act = data.draw(st.sampled_from(["Relu", "Tanh", "Sigmoid", "LeakyRelu"]), label="act")
 
     rng = np.random.default_rng(seed)
@@ -248,3 +274,66 @@ def test_property_planted_partition_compresses_exactly(tmp_path_factory, data):
     x = rng.normal(0, 1, (5, n_in))
     a, b = run_onnx(path, x)[0], run_onnx(str(d / "small.onnx"), x)[0]
     assert np.max(np.abs(a - b)) < 1e-4
+    # the base of the coarsest fibration is minimal: compressing it again changes nothing
+    rep2 = compress_model(str(d / "small.onnx"), str(d / "smaller.onnx"))
+    assert [ly["nodes_after"] for ly in rep2["layers"]] == [ly["nodes_before"] for ly in rep2["layers"]]
+    assert rep2["params_after"] == rep2["params_before"] == rep["params_after"]
+
+
+def test_hidden_layer_that_is_also_an_output_keeps_its_units(capsys, tmp_path, planted):
+    """A graph output exposing a hidden activation: that layer keeps all its
+    units (like the output layer), so the next layer's balanced-but-not-
+    duplicated rows are no longer fibers (its columns are now all distinct
+    colours); both outputs keep their shapes."""
+    import onnx
+
+    m = mlp_onnx(planted.Ws, planted.bs)
+    m.graph.output.append(onnx.helper.make_tensor_value_info("a1", onnx.TensorProto.FLOAT, ["N", 6]))
+    path = save(m, tmp_path / "two_out.onnx")
+    small, rep = _compress(capsys, path, tmp_path)
+    assert rep["layers"][0]["fibers"] == [[i] for i in range(6)]
+    assert rep["layers"][1]["fibers"] == [[i] for i in range(7)]   # no planted row is duplicated
+    b = onnx.load(small)
+    assert io_signature(onnx.load(path)) == io_signature(b)
+    x = np.random.default_rng(2).normal(size=(7, N_IN))
+    for p, q in zip(run_onnx(path, x), run_onnx(small, x)):
+        assert p.shape == q.shape and max_rel_diff(p, q) <= TOL
+
+
+@settings(max_examples=15, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_property_rescaled_fibers_merge_exactly_with_cosine(tmp_path_factory, data):
+    """Planted fibers whose members are rescaled by random positive factors t_k
+    (row and bias times t_k, the next layer's column divided by t_k: the same
+    function).  With a positively homogeneous activation, cosine at a tiny eps
+    recovers exactly the planted fibers and the rescaling merge is exact."""
+    from importers.api import compress_model
+
+    seed = data.draw(st.integers(0, 2 ** 32 - 1), label="seed")
+    n_in = data.draw(st.integers(2, 6), label="n_in")
+    hidden = []
+    for _ in range(data.draw(st.integers(1, 3), label="n_hidden")):
+        n = data.draw(st.integers(1, 7))
+        k = data.draw(st.integers(1, n))
+        hidden.append(data.draw(st.lists(st.integers(0, k - 1), min_size=n, max_size=n)))
+    act = data.draw(st.sampled_from(["Relu", "LeakyRelu"]), label="act")
+    linkage = data.draw(st.sampled_from(["average", "complete"]), label="linkage")
+
+    rng = np.random.default_rng(seed)
+    p = planted_mlp(rng, n_in, hidden, 2, split=0.5)
+    Ws, bs = [W.copy() for W in p.Ws], [b.copy() for b in p.bs]
+    for l in range(len(hidden)):
+        t = rng.uniform(0.4, 2.5, Ws[l].shape[0])
+        Ws[l] *= t[:, None]
+        bs[l] *= t
+        Ws[l + 1] /= t[None, :]
+    d = tmp_path_factory.mktemp("rescaled")
+    path = save(mlp_onnx(Ws, bs, act=act), d / "m.onnx")
+    rep = compress_model(path, str(d / "small.onnx"), eps=1e-6, metric="cosine", linkage=linkage, verify=True)
+    assert [ly["fibers"] for ly in rep["layers"]] == p.fibers()
+    assert rep["params_after"] == p.params_after()
+    x = rng.normal(0, 1, (6, n_in))
+    a, b = run_onnx(path, x)[0], run_onnx(str(d / "small.onnx"), x)[0]
+    assert np.max(np.abs(a - b)) < 1e-4 * max(1.0, float(np.max(np.abs(a))))
+    assert rep["verify"]["max_abs_diff"] < 1e-4

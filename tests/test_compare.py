@@ -1,0 +1,231 @@
+"""Partition scores, `fibgraph compare`, and the activity view (weight fibers vs synchrony clusters)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from helpers import assert_one_line_error, cli, mlp_onnx, read_json, save
+
+from fibgraph.activity import (class_conditional_clusters, network_activations, refinement_score,
+                               synchrony_clusters)
+from fibgraph.compare import (adjusted_rand_index, align_units, compare_networks, compare_partitions,
+                              variation_of_information)
+from fibgraph.errors import InputError
+from fibgraph.network import Layer, Network
+from fibgraph.partition import canonical
+from fibgraph.planted import planted_mlp
+
+
+# ------------------------------------------------------------ ARI and VI
+def test_identical_partitions_score_perfectly_whatever_the_labels():
+    a = np.array([0, 0, 1, 2, 2, 2, 3])
+    b = np.array([7, 7, 3, 5, 5, 5, 1])          # same partition, other names
+    assert adjusted_rand_index(a, b) == 1.0
+    assert variation_of_information(a, b) == 0.0
+    assert adjusted_rand_index(np.arange(5), np.arange(5)) == 1.0
+    assert adjusted_rand_index(np.zeros(5), np.zeros(5)) == 1.0
+
+
+def test_vi_is_zero_iff_equal_and_a_metric():
+    rng = np.random.default_rng(0)
+    parts = [rng.integers(0, k, 12) for k in (1, 2, 3, 4, 6, 12) for _ in range(3)]
+    for p in parts:
+        for q in parts:
+            vi = variation_of_information(p, q)
+            assert (vi == 0.0) == np.array_equal(canonical(p), canonical(q))
+            assert vi == pytest.approx(variation_of_information(q, p))
+            assert vi <= np.log(12) + 1e-12
+            for r in parts[:6]:
+                assert vi <= variation_of_information(p, r) + variation_of_information(r, q) + 1e-12
+
+
+def test_known_values():
+    # splitting one class of two into singletons: VI = (2/n) log 2 with n = 4
+    assert variation_of_information([0, 0, 1, 1], [0, 1, 2, 2]) == pytest.approx(0.5 * np.log(2))
+    # all together vs all apart: ARI 0, VI = log n
+    assert adjusted_rand_index(np.zeros(6), np.arange(6)) == 0.0
+    assert variation_of_information(np.zeros(6), np.arange(6)) == pytest.approx(np.log(6))
+    assert variation_of_information(np.zeros(6), np.arange(6), normalised=True) == pytest.approx(1.0)
+
+
+def test_ari_matches_scikit_learn():
+    metrics = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        n = int(rng.integers(2, 40))
+        a = rng.integers(0, rng.integers(1, 8), n)
+        b = a.copy() if rng.random() < 0.2 else rng.integers(0, rng.integers(1, 8), n)
+        assert adjusted_rand_index(a, b) == pytest.approx(metrics.adjusted_rand_score(a, b), abs=1e-12)
+
+
+def test_refinement_detection():
+    fine, coarse = [0, 1, 2, 2, 3], [0, 0, 1, 1, 1]
+    r = compare_partitions(fine, coarse)
+    assert r["a_refines_b"] and not r["b_refines_a"] and not r["equal"]
+    assert r["vi"] > 0 and r["ari"] < 1
+    r = compare_partitions([0, 0, 1, 1], [0, 1, 0, 1])            # crossing: neither refines
+    assert not r["a_refines_b"] and not r["b_refines_a"]
+    with pytest.raises(ValueError):
+        compare_partitions([0, 1], [0, 1, 2])
+
+
+# ------------------------------------------------------- compare networks
+SIZES = [4, 6, 5, 3]
+F = [None, [0, 0, 1, 2, 1, 3], [0, 0, 0, 1, 2], None]
+
+
+def _net(layers, act="Relu"):
+    out = []
+    for l, (W, b) in enumerate(layers):
+        out.append(Layer(f"W{l + 1}", "dense", W[:, :, None], b, homogeneous=True,
+                         activation=act if l < len(layers) - 1 else "", is_output=l == len(layers) - 1))
+    return Network(layers[0][0].shape[1], out)
+
+
+def _split_one(layers):
+    """Perturb hidden unit 1 (a member of a 2-unit fiber) so that its fiber splits."""
+    out = [(W.copy(), b.copy()) for W, b in layers]
+    out[0][1][1] += 0.3
+    return out
+
+
+def test_compare_networks_finds_refinement_and_counts():
+    layers = planted_mlp(np.random.default_rng(0), SIZES, F, None)
+    A, B = _net(layers), _net(_split_one(layers))
+    res = compare_networks(A, B, "fibration")
+    l1, l2, out = res["layers"]
+    assert l1["classes_a"] == 4 and l1["classes_b"] == 5
+    assert l1["b_refines_a"] and not l1["a_refines_b"] and l1["vi"] > 0 and l1["ari"] < 1
+    assert l1["counts"]["fibration"] == {"a": 4, "b": 5}
+    # splitting a unit of layer 1 breaks the in-balance of layer 2's planted fiber {0, 1, 2}
+    assert l2["b_refines_a"] and l2["classes_b"] > l2["classes_a"]
+    assert out["equal"] and out["ari"] == 1.0 and out["vi"] == 0.0
+    same = compare_networks(A, _net(layers), "covering-strict")
+    assert all(r["equal"] and r["vi"] == 0.0 for r in same["layers"])
+
+
+def test_align_recovers_a_permuted_copy():
+    # layer 1 without ties (so its match is unique), planted fibers in layer 2
+    layers = planted_mlp(np.random.default_rng(2), SIZES, [None, None, [0, 0, 1, 2, 1], None], None)
+    rng = np.random.default_rng(3)
+    p, q = rng.permutation(6), rng.permutation(5)
+    (W1, b1), (W2, b2), (W3, b3) = layers
+    perm = [(W1[p], b1[p]), (W2[q][:, p], b2[q]), (W3[:, q], b3)]
+    A, B = _net(layers), _net(perm)
+    plain = compare_networks(A, B)
+    assert not plain["layers"][1]["equal"]
+    assert plain["layers"][1]["counts"]["fibration"] == {"a": 3, "b": 3}   # counts need no alignment
+    perms = align_units(A, B)
+    np.testing.assert_array_equal(perms[0], np.argsort(p))
+    np.testing.assert_allclose(W2[q][:, p][perms[1]][:, perms[0]], W2, atol=1e-12)
+    aligned = compare_networks(A, B, align=True)
+    assert all(r["equal"] for r in aligned["layers"])
+
+
+def test_architecture_mismatch_is_an_input_error():
+    rng = np.random.default_rng(0)
+    A = _net(planted_mlp(rng, SIZES, F, None))
+    with pytest.raises(InputError, match="architecture mismatch at layer 1"):
+        compare_networks(A, _net(planted_mlp(rng, [4, 7, 5, 3], None, None)))
+    with pytest.raises(InputError, match="layers"):
+        compare_networks(A, _net(planted_mlp(rng, [4, 6, 3], None, None)))
+
+
+# ------------------------------------------------------------------- CLI
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cmp")
+    layers = planted_mlp(np.random.default_rng(0), SIZES, F, None)
+    a = save(mlp_onnx([W for W, _ in layers], [b for _, b in layers]), d / "a.onnx")
+    s = _split_one(layers)
+    b = save(mlp_onnx([W for W, _ in s], [b for _, b in s]), d / "b.onnx")
+    other = planted_mlp(np.random.default_rng(1), [4, 7, 3], None, None)
+    c = save(mlp_onnx([W for W, _ in other], [b for _, b in other]), d / "c.onnx")
+    return {"a": a, "b": b, "c": c, "dir": d}
+
+
+def test_cli_compare_json(capsys, tmp_path, models):
+    out = tmp_path / "c.json"
+    rc, so, err = cli(capsys, "compare", models["a"], models["b"], "--json", out)
+    assert rc == 0, err
+    r = read_json(out)
+    assert r["symmetry"] == "fibration" and len(r["layers"]) == 3
+    l1 = r["layers"][0]
+    assert l1["name_a"] == "W1" and l1["units"] == 6
+    assert l1["b_refines_a"] is True and l1["a_refines_b"] is False
+    assert 0 < l1["vi"] and l1["ari"] < 1
+    assert set(l1["counts"]) == {"fibration", "opfibration", "covering-strict"}
+    assert "ARI" in so and "W1" in so
+    rc, so, err = cli(capsys, "compare", models["a"], models["a"], "--symmetry", "covering-strict",
+                      "--eps", "0.05", "--json", out)
+    assert rc == 0, err
+    assert all(x["vi"] == 0 and x["ari"] == 1 for x in read_json(out)["layers"])
+
+
+def test_cli_compare_errors(capsys, tmp_path, models):
+    rc, _, err = cli(capsys, "compare", models["a"], models["c"])
+    assert_one_line_error(rc, err, "architecture mismatch")
+    rc, _, err = cli(capsys, "compare", models["a"], tmp_path / "missing.onnx")
+    assert_one_line_error(rc, err, "missing.onnx")
+    rc, _, err = cli(capsys, "compare", models["a"], models["b"], "--eps", "3")
+    assert_one_line_error(rc, err, "eps")
+    rc, _, err = cli(capsys, "compare", models["a"], models["b"], "--json", models["a"])
+    assert_one_line_error(rc, err, "input")
+    rc, _, err = cli(capsys, "compare", models["a"], models["b"], "--json", tmp_path / "no" / "x.json")
+    assert_one_line_error(rc, err, "does not exist")
+
+
+# ------------------------------------------------------- activity view
+def test_synchrony_clusters_on_synthetic_signals():
+    rng = np.random.default_rng(0)
+    s1, s2 = rng.normal(size=(2, 300))
+    noise = lambda: 0.05 * rng.normal(size=300)  # noqa: E731
+    acts = np.stack([s1 + noise(), 2 * s1 + 1 + noise(), s2 + noise(), np.zeros(300), s2 + noise(),
+                     np.full(300, 3.0), rng.normal(size=300)], 1)
+    lab = synchrony_clusters(acts, threshold=0.9)
+    np.testing.assert_array_equal(lab, canonical([0, 0, 1, 2, 1, 2, 3]))   # silent units together
+    assert synchrony_clusters(acts, threshold=0.99999).max() + 1 == 6        # only the silent ones merge
+    y = np.repeat([0, 1], 150)
+    cc = class_conditional_clusters(acts, y, 0.9)
+    assert set(cc) == {0, 1} and all(len(v) == 7 for v in cc.values())
+
+
+def test_refinement_score():
+    assert refinement_score([0, 0, 1, 2], [0, 0, 0, 1]) == (1.0, 1)
+    assert refinement_score([0, 0, 1, 1], [0, 1, 2, 2]) == (0.5, 2)
+    assert refinement_score([0, 1, 2], [0, 0, 0]) == (1.0, 0)
+
+
+def test_weight_fibers_refine_activity_clusters():
+    from fibgraph.activity import activity_report
+
+    rng = np.random.default_rng(5)
+    layers = planted_mlp(rng, SIZES, F, None)
+    net = _net(layers, act="Tanh")
+    x = rng.normal(size=(400, 4))
+    y = (x[:, 0] > 0).astype(int) + 2 * (x[:, 1] > 0)
+    acts = network_activations(net, x)
+    np.testing.assert_allclose(acts[0][:, 0], acts[0][:, 1], atol=1e-12)    # a planted fiber
+    rep = activity_report(net, x, y, threshold=0.95)
+    for r in rep:
+        assert r["fibers_refine_clusters"] and r["refinement_score"] == 1.0 and r["fiber_pairs"] > 0
+        assert r["fibers_refine_every_class"] and r["fibers_refine_class_meet"]
+        assert r["clusters"] <= r["fibers"]
+
+
+def test_torch_activations_match_the_network(tmp_path):
+    torch = pytest.importorskip("torch")
+    from fibgraph.activity import torch_activations
+    from fibgraph.theorems import torch_mlp
+
+    layers = planted_mlp(np.random.default_rng(6), SIZES, F, None)
+    x = np.random.default_rng(7).normal(size=(50, 4))
+    a = torch_activations(torch_mlp(layers, "relu"), x)
+    b = network_activations(_net(layers, "Relu"), x)
+    for p, q in zip(a, b):
+        np.testing.assert_allclose(p, q, atol=1e-12)
+    # conv channels: positions count as samples
+    cnn = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                              torch.nn.Linear(3 * 4 * 4, 2))
+    acts = torch_activations(cnn, np.random.default_rng(0).normal(size=(5, 1, 6, 6)).astype(np.float32))
+    assert acts[0].shape == (5 * 16, 3) and acts[1].shape == (5, 2)
