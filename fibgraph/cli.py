@@ -69,7 +69,8 @@ def color(model, symmetry, eps, eps_file, linkage, metric, no_rescale, rtol, jso
         if model.lower().endswith(GRAPH_EXT):
             from .graphcli import color_graph_file
 
-            color_graph_file(model, symmetry, eps=eps, json_out=json_out, linkage=linkage, metric=metric)
+            color_graph_file(model, symmetry, eps=eps, json_out=json_out, linkage=linkage, metric=metric,
+                             rtol=rtol, graphml_out=graphml_out)
             return
         raise InputError(f"{model}: unknown file type (expected .onnx, .edgelist, .txt, .graphml or .gml)")
     from importers.api import atomic_write_json, color_model

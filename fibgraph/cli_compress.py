@@ -36,7 +36,8 @@ def _parse_eps_list(text):
         try:
             v = float(part)
         except ValueError:
-            raise InputError(f"--eps: {part!r} is not a number (give a comma-separated list, e.g. 0.05,0.1,0.2)") from None
+            raise InputError(f"--eps: {part!r} is not a number "
+                             "(give a comma-separated list, e.g. 0.05,0.1,0.2)") from None
         vals.append(v)
     if not vals:
         raise InputError("--eps: give at least one tolerance")
@@ -82,13 +83,9 @@ def tune(model, data, tau, steps, linkage, metric, no_rescale, out, report_out, 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console, disable=no_progress, transient=False) as bar:
         task = bar.add_task("tuning", total=total)
-        done = {"layer": None, "k": 0}
 
         def on_step(layer, k, eps, loss, ok):
-            if layer != done["layer"]:
-                if done["layer"] is not None:   # the previous layer ended early (probe at the top passed)
-                    bar.update(task, completed=(mc.tunable.index(layer)) * (steps + 1))
-                done["layer"] = layer
+            # k = 0: the probe at the top of the range; 1..steps: bisection steps
             bar.update(task, completed=mc.tunable.index(layer) * (steps + 1) + k + 1,
                        description=f"{layer}: eps {eps:.4g} loss {loss:.4g} {'ok' if ok else 'over'}")
 

@@ -49,23 +49,34 @@ def prepare_rows(X, metric):
     return Y, norms, zero
 
 
-def _neighbour_components(Y, radius, block_elems=1 << 24):
-    """Connected components of the graph joining rows at euclidean distance <= radius."""
+def _neighbour_components(Y, radius, unit=False, block_elems=1 << 24):
+    """Connected components of the graph joining rows at euclidean distance <= radius.
+
+    Only the upper triangle of the Gram matrix is computed, in float32 blocks
+    (twice the BLAS speed); the threshold gets a margin far above float32
+    rounding (rows have norm <= 1), so components can only grow, which keeps
+    the per-component linkage exact.  ``unit``: rows have norm 1, so
+    ``|u - v|^2 = 2 - 2 <u, v>`` and the Gram matrix is thresholded directly.
+    """
     n = Y.shape[0]
-    # float32 products (twice the BLAS speed); the radius gets a margin far above
-    # float32 rounding (rows have norm <= 1), so components can only grow, which
-    # keeps the per-component linkage exact.
     Y32 = np.ascontiguousarray(Y, dtype=np.float32)
     sq = np.einsum("ij,ij->i", Y32, Y32)
     bs = max(1, min(n, block_elems // max(n, 1)))
-    r2 = np.float32(radius * radius + 1e-4)
+    r2 = radius * radius + 1e-4
+    gmin = np.float32(1.0 - r2 / 2.0)
     rows, cols = [], []
     for s in range(0, n, bs):
         e = min(n, s + bs)
-        d2 = sq[s:e, None] + sq[None, :] - 2.0 * (Y32[s:e] @ Y32.T)
-        i, j = np.nonzero(d2 <= r2)
+        G = Y32[s:e] @ Y32[s:].T
+        if unit:
+            i, j = np.nonzero(G >= gmin)
+        else:
+            G *= -2.0
+            G += sq[s:e, None]
+            G += sq[None, s:]
+            i, j = np.nonzero(G <= np.float32(r2))
         rows.append(i + s)
-        cols.append(j)
+        cols.append(j + s)
     r = np.concatenate(rows) if rows else np.zeros(0, np.int64)
     c = np.concatenate(cols) if cols else np.zeros(0, np.int64)
     g = sp.coo_matrix((np.ones(r.size, dtype=np.int8), (r, c)), shape=(n, n))
@@ -91,7 +102,7 @@ def threshold_clusters(X, eps, linkage_method="average", metric="cosine"):
         Z = Y[nz]
         # cosine distance d = |u - v|^2 / 2 on unit rows
         radius = np.sqrt(2.0 * eps) if metric == "cosine" else eps
-        comp = _neighbour_components(Z, radius)
+        comp = _neighbour_components(Z, radius, unit=(metric == "cosine"))
         out = np.empty(nz.size, dtype=np.int64)
         order = np.argsort(comp, kind="stable")
         bounds = np.flatnonzero(np.diff(comp[order])) + 1
@@ -104,7 +115,10 @@ def threshold_clusters(X, eps, linkage_method="average", metric="cosine"):
             d = pdist(Z[members], "euclidean")
             if metric == "cosine":
                 d = 0.5 * d * d
-            lab = fcluster(linkage(d, method=linkage_method), t=eps, criterion="distance")
+            if members.size == 2:  # one pair: merged iff its distance is within eps
+                lab = np.array([1, 1]) if d[0] <= eps else np.array([1, 2])
+            else:
+                lab = fcluster(linkage(d, method=linkage_method), t=eps, criterion="distance")
             out[members] = nxt + lab - 1
             nxt += int(lab.max())
         labels[nz] = out + (1 if (metric == "cosine" and zero.any()) else 0)

@@ -145,9 +145,13 @@ def _parts(graph: WeightedDigraph, nodes_mask, direction, colours, scales):
                 A = np.empty((n_t, n_o, D), dtype=np.float64)
                 A[:, inv, :] = W
             else:
-                M = sp.csr_matrix((s.astype(np.float64), (inv, np.arange(n_o))), shape=(uc.size, n_o))
-                W2 = np.ascontiguousarray(W.transpose(0, 2, 1), dtype=np.float64).reshape(n_t * D, n_o)
-                A = np.asarray(M @ W2.T).T.reshape(n_t, D, uc.size).transpose(0, 2, 1)
+                # columns sorted by colour, then one segmented sum (float64)
+                order = np.argsort(inv, kind="stable")
+                Wo = np.take(W, order, axis=1).astype(np.float64, copy=False)
+                if not np.all(s == 1):
+                    Wo = Wo * s[order][None, :, None]
+                starts = np.flatnonzero(np.r_[True, inv[order][1:] != inv[order][:-1]])
+                A = np.add.reduceat(Wo, starts, axis=1)
             keys = _key(np.repeat(uc, D), np.tile(np.arange(D), uc.size))
             yield {"targets": targets, "A": A.reshape(n_t, uc.size * D), "keys": keys,
                    "exact": b.exact}

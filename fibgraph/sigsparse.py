@@ -15,10 +15,12 @@ sums are *equal*:
   drift: on a large graph thousands of distinct sums can be spaced closer
   than ``tol``, and chaining would merge values far apart (measured: 2M
   nodes with random float in-weights lost over 1000 true distinctions).  A
-  chain that spans more than ``tol`` is therefore cut at the grid
-  ``floor(s / tol)`` (each grid cell is narrower than ``tol``); only there
-  can two values that differ by rounding be split, when a grid line falls
-  between them.  A group containing a value with ``|s| <= tol`` counts as
+  chain that spans more than ``tol`` is therefore first cut at its gaps
+  wider than ``tol / 32`` (far above float rounding); a piece still wider
+  than ``tol`` is cut at the grid ``floor(s / tol)`` (each grid cell is
+  narrower than ``tol``).  Only in such a dense piece can two values that
+  differ by rounding be split, when a grid line falls between them.
+  A group containing a value with ``|s| <= tol`` counts as
   zero, i.e. as no edge.
 
 Node hashes are sums of 64-bit mixes of ``(key, group)`` over a node's
@@ -140,11 +142,25 @@ def group_in_order(vs, newkey, tol):
     cstart = np.flatnonzero(newchain)
     cend = np.append(cstart[1:], nbins) - 1
     long_chain = (vmax[cend] - vmin[cstart]) > tol
-    del vmin, vmax, cend
+    del cend
     if long_chain.any():
-        newgroup = newchain | long_chain[np.cumsum(newchain) - 1]
+        # Inside a chain wider than tol, first cut only at gaps wider than
+        # tol / 32 (far above float rounding, so values that differ by rounding
+        # stay together); only sub-chains still wider than tol are cut at the
+        # grid lines.
+        inlong = long_chain[np.cumsum(newchain) - 1]
+        fine = np.empty(nbins, bool)
+        fine[0] = True
+        fine[1:] = (vmin[1:] - vmax[:-1]) > tol / 32
+        newsub = newchain | (inlong & fine)
+        sstart = np.flatnonzero(newsub)
+        send = np.append(sstart[1:], nbins) - 1
+        long_sub = (vmax[send] - vmin[sstart]) > tol
+        newgroup = newsub | (long_sub[np.cumsum(newsub) - 1] & inlong)
+        del inlong, fine, newsub, sstart, send, long_sub
     else:
         newgroup = newchain
+    del vmin, vmax
     gid = np.cumsum(newgroup)                     # 1-based group of every bin
     del newgroup, newchain
     zero = np.zeros(int(gid[-1]) + 1, bool)

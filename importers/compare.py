@@ -94,7 +94,8 @@ def compare_methods(model, data, eps_list=DEFAULT_EPS, eps_files=(), linkage="av
             m2 = write_base_onnx(mc.model, b, check=False)
             r = evaluate(m2, xy)
             pk = count_params(m2)
-            rows.append({"method": meth, "point": label, "eps": eps_report, "nodes": counts, "params": pk, "params_kept": pk / p0,
+            rows.append({"method": meth, "point": label, "eps": eps_report, "nodes": counts,
+                         "params": pk, "params_kept": pk / p0,
                          "accuracy": r["accuracy"], "loss": r["loss"]})
             if on_point is not None:
                 on_point(rows[-1])

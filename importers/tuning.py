@@ -18,7 +18,6 @@ import os
 import time
 
 import numpy as np
-import onnx
 
 from fibgraph.errors import InputError
 from fibgraph.network import colour_network, compress_network
@@ -105,9 +104,11 @@ def tune_model(model, data, tau=0.01, steps=10, linkage="average", metric="cosin
     cache = {}
 
     def loss(eps_by_layer):
-        m2, base, col = mc.compressed(eps_by_layer)
+        col = mc.colouring(eps_by_layer)
         key = _partition_key(col)
         if key not in cache:
+            base = compress_network(col)[0]
+            m2 = write_base_onnx(mc.model, base, check=False)
             r = evaluate(m2, xy)
             cache[key] = (r["loss"], r["accuracy"], count_params(m2), [ly.n_out for ly in base.layers])
         return cache[key][0]

@@ -3,7 +3,6 @@ and the ``fibgraph tune`` command."""
 import json
 import os
 
-import numpy as np
 import pytest
 
 from fibgraph.tune import EPS_MAX, greedy_eps

@@ -1,0 +1,164 @@
+"""onnxruntime CPU latency of original against fibration-compressed models.
+
+Models (built by the studies, trained here if missing):
+
+- ``examples/out/mnist_mlp_main.onnx``: the 784-500-500-500-10 MNIST MLP of
+  ``examples/study_mnist_mlp.py``, compressed at eps 0.7 / 0.8 / 0.9
+  (complete linkage, cosine);
+- ``examples/out/digits_cnn_study.onnx``: the digits CNN of
+  ``examples/study_digits.py``, compressed at eps 0.5 / 0.7.
+
+The compressed models are written in memory (``write_base_onnx``), exactly
+what ``fibgraph compress`` writes.  Each model gets its own
+``InferenceSession`` (CPU provider, ``--threads`` intra-op threads, graph
+optimisations on), ``--warmup`` warm-up runs, then ``--repeats`` timed runs
+at each batch size; the median per run (and the 10th/90th percentiles) is
+reported next to the parameter ratio.  Run from the repository root::
+
+    python benchmarks/bench_latency.py [--threads 1] [--repeats 300] [--md benchmarks/latency_results.md]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "examples"))
+
+CASES = [("mnist_mlp_main.onnx", (784,), [0.7, 0.8, 0.9]),
+         ("digits_cnn_study.onnx", (1, 8, 8), [0.5, 0.7])]
+
+
+def ensure_models():
+    out = os.path.join(ROOT, "examples", "out")
+    if not os.path.exists(os.path.join(out, "mnist_mlp_main.onnx")):
+        import torch
+        from study_lib import export, mnist_split, train
+        from study_mnist_mlp import build
+
+        xtr, _, ytr, _ = mnist_split(4000, 0)
+        torch.manual_seed(0)
+        m = build()
+        train(m, xtr, ytr, epochs=1000, steps=600, seed=0)
+        os.makedirs(out, exist_ok=True)
+        export(m, os.path.join(out, "mnist_mlp_main.onnx"), torch.zeros(1, 784))
+    if not os.path.exists(os.path.join(out, "digits_cnn_study.onnx")):
+        import torch
+        from study_digits import build_cnn
+        from study_lib import digits_split, export, train
+
+        xtr, _, ytr, _ = digits_split(0)
+        torch.manual_seed(0)
+        m = build_cnn()
+        train(m, xtr.reshape(-1, 1, 8, 8), ytr, epochs=40, batch=64, seed=0)
+        export(m, os.path.join(out, "digits_cnn_study.onnx"), torch.zeros(1, 1, 8, 8))
+    return out
+
+
+def timed(sess, x, warmup, repeats):
+    name = sess.get_inputs()[0].name
+    feed = {name: x}
+    for _ in range(warmup):
+        sess.run(None, feed)
+    ts = np.empty(repeats)
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        sess.run(None, feed)
+        ts[i] = time.perf_counter() - t0
+    return ts
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--warmup", type=int, default=50)
+    ap.add_argument("--repeats", type=int, default=300)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 64])
+    ap.add_argument("--md", default=None, help="write a markdown table here")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    import onnxruntime as ort
+
+    from importers.api import count_params
+    from importers.tuning import ModelCompressor
+
+    out = ensure_models()
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = args.threads
+    so.inter_op_num_threads = 1
+    rng = np.random.default_rng(0)
+    rows = []
+    for fname, shape, eps_list in CASES:
+        path = os.path.join(out, fname)
+        mc = ModelCompressor(path, "complete", "cosine", False)
+        variants = [("original", mc.model)]
+        for e in eps_list:
+            m2, base, _ = mc.compressed({n: e for n in mc.tunable}, check=True)
+            variants.append((f"eps {e:g}", m2))
+        for label, model in variants:
+            sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+            p = count_params(model)
+            for b in args.batches:
+                x = rng.standard_normal((b,) + shape).astype(np.float32)
+                ts = timed(sess, x, args.warmup, args.repeats)
+                rows.append({"model": fname, "variant": label, "params": p,
+                             "params_ratio": p / mc.params_before, "batch": b,
+                             "median_ms": 1e3 * float(np.median(ts)), "p10_ms": 1e3 * float(np.percentile(ts, 10)),
+                             "p90_ms": 1e3 * float(np.percentile(ts, 90))})
+                r = rows[-1]
+                print(f"{fname:24s} {label:9s} params {p:>8,} ({r['params_ratio']:6.1%}) batch {b:3d}: "
+                      f"median {r['median_ms']:.4f} ms  [p10 {r['p10_ms']:.4f}, p90 {r['p90_ms']:.4f}]", flush=True)
+    for r in rows:
+        o = next(x for x in rows if x["model"] == r["model"] and x["variant"] == "original"
+                 and x["batch"] == r["batch"])
+        r["speedup"] = o["median_ms"] / r["median_ms"]
+    try:
+        load = open("/proc/loadavg").read().split()[:3]
+    except OSError:
+        load = []
+    machine = {"cpu": cpu_name(), "cores": os.cpu_count(), "onnxruntime": ort.__version__,
+               "python": platform.python_version(), "threads": args.threads, "warmup": args.warmup,
+               "repeats": args.repeats, "loadavg_at_end": load}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine, "rows": rows}, f, indent=1)
+    if args.md:
+        lines = ["# Inference latency: original vs fibration-compressed (onnxruntime, CPU)\n",
+                 f"Machine: {machine['cpu']}, {machine['cores']} cores (a shared VM: other jobs were running, "
+                 f"load average at the end {' '.join(load)}); onnxruntime {machine['onnxruntime']}, "
+                 f"CPUExecutionProvider, {args.threads} intra-op thread(s); {args.warmup} warm-up runs, "
+                 f"median of {args.repeats} timed runs (p10-p90 in brackets). No GPU was available for this task.\n",
+                 "Produced by `python benchmarks/bench_latency.py --md benchmarks/latency_results.md`. "
+                 "Compression: fibration, complete linkage, cosine, no rescaling, one eps for every layer "
+                 "(see benchmarks/study_results.md for the accuracy at each eps).\n",
+                 "| model | variant | params (kept) | batch | median ms | p10-p90 ms | speedup |",
+                 "|---|---|---|---|---|---|---|"]
+        for r in rows:
+            lines.append(f"| {r['model']} | {r['variant']} | {r['params']:,} ({r['params_ratio']:.1%}) | "
+                         f"{r['batch']} | "
+                         f"{r['median_ms']:.4f} | {r['p10_ms']:.4f}-{r['p90_ms']:.4f} | {r['speedup']:.2f}x |")
+        with open(args.md, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        print(f"wrote {args.md}")
+
+
+if __name__ == "__main__":
+    main()
