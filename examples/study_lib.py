@@ -213,8 +213,10 @@ def plot_panels(result, path, title, configs=CONFIGS, published=None, xmax=None)
                     lw=1.2, label=LABEL[meth])
         for r in rows:
             if r["config"] == cn and r["method"] == "fibration" and not r["point"].startswith("eps="):
-                ax.plot(100 * r["params_kept"], 100 * r["accuracy"], "*", color="k", ms=10,
-                        label=f"fibration, {r['point']}")
+                on_test = "cal=test" in r["point"]
+                ax.plot(100 * r["params_kept"], 100 * r["accuracy"], "*", color="k", ms=9,
+                        mfc="none" if on_test else "k",
+                        label="fibration, greedy eps" + (" (calibrated on test)" if on_test else ""))
         if published:
             for (x, y, lab, mk) in published:
                 ax.plot(x, y, mk, color="0.4", ms=6, mfc="none", label=lab)

@@ -5,7 +5,6 @@ traceback, nothing written), 1 when ``hierarchy`` finds a violation.
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -83,16 +82,10 @@ def color(model, symmetry, eps, eps_file, linkage, metric, no_rescale, rtol, jso
     if json_out:
         atomic_write_json(json_out, report)
     if graphml_out:
-        import tempfile
+        from .fileio import atomic_path
 
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(graphml_out)), suffix=".graphml")
-        os.close(fd)
-        try:
+        with atomic_path(graphml_out, suffix=".graphml") as tmp:
             col.graph.write_graphml(tmp, col.labels)
-            os.replace(tmp, graphml_out)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
 
 
 @cli.command()

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import colorsys
 import os
-import tempfile
 
 import numpy as np
 
 from .errors import InputError
+from .fileio import atomic_path
 
 __all__ = ["draw_layered", "palette"]
 
@@ -30,7 +30,7 @@ def palette(k):
     return out
 
 
-def draw_layered(graph, labels, path, max_edges=3, title=None):
+def draw_layered(graph, labels, path, max_edges=3, title=None, dpi=110):
     """Draw ``graph`` coloured by ``labels`` to ``path`` (.png, .svg or .dot)."""
     import pygraphviz as pgv
 
@@ -39,7 +39,7 @@ def draw_layered(graph, labels, path, max_edges=3, title=None):
     if keep.sum() > MAX_NODES:
         raise InputError(f"the graph has {int(keep.sum())} units; drawing is limited to {MAX_NODES}")
     A = pgv.AGraph(directed=True, strict=False)
-    A.graph_attr.update(dpi="110", splines="false", outputorder="edgesfirst", bgcolor="white", fontsize="18",
+    A.graph_attr.update(dpi=str(dpi), splines="false", outputorder="edgesfirst", bgcolor="white", fontsize="18",
                         fontname="Helvetica")
     if title:
         A.graph_attr.update(label=title, labelloc="t")
@@ -85,16 +85,9 @@ def draw_layered(graph, labels, path, max_edges=3, title=None):
                 if int(u) in pos and int(w) in pos:
                     A.add_edge(int(u), int(w))
     ext = os.path.splitext(path)[1].lower()
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".fibgraph-", suffix=ext)
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=ext) as tmp:
         if ext == ".dot":
             A.write(tmp)
         else:
             A.draw(tmp, format=ext[1:], prog="nop2")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return len(pos)

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 
 import numpy as np
 
+from .fileio import write_atomic
 from .errors import HierarchyViolation, InputError
 
 __all__ = ["color_graph_file", "hierarchy_file", "partition_json", "write_atomic"]
@@ -40,20 +40,6 @@ def _check_out(inp, out, what="--json"):
     d = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(d):
         raise InputError(f"{out}: folder {d} does not exist")
-
-
-def write_atomic(path, data: bytes):
-    """Write ``data`` to a temporary file in the target folder, then ``os.replace``."""
-    d = os.path.dirname(os.path.abspath(path)) or "."
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".fibgraph-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def partition_json(graph, labels) -> bytes:

@@ -177,14 +177,15 @@ class FiberTracker:
         d = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(d):
             raise InputError(f"{path}: folder {d} does not exist")
-        tmp = f"{path}.tmp"
-        with open(tmp, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(FIELDS + extra_keys)
-            for r in self.rows:
-                ex = by_epoch.get(r["epoch"], {})
-                w.writerow([_fmt(r[k]) for k in FIELDS] + [_fmt(ex.get(k, "")) for k in extra_keys])
-        os.replace(tmp, path)
+        from .fileio import atomic_path
+
+        with atomic_path(path, suffix=".csv") as tmp:
+            with open(tmp, "w", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(FIELDS + extra_keys)
+                for r in self.rows:
+                    ex = by_epoch.get(r["epoch"], {})
+                    w.writerow([_fmt(r[k]) for k in FIELDS] + [_fmt(ex.get(k, "")) for k in extra_keys])
         return path
 
     def plot(self, path=None, field="classes", title=None, metric_key=None, dpi=110, axes=None,

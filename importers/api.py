@@ -12,15 +12,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import time
 
 import numpy as np
 import onnx
 
 from fibgraph.errors import InputError
+from fibgraph.fileio import write_atomic, write_json_atomic
 from fibgraph.network import colour_network, compress_network
-from fibgraph.partition import classes
 from fibgraph.refine import DEFAULT_RTOL, Exact, Tolerance
 
 from .onnx_in import import_onnx
@@ -88,7 +87,7 @@ def count_params(model) -> int:
 def _layer_reports(col, base=None):
     out = []
     for l, ly in enumerate(col.network.layers):
-        fibers = [list(range(ly.n_out))] if False else col.layer_fibers(l)
+        fibers = col.layer_fibers(l)
         nodes_after = ly.n_out if ly.is_output else len(fibers)
         if base is not None:
             nodes_after = base.layers[l].n_out
@@ -176,23 +175,11 @@ def _check_out_path(inp, out):
 
 
 def atomic_write_bytes(path, data: bytes):
-    d = os.path.dirname(os.path.abspath(path)) or "."
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".fibgraph-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_atomic(path, data)
 
 
 def atomic_write_json(path, obj):
-    atomic_write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode())
+    write_json_atomic(path, obj)
 
 
 # ------------------------------------------------------------- running

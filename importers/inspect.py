@@ -7,7 +7,7 @@ from fibgraph.report import console
 
 from .api import count_params
 from .onnx_in import SUPPORTED_OPS, import_onnx
-from .onnx_load import FLOAT_TYPES, float_tensors, load_onnx
+from .onnx_load import float_tensors, load_onnx
 
 __all__ = ["inspect_model", "op_census"]
 

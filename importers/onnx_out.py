@@ -142,7 +142,6 @@ def write_base_onnx(model: onnx.ModelProto, base, check=True) -> onnx.ModelProto
         b = ly.bias
         if meta.get("bias_add"):
             ba = meta["bias_add"]
-            own = np.zeros(n_out) if False else None
             shape = list(ba["shape"])
             if meta.get("bias_input"):  # Gemm/Conv bias plus an Add: put all into the Add
                 T.set(meta["bias_input"], np.zeros(_bias_shape(meta.get("bias_shape") or [meta.get("n_out_before", n_out)], n_out)))
