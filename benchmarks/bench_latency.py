@@ -62,6 +62,23 @@ def ensure_models():
     return out
 
 
+def test_data(fname):
+    """The test split the model was evaluated on in its study."""
+    if fname.startswith("mnist"):
+        p = os.path.join(ROOT, "examples", "out", "mnist_test.npz")
+        if os.path.exists(p):
+            z = np.load(p)
+            return z["x"], z["y"]
+        from study_lib import mnist_split
+
+        _, xte, _, yte = mnist_split(4000, 0)
+        return xte, yte
+    from study_lib import digits_split
+
+    _, xte, _, yte = digits_split(0)
+    return xte.reshape(-1, 1, 8, 8), yte
+
+
 def timed(sess, x, warmup, repeats):
     name = sess.get_inputs()[0].name
     feed = {name: x}
@@ -97,7 +114,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     import onnxruntime as ort
 
-    from importers.api import count_params
+    from importers.api import count_params, evaluate
     from importers.tuning import ModelCompressor
 
     out = ensure_models()
@@ -108,18 +125,20 @@ def main(argv=None):
     rows = []
     for fname, shape, eps_list in CASES:
         path = os.path.join(out, fname)
+        test = test_data(fname)
         mc = ModelCompressor(path, "complete", "cosine", False)
-        variants = [("original", mc.model)]
+        variants = [("original", mc.model, [ly.n_out for ly in mc.network.layers])]
         for e in eps_list:
             m2, base, _ = mc.compressed({n: e for n in mc.tunable}, check=True)
-            variants.append((f"eps {e:g}", m2))
-        for label, model in variants:
+            variants.append((f"eps {e:g}", m2, [ly.n_out for ly in base.layers]))
+        for label, model, units in variants:
             sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
             p = count_params(model)
+            acc = evaluate(model, test)["accuracy"]
             for b in args.batches:
                 x = rng.standard_normal((b,) + shape).astype(np.float32)
                 ts = timed(sess, x, args.warmup, args.repeats)
-                rows.append({"model": fname, "variant": label, "params": p,
+                rows.append({"model": fname, "variant": label, "units": units, "params": p, "test_accuracy": acc,
                              "params_ratio": p / mc.params_before, "batch": b,
                              "median_ms": 1e3 * float(np.median(ts)), "p10_ms": 1e3 * float(np.percentile(ts, 10)),
                              "p90_ms": 1e3 * float(np.percentile(ts, 90))})
@@ -148,12 +167,14 @@ def main(argv=None):
                  f"median of {args.repeats} timed runs (p10-p90 in brackets). No GPU was available for this task.\n",
                  "Produced by `python benchmarks/bench_latency.py --md benchmarks/latency_results.md`. "
                  "Compression: fibration, complete linkage, cosine, no rescaling, one eps for every layer "
-                 "(see benchmarks/study_results.md for the accuracy at each eps).\n",
-                 "| model | variant | params (kept) | batch | median ms | p10-p90 ms | speedup |",
-                 "|---|---|---|---|---|---|---|"]
+                 "(test accuracy without retraining on the studies' test splits).\n",
+                 "| model | variant | units per layer | params (kept) | test acc | batch | median ms | "
+                 "p10-p90 ms | speedup |",
+                 "|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
-            lines.append(f"| {r['model']} | {r['variant']} | {r['params']:,} ({r['params_ratio']:.1%}) | "
-                         f"{r['batch']} | "
+            lines.append(f"| {r['model']} | {r['variant']} | {'-'.join(map(str, r['units']))} | "
+                         f"{r['params']:,} ({r['params_ratio']:.1%}) | "
+                         f"{100 * r['test_accuracy']:.1f}% | {r['batch']} | "
                          f"{r['median_ms']:.4f} | {r['p10_ms']:.4f}-{r['p90_ms']:.4f} | {r['speedup']:.2f}x |")
         with open(args.md, "w") as f:
             f.write("\n".join(lines) + "\n")

@@ -73,7 +73,7 @@ def greedy_eps(layers: Iterable[str], loss: Callable[[dict], float], tau: float 
     last_ok_loss = base_loss
     for name in layers:
         def test(e, k):
-            nonlocal evals, last_ok_loss
+            nonlocal evals
             trial = {**cur, name: e}
             v = float(loss(trial))
             evals += 1

@@ -26,7 +26,7 @@ from .onnx_in import import_onnx
 from .onnx_load import float_tensors, load_onnx
 from .onnx_out import write_base_onnx
 
-__all__ = ["make_criteria", "color_model", "compress_model", "evaluate", "verify_models",
+__all__ = ["make_criteria", "criteria_from_table", "color_model", "compress_model", "evaluate", "verify_models",
            "atomic_write_bytes", "atomic_write_json", "COMPRESS_SYMMETRIES"]
 
 COMPRESS_SYMMETRIES = ("fibration", "covering", "covering-strict", "automorphism")
@@ -57,7 +57,7 @@ def make_criteria(network, eps=0.0, eps_file=None, linkage="average", metric="co
     if metric not in ("cosine", "euclidean"):
         raise InputError(f"--metric must be cosine or euclidean, got {metric!r}")
     eps = _check_eps(eps)
-    crit = {None: _one(eps, linkage, metric, rescale, rtol)}
+    table = {}
     if eps_file is not None:
         try:
             with open(eps_file) as f:
@@ -73,9 +73,17 @@ def make_criteria(network, eps=0.0, eps_file=None, linkage="average", metric="co
         if unknown:
             raise InputError(f"{eps_file}: layers not in the model: {', '.join(unknown)} "
                              f"(layers: {', '.join(ly.name for ly in network.layers)})")
-        for k, v in table.items():
-            e = _check_eps(v, f"{eps_file}[{k!r}]")
-            crit[None if k == "*" else k] = _one(e, linkage, metric, rescale, rtol)
+    return criteria_from_table(table, eps, linkage, metric, rescale, rtol, where=eps_file)
+
+
+def criteria_from_table(table, eps=0.0, linkage="average", metric="cosine", rescale=True,
+                        rtol=DEFAULT_RTOL, where="eps"):
+    """``{None: default criterion, name: criterion}`` from ``{name: eps}``
+    (``"*"`` sets the default; eps 0 means exact)."""
+    crit = {None: _one(_check_eps(eps), linkage, metric, rescale, rtol)}
+    for k, v in table.items():
+        e = _check_eps(v, f"{where}[{k!r}]")
+        crit[None if k == "*" else k] = _one(e, linkage, metric, rescale, rtol)
     return crit
 
 

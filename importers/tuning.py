@@ -21,10 +21,10 @@ import numpy as np
 
 from fibgraph.errors import InputError
 from fibgraph.network import colour_network, compress_network
-from fibgraph.refine import DEFAULT_RTOL, Exact, Tolerance
+from fibgraph.refine import DEFAULT_RTOL
 from fibgraph.tune import EPS_MAX, greedy_eps
 
-from .api import count_params, evaluate, load_data
+from .api import count_params, criteria_from_table, evaluate, load_data
 from .onnx_in import import_onnx
 from .onnx_out import write_base_onnx
 
@@ -32,13 +32,9 @@ __all__ = ["ModelCompressor", "tune_model", "criteria_for"]
 
 
 def criteria_for(eps_by_layer, linkage="average", metric="cosine", rescale=True, rtol=DEFAULT_RTOL):
-    """``{None: Exact, name: Tolerance(eps)}`` the way ``make_criteria`` builds
+    """``{None: Exact, name: Tolerance(eps)}`` exactly as ``make_criteria`` builds
     them from an eps file (eps 0 -> exact)."""
-    crit = {None: Exact(rtol)}
-    for k, e in eps_by_layer.items():
-        e = float(e)
-        crit[k] = Exact(rtol) if e == 0 else Tolerance(e, linkage, metric, rescale)
-    return crit
+    return criteria_from_table(eps_by_layer, 0.0, linkage, metric, rescale, rtol)
 
 
 class ModelCompressor:
