@@ -210,9 +210,39 @@ def _merge_parts(parts):
 
 
 # ---------------------------------------------------------- quantising
+_PROBE_COLUMNS = 8
+_SINGLETON_SALT = np.uint64(0xD6E8FEB86659FD93)
+
+
 def _hash_dense(A, keys, tol):
     """Hashes of the rows of a dense signature block: values grouped per column
-    (rule of :mod:`fibgraph.sigsparse`), then ``(key, group)`` mixes summed per row."""
+    (rule of :mod:`fibgraph.sigsparse`), then ``(key, group)`` mixes summed per row.
+
+    Large blocks are first probed on a few columns: a row whose probe groups no
+    other row shares differs from every row in this block, so it gets a hash
+    of its own and only the remaining rows are grouped on every column.
+    """
+    n_t, K = A.shape
+    if n_t > 256 and K > 4 * _PROBE_COLUMNS:
+        cols = np.argsort(-A.var(axis=0), kind="stable")[:_PROBE_COLUMNS]
+        p1, p2 = _hash_dense_all(np.ascontiguousarray(A[:, cols]), keys[cols], tol)
+        probe = np.stack([p1.view(np.int64), p2.view(np.int64)], 1)
+        _, inv, cnt = np.unique(probe, axis=0, return_inverse=True, return_counts=True)
+        shared = cnt[inv.reshape(-1)] > 1
+        if not shared.all():
+            h1 = np.empty(n_t, np.uint64)
+            h2 = np.empty(n_t, np.uint64)
+            lone = np.flatnonzero(~shared)
+            h1[lone] = _mix(lone.astype(np.uint64) + _SINGLETON_SALT)
+            h2[lone] = _mix(lone.astype(np.uint64) ^ _SINGLETON_SALT)
+            rest = np.flatnonzero(shared)
+            if rest.size:
+                h1[rest], h2[rest] = _hash_dense_all(A[rest], keys, tol)
+            return h1, h2
+    return _hash_dense_all(A, keys, tol)
+
+
+def _hash_dense_all(A, keys, tol):
     from .sigsparse import group_sorted, value_labels
 
     n_t, K = A.shape
