@@ -190,12 +190,9 @@ _register_extra_commands()
 
 
 def _check_json_out(inp, out):
-    if out and os.path.abspath(out) == os.path.abspath(inp):
-        raise InputError(f"{out}: output path equals the input path; refusing to overwrite the input")
-    if out:
-        d = os.path.dirname(os.path.abspath(out))
-        if not os.path.isdir(d):
-            raise InputError(f"{out}: folder {d} does not exist")
+    from .fileio import check_output_path
+
+    check_output_path(out, inp)
 
 
 def main(argv=None):

@@ -11,6 +11,7 @@ import os
 import click
 
 from .errors import InputError
+from .fileio import check_output_path
 
 __all__ = ["COMMANDS", "compare", "symmetry_metrics_cmd"]
 
@@ -18,14 +19,7 @@ SYM_COMPARE = ["fibration", "opfibration", "opfibration-flavoured", "covering", 
 
 
 def _check_out(inputs, out):
-    if not out:
-        return
-    for inp in inputs:
-        if os.path.abspath(out) == os.path.abspath(inp):
-            raise InputError(f"{out}: output path equals the input path; refusing to overwrite the input")
-    d = os.path.dirname(os.path.abspath(out))
-    if not os.path.isdir(d):
-        raise InputError(f"{out}: folder {d} does not exist")
+    check_output_path(out, inputs)
 
 
 def _load(path):

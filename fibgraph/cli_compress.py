@@ -9,18 +9,13 @@ import os
 import click
 
 from .errors import InputError
+from .fileio import check_output_path
 
 __all__ = ["COMMANDS", "tune", "compare_methods_cmd"]
 
 
 def _check_out(inp, out, what):
-    if out is None:
-        return
-    if os.path.abspath(out) == os.path.abspath(inp):
-        raise InputError(f"{out}: {what} path equals the input path; refusing to overwrite the input")
-    d = os.path.dirname(os.path.abspath(out))
-    if not os.path.isdir(d):
-        raise InputError(f"{out}: folder {d} does not exist")
+    check_output_path(out, inp, what)
 
 
 def _check_model(model):

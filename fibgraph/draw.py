@@ -8,7 +8,10 @@ the ``max_edges`` strongest incoming edges of each unit are drawn.
 from __future__ import annotations
 
 import colorsys
+import contextlib
 import os
+import sys
+import tempfile
 
 import numpy as np
 
@@ -28,6 +31,30 @@ def palette(k):
         r, g, b = colorsys.hsv_to_rgb(h, 0.55 + 0.3 * (i % 2), 0.95 - 0.15 * (i % 3 == 2))
         out.append("#%02x%02x%02x" % (int(r * 255), int(g * 255), int(b * 255)))
     return out
+
+
+@contextlib.contextmanager
+def _quiet_fontconfig():
+    """Graphviz's bundled fontconfig warns on stderr about newer system config
+    files; keep what it writes to fd 2 and pass on every line but those."""
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(fd)
+    with tempfile.TemporaryFile() as cap:
+        os.dup2(cap.fileno(), fd)
+        try:
+            yield
+        finally:
+            os.dup2(saved, fd)
+            os.close(saved)
+            cap.seek(0)
+            for line in cap.read().decode(errors="replace").splitlines():
+                if line.strip() and not line.startswith("Fontconfig warning"):
+                    print(line, file=sys.stderr)
 
 
 def draw_layered(graph, labels, path, max_edges=3, title=None, dpi=110):
@@ -89,5 +116,6 @@ def draw_layered(graph, labels, path, max_edges=3, title=None, dpi=110):
         if ext == ".dot":
             A.write(tmp)
         else:
-            A.draw(tmp, format=ext[1:], prog="nop2")
+            with _quiet_fontconfig():
+                A.draw(tmp, format=ext[1:], prog="nop2")
     return len(pos)

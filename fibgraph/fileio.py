@@ -8,7 +8,9 @@ import json
 import os
 import tempfile
 
-__all__ = ["atomic_path", "write_atomic", "write_json_atomic"]
+from .errors import InputError
+
+__all__ = ["atomic_path", "write_atomic", "write_json_atomic", "check_output_path"]
 
 
 @contextlib.contextmanager
@@ -36,3 +38,23 @@ def write_atomic(path, data: bytes):
 
 def write_json_atomic(path, obj):
     write_atomic(path, (json.dumps(obj, indent=1) + "\n").encode())
+
+
+def check_output_path(out, inputs, what="output"):
+    """Refuse, before any work, an output that would overwrite an input, is a
+    folder, or lies in a folder that does not exist."""
+    if out is None:
+        return
+    out = os.fspath(out)
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    for inp in inputs:
+        same = os.path.abspath(out) == os.path.abspath(inp) or (
+            os.path.exists(out) and os.path.exists(inp) and os.path.samefile(out, inp))
+        if same:
+            raise InputError(f"{out}: {what} path equals the input path; refusing to overwrite the input")
+    if os.path.isdir(out):
+        raise InputError(f"{out}: {what} path is a folder")
+    d = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(d):
+        raise InputError(f"{out}: folder {d} does not exist")

@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from .fileio import write_atomic
+from .fileio import check_output_path, write_atomic
 from .errors import HierarchyViolation, InputError
 
 __all__ = ["color_graph_file", "hierarchy_file", "partition_json", "write_atomic"]
@@ -30,16 +30,7 @@ def _console():
 
 
 def _check_out(inp, out, what="--json"):
-    if out is None:
-        return
-    out = os.fspath(out)
-    if os.path.abspath(out) == os.path.abspath(inp):
-        raise InputError(f"{out}: {what} output path equals the input path; refusing to overwrite the input")
-    if os.path.isdir(out):
-        raise InputError(f"{out}: {what} output path is a folder")
-    d = os.path.dirname(os.path.abspath(out))
-    if not os.path.isdir(d):
-        raise InputError(f"{out}: folder {d} does not exist")
+    check_output_path(out, inp, what)
 
 
 def partition_json(graph, labels) -> bytes:

@@ -26,7 +26,7 @@ from .onnx_in import import_onnx
 from .onnx_load import float_tensors, load_onnx
 from .onnx_out import write_base_onnx
 
-__all__ = ["make_criteria", "criteria_from_table", "color_model", "compress_model", "evaluate", "verify_models",
+__all__ = ["make_criteria", "criteria_from_table", "read_eps_table", "color_model", "compress_model", "evaluate", "verify_models",
            "atomic_write_bytes", "atomic_write_json", "COMPRESS_SYMMETRIES"]
 
 COMPRESS_SYMMETRIES = ("fibration", "covering", "covering-strict", "automorphism")
@@ -57,23 +57,27 @@ def make_criteria(network, eps=0.0, eps_file=None, linkage="average", metric="co
     if metric not in ("cosine", "euclidean"):
         raise InputError(f"--metric must be cosine or euclidean, got {metric!r}")
     eps = _check_eps(eps)
-    table = {}
-    if eps_file is not None:
-        try:
-            with open(eps_file) as f:
-                table = json.load(f)
-        except OSError as e:
-            raise InputError(f"{eps_file}: cannot read eps file ({e.strerror})") from None
-        except json.JSONDecodeError as e:
-            raise InputError(f"{eps_file}: not valid JSON ({e.msg} at line {e.lineno})") from None
-        if not isinstance(table, dict):
-            raise InputError(f"{eps_file}: eps file must be a JSON object {{layer weight name: eps}}")
-        names = {ly.name for ly in network.layers}
-        unknown = sorted(k for k in table if k != "*" and k not in names)
-        if unknown:
-            raise InputError(f"{eps_file}: layers not in the model: {', '.join(unknown)} "
-                             f"(layers: {', '.join(ly.name for ly in network.layers)})")
+    table = {} if eps_file is None else read_eps_table(eps_file, [ly.name for ly in network.layers])
     return criteria_from_table(table, eps, linkage, metric, rescale, rtol, where=eps_file)
+
+
+def read_eps_table(path, names):
+    """``{layer weight name: eps}`` from a JSON eps file; names must be layers
+    of the model (``"*"`` sets the default)."""
+    try:
+        with open(path) as f:
+            table = json.load(f)
+    except OSError as e:
+        raise InputError(f"{path}: cannot read eps file ({e.strerror})") from None
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(table, dict):
+        raise InputError(f"{path}: eps file must be a JSON object {{layer weight name: eps}}")
+    unknown = sorted(k for k in table if k != "*" and k not in set(names))
+    if unknown:
+        raise InputError(f"{path}: layers not in the model: {', '.join(unknown)} "
+                         f"(layers: {', '.join(names)})")
+    return table
 
 
 def criteria_from_table(table, eps=0.0, linkage="average", metric="cosine", rescale=True,

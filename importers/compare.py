@@ -9,7 +9,6 @@ point differ only in which function the smaller network computes.
 """
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
@@ -17,7 +16,7 @@ import numpy as np
 from fibgraph.baselines import METHODS, baseline, node_counts
 from fibgraph.errors import InputError
 
-from .api import count_params, evaluate, load_data
+from .api import _check_eps, count_params, evaluate, load_data, read_eps_table
 from .onnx_out import write_base_onnx
 from .tuning import ModelCompressor
 
@@ -31,31 +30,13 @@ METHOD_LABELS = {"fibration": "fibration (quasi-fibers)", "random": "random prun
 
 
 def _read_eps_file(path, names):
-    try:
-        with open(path) as f:
-            table = json.load(f)
-    except OSError as e:
-        raise InputError(f"{path}: cannot read eps file ({e.strerror})") from None
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    if not isinstance(table, dict):
-        raise InputError(f"{path}: eps file must be a JSON object {{layer weight name: eps}}")
-    unknown = sorted(k for k in table if k != "*" and k not in names)
-    if unknown:
-        raise InputError(f"{path}: layers not in the model: {', '.join(unknown)}")
+    """Per-layer eps of the tunable layers ``names`` from an eps file."""
+    table = read_eps_table(path, names)
     out = {}
     default = table.get("*")
     for n in names:
-        v = table.get(n, default)
-        if v is None:
-            continue
-        try:
-            v = float(v)
-        except (TypeError, ValueError):
-            raise InputError(f"{path}[{n!r}]: eps must be a number, got {v!r}") from None
-        if not np.isfinite(v) or not (0 <= v < 2):
-            raise InputError(f"{path}[{n!r}]: eps must be in [0, 2), got {v}")
-        out[n] = v
+        if table.get(n, default) is not None:
+            out[n] = _check_eps(table.get(n, default), f"{path}[{n!r}]")
     return out
 
 
