@@ -214,9 +214,19 @@ def session(model, device="cpu"):
         raise InputError(f"--device must be cpu or cuda, got {device!r}")
     data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
     try:
-        return ort.InferenceSession(data, providers=providers)
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3  # errors only
+        sess = ort.InferenceSession(data, sess_options=opts, providers=providers)
     except Exception as e:
         raise InputError(f"onnxruntime cannot load the model: {str(e).splitlines()[0][:300]}") from None
+    if isinstance(model, onnx.ModelProto):
+        # old IR versions list initializers among the inputs: feed only the real one
+        inits = {t.name for t in model.graph.initializer}
+        real = [i for i in sess.get_inputs() if i.name not in inits]
+    else:
+        real = sess.get_inputs()[:1]
+    sess.fibgraph_input = real[0] if real else sess.get_inputs()[0]
+    return sess
 
 
 def _run(sess, names, feeds):
@@ -246,7 +256,7 @@ def load_data(path, need_y=False):
 
 
 def _inputs_for(sess, data=None, n=64, seed=0):
-    inp = sess.get_inputs()[0]
+    inp = getattr(sess, "fibgraph_input", None) or sess.get_inputs()[0]
     if data is not None:
         x = data if isinstance(data, np.ndarray) else load_data(data)[0]
         want = inp.shape
@@ -256,7 +266,8 @@ def _inputs_for(sess, data=None, n=64, seed=0):
             raise InputError(f"{src}: x has shape {list(x.shape)}, the model's input {inp.name!r} "
                              f"expects {['?' if f is None else f for f in fixed]}")
     else:
-        shape = [n] + [d if isinstance(d, int) else None for d in inp.shape[1:]]
+        batch = inp.shape[0] if inp.shape and isinstance(inp.shape[0], int) and inp.shape[0] > 0 else n
+        shape = [batch] + [d if isinstance(d, int) else None for d in inp.shape[1:]]
         if any(d is None for d in shape):
             raise InputError(f"input {inp.name!r} has unknown non-batch dimensions {inp.shape}; pass --data")
         x = np.random.default_rng(seed).standard_normal(shape)
@@ -278,7 +289,8 @@ def verify_models(a, b, data=None, seed=0, n=64):
             diffs.append(float(np.max(np.abs(p.astype(np.float64) - q.astype(np.float64)))) if p.size else 0.0)
         elif p.dtype.kind in "iub":
             diffs.append(float(np.mean(p != q)))
-    src = "data" if data is not None else f"random normal inputs (n={n}, seed={seed})"
+    nb = int(next(iter(feeds.values())).shape[0])
+    src = "data" if data is not None else f"random normal inputs (n={nb}, seed={seed})"
     return {"max_abs_diff": max(diffs) if diffs else 0.0, "inputs": src,
             "n": int(next(iter(feeds.values())).shape[0])}
 

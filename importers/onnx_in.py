@@ -86,6 +86,7 @@ class _Importer:
         self.model = model
         g = model.graph
         self.consts = {}
+        self.computed = {}
         self.const_nodes = {}
         for t in g.initializer:
             self.consts[t.name] = numpy_helper.to_array(t)
@@ -190,7 +191,10 @@ class _Importer:
                 self.layers[st.level - 1].is_output = True
         self.layers[-1].is_output = True
         net = Network(int(self.input_units), self.layers, name=g.name or "model",
-                      meta={"input": self.input.name, "outputs": outs})
+                      meta={"input": self.input.name, "outputs": outs,
+                            # constants computed by nodes (e.g. ConstantOfShape): the
+                            # writer replaces those it changes by initializers
+                            "computed": self.computed})
         return ImportResult(self.model, net, self.ops, self.input.name, outs)
 
     def _fold_constant(self, node, i):
@@ -203,6 +207,7 @@ class _Importer:
             res = ev.run(None, feeds)
             for o, v in zip([o for o in node.output if o], res):
                 self.consts[o] = np.asarray(v)
+                self.computed[o] = self.consts[o]
             self.ops.append((_nodename(node, i), node.op_type, "constant"))
         except Exception:
             self.fail(node, i, "constant sub-expression that fibgraph cannot evaluate")

@@ -21,12 +21,30 @@ __all__ = ["write_base_onnx"]
 
 
 class _Tensors:
-    def __init__(self, model):
+    """The model's constant tensors: initializers, Constant nodes, and constants
+    computed by other nodes (folded at import; replaced by initializers when set)."""
+
+    def __init__(self, model, computed=None):
         self.model = model
         self.inits = {t.name: t for t in model.graph.initializer}
         self.consts = {n.output[0]: n for n in model.graph.node if n.op_type == "Constant"}
+        self.computed = dict(computed or {})
+        self.removed_inputs = set()
+
+    def drop_unused(self, names):
+        """Remove initializers among ``names`` that no node reads any more."""
+        g = self.model.graph
+        used = {x for n in g.node for x in n.input} | {o.name for o in g.output}
+        for name in names:
+            if name in self.inits and name not in used:
+                g.initializer.remove(self.inits.pop(name))
+                for vi in list(g.input):
+                    if vi.name == name:
+                        g.input.remove(vi)
 
     def get(self, name):
+        if name in self.computed and name not in self.inits:
+            return self.computed[name]
         if name in self.inits:
             return numpy_helper.to_array(self.inits[name])
         node = self.consts[name]
@@ -50,14 +68,25 @@ class _Tensors:
             new = numpy_helper.from_array(value.astype(old.dtype), name)
             t.CopyFrom(new)
             return
+        if name in self.computed:  # drop the producing node, store the value
+            old = self.computed[name]
+            for n in list(self.model.graph.node):
+                if name in n.output:
+                    self.removed_inputs.update(x for x in n.input if x)
+                    self.model.graph.node.remove(n)
+            self.add(name, value.astype(old.dtype))
+            return
         node = self.consts[name]
         old = self.get(name)
         del node.attribute[:]
         node.attribute.append(helper.make_attribute("value", numpy_helper.from_array(value.astype(old.dtype), name)))
 
     def add(self, name, value):
-        self.model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
+        t = numpy_helper.from_array(np.ascontiguousarray(value), name)
+        self.model.graph.initializer.append(t)
         self.inits[name] = self.model.graph.initializer[-1]
+        if self.model.ir_version < 4:  # old IR: every initializer is also a graph input
+            self.model.graph.input.append(helper.make_tensor_value_info(name, t.data_type, list(t.dims)))
 
 
 def _node_by_name(model, name, index):
@@ -86,7 +115,7 @@ def write_base_onnx(model: onnx.ModelProto, base, check=True) -> onnx.ModelProto
     :func:`fibgraph.network.compress_network` on a network imported from ``model``)."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
-    T = _Tensors(m)
+    T = _Tensors(m, base.meta.get("computed"))
     remove = []
     for ly in base.layers:
         meta = ly.meta
@@ -184,10 +213,7 @@ def write_base_onnx(model: onnx.ModelProto, base, check=True) -> onnx.ModelProto
             T.set(p["name"], np.take(arr, meta["rep"], axis=ax))
     for bn in remove:
         m.graph.node.remove(bn)
-    for bn in remove:
-        for x in bn.input[1:]:
-            if x in T.inits and not any(x in n2.input for n2 in m.graph.node):
-                m.graph.initializer.remove(T.inits.pop(x))
+    T.drop_unused({x for bn in remove for x in bn.input[1:]} | T.removed_inputs)
     del m.graph.value_info[:]
     if check:
         try:
