@@ -197,8 +197,13 @@ def _check_json_out(inp, out):
 
 def main(argv=None):
     """Entry point: one-line errors, exit 2 on bad input or usage."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    if not args:  # no command: the help, on stdout
+        with click.Context(cli, info_name="fibgraph") as ctx:
+            click.echo(cli.get_help(ctx))
+        return 0
     try:
-        rv = cli.main(args=argv, prog_name="fibgraph", standalone_mode=False)
+        rv = cli.main(args=args, prog_name="fibgraph", standalone_mode=False)
         return rv if isinstance(rv, int) else 0
     except InputError as e:
         click.echo(f"fibgraph: error: {e}", err=True)
