@@ -10,7 +10,21 @@ import tempfile
 
 from .errors import InputError
 
-__all__ = ["atomic_path", "write_atomic", "write_json_atomic", "check_output_path"]
+__all__ = ["read_input", "atomic_path", "write_atomic", "write_json_atomic", "check_output_path"]
+
+
+def read_input(path) -> bytes:
+    """The bytes of an input file, or :class:`InputError` with one clear line."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise InputError(f"{path}: no such file")
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: not a file")
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise InputError(f"{path}: cannot read ({e.strerror or e})") from None
 
 
 @contextlib.contextmanager

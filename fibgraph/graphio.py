@@ -37,6 +37,7 @@ import re
 import numpy as np
 
 from .errors import InputError
+from .fileio import read_input
 from .graph import WeightedDigraph
 
 __all__ = ["read_graph", "read_edgelist", "parse_edgelist", "from_networkx", "from_igraph",
@@ -64,15 +65,7 @@ def read_graph(path, weight="weight", initial=None) -> WeightedDigraph:
     if ext not in GRAPH_EXT:
         raise InputError(f"{path}: unknown graph file type {ext or '(none)'!r} "
                          f"(expected {', '.join(GRAPH_EXT)})")
-    if not os.path.exists(path):
-        raise InputError(f"{path}: no such file")
-    if not os.path.isfile(path):
-        raise InputError(f"{path}: not a file")
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise InputError(f"{path}: cannot read: {e.strerror or e}") from None
+    data = read_input(path)
     if not data.strip():
         raise InputError(f"{path}: empty file (no nodes, no edges)")
     if ext in EDGELIST_EXT:

@@ -8,6 +8,7 @@ import onnx
 from onnx import numpy_helper
 
 from fibgraph.errors import InputError
+from fibgraph.fileio import read_input
 
 __all__ = ["load_onnx", "tensor_value", "float_tensors"]
 
@@ -26,13 +27,7 @@ def load_onnx(path) -> onnx.ModelProto:
     leaves it is refused, never read).
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise InputError(f"{path}: no such file")
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise InputError(f"{path}: cannot read ({e.strerror})") from None
+    data = read_input(path)
     if not data:
         raise InputError(f"{path}: empty file, not an ONNX model")
     try:
