@@ -20,7 +20,7 @@ import onnx
 from fibgraph.errors import InputError
 from fibgraph.fileio import write_atomic, write_json_atomic
 from fibgraph.network import colour_network, compress_network
-from fibgraph.refine import DEFAULT_RTOL, Exact, Tolerance
+from fibgraph.refine import DEFAULT_RTOL, Tolerance, make_criterion
 
 from .onnx_in import import_onnx
 from .onnx_load import float_tensors, load_onnx
@@ -40,12 +40,6 @@ def _check_eps(eps, where="--eps"):
     if not math.isfinite(eps) or eps < 0 or eps >= 2:
         raise InputError(f"{where}: eps must be in [0, 2) (0 = exact fibers), got {eps}")
     return eps
-
-
-def _one(eps, linkage, metric, rescale, rtol):
-    if eps == 0:
-        return Exact(rtol)
-    return Tolerance(eps, linkage, metric, rescale)
 
 
 def make_criteria(network, eps=0.0, eps_file=None, linkage="average", metric="cosine",
@@ -84,10 +78,10 @@ def criteria_from_table(table, eps=0.0, linkage="average", metric="cosine", resc
                         rtol=DEFAULT_RTOL, where="eps"):
     """``{None: default criterion, name: criterion}`` from ``{name: eps}``
     (``"*"`` sets the default; eps 0 means exact)."""
-    crit = {None: _one(_check_eps(eps), linkage, metric, rescale, rtol)}
+    crit = {None: make_criterion(_check_eps(eps), linkage, metric, rescale, rtol)}
     for k, v in table.items():
         e = _check_eps(v, f"{where}[{k!r}]")
-        crit[None if k == "*" else k] = _one(e, linkage, metric, rescale, rtol)
+        crit[None if k == "*" else k] = make_criterion(e, linkage, metric, rescale, rtol)
     return crit
 
 

@@ -9,7 +9,7 @@ set.  Nothing here imports torch.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -53,7 +53,6 @@ class Stream:
     axis: int | None
     flat: bool = False
     fresh: bool = False          # straight out of a linear op (bias / BN may fold)
-    region: list = field(default_factory=list)
 
 
 @dataclass
@@ -238,7 +237,7 @@ class _Importer:
             if st.axis not in (0, None) or st.flat:
                 self.fail(node, i, "pooling over a tensor whose channel axis is not axis 1")
             S = self._out_shape(node.output[0], st)
-            new = Stream(st.level, S, st.axis if st.axis is not None else None, region=st.region + [op])
+            new = Stream(st.level, S, st.axis)
             return self._set(node, i, new, "pool", homog=True)
         if op == "Flatten":
             if _attrs(node).get("axis", 1) != 1:
@@ -255,7 +254,7 @@ class _Importer:
             p = [q - 1 for q in perm[1:]]
             S = [st.S[q] for q in p]
             axis = None if st.axis is None else p.index(st.axis)
-            new = Stream(st.level, S, axis, region=st.region + [op])
+            new = Stream(st.level, S, axis)
             return self._set(node, i, new, "shape", homog=True)
         if op in OUTPUT_ONLY:
             self.fail(node, i, f"{op} is supported only after the output layer")
@@ -274,7 +273,7 @@ class _Importer:
                 ly.activation = (ly.activation + "+" if ly.activation else "") + node.op_type
 
     def _pointwise(self, node, i, st, homog):
-        new = Stream(st.level, list(st.S), st.axis, st.flat, region=st.region + [node.op_type])
+        new = Stream(st.level, list(st.S), st.axis, st.flat)
         self._set(node, i, new, "activation", homog)
 
     def _out_shape(self, name, st):
@@ -284,11 +283,7 @@ class _Importer:
         return [st.S[0]] + [None] * (len(st.S) - 1)
 
     def _flat(self, st):
-        if st.flat or len(st.S) == 1:
-            new = Stream(st.level, list(st.S), st.axis, True, region=st.region)
-        else:
-            new = Stream(st.level, list(st.S), st.axis, True, region=st.region + ["Flatten"])
-        return new
+        return Stream(st.level, list(st.S), st.axis, True)
 
     def _reshape(self, node, i, st):
         shape_name = node.input[1]
@@ -317,7 +312,7 @@ class _Importer:
             self.fail(node, i, "Squeeze of a non-singleton or unit axis")
         S = [d for k, d in enumerate(st.S) if k not in axes]
         axis = None if st.axis is None else st.axis - sum(1 for x in axes if x < st.axis)
-        new = Stream(st.level, S, axis, len(S) == 1, region=st.region + ["Squeeze"])
+        new = Stream(st.level, S, axis, len(S) == 1)
         self._set(node, i, new, "shape", homog=True)
 
     # ----------------------------------------------------------- layers
