@@ -95,11 +95,6 @@ class FiberTracker:
         for s in self.symmetries:
             if s not in SYMMETRIES:
                 raise InputError(f"unknown symmetry {s!r}; choose from {', '.join(SYMMETRIES)}")
-            if s == "automorphism":
-                try:
-                    import fibgraph.orbits  # noqa: F401
-                except ImportError:
-                    raise InputError("symmetry 'automorphism' needs fibgraph.orbits, which is not available") from None
         if linkage not in ("average", "complete"):
             raise InputError(f"linkage must be average or complete, got {linkage!r}")
         if metric not in ("cosine", "euclidean"):
