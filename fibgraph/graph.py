@@ -101,6 +101,9 @@ class WeightedDigraph:
     per layer, every input and output node distinct, every bias node distinct).
     ``homogeneous[i]`` says that node ``i``'s activation is positively
     homogeneous (ReLU family, identity), which licenses the rescaling merge.
+    ``cyclic`` names levels whose nodes also read each other (a recurrence,
+    e.g. an LSTM's gates, cell and hidden state): such a level is refined
+    repeatedly until its colouring is a fixed point.
     """
 
     n: int
@@ -113,6 +116,7 @@ class WeightedDigraph:
     layer_names: list | None = None
     node_ids: list | None = None             # ids as in the input file
     homogeneous: np.ndarray | None = None
+    cyclic: set | None = None                # indices of levels with edges inside them (a loop)
 
     def __post_init__(self):
         n = self.n

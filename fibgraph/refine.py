@@ -450,20 +450,32 @@ def refine(graph: WeightedDigraph, direction="in", criterion=None, initial=None,
             before = colours.max() + 1 if n else 0
             for d in dirs:
                 levels = graph.levels if d == "in" else list(reversed(graph.levels))
-                for lv in levels:
+                order = range(len(graph.levels)) if d == "in" else range(len(graph.levels) - 1, -1, -1)
+                for li, lv in zip(order, levels):
                     lv = np.asarray(lv, dtype=np.int64)
                     if lv.size == 0:
                         continue
                     name = graph.layer_names[graph.layer[lv[0]]]
                     crit = _criterion_for(criterion, name)
-                    if isinstance(crit, Tolerance) and crit.eps > 0:
-                        new, sc = _split_tolerance(graph, lv, [d], colours, scales, crit,
-                                                   name, info)
-                        scales[lv] = scales[lv] * sc if d == "out" else sc
-                    else:
-                        new = _split_exact(graph, lv, [d], colours, scales,
-                                           getattr(crit, "rtol", DEFAULT_RTOL))
-                    colours[lv] = colours.max() + 1 + new
+                    loop = bool(graph.cyclic) and li in graph.cyclic
+                    k_before = np.unique(colours[lv]).size
+                    while True:
+                        if isinstance(crit, Tolerance) and crit.eps > 0:
+                            new, sc = _split_tolerance(graph, lv, [d], colours, scales, crit,
+                                                       name, info)
+                            scales[lv] = scales[lv] * sc if d == "out" else sc
+                        else:
+                            new = _split_exact(graph, lv, [d], colours, scales,
+                                               getattr(crit, "rtol", DEFAULT_RTOL))
+                        # a loop level: its nodes' new colours refine the old ones
+                        # (the old colour is part of the key) until nothing splits
+                        if loop:
+                            new = canonical(np.stack([colours[lv], new], 1))
+                        colours[lv] = colours.max() + 1 + new
+                        k_after = int(new.max()) + 1
+                        if not loop or k_after == k_before:
+                            break
+                        k_before = k_after
                 colours = canonical(colours)
                 rounds += 1
             after = colours.max() + 1 if n else 0
