@@ -150,8 +150,9 @@ def dag_groups(imp, labels):
 
 
 def _shape_blocked(imp, space_of):
-    """Spaces whose unit axis is read by a Shape/Size or cut by Slice/Gather/Split
-    along it, or sized by Expand/Tile/Resize: their layout cannot shrink."""
+    """Spaces whose unit axis is read by Size, cut by Slice/Gather/Split along it,
+    or sized by Expand/Tile/Resize: their layout cannot shrink.  (Shape and
+    Reshape are rewritten instead: see ``_Writer.shapes``.)"""
     blocked = set()
     for node in imp.model.graph.node:
         op = node.op_type
@@ -162,36 +163,13 @@ def _shape_blocked(imp, space_of):
         if not ua:
             continue
         bad = False
-        if op == "Shape":
-            bad = not _shape_reads_positional(imp, node, ua, ids.ndim)
-        elif op in ("Size", "Expand", "Tile", "Resize", "Upsample", "DepthToSpace", "SpaceToDepth"):
+        if op in ("Size", "Expand", "Tile", "Resize", "Upsample", "DepthToSpace", "SpaceToDepth"):
             bad = op in ("Size", "DepthToSpace", "SpaceToDepth") or _shape_param_on_axes(imp, node, ua)
         elif op in ("Slice", "Gather", "Split"):
             bad = any(a in ua for a in _op_axes(imp, node, ids.ndim))
-        elif op == "Reshape":
-            bad = node.input[1] not in imp.consts
         if bad:
             blocked.update(int(s) for s in np.unique(space_of[ids.reshape(-1)]))
     return blocked
-
-
-def _shape_reads_positional(imp, node, ua, rank):
-    a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
-    start, end = int(a.get("start", 0)), a.get("end", None)
-    dims = list(range(rank))[start:end]
-    for out_use in [n for n in imp.model.graph.node if node.output[0] in n.input]:
-        if out_use.op_type == "Gather" and out_use.input[1] in imp.consts:
-            idx = np.asarray(imp.consts[out_use.input[1]]).reshape(-1)
-            if any(dims[int(i)] in ua for i in idx):
-                return False
-        elif out_use.op_type == "Slice" and all(x in imp.consts for x in out_use.input[1:3]):
-            s0 = int(np.asarray(imp.consts[out_use.input[1]]).reshape(-1)[0])
-            e0 = int(np.asarray(imp.consts[out_use.input[2]]).reshape(-1)[0])
-            if any(d in ua for d in dims[s0:e0]):
-                return False
-        else:
-            return False
-    return True
 
 
 def _op_axes(imp, node, rank):
@@ -538,12 +516,15 @@ class _Writer:
             self.put(node, 3, Bh[None], B)
         for slot in (5, 6):
             if len(node.input) > slot and node.input[slot]:
-                v = self.value(node.input[slot])
-                if v is not None:
-                    lay = rec["layout"]
-                    vh = v.astype(np.float64)
-                    vh = (vh.reshape(-1, H) @ Rm.T).reshape(v.shape[:-1] + (Hh,))
-                    self.put(node, slot, vh, v)
+                if node.input[slot] in self.imp.layouts:
+                    continue              # a state input: its units are kept distinct
+                v = self.imp.consts.get(node.input[slot])
+                if v is None:
+                    node.input[slot] = ""     # computed zeros (checked by the importer): the default
+                    continue
+                vh = v.astype(np.float64)
+                vh = (vh.reshape(-1, H) @ Rm.T).reshape(v.shape[:-1] + (Hh,))
+                self.put(node, slot, vh, v)
         if len(node.input) > 7 and node.input[7]:
             P = self.value(node.input[7])
             Pf = P.astype(np.float64)[0]
@@ -552,19 +533,74 @@ class _Writer:
             if at.name == "hidden_size":
                 at.i = Hh
 
-    def reshapes(self):
-        for node in self.g.node:
-            if node.op_type != "Reshape" or node.output[0] not in self.imp.layouts:
-                continue
-            ax = self.axis(node.output[0])
-            if ax.identity:
-                continue
-            tgt = self.value(node.input[1])
-            if tgt is None:
-                continue
-            t = np.asarray(tgt).astype(np.int64).copy()
-            t[ax.axis] = ax.L_hat
-            self.put(node, 1, t, np.asarray(tgt))
+    def kept_count(self, tname, axis):
+        ids = self.imp.layouts[tname]
+        nodes = np.moveaxis(ids, axis, 0).reshape(ids.shape[axis], -1)[:, 0]
+        return int(self.kept[nodes].sum())
+
+    def _shrunk(self, tname):
+        """Unit axes of ``tname`` that the base shrinks: {axis: (L, L_hat)}."""
+        ids = self.imp.layouts[tname]
+        out = {}
+        for j in _unit_axes(ids):
+            k = self.kept_count(tname, j)
+            if k < ids.shape[j]:
+                out[j] = (ids.shape[j], k)
+        return out
+
+    def _patch(self, k, node, slot, dims, values, rank):
+        """Input ``slot`` of ``node`` becomes Where(mask, values, old) over a shape vector."""
+        mask = np.zeros(rank, dtype=bool)
+        val = np.zeros(rank, dtype=np.int64)
+        for j, v in zip(dims, values):
+            mask[j], val[j] = True, v
+        old, t = node.input[slot], self.tmp(node.input[slot])
+        node.input[slot] = t          # before the insert: the node is a reference into the list
+        self.insert(k, [helper.make_node("Where", [self.const(mask, bool), self.const(val, np.int64), old],
+                                         [t], name=self.tmp("fib_shape"))])
+
+    def shapes(self):
+        """Shape ops that read a shrunk tensor report the ORIGINAL sizes (so every
+        computed shape downstream is unchanged), and every Reshape whose output
+        shrinks gets those unit dims replaced, constant or computed target alike."""
+        k = 0
+        while k < len(self.g.node):
+            node = self.g.node[k]
+            if node.op_type == "Shape" and node.input[0] in self.imp.layouts:
+                sh = self._shrunk(node.input[0])
+                if sh:
+                    a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
+                    rank = len(self.imp.shapes[node.input[0]])
+                    dims = list(range(rank))[int(a.get("start", 0)):a.get("end", None)]
+                    sel = [(i, sh[d][0]) for i, d in enumerate(dims) if d in sh]
+                    if sel:
+                        out = node.output[0]
+                        t = self.tmp(out)
+                        node.output[0] = t
+                        mask = np.zeros(len(dims), dtype=bool)
+                        val = np.zeros(len(dims), dtype=np.int64)
+                        for i, v in sel:
+                            mask[i], val[i] = True, v
+                        self.insert(k + 1, [helper.make_node(
+                            "Where", [self.const(mask, bool), self.const(val, np.int64), t], [out],
+                            name=self.tmp("fib_shape"))])
+                        k += 1
+            elif node.op_type == "Reshape" and node.output[0] in self.imp.layouts:
+                sh = self._shrunk(node.output[0])
+                if sh:
+                    rank = len(self.imp.shapes[node.output[0]])
+                    if node.input[1] in self.imp.consts:
+                        t = np.asarray(self.imp.consts[node.input[1]]).astype(np.int64).copy()
+                        for j, (_, kk) in sh.items():
+                            t[j] = kk
+                        self.put(node, 1, t, t)
+                    else:
+                        self._patch(k, node, 1, list(sh), [kk for _, kk in sh.values()], rank)
+                        k += 1
+                    for at in node.attribute:
+                        if at.name == "allowzero":
+                            at.i = 0
+            k += 1
 
     def finish(self):
         used = {x for n in self.g.node for x in n.input}
@@ -583,5 +619,5 @@ def write_dag_base(imp, labels):
     w = _Writer(imp, gid, kept)
     for rec in imp.records:
         getattr(w, rec["kind"])(rec)
-    w.reshapes()
+    w.shapes()
     return w.finish(), gid, kept, why
