@@ -64,88 +64,97 @@ def _unit_axes(ids):
 
 
 def dag_groups(imp, labels):
-    """Per node: its group (``gid``, global) and whether it is kept; per space the
-    reason it was left uncompressed (or None).  See the module doc."""
+    """Per node: its group (``gid``) and whether it is kept; per space the reason
+    its units were kept whole (or None).
+
+    Columns: nodes tied by joins (element-wise ops, contractions, recurrences)
+    share a column.  Two columns merge iff every node set has the same colour
+    in both (the AND rule; a layer with two nodes in a column, q and k of one
+    projection, gives a pair of colours) and they lie in the same *cell* of
+    every tensor with units on several axes (heads x head dims: only the last
+    unit axis shrinks).  Cells of one tensor must keep equal sizes (reshapes
+    need it), so groups are split, which is still exact, until they do."""
     n = imp.graph.n
+    space_of = imp.space_of
     uf = _UF(n)
     for a, b in imp.joins:
         uf.union(a, b)
-    col = uf.find_all()
-    space_of = imp.space_of
-    n_sp = len(imp.spaces)
-    why = [None] * n_sp
-    # a space with two nodes in one column, or not all its nodes in the family, is not a position set
-    fam_of_col = canonical(col)                       # column ids
-    # family = connected spaces through columns
-    fam_uf = _UF(n_sp)
-    sp_col = np.stack([space_of, fam_of_col], 1)
-    order = np.lexsort((space_of, fam_of_col))
-    sc = sp_col[order]
-    same_col = sc[1:, 1] == sc[:-1, 1]
-    fam_uf.union(sc[1:, 0][same_col], sc[:-1, 0][same_col])
-    fam = fam_uf.find_all()
-    # validity: every space of a family has exactly one node per column of the family
-    cols_per_fam = {}
-    for f in np.unique(fam):
-        members = np.nonzero(fam == f)[0]
-        nodes = np.concatenate([imp.spaces[s].ids for s in members])
-        c = fam_of_col[nodes]
-        ncol = np.unique(c).size
-        ok = all(imp.spaces[s].n == ncol and np.unique(fam_of_col[imp.spaces[s].ids]).size == ncol
-                 for s in members)
-        cols_per_fam[int(f)] = (members, ok)
-        if not ok:
-            for s in members:
-                why[s] = "units tied to other positions of the same layer (e.g. q and k of one projection)"
-    # tensors with units on two axes (heads x head dims, directions x hidden) cannot shrink one axis
-    for t, ids in imp.layouts.items():
-        if len(_unit_axes(ids)) > 1:
-            for s in np.unique(space_of[ids.reshape(-1)]):
-                for m in cols_per_fam[int(fam[s])][0]:
-                    why[m] = why[m] or f"tensor {t!r} has units on several axes (heads or directions)"
-    for s in _shape_blocked(imp, space_of):
-        for m in cols_per_fam[int(fam[s])][0]:
-            why[m] = why[m] or "a computed shape or an index names its unit axis"
-    gid = np.arange(n, dtype=np.int64)
-    keep_col = imp.keep
-    for f, (members, ok) in cols_per_fam.items():
-        if not ok or any(why[s] for s in members):
-            continue
-        # key per column: colours of the node of each member space in it
-        base = imp.spaces[members[0]]
-        cols0 = fam_of_col[base.ids]
-        pos_in = {}
-        keys = np.zeros((base.n, len(members)), dtype=np.int64)
-        for j, s in enumerate(members):
-            sp_ = imp.spaces[s]
-            c = fam_of_col[sp_.ids]
-            # place node colours at the position of their column in the base space
-            where = np.empty(c.max() + 1, dtype=np.int64)
-            where[cols0] = np.arange(base.n)
-            keys[where[c], j] = labels[sp_.ids]
-            kept = imp.keep[sp_.ids]
-            if kept.any():
-                keys[where[c[kept]], j] = -1 - np.nonzero(kept)[0]
-        g = canonical(keys)                          # group per position of the base space
-        # global group ids: per column (node of the base space)
-        for s in members:
-            sp_ = imp.spaces[s]
-            c = fam_of_col[sp_.ids]
-            where = np.empty(c.max() + 1, dtype=np.int64)
-            where[cols0] = np.arange(base.n)
-            gid[sp_.ids] = base.start + g[where[c]]    # unique per (family, group)
-    # the kept node of a group: its first position in every space (rep column shared)
-    rep_col = {}
-    kept = np.zeros(n, dtype=bool)
-    for s, sp_ in enumerate(imp.spaces):
-        ids = sp_.ids
-        g = gid[ids]
-        # rep column: the column of the first node (in the family's base space order) of the group
-        for k, node in enumerate(ids):
-            gg = int(g[k])
-            if gg not in rep_col:
-                rep_col[gg] = int(fam_of_col[node])
-        kept[ids] = np.array([rep_col[int(x)] == int(fam_of_col[v]) for x, v in zip(g, ids)])
+    col = canonical(uf.find_all())
+    n_col = int(col.max()) + 1 if n else 0
+    why = [None] * len(imp.spaces)
+    unique = np.zeros(n_col, dtype=bool)           # columns that may not merge
+    unique[col[imp.keep]] = True
+    multi = {t: ids for t, ids in imp.layouts.items() if len(_unit_axes(ids)) > 1}
+    # layouts the writer can only rewrite along one axis
+    single_only = set()
+    for rec in imp.records:
+        if rec["kind"] in ("elementwise", "channel_norm", "layernorm", "reduce", "softmax", "depthwise",
+                           "linear", "embedding"):
+            single_only.update(x for x in (rec.get("input"), rec.get("output")) if x)
+    for t in single_only & set(multi):
+        nodes = multi[t].reshape(-1)
+        unique[col[nodes]] = True
+        for sp_ in np.unique(space_of[nodes]):
+            why[sp_] = why[sp_] or f"tensor {t!r} has units on several axes"
+    for rec in imp.records:
+        if rec["kind"] == "recurrent" and rec["dirs"] > 1:
+            pass                                     # directions are cells of Y (see below)
+    for sp_ in _shape_blocked(imp, space_of):
+        unique[col[imp.spaces[sp_].ids]] = True
+        why[sp_] = why[sp_] or "an index, Size, Expand or Tile names its unit axis"
+    # cell keys of columns from tensors with units on several axes
+    cell = [[] for _ in range(n_col)]
+    for t, ids in multi.items():
+        ua = _unit_axes(ids)
+        last = ua[-1]
+        idx = np.indices(ids.shape).reshape(ids.ndim, -1)
+        other = np.stack([idx[k] for k in ua if k != last], 1)
+        for c, o in zip(col[ids.reshape(-1)], map(tuple, other)):
+            cell[c].append((t, o))
+    # signature per column: sorted (space, colour) of its nodes, its cells, uniqueness
+    order = np.lexsort((np.arange(n), col))
+    sig = {}
+    members = [[] for _ in range(n_col)]
+    for v in order:
+        members[col[v]].append(v)
+    gid_col = np.empty(n_col, dtype=np.int64)
+    for c in range(n_col):
+        key = (tuple((int(space_of[v]), int(labels[v])) for v in members[c]), tuple(sorted(set(cell[c]))),
+               ("unique", c) if unique[c] else None)
+        gid_col[c] = sig.setdefault(key, len(sig))
+    # equal cell sizes: split groups (largest first) in cells that keep fewer
+    for _ in range(n_col + 1):
+        changed = False
+        for t, ids in multi.items():
+            ua = _unit_axes(ids)
+            last = ua[-1]
+            rows = np.moveaxis(ids, last, -1).reshape(-1, ids.shape[last])
+            cols_rows = col[rows]
+            counts = [np.unique(gid_col[r]).size for r in cols_rows]
+            top = max(counts)
+            for r, k in zip(cols_rows, counts):
+                while k < top:
+                    g, cnt = np.unique(gid_col[r], return_counts=True)
+                    big = g[np.argmax(cnt)]
+                    c_split = r[gid_col[r] == big][-1]
+                    gid_col[c_split] = gid_col.max() + 1
+                    k += 1
+                    changed = True
+        if not changed:
+            break
+    # a group of columns holds one node per space slot (q and k of one projection
+    # are two slots): the node's group is (column group, slot)
+    slot = np.zeros(n, dtype=np.int64)
+    for c in range(n_col):
+        seen = {}
+        for v in members[c]:
+            s_ = int(space_of[v])
+            slot[v] = seen.get(s_, 0)
+            seen[s_] = slot[v] + 1
+    gid = canonical(np.stack([gid_col[col], slot], 1))
+    rep = np.full(int(gid_col.max()) + 1 if n_col else 0, n_col, dtype=np.int64)
+    np.minimum.at(rep, gid_col, np.arange(n_col))
+    kept = rep[gid_col[col]] == col
     return gid, kept, why
 
 
@@ -166,7 +175,7 @@ def _shape_blocked(imp, space_of):
         if op in ("Size", "Expand", "Tile", "Resize", "Upsample", "DepthToSpace", "SpaceToDepth"):
             bad = op in ("Size", "DepthToSpace", "SpaceToDepth") or _shape_param_on_axes(imp, node, ua)
         elif op in ("Slice", "Gather", "Split"):
-            bad = any(a in ua for a in _op_axes(imp, node, ids.ndim))
+            bad = ua[-1] in _op_axes(imp, node, ids.ndim)      # whole cells may be picked
         if bad:
             blocked.update(int(s) for s in np.unique(space_of[ids.reshape(-1)]))
     return blocked
@@ -426,16 +435,30 @@ class _Writer:
         self.insert(k + 2, [fix])
 
     def contract(self, rec):
+        """q.k over a unit axis: the kept position of a group of ``m`` head dims
+        stands for ``m`` equal products, so A is scaled by ``m`` (0 nowhere:
+        every kept position is a real group)."""
         k, node = self.node(rec)
         A = rec["inputs"][0]
         ids = self.imp.layouts[A]
-        ax = _Axis(ids, self.gid, self.kept)
-        if ax.identity or ax.axis != ids.ndim - 1:
+        last = ids.ndim - 1
+        if ids.shape[last] == 1:
             return
-        m = self._weights_along(ax, ids.ndim, 1.0)
+        rows = np.moveaxis(ids, last, -1).reshape(-1, ids.shape[last])
+        ms = []
+        for r in rows:
+            g = self.gid[r]
+            keep = self.kept[r]
+            cnt = {int(x): int(c) for x, c in zip(*np.unique(g, return_counts=True))}
+            ms.append([cnt[int(x)] for x in g[keep]])
+        m = np.array(ms, dtype=np.float64)
+        if np.all(m == 1):
+            return
+        shape = list(ids.shape[:last]) + [m.shape[1]]
+        m = np.moveaxis(m.reshape(shape), -1, last)
         t = self.tmp(A)
-        self.insert(k, [helper.make_node("Mul", [A, self.const(m)], [t], name=self.tmp("fib_mult"))])
         node.input[0] = t
+        self.insert(k, [helper.make_node("Mul", [A, self.const(m)], [t], name=self.tmp("fib_mult"))])
 
     def layernorm(self, rec):
         k, node = self.node(rec)
@@ -489,31 +512,37 @@ class _Writer:
         self.insert(k, nodes)
 
     def recurrent(self, rec):
+        """LSTM/GRU: per direction, gate blocks of W, R, B (and peepholes) by the
+        hidden grouping (rows: mean; R's columns: sum), W's columns by the
+        input's; ``hidden_size`` = the kept count (equal in both directions)."""
         k, node = self.node(rec)
-        if rec["dirs"] != 1:
-            return
-        H = rec["H"]
-        hs = self.imp.spaces[rec["hidden"][0]]
-        ids = hs.ids.reshape(1, H)
-        ax_h = _Axis(ids, self.gid, self.kept)
+        H, dirs = rec["H"], rec["dirs"]
+        axes = [_Axis(self.imp.spaces[s].ids.reshape(1, H), self.gid, self.kept) for s in rec["hidden"]]
         ax_x = self.axis(rec["input"])
-        if ax_h.identity and ax_x.identity:
+        if all(a.identity for a in axes) and ax_x.identity:
             return
+        Hh = axes[0].L_hat
+        if any(a.L_hat != Hh for a in axes):
+            raise RuntimeError("directions of a recurrent op keep different numbers of units")
         G = 4 if rec["op"] == "LSTM" else 3
-        Rm, Ch, Cx = ax_h.mean_matrix(), ax_h.sum_matrix(), ax_x.sum_matrix()
-        Hh = ax_h.L_hat
+        Cx = ax_x.sum_matrix()
+
+        def blocks(M, nb, cols):
+            out = []
+            for d in range(dirs):
+                Rm = axes[d].mean_matrix()
+                C = cols(d)
+                out.append(np.concatenate([(Rm @ M[d, g * H:(g + 1) * H]) @ C.T if C is not None
+                                           else Rm @ M[d, g * H:(g + 1) * H] for g in range(nb)]))
+            return np.stack(out)
+
         W = self.value(node.input[1])
         R = self.value(node.input[2])
-        Wf, Rf = W.astype(np.float64)[0], R.astype(np.float64)[0]
-        Wh = np.concatenate([Rm @ Wf[g * H:(g + 1) * H] @ Cx.T for g in range(G)])
-        Rh = np.concatenate([Rm @ Rf[g * H:(g + 1) * H] @ Ch.T for g in range(G)])
-        self.put(node, 1, Wh[None], W)
-        self.put(node, 2, Rh[None], R)
+        self.put(node, 1, blocks(W.astype(np.float64), G, lambda d: Cx), W)
+        self.put(node, 2, blocks(R.astype(np.float64), G, lambda d: axes[d].sum_matrix()), R)
         if len(node.input) > 3 and node.input[3]:
             B = self.value(node.input[3])
-            Bf = B.astype(np.float64)[0]
-            Bh = np.concatenate([Rm @ Bf[g * H:(g + 1) * H] for g in range(2 * G)])
-            self.put(node, 3, Bh[None], B)
+            self.put(node, 3, blocks(B.astype(np.float64), 2 * G, lambda d: None), B)
         for slot in (5, 6):
             if len(node.input) > slot and node.input[slot]:
                 if node.input[slot] in self.imp.layouts:
@@ -522,13 +551,12 @@ class _Writer:
                 if v is None:
                     node.input[slot] = ""     # computed zeros (checked by the importer): the default
                     continue
-                vh = v.astype(np.float64)
-                vh = (vh.reshape(-1, H) @ Rm.T).reshape(v.shape[:-1] + (Hh,))
-                self.put(node, slot, vh, v)
+                v64 = np.moveaxis(v.astype(np.float64), rec["layout"], 0)     # (dirs, batch, H)
+                vh = np.stack([v64[d] @ axes[d].mean_matrix().T for d in range(dirs)])
+                self.put(node, slot, np.moveaxis(vh, 0, rec["layout"]), v)
         if len(node.input) > 7 and node.input[7]:
             P = self.value(node.input[7])
-            Pf = P.astype(np.float64)[0]
-            self.put(node, 7, np.concatenate([Rm @ Pf[g * H:(g + 1) * H] for g in range(3)])[None], P)
+            self.put(node, 7, blocks(P.astype(np.float64), 3, lambda d: None), P)
         for at in node.attribute:
             if at.name == "hidden_size":
                 at.i = Hh
