@@ -276,7 +276,7 @@ class _Builder:
         ud, rs = np.unique(dst, return_inverse=True)
         self.blocks.append(Block(src=us, dst=ud, rows=rs, cols=cs, values=v, etype=et.copy(), name=name))
 
-    def fresh_layout(self, tname, node, distinct=True, kind="barrier"):
+    def fresh_layout(self, tname, node, distinct=True, kind="barrier", like=None):
         """New distinct nodes for an input or a tensor we cannot follow: the unit
         axis is axis 1 for images (rank 4+) and rank 2; for rank 3 the last axis
         (batch, time, features) or axis 1 (batch, channels, time), whichever
@@ -287,8 +287,14 @@ class _Builder:
             self.layout[tname] = np.array(s.start).reshape(())
             return s
         ax = 0 if len(shp) == 1 else 1
-        if len(shp) == 3 and self.input_axis == "last":
+        if kind == "input" and self.input_axis == "none":
+            s = self.new_space(1, kind, node, distinct=distinct)
+            self.layout[tname] = np.array(s.start).reshape([1] * len(shp))
+            return s
+        if len(shp) == 3 and self.input_axis == "last" and kind == "input":
             ax = 2
+        if like is not None and like.ndim == len(shp) and len(_unit_axes_of(like)) == 1:
+            ax = _unit_axes_of(like)[0]
         n = int(shp[ax])
         s = self.new_space(n, kind, node, distinct=distinct)
         ids = s.ids.reshape([n if k == ax else 1 for k in range(len(shp))])
@@ -320,8 +326,6 @@ class _Builder:
                 continue
             self.inputs.append(vi.name)
             self.fresh_layout(vi.name, "", distinct=True, kind="input")
-        if not self.inputs:
-            raise InputError(f"{self.label}: the model has no floating-point input")
         for i, node in enumerate(g.node):
             if node.op_type == "Constant":
                 continue
@@ -343,6 +347,8 @@ class _Builder:
             except _Barrier as b:
                 role = self.barrier(node, i, name, str(b))
             self.ops.append((name, node.op_type, role))
+        if not self.layout:
+            raise InputError(f"{self.label}: no floating-point tensor depends on the model's inputs")
         self.outputs = [o.name for o in g.output]
         for o in self.outputs:
             if o in self.layout:
@@ -397,6 +403,7 @@ class _Builder:
 
     def barrier(self, node, i, name, why):
         covered = 0
+        like = next((self.layout[x] for x in node.input if x in self.layout), None)
         for x in node.input:
             if x in self.layout:
                 self.mark_keep(self.layout[x])
@@ -405,7 +412,7 @@ class _Builder:
         for o in node.output:
             if o:
                 if o in self.values and np.asarray(self.values[o]).dtype.kind == "f":
-                    self.fresh_layout(o, name, distinct=True, kind="barrier")
+                    self.fresh_layout(o, name, distinct=True, kind="barrier", like=like)
                 else:
                     self.meta.add(o)
         self.barriers.append({"node": name, "op": node.op_type, "why": why, "params": covered})
@@ -640,8 +647,10 @@ class _Builder:
         for k, x in enumerate(node.input):
             if kinds[k] in ("const", "meta"):
                 v = np.asarray(self.values.get(x, self.consts.get(x)))
-                if v.dtype.kind == "f" and not np.all(np.isfinite(v)):
-                    raise InputError(f"{self.label}: node {name!r} ({op}): constant {x!r} holds NaN or Inf")
+                if v.dtype.kind == "f" and np.any(np.isnan(v)):
+                    raise InputError(f"{self.label}: node {name!r} ({op}): constant {x!r} holds NaN")
+                if v.dtype.kind == "f":          # masks may hold +-inf: a finite stand-in for the signature
+                    v = np.nan_to_num(v, posinf=1e30, neginf=-1e30)
                 consts.append((k, v))
         ids0 = [self.layout[x] for _, x in streams]
         out_ids_shape = np.broadcast_shapes(*[o.shape for o in ids0])
@@ -903,6 +912,10 @@ def _opset(model):
     return 13
 
 
+def _unit_axes_of(ids):
+    return [k for k in range(ids.ndim) if ids.shape[k] > 1]
+
+
 def _collapse(r):
     """Shrink every axis along which the ids do not vary to size 1."""
     for k in range(r.ndim):
@@ -939,11 +952,23 @@ def import_dag(path_or_model, feeds=None, label=None) -> DagImport:
     else:
         model, label = load_onnx(path_or_model), str(path_or_model)
     probe = probe_model(model, feeds)
-    b = _Builder(model, label, probe=probe, input_axis="last").run()
-    if b.barriers and any(len(v.shape) == 3 for v in probe[0].values()):
-        alt = _Builder(model, label, probe=probe, input_axis="1").run()
-        if len(alt.barriers) < len(b.barriers):
+    # where the inputs' units lie is not written in ONNX: try the layouts a
+    # model may mean (features last, channels first, no unit axis: a signal
+    # whose samples are positions) and keep the one with the fewest barriers
+    ranks = {len(v.shape) for v in probe[0].values() if np.asarray(v).dtype.kind == "f"}
+    choices = ["last", "1", "none"] if 3 in ranks else ["1", "none"]
+    b = None
+    for choice in choices:
+        try:
+            alt = _Builder(model, label, probe=probe, input_axis=choice).run()
+        except InputError:
+            if b is None and choice == choices[-1]:
+                raise
+            continue
+        if b is None or len(alt.barriers) < len(b.barriers):
             b = alt
+        if not b.barriers:
+            break
     n = b.n
     keys = b.init_key
     keep = np.array(b.keep, dtype=bool)
