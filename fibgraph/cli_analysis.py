@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 import click
+import numpy as np
 
 from .errors import InputError
 from .fileio import check_output_path
@@ -95,19 +96,23 @@ def compare(model_a, model_b, symmetry, eps, linkage, metric, rtol, align, json_
               help="Scale of Delta_ij: the layer's RMS unit norm, the pair's norm, or raw.")
 @click.option("--warn-threshold", type=float, default=0.1, show_default=True)
 @click.option("--warn-fraction", type=float, default=0.25, show_default=True,
-              help="Warn when at least this fraction of a layer's units are near-duplicates.")
+              help="Warn when at least this fraction of a layer's units (a head's directions) are symmetric.")
 @click.option("--heads", type=int, default=1, show_default=True,
-              help="Attention heads per Q/K weight pair (double rotation per head).")
+              help="Attention heads per Q/K weight pair recognised by name only (double rotation per head); "
+                   "attention found in the graph is split into its heads automatically.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None)
 def symmetry_metrics_cmd(model, thresholds, normalise, warn_threshold, warn_fraction, heads, json_out):
     """Per-layer parameter-symmetry metrics (position paper A.1): degree of permutation
-    symmetry N_dos, near-duplicate units, spectral norm and stable rank; double rotation
-    for recognised Q/K weight pairs."""
+    symmetry N_dos, near-duplicate units, spectral norm and stable rank of dense layers;
+    double rotation per attention head (attention found in the graph: score MatMul ->
+    Softmax -> MatMul with V, traced back to the Q/K projections) and for Q/K weight
+    pairs recognised by name."""
     from importers.api import atomic_write_json
+    from importers.onnx_attention import attention_metrics, linear_weights
     from importers.onnx_load import load_onnx
 
     from .report import console
-    from .symmetry_metrics import DEFAULT_THRESHOLDS, double_rotation_dos, find_qk_pairs, symmetry_metrics
+    from .symmetry_metrics import DEFAULT_THRESHOLDS, double_rotation_deltas, find_qk_pairs, symmetry_metrics
     from rich.table import Table
 
     _check_out([model], json_out)
@@ -117,25 +122,53 @@ def symmetry_metrics_cmd(model, thresholds, normalise, warn_threshold, warn_frac
             raise InputError(f"thresholds must be positive, got {t:g}")
     if not 0 < warn_fraction <= 1:
         raise InputError(f"--warn-fraction must be in (0, 1], got {warn_fraction:g}")
+    if heads < 1:
+        raise InputError(f"--heads must be at least 1, got {heads}")
     if not os.path.isfile(model):
         raise InputError(f"{model}: no such file")
     onnx_model = load_onnx(model)
-    qk = find_qk_pairs(onnx_model)
+    am = attention_metrics(onnx_model, thresholds, relative=True, warn_threshold=warn_threshold,
+                           warn_fraction=warn_fraction)
+    qk = [p for p in find_qk_pairs(onnx_model) if not {p[0], p[1]} <= am["weights"]]
+    att = list(am["attention"])
+    keys = [f"{t:g}" for t in thresholds]
+    for nq, nk, WQ, WK in qk:
+        if WQ.shape[1] % heads:
+            raise InputError(f"--heads {heads} does not divide the {WQ.shape[1]} columns of {nq!r}")
+        k = WQ.shape[1] // heads
+        d = np.concatenate([double_rotation_deltas(WQ[:, h * k:(h + 1) * k], WK[:, h * k:(h + 1) * k], True)
+                            for h in range(heads)])
+        att.append({"layer": f"{nq} / {nk}" + (f" ({heads} heads)" if heads > 1 else ""),
+                    "metric": "double rotation", "source": "names", "q": nq, "k": nk, "shape": list(WQ.shape),
+                    "heads": heads, "n": int(WQ.shape[1]), "relative": True,
+                    "n_dos": {key: int((d < t).sum()) for key, t in zip(keys, thresholds)},
+                    "n_dosb": {key: int(d.size - (d < t).sum()) for key, t in zip(keys, thresholds)},
+                    "min_delta": float(d.min()) if d.size else None,
+                    "median_delta": float(np.median(d)) if d.size else None})
     try:
         res = _load(model)
         rep = symmetry_metrics(res.network, thresholds, normalise, warn_threshold, warn_fraction)
     except InputError as e:
-        if not qk:
+        if not att:
             raise
-        rep = {"layers": [], "summary": {}, "warnings": [f"dense-layer metrics skipped: {e}"]}
-    att = []
-    for nq, nk, WQ, WK in qk:
-        if WQ.shape[1] % heads:
-            raise InputError(f"--heads {heads} does not divide the {WQ.shape[1]} columns of {nq!r}")
-        att.append({"q": nq, "k": nk, "shape": list(WQ.shape), "heads": heads,
-                    "n_dos": {f"{t:g}": double_rotation_dos(WQ, WK, t, relative=True, heads=heads)
-                              for t in thresholds}})
+        measured = am["weights"] | {x for p in qk for x in p[:2]}
+        skipped = [w for w in linear_weights(onnx_model) if w not in measured]
+        why = str(e)
+        if why.startswith(os.fspath(model) + ": "):
+            why = why[len(os.fspath(model)) + 2:]
+        if skipped:
+            names = ", ".join(skipped[:6]) + (f", ... ({len(skipped) - 6} more)" if len(skipped) > 6 else "")
+            msg = (f"dense-layer metrics skipped for {len(skipped)} weight layer{'s' * (len(skipped) != 1)} "
+                   f"({names}): the feed-forward importer refuses the model: {why}")
+        else:
+            msg = f"dense-layer metrics skipped: {why}"
+        rep = {"layers": [], "summary": {}, "warnings": [msg]}
+    rep["warnings"].extend(am["warnings"])
     rep["attention"] = att
+    rep["attention_summary"] = {
+        "blocks": am["summary"]["blocks"], "heads": int(sum(a["heads"] for a in att)),
+        "directions": int(sum(a["n"] for a in att)),
+        "n_dos": {key: int(sum(a["n_dos"][key] for a in att)) for key in keys}}
     rep["model"] = os.fspath(model)
 
     t = Table(title=f"{os.path.basename(model)}: parameter symmetry (Delta normalised by {normalise})",
@@ -163,13 +196,19 @@ def symmetry_metrics_cmd(model, thresholds, normalise, warn_threshold, warn_frac
                       + "; near-duplicate units "
                       + ", ".join(f"{v:.0%} (<{k})" for k, v in s["near_duplicate_fraction"].items()))
     if att:
-        ta = Table(title="double rotation (W_Q, W_K), relative Delta", title_justify="left")
-        for c in ["Q", "K", "shape", "heads"] + [f"N_dos<{x:g}" for x in thresholds]:
-            ta.add_column(c)
+        ta = Table(title="attention: double rotation of (W_Q, W_K), Delta relative to the largest Gram eigenvalue",
+                   title_justify="left")
+        for c in ["layer", "metric", "n"] + [f"N_dos<{x:g}" for x in thresholds] + ["min Delta", "median Delta"]:
+            ta.add_column(c, justify="left" if c in ("layer", "metric") else "right")
         for a in att:
-            ta.add_row(a["q"], a["k"], "x".join(map(str, a["shape"])), str(a["heads"]),
-                       *(str(a["n_dos"][f"{x:g}"]) for x in thresholds))
+            ta.add_row(a["layer"], a["metric"], str(a["n"]), *(str(a["n_dos"][key]) for key in keys),
+                       "-" if a["min_delta"] is None else f"{a['min_delta']:.3g}",
+                       "-" if a["median_delta"] is None else f"{a['median_delta']:.3g}")
         console.print(ta)
+        s = rep["attention_summary"]
+        console.print(f"attention summary: {s['blocks']} block{'s' * (s['blocks'] != 1)} found in the graph, "
+                      f"{s['heads']} head{'s' * (s['heads'] != 1)}, {s['directions']} directions; N_dos "
+                      + ", ".join(f"{v} (<{k})" for k, v in s["n_dos"].items()))
     for w in rep["warnings"]:
         console.print(f"warning: {w}")
     if json_out:

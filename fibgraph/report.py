@@ -32,7 +32,9 @@ def print_colour_report(report):
         c = ly.get("criterion", {})
         if c.get("note"):
             notes.add(c["note"])
-        t.add_row(ly["weight"], ly.get("kind", ""), ly.get("activation", ""), str(ly["nodes_before"]),
+        if ly.get("kept_whole"):
+            notes.add(f"{ly['weight']}: units kept whole ({ly['kept_whole']})")
+        t.add_row(ly["weight"], ly.get("kind", ly.get("op", "")), ly.get("activation", ""), str(ly["nodes_before"]),
                   str(len(ly["fibers"])) + (" (output kept)" if ly.get("output_layer") else ""),
                   kept, _crit_text(c))
     console.print(t)
@@ -40,6 +42,9 @@ def print_colour_report(report):
     console.print(f"parameters: {pb:,} -> {pa:,} ({pa / max(pb, 1):.1%} kept)")
     for n in sorted(notes):
         console.print(f"* {n}")
+    for b in report.get("barriers", []):
+        console.print(f"barrier: {b['op']} at node {b['node']!r}: {b['why']}; its units are kept distinct "
+                      f"(covers {b['params']:,} parameters, {b['share']:.1%})")
     if "verify" in report:
         v = report["verify"]
         console.print(f"verify: max |output difference| = {v['max_abs_diff']:.3g} on {v['inputs']}")

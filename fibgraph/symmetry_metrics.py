@@ -116,8 +116,9 @@ def double_rotation_deltas(WQ, WK, relative=False):
     Gram matrices' eigenvalues."""
     WQ = np.asarray(WQ, dtype=np.float64)
     WK = np.asarray(WK, dtype=np.float64)
-    if WQ.ndim != 2 or WQ.shape != WK.shape:
-        raise InputError(f"W_Q and W_K must be 2-D of one shape (d_model, k); got {WQ.shape} and {WK.shape}")
+    if WQ.ndim != 2 or WK.ndim != 2 or WQ.shape[1] != WK.shape[1]:
+        raise InputError(f"W_Q and W_K must be 2-D with the same number k of columns ((d_model, k); "
+                         f"cross-attention may have another d_model for K); got {WQ.shape} and {WK.shape}")
     GQ = WQ.T @ WQ
     GK = WK.T @ WK
     lam, U = np.linalg.eigh(0.5 * (GQ + GQ.T))

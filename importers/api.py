@@ -116,11 +116,49 @@ def _partition_json(col):
     return {g.node_label(i): int(c) for i, c in enumerate(col.labels)}
 
 
+def import_any(path, data=None):
+    """``(ImportResult, None)`` when the feed-forward chain importer maps the
+    model, else ``(None, DagImport)`` from the hypergraph importer (branches,
+    residual streams, attention, LSTM/GRU, LayerNorm, barriers).  ``data``
+    (an .npz with x) gives the hypergraph importer its probe input."""
+    from .onnx_dag import import_dag
+
+    model = load_onnx(path)
+    try:
+        return import_onnx(model, os.fspath(path)), None
+    except InputError:
+        feeds = None
+        if data is not None:
+            x = load_data(data)[0]
+            inputs = [vi for vi in model.graph.input if vi.name not in {t.name for t in model.graph.initializer}]
+            if len(inputs) != 1:
+                raise InputError(f"{data}: one array x cannot feed a model with {len(inputs)} inputs") from None
+            dt = onnx.helper.tensor_dtype_to_np_dtype(inputs[0].type.tensor_type.elem_type)
+            feeds = {inputs[0].name: np.asarray(x[:2]).astype(dt)}
+        return None, import_dag(model, feeds=feeds, label=os.fspath(path))
+
+
+def _dag_eps_table(imp, eps_file):
+    if eps_file is None:
+        return {}
+    from .dag_api import weight_entries
+
+    return read_eps_table(eps_file, [w for w, _, _, _ in weight_entries(imp)])
+
+
 def color_model(path, symmetry="fibration", eps=0.0, eps_file=None, linkage="average",
                 metric="cosine", rescale=True, rtol=DEFAULT_RTOL, imported=None):
     """Colour an ONNX model; returns the report dict (see README)."""
     t0 = time.perf_counter()
-    res = imported or import_onnx(path)
+    if imported is None:
+        imported, dag = import_any(path)
+        if dag is not None:
+            from .dag_api import color_dag_model
+
+            _check_eps(eps)
+            return color_dag_model(path, symmetry, eps, _dag_eps_table(dag, eps_file), linkage, metric, rtol,
+                                   imp=dag)
+    res = imported
     crit = make_criteria(res.network, eps, eps_file, linkage, metric, rescale, rtol)
     col = colour_network(res.network, symmetry, crit)
     t1 = time.perf_counter()
@@ -151,7 +189,13 @@ def compress_model(path, out, symmetry="fibration", eps=0.0, eps_file=None, link
                          "preserve the function; opfibers do not")
     _check_out_path(path, out)
     t0 = time.perf_counter()
-    res = import_onnx(path)
+    res, dag = import_any(path, data)
+    if dag is not None:
+        from .dag_api import compress_dag_model
+
+        _check_eps(eps)
+        return compress_dag_model(path, out, symmetry, eps, _dag_eps_table(dag, eps_file), linkage, metric, rtol,
+                                  verify=verify, data=data, seed=seed, imp=dag)
     crit = make_criteria(res.network, eps, eps_file, linkage, metric, rescale, rtol)
     col = colour_network(res.network, symmetry, crit)
     t1 = time.perf_counter()

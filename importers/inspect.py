@@ -5,6 +5,8 @@ from rich.table import Table
 
 from fibgraph.report import console
 
+from fibgraph.errors import InputError
+
 from .api import count_params
 from .onnx_in import SUPPORTED_OPS, import_onnx
 from .onnx_load import float_tensors, load_onnx
@@ -12,19 +14,24 @@ from .onnx_load import float_tensors, load_onnx
 __all__ = ["inspect_model", "op_census"]
 
 
-def op_census(model):
+def op_census(model, barrier_nodes=None):
     """Per op type: node count, whether fibgraph maps it, floating-point
-    parameters it reads (initializers and Constant tensors)."""
+    parameters it reads (initializers and Constant tensors).  With
+    ``barrier_nodes`` (the hypergraph importer's barriers), an op type is
+    supported unless one of its nodes is a barrier."""
     sizes = dict(float_tensors(model))
     total = sum(sizes.values()) or 1
     rows = {}
-    for node in model.graph.node:
+    for i, node in enumerate(model.graph.node):
         if node.op_type == "Constant":
             continue
         r = rows.setdefault(node.op_type, {"op": node.op_type, "count": 0, "params": 0,
-                                           "supported": node.op_type in SUPPORTED_OPS,
+                                           "supported": node.op_type in SUPPORTED_OPS if barrier_nodes is None
+                                           else True,
                                            "nodes": []})
         r["count"] += 1
+        if barrier_nodes is not None and (node.name or f"{node.op_type}_{i}") in barrier_nodes:
+            r["supported"] = False
         r["params"] += sum(sizes.get(x, 0) for x in node.input)
         if len(r["nodes"]) < 3:
             r["nodes"].append(node.name)
@@ -33,9 +40,7 @@ def op_census(model):
     return sorted(rows.values(), key=lambda r: (r["supported"], -r["params"]))
 
 
-def inspect_model(path):
-    model = load_onnx(path)
-    census = op_census(model)
+def _census_table(path, census):
     t = Table(title=f"{path}: op types", title_justify="left")
     for c in ("op", "nodes", "params read", "share", "supported", "e.g."):
         t.add_column(c)
@@ -43,7 +48,16 @@ def inspect_model(path):
         t.add_row(r["op"], str(r["count"]), f"{r['params']:,}", f"{r['param_share']:.1%}",
                   "yes" if r["supported"] else "[bold red]no[/bold red]", ", ".join(n for n in r["nodes"] if n))
     console.print(t)
-    res = import_onnx(model, str(path))
+
+
+def inspect_model(path):
+    model = load_onnx(path)
+    try:
+        res = import_onnx(model, str(path))
+    except InputError as chain_error:
+        return inspect_dag(path, model, str(chain_error))
+    census = op_census(model)
+    _census_table(path, census)
     net = res.network
     m = res.model
     opset = {o.domain or "ai.onnx": o.version for o in m.opset_import}
@@ -77,3 +91,45 @@ def inspect_model(path):
                         "activation": ly.activation or "identity", "homogeneous": bool(ly.homogeneous),
                         "output_layer": bool(ly.is_output)} for ly in net.layers],
             "ops": [{"node": n, "op": o, "role": r} for n, o, r in res.ops]}
+
+
+def inspect_dag(path, model, chain_error=""):
+    """Inspect a model through the hypergraph importer: its op census (barrier
+    ops unsupported), compressible weights, barriers and their share."""
+    from .dag_api import weight_entries
+    from .onnx_dag import import_dag
+
+    imp = import_dag(model, label=str(path))
+    census = op_census(model, {b["node"] for b in imp.barriers})
+    _census_table(path, census)
+    total = count_params(model)
+    opset = {o.domain or "ai.onnx": o.version for o in model.opset_import}
+    console.print(f"[bold]{path}[/bold]  producer: {model.producer_name or '?'} {model.producer_version}  "
+                  f"opset: {opset.get('ai.onnx', '?')}  IR: {model.ir_version}")
+    console.print(f"read as a hypergraph (not a feed-forward chain: {chain_error.split(': ', 1)[-1]})")
+    console.print(f"inputs: {', '.join(imp.inputs)}  outputs: {', '.join(imp.outputs)}  "
+                  f"nodes: {imp.graph.n:,}  edge blocks: {len(imp.graph.blocks):,}")
+    t = Table(title="compressible weights", title_justify="left")
+    for c in ("weight", "op", "units"):
+        t.add_column(c)
+    layers = []
+    for w, op, ids, _ in weight_entries(imp):
+        t.add_row(w, op, str(ids.size))
+        layers.append({"weight": w, "op": op, "units_out": int(ids.size)})
+    console.print(t)
+    for b in imp.barriers:
+        console.print(f"barrier: {b['op']} at node {b['node']!r}: {b['why']} "
+                      f"(covers {b['params']:,} parameters, {b['params'] / max(total, 1):.1%})")
+    roles = {}
+    for name, op, role in imp.ops:
+        roles.setdefault(role, []).append(op)
+    for role, ops in roles.items():
+        uniq = sorted(set(ops))
+        console.print(f"{role}: " + ", ".join(f"{o} x{ops.count(o)}" for o in uniq))
+    supported = not imp.barriers
+    console.print(f"parameters: {total:,}  -  supported: " +
+                  ("yes, every node is mapped" if supported else f"partly, {len(imp.barriers)} barrier node(s)"))
+    return {"model": str(path), "graph": "hypergraph", "inputs": imp.inputs, "outputs": imp.outputs,
+            "op_types": census, "params": total, "supported": supported,
+            "barriers": [{**b, "share": b["params"] / max(total, 1)} for b in imp.barriers],
+            "layers": layers, "ops": [{"node": n, "op": o, "role": r} for n, o, r in imp.ops]}

@@ -134,7 +134,7 @@ def probe_model(model, feeds=None):
     except Exception as e:
         raise InputError(f"onnxruntime cannot load the model: {str(e).splitlines()[0][:200]}") from None
     names = [o.name for o in sess.get_outputs()]
-    tries = [feeds] if feeds is not None else [sample_feeds(model, sizes=s) for s in (32, 64, 128, 320, 16, 8)]
+    tries = [feeds] if feeds is not None else [sample_feeds(model, sizes=s) for s in (32, 64, 128, 320, 16, 8, 4, 2, 1)]
     err = None
     for f in tries:
         try:
@@ -643,14 +643,15 @@ class _Builder:
     def elementwise(self, node, name, kinds):
         op = node.op_type
         streams = [(k, x) for k, x in enumerate(node.input) if kinds[k] == "stream"]
-        consts = []
+        consts, infinite = [], []
         for k, x in enumerate(node.input):
             if kinds[k] in ("const", "meta"):
                 v = np.asarray(self.values.get(x, self.consts.get(x)))
                 if v.dtype.kind == "f" and np.any(np.isnan(v)):
                     raise InputError(f"{self.label}: node {name!r} ({op}): constant {x!r} holds NaN")
-                if v.dtype.kind == "f":          # masks may hold +-inf: a finite stand-in for the signature
-                    v = np.nan_to_num(v, posinf=1e30, neginf=-1e30)
+                if v.dtype.kind == "f" and not np.all(np.isfinite(v)):
+                    infinite.append(x)
+                    v = np.nan_to_num(v, posinf=1e30, neginf=-1e30)   # a finite stand-in for the signature
                 consts.append((k, v))
         ids0 = [self.layout[x] for _, x in streams]
         out_ids_shape = np.broadcast_shapes(*[o.shape for o in ids0])
@@ -671,6 +672,8 @@ class _Builder:
             if uniform:
                 self.layout[node.output[0]] = np.broadcast_to(ids0[0], out_ids_shape).copy()
                 return "activation"
+        if infinite:   # +-inf that varies per unit is a broken bias or scale, not a mask
+            raise InputError(f"{self.label}: node {name!r} ({op}): constant {infinite[0]!r} holds NaN or Inf")
         rank = len(self.shapes[node.output[0]])
         ops_ids = [o.reshape((1,) * (rank - o.ndim) + o.shape) for o in ids0]
         consts = [(k, np.asarray(c).reshape((1,) * max(0, rank - np.ndim(c)) + np.shape(c))) for k, c in consts]
@@ -727,6 +730,7 @@ class _Builder:
             raise _Barrier(f"{op} over a tensor with units on several axes")
         wname = B if xi == A else A
         s = self.new_space(W.shape[0], "linear", name, weight=wname)
+        sid = len(self.spaces) - 1
         col_ids = np.moveaxis(ids, ax, -1).reshape(-1)
         if col_ids.size != W.shape[1]:
             raise _Barrier(f"{op} weight of {W.shape[1]} inputs reads {col_ids.size} positions")
@@ -738,6 +742,8 @@ class _Builder:
             c = np.asarray(self.values.get(node.input[2], self.consts.get(node.input[2])), dtype=np.float64)
             if c.size not in (1, W.shape[0]):
                 raise _Barrier("Gemm bias does not broadcast per unit")
+            if not np.all(np.isfinite(c)):
+                raise InputError(f"{self.label}: node {name!r} ({op}): bias {node.input[2]!r} holds NaN or Inf")
             bias = float(a.get("beta", 1.0)) * np.broadcast_to(c.reshape(-1), (W.shape[0],))
             cn = self.const_node(name)
             self.sparse(np.full(s.n, cn), s.ids, bias, _etype("bias"), f"{wname}:bias")
@@ -746,7 +752,7 @@ class _Builder:
         shape[out_ax] = s.n
         self.layout[node.output[0]] = s.ids.reshape(shape)
         self.records.append({"kind": "linear", "node": node.name, "op": op, "input": xi, "weight": wname,
-                             "space": len(self.spaces) - 1, "output": node.output[0], "D": D,
+                             "space": sid, "output": node.output[0], "D": D,
                              "x_axis": x_axis, "attrs": a})
         return "layer"
 
@@ -813,15 +819,19 @@ class _Builder:
         if len(node.input) > 2 and node.input[2]:
             bias = np.asarray(self.consts.get(node.input[2], self.values.get(node.input[2])),
                               dtype=np.float64).reshape(-1)
+            if not np.all(np.isfinite(bias)):
+                raise InputError(f"{self.label}: node {name!r} ({op}): bias {node.input[2]!r} holds NaN or Inf")
         if group == 1:
             if cin.size != Wu.shape[1]:
                 raise _Barrier(f"{op} weight expects {Wu.shape[1]} channels, the tensor has {cin.size}")
             s = self.new_space(c_out, "linear", name, weight=node.input[1])
+            sid = len(self.spaces) - 1
             src, Wd = _dedupe_cols(Wu.reshape(c_out, cin.size, K), cin)
             self.dense(src, s.ids, Wd, node.input[1])
         elif Wu.shape[1] == 1 and group == cin.size and c_out == cin.size:
             # depthwise: channel c -> channel c with its own kernel: a per-unit op
             s = self.new_space(c_out, "per-unit", name)
+            sid = len(self.spaces) - 1
             self.sparse(cin, s.ids, Wu.reshape(c_out, K), _etype("depthwise", op, repr(sorted(a.items()))),
                         node.input[1])
             self.joins.append((cin, s.ids))
@@ -832,7 +842,7 @@ class _Builder:
             shape[1] = c_out
             self.layout[node.output[0]] = s.ids.reshape(shape)
             self.records.append({"kind": "depthwise", "node": node.name, "op": op, "input": x,
-                                 "weight": node.input[1], "output": node.output[0], "space": len(self.spaces) - 1})
+                                 "weight": node.input[1], "output": node.output[0], "space": sid})
             return "per-unit"
         else:
             raise _Barrier(f"grouped {op} (group={group})")
@@ -843,7 +853,7 @@ class _Builder:
         shape[1] = c_out
         self.layout[node.output[0]] = s.ids.reshape(shape)
         self.records.append({"kind": "linear", "node": node.name, "op": op, "input": x, "weight": node.input[1],
-                             "space": len(self.spaces) - 1, "output": node.output[0], "x_axis": 1, "attrs": a})
+                             "space": sid, "output": node.output[0], "x_axis": 1, "attrs": a})
         return "layer"
 
     def channel_norm(self, node, name, a, kinds):

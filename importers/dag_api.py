@@ -1,0 +1,195 @@
+"""The whole job on any ONNX DAG (branches, residual streams, attention,
+LSTM/GRU, LayerNorm): import as a hypergraph, colour with the one engine,
+write the base, verify.  :mod:`importers.api` falls back to this path when the
+feed-forward chain importer refuses a model.
+
+Criteria: eps = 0 is exact up to float rounding.  With eps > 0 the
+quasi-fibration clustering (the paper's Algorithm 1) runs on the node sets of
+weights (linear layers, embeddings, recurrent units); every other node set
+(sums, products, norms) stays exact, and since no node here licenses the
+rescaling merge, cosine is replaced by the magnitude-aware distance (the report
+says so per layer).
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from fibgraph.errors import InputError
+from fibgraph.partition import canonical, classes
+from fibgraph.refine import DEFAULT_RTOL, Exact, Tolerance
+from fibgraph.symmetry import colour
+
+from .onnx_dag import import_dag
+from .onnx_dag_out import write_dag_base
+
+__all__ = ["DagColouring", "colour_dag", "color_dag_model", "compress_dag_model", "verify_dag", "weight_entries"]
+
+
+@dataclass
+class DagColouring:
+    graph: object
+    labels: np.ndarray
+    symmetry: str
+    info: dict
+
+
+def weight_entries(imp):
+    """The compressible weights: (weight name, op, node ids of its output units, node set names)."""
+    out = []
+    for rec in imp.records:
+        k = rec["kind"]
+        if k in ("linear", "embedding"):
+            sp_ = imp.spaces[rec["space"]]
+            out.append((rec["weight"], rec.get("op", "Gather"), sp_.ids, [sp_.name]))
+        elif k == "recurrent":
+            ids = np.concatenate([imp.spaces[s].ids for s in rec["hidden"]])
+            names = [imp.spaces[s].name for s in rec["spaces"]]
+            for role in ("W", "R"):
+                out.append((rec[role], rec["op"], ids, names))
+    return out
+
+
+def _criteria(imp, eps, table, linkage, metric, rtol):
+    from .api import criteria_from_table
+
+    names = [w for w, _, _, _ in weight_entries(imp)]
+    unknown = sorted(k for k in table if k != "*" and k not in set(names))
+    if unknown:
+        raise InputError(f"eps file: layers not in the model: {', '.join(unknown)} (layers: {', '.join(names)})")
+    by_weight = criteria_from_table(table, eps, linkage, metric, True, rtol)
+    crit = {None: Exact(rtol)}
+    for w, _, _, spaces in weight_entries(imp):
+        c = by_weight.get(w, by_weight[None])
+        for s in spaces:
+            crit[s] = c
+    return crit
+
+
+def colour_dag(imp, symmetry="fibration", eps=0.0, eps_table=None, linkage="average", metric="cosine",
+               rtol=DEFAULT_RTOL) -> DagColouring:
+    """Colour the hypergraph of ``imp`` (see the module doc for the criteria)."""
+    crit = _criteria(imp, eps, eps_table or {}, linkage, metric, rtol)
+    r = colour(imp.graph, symmetry, crit)
+    return DagColouring(imp.graph, r.labels, symmetry, {"criteria": crit, **r.info})
+
+
+def _layers(imp, col, gid=None, kept=None, why=None):
+    layers = []
+    crit = col.info["criteria"]
+    for w, op, ids, spaces in weight_entries(imp):
+        fibers = classes(canonical(col.labels[ids]))
+        c = crit.get(spaces[0], crit[None])
+        rec = {"weight": w, "op": op, "nodes_before": int(ids.size), "fibers": [list(map(int, f)) for f in fibers],
+               "output_layer": bool(imp.keep[ids].all())}
+        if isinstance(c, Tolerance):
+            rec["criterion"] = {"eps": c.eps, "linkage": c.linkage, "metric": "euclidean",
+                                "requested_metric": c.metric, "rescale": False}
+        else:
+            rec["criterion"] = {"eps": 0.0, "exact": True, "rtol": c.rtol}
+        if kept is not None:
+            rec["nodes_after"] = int(kept[ids].sum())
+            reasons = sorted({why[s] for s in np.unique(imp.space_of[ids]) if why[s]})
+            if reasons:
+                rec["kept_whole"] = "; ".join(reasons)
+        else:
+            rec["nodes_after"] = len(fibers)
+        layers.append(rec)
+    return layers
+
+
+def _barriers(imp, total):
+    return [{**b, "share": (b["params"] / total) if total else 0.0} for b in imp.barriers]
+
+
+def color_dag_model(path, symmetry="fibration", eps=0.0, eps_table=None, linkage="average", metric="cosine",
+                    rtol=DEFAULT_RTOL, imp=None, feeds=None):
+    from .api import COMPRESS_SYMMETRIES, count_params
+
+    t0 = time.perf_counter()
+    imp = imp or import_dag(path, feeds=feeds)
+    col = colour_dag(imp, symmetry, eps, eps_table, linkage, metric, rtol)
+    t1 = time.perf_counter()
+    total = count_params(imp.model)
+    report = {"model": os.fspath(path), "symmetry": symmetry, "graph": "hypergraph", "params_before": total}
+    if symmetry in COMPRESS_SYMMETRIES:
+        m2, gid, kept, why = write_dag_base(imp, col.labels)
+        report["params_after"] = count_params(m2)
+        report["layers"] = _layers(imp, col, gid, kept, why)
+    else:
+        report["params_after"] = total
+        report["layers"] = _layers(imp, col)
+    report["barriers"] = _barriers(imp, total)
+    report["nodes"] = int(imp.graph.n)
+    report["colors"] = int(col.labels.max() + 1) if col.labels.size else 0
+    report["seconds"] = {"colour": round(t1 - t0, 4)}
+    return report, imp, col
+
+
+def _feeds_like(imp, seed, data=None):
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for k, v in imp.feeds.items():
+        v = np.asarray(v)
+        feeds[k] = rng.standard_normal(v.shape).astype(v.dtype) if v.dtype.kind == "f" else v
+    if data is not None:
+        from .api import load_data
+
+        x = data if isinstance(data, np.ndarray) else load_data(data)[0]
+        floats = [k for k, v in imp.feeds.items() if np.asarray(v).dtype.kind == "f"]
+        if len(floats) != 1:
+            raise InputError("--data gives one array x; this model has several floating-point inputs")
+        want = np.asarray(imp.feeds[floats[0]])
+        feeds[floats[0]] = np.asarray(x).astype(want.dtype)
+    return feeds
+
+
+def verify_dag(a, b, imp, data=None, seed=0, repeats=3):
+    """Largest absolute output difference of models ``a`` and ``b`` on ``repeats``
+    random inputs shaped like the probe's (or on ``data``)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sa = ort.InferenceSession(a.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    sb = ort.InferenceSession(b.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    names = [i.name for i in sa.get_inputs()]
+    diff, scale = 0.0, 0.0
+    runs = 1 if data is not None else repeats
+    for r in range(runs):
+        feeds = {k: v for k, v in _feeds_like(imp, seed + r, data).items() if k in names}
+        try:
+            ra, rb = sa.run(None, feeds), sb.run(None, feeds)
+        except Exception as e:
+            raise InputError(f"verification run failed: {str(e).splitlines()[0][:200]}") from None
+        for p, q in zip(ra, rb):
+            p, q = np.asarray(p, dtype=np.float64), np.asarray(q, dtype=np.float64)
+            if p.size:
+                diff = max(diff, float(np.max(np.abs(p - q))))
+                scale = max(scale, float(np.max(np.abs(p))))
+    src = "data" if data is not None else f"random normal inputs shaped like the probe's ({runs} draws, seed {seed})"
+    return {"max_abs_diff": diff, "max_abs_output": scale, "inputs": src}
+
+
+def compress_dag_model(path, out, symmetry="fibration", eps=0.0, eps_table=None, linkage="average",
+                       metric="cosine", rtol=DEFAULT_RTOL, verify=False, data=None, seed=0, imp=None):
+    from .api import atomic_write_bytes
+
+    t0 = time.perf_counter()
+    report, imp, col = color_dag_model(path, symmetry, eps, eps_table, linkage, metric, rtol, imp=imp)
+    m2, _, _, _ = write_dag_base(imp, col.labels)
+    try:
+        onnx.checker.check_model(m2)
+    except Exception as e:                 # a writer bug, never the user's input
+        raise RuntimeError(f"the written base model does not pass the ONNX checker: {e}") from None
+    t1 = time.perf_counter()
+    report["output"] = os.fspath(out)
+    if verify or data is not None:
+        report["verify"] = verify_dag(imp.model, m2, imp, data=data, seed=seed)
+    atomic_write_bytes(out, m2.SerializeToString())
+    report["seconds"]["compress_write"] = round(time.perf_counter() - t1 + (t1 - t0) - report["seconds"]["colour"], 4)
+    return report
