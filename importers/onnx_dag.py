@@ -969,12 +969,7 @@ def import_dag(path_or_model, feeds=None, label=None) -> DagImport:
     choices = ["last", "1", "none"] if 3 in ranks else ["1", "none"]
     b = None
     for choice in choices:
-        try:
-            alt = _Builder(model, label, probe=probe, input_axis=choice).run()
-        except InputError:
-            if b is None and choice == choices[-1]:
-                raise
-            continue
+        alt = _Builder(model, label, probe=probe, input_axis=choice).run()   # bad input fails in any layout
         if b is None or len(alt.barriers) < len(b.barriers):
             b = alt
         if not b.barriers:

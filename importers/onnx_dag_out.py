@@ -631,10 +631,20 @@ class _Writer:
             k += 1
 
     def finish(self):
-        used = {x for n in self.g.node for x in n.input}
+        used = {x for n in self.g.node for x in n.input} | {o.name for o in self.g.output}
         keep = [t for t in self.g.initializer if t.name in used]
+        dropped = {t.name for t in self.g.initializer} - {t.name for t in keep}
         del self.g.initializer[:]
         self.g.initializer.extend(keep)
+        if self.m.ir_version < 4:
+            # old IR: every initializer is also a graph input
+            ins = [i for i in self.g.input if i.name not in dropped]
+            have = {i.name for i in ins}
+            for t in keep:
+                if t.name not in have:
+                    ins.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+            del self.g.input[:]
+            self.g.input.extend(ins)
         # drop value_info (shapes changed) and intermediate shapes of the outputs' batch axes stay
         del self.g.value_info[:]
         return self.m

@@ -150,7 +150,7 @@ def bad(tmp_path_factory, good):
 
 
 IMPORTING = ["inspect", "color", "compress", "compress_existing", "draw"]
-ALL_BAD = ["not_onnx", "truncated", "empty", "tensor_proto", "npz_renamed", "sin", "lstm", "unknown_dims", "nan_weight", "inf_bias",
+ALL_BAD = ["not_onnx", "truncated", "empty", "tensor_proto", "npz_renamed", "nan_weight", "inf_bias",
            "ext_parent", "ext_abs", "ext_sneaky", "missing"]
 
 
@@ -209,7 +209,7 @@ def test_bad_model_eval(capsys, bad, out_dir, npz, case):
 
 
 @pytest.mark.parametrize("case,command", [("not_onnx", "compress"), ("truncated", "color"),
-                                          ("sin", "compress_existing"), ("ext_parent", "compress"),
+                                          ("inf_bias", "compress_existing"), ("ext_parent", "compress"),
                                           ("nan_weight", "color")])
 def test_bad_model_real_stderr(bad, out_dir, npz, case, command):
     model, needles = bad[case]
@@ -369,3 +369,21 @@ def test_eval_bad_data(capsys, tmp_path, good, content):
     rc, _, err = cli(capsys, "eval", good["path"], "--data", p, "--json", tmp_path / "e.json")
     assert_one_line_error(rc, err)
     assert not (tmp_path / "e.json").exists()
+
+
+# Models the feed-forward chain importer refuses (an op between layers it has
+# no rule for, an LSTM op, a layout it cannot map without concrete sizes) are
+# read by the hypergraph importer instead: they colour and compress exactly.
+@pytest.mark.parametrize("case", ["sin", "lstm", "unknown_dims"])
+def test_models_the_chain_importer_refuses_go_through_the_hypergraph(capsys, bad, out_dir, case):
+    model, _ = bad[case]
+    rc, out, err = cli(capsys, "inspect", model)
+    assert rc == 0, err
+    assert "hypergraph" in out
+    rc, out, err = cli(capsys, "compress", model, "-o", out_dir / "new.onnx", "--report", out_dir / "new.json",
+                       "--verify")
+    assert rc == 0, err
+    rep = read_json(out_dir / "new.json")
+    assert rep["graph"] == "hypergraph" and not rep["barriers"]
+    assert rep["verify"]["max_abs_diff"] <= 1e-5 * max(1.0, rep["verify"]["max_abs_output"])
+    onnx.checker.check_model(onnx.load(str(out_dir / "new.onnx")), full_check=True)
