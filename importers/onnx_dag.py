@@ -66,8 +66,9 @@ REDUCE = {"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin"}
 LINEAR = {"MatMul", "Gemm", "Conv", "ConvTranspose"}
 NORM = {"BatchNormalization", "LayerNormalization", "InstanceNormalization"}
 RECURRENT = {"LSTM", "GRU"}
+ATTENTION = {"Attention"}
 META = {"Shape", "Size"}
-DAG_OPS = sorted(UNARY | ALIAS | ELEMWISE | MOVE | POOL | REDUCE | LINEAR | NORM | RECURRENT | META
+DAG_OPS = sorted(UNARY | ALIAS | ELEMWISE | MOVE | POOL | REDUCE | LINEAR | NORM | RECURRENT | ATTENTION | META
                  | {"Constant", "ConstantOfShape"})
 
 
@@ -456,6 +457,8 @@ class _Builder:
         if op in RECURRENT:
             from .onnx_dag_rnn import map_recurrent
             return map_recurrent(self, node, name, a, kinds)
+        if op == "Attention":
+            return self.attention(node, name, a, kinds)
         raise _Barrier(f"op {op} is not supported")
 
     # movement: apply the op to the id arrays with the reference evaluator
@@ -855,6 +858,72 @@ class _Builder:
         self.records.append({"kind": "linear", "node": node.name, "op": op, "input": x, "weight": node.input[1],
                              "space": sid, "output": node.output[0], "x_axis": 1, "attrs": a})
         return "layer"
+
+    def attention(self, node, name, a, kinds):
+        """The ONNX ``Attention`` op (opset 23): per head ``h``, score_h =
+        sum_j q[h, j] k[g(h), j] (factor nodes per pair, AND rule; ``g`` maps q
+        heads to kv heads for grouped-query attention), out[h, e] = AND(score_h,
+        v[g(h), e]).  A constant mask enters each head's score as constant edges."""
+        Q, K, V = node.input[:3]
+        if any(kinds[k] != "stream" for k in range(3)):
+            raise _Barrier("Attention whose q, k or v is not computed from the input")
+        if len(node.input) > 4 and any(node.input[4:]):
+            raise _Barrier("Attention with a key/value cache")
+        if any(o for o in node.output[1:]):
+            raise _Barrier("Attention whose cache or score outputs are used")
+        mask = node.input[3] if len(node.input) > 3 and node.input[3] else None
+        if mask and kinds[3] == "stream":
+            raise _Barrier("Attention with a computed mask")
+        iq, ik, iv = (self.layout[x] for x in (Q, K, V))
+        four = iq.ndim == 4
+        if four:
+            if any(t.shape[0] != 1 or t.shape[2] != 1 for t in (iq, ik, iv)):
+                raise _Barrier("Attention inputs with units on the batch or sequence axes")
+            q, k, v = (np.broadcast_to(t[0, :, 0, :], (self.shapes[x][1], self.shapes[x][3]))
+                       for t, x in ((iq, Q), (ik, K), (iv, V)))
+        else:
+            hq, hkv = int(a.get("q_num_heads", 0)), int(a.get("kv_num_heads", 0))
+            if not hq or not hkv or any(t.shape[0] != 1 or t.shape[1] != 1 for t in (iq, ik, iv)):
+                raise _Barrier("3-D Attention without head counts, or with units on the sequence axis")
+            q, k, v = (np.broadcast_to(t.reshape(-1), (self.shapes[x][2],)).reshape(h, -1)
+                       for t, x, h in ((iq, Q, hq), (ik, K, hkv), (iv, V, hkv)))
+        Hq, dh = q.shape
+        Hkv, dv = v.shape
+        if Hq % Hkv or k.shape != (Hkv, dh):
+            raise _Barrier("Attention head counts or sizes do not match")
+        grp = np.arange(Hq) // (Hq // Hkv)
+        kq = k[grp]                                            # (Hq, dh): the k each q head reads
+        tag = ("attention", int(a.get("is_causal", 0)), float(a.get("scale", 0.0)), float(a.get("softcap", 0.0)))
+        pairs = np.stack([q.reshape(-1), kq.reshape(-1)], 1)
+        uniq, inv = np.unique(pairs, axis=0, return_inverse=True)
+        inv = inv.reshape(-1)
+        fs = self.new_space(uniq.shape[0], "factor", name)
+        self.sparse(uniq[:, 0], fs.ids, np.ones(fs.n), _etype(tag, "q"), f"{name}:q")
+        self.sparse(uniq[:, 1], fs.ids, np.ones(fs.n), _etype(tag, "k"), f"{name}:k")
+        sc = self.new_space(Hq, "stats", name)
+        self.sparse(fs.start + inv, np.repeat(sc.ids, dh), np.ones(inv.size), _etype(tag, "score"), f"{name}:score")
+        if mask:
+            mv = np.asarray(self.values[mask], dtype=np.float64)
+            mv = np.nan_to_num(mv, posinf=1e30, neginf=-1e30)
+            full = np.broadcast_to(mv, (1, Hq) + tuple(self.shapes[mask][-2:])) if mv.ndim >= 2 else None
+            if full is None:
+                raise _Barrier("Attention mask of rank < 2")
+            cn = self.const_node(name)
+            self.sparse(np.full(Hq, cn), sc.ids, full.reshape(Hq, -1), _etype(tag, "mask"), f"{name}:mask")
+        self.joins.append((q.reshape(-1), kq.reshape(-1)))
+        self.joins.append((q.reshape(-1), fs.start + inv))
+        tmp = f"{name}:heads-out"
+        self._combine([sc.ids.reshape(Hq, 1), v[grp]], tmp, name, tag + ("out",), kind="factor")
+        out = self.layout.pop(tmp)
+        shp = self.shapes[node.output[0]]
+        self.layout[node.output[0]] = out.reshape(1, Hq, 1, dv) if four else out.reshape(1, 1, Hq * dv)
+        # heads x head dims as tensors of their own: every head keeps the same size
+        self.layout[f"{name}:q-heads"] = np.ascontiguousarray(q)
+        self.layout[f"{name}:kv-heads"] = np.ascontiguousarray(k)
+        self.layout[f"{name}:v-heads"] = np.ascontiguousarray(v)
+        self.records.append({"kind": "attention", "node": node.name, "q": Q, "heads": f"{name}:q-heads",
+                             "four": four, "dh": dh})
+        return "attention"
 
     def channel_norm(self, node, name, a, kinds):
         x = node.input[0]

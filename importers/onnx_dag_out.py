@@ -460,6 +460,28 @@ class _Writer:
         node.input[0] = t
         self.insert(k, [helper.make_node("Mul", [A, self.const(m)], [t], name=self.tmp("fib_mult"))])
 
+    def attention(self, rec):
+        """The Attention op: q scaled by the multiplicity of its kept head dims,
+        and the ORIGINAL 1/sqrt(head size) written as ``scale`` (the op would
+        recompute it from the compressed size)."""
+        k, node = self.node(rec)
+        heads = self.imp.layouts[rec["heads"]]                  # (Hq, dh)
+        ms = []
+        for r in heads:
+            g = self.gid[r]
+            cnt = {int(x): int(c) for x, c in zip(*np.unique(g, return_counts=True))}
+            ms.append([cnt[int(x)] for x in g[self.kept[r]]])
+        m = np.array(ms, dtype=np.float64)                     # (Hq, D)
+        if m.shape[1] == rec["dh"]:
+            return
+        if not any(at.name == "scale" for at in node.attribute):
+            node.attribute.append(helper.make_attribute("scale", float(1.0 / np.sqrt(rec["dh"]))))
+        if not np.all(m == 1):
+            mt = m.reshape(1, m.shape[0], 1, m.shape[1]) if rec["four"] else m.reshape(1, 1, -1)
+            t = self.tmp(rec["q"])
+            node.input[0] = t
+            self.insert(k, [helper.make_node("Mul", [rec["q"], self.const(mt)], [t], name=self.tmp("fib_mult"))])
+
     def layernorm(self, rec):
         k, node = self.node(rec)
         ax = self.axis(rec["input"])
