@@ -82,10 +82,15 @@ def _layers(imp, col, gid=None, kept=None, why=None):
     layers = []
     crit = col.info["criteria"]
     for w, op, ids, spaces in weight_entries(imp):
-        fibers = classes(canonical(col.labels[ids]))
+        colour_classes = classes(canonical(col.labels[ids]))
+        # what the base merges: the writer's groups (the meet over a residual
+        # stream's writers and readers, split to equal head sizes)
+        fibers = colour_classes if gid is None else classes(canonical(gid[ids]))
         c = crit.get(spaces[0], crit[None])
         rec = {"weight": w, "op": op, "nodes_before": int(ids.size), "fibers": [list(map(int, f)) for f in fibers],
                "output_layer": bool(imp.keep[ids].all())}
+        if gid is not None and len(fibers) != len(colour_classes):
+            rec["colour_classes"] = [list(map(int, f)) for f in colour_classes]
         if isinstance(c, Tolerance):
             rec["criterion"] = {"eps": c.eps, "linkage": c.linkage, "metric": "euclidean",
                                 "requested_metric": c.metric, "rescale": False}

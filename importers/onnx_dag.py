@@ -187,6 +187,7 @@ class DagImport:
     outputs: list
     n_params: int = 0
     space_of: np.ndarray = field(default=None)
+    opset: int = 13
 
     def weights(self):
         """The compressible weights: (initializer name, Space of its output units)."""
@@ -1071,4 +1072,4 @@ def import_dag(path_or_model, feeds=None, label=None) -> DagImport:
     g.level_names = names
     return DagImport(model=model, graph=g, spaces=b.spaces, layouts=b.layout, shapes=b.shapes,
                      records=b.records, barriers=b.barriers, ops=b.ops, consts=b.consts, feeds=b.feeds,
-                     keep=keep, joins=b.joins, inputs=b.inputs, outputs=b.outputs, n_params=b.n_params, space_of=space_of)
+                     keep=keep, joins=b.joins, inputs=b.inputs, opset=_opset(model), outputs=b.outputs, n_params=b.n_params, space_of=space_of)

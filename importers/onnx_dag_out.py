@@ -175,10 +175,31 @@ def _shape_blocked(imp, space_of):
         if op in ("Size", "Expand", "Tile", "Resize", "Upsample", "DepthToSpace", "SpaceToDepth"):
             bad = op in ("Size", "DepthToSpace", "SpaceToDepth") or _shape_param_on_axes(imp, node, ua)
         elif op in ("Slice", "Gather", "Split"):
-            bad = ua[-1] in _op_axes(imp, node, ids.ndim)      # whole cells may be picked
+            # whole cells may be picked; a cut along the shrinking axis is rewritten
+            # when its bounds are constants (see _Writer.cuts)
+            bad = ua[-1] in _op_axes(imp, node, ids.ndim) and not _cut_constant(imp, node)
         if bad:
             blocked.update(int(s) for s in np.unique(space_of[ids.reshape(-1)]))
     return blocked
+
+
+def _cut_constant(imp, node):
+    op = node.op_type
+    a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
+    if op == "Slice":
+        if len(node.input) < 3:
+            return False                   # opset < 10: bounds in attributes
+        steps = node.input[4] if len(node.input) > 4 and node.input[4] else None
+        ok = all(x in imp.consts for x in node.input[1:3]) and (len(node.input) < 4 or not node.input[3]
+                                                                 or node.input[3] in imp.consts)
+        return ok and (steps is None or (steps in imp.consts and np.all(np.asarray(imp.consts[steps]) == 1)))
+    if op == "Split":
+        if len(node.input) > 1 and node.input[1]:
+            return node.input[1] in imp.consts
+        return True
+    if op == "Gather":
+        return node.input[1] in imp.consts
+    return False
 
 
 def _op_axes(imp, node, rank):
@@ -609,6 +630,63 @@ class _Writer:
         self.insert(k, [helper.make_node("Where", [self.const(mask, bool), self.const(val, np.int64), old],
                                          [t], name=self.tmp("fib_shape"))])
 
+    def _kept_along(self, tname, axis):
+        ids = self.imp.layouts[tname]
+        nodes = np.moveaxis(ids, axis, 0).reshape(ids.shape[axis], -1)[:, 0]
+        return self.kept[nodes]
+
+    def cuts(self):
+        """Split, Slice and Gather along a shrunk unit axis: sizes, bounds and
+        indices in kept positions (a merged position reads its group's kept one)."""
+        for node in list(self.g.node):
+            op = node.op_type
+            if op not in ("Split", "Slice", "Gather") or not node.input or node.input[0] not in self.imp.layouts:
+                continue
+            x = node.input[0]
+            sh = self._shrunk(x)
+            rank = len(self.imp.shapes[x])
+            axes = [a for a in _op_axes(self.imp, node, rank) if a in sh]
+            if not axes:
+                continue
+            ax = axes[0]
+            if op == "Split":
+                sizes = np.array([self.kept_count(o, ax) if o in self.imp.layouts else 0 for o in node.output],
+                                 dtype=np.int64)
+                if len(node.input) > 1 and node.input[1]:
+                    self.put(node, 1, sizes, sizes)
+                else:
+                    attrs = [at for at in node.attribute if at.name in ("split", "num_outputs")]
+                    for at in attrs:
+                        node.attribute.remove(at)
+                    if self.imp.opset >= 13:
+                        while len(node.input) < 2:
+                            node.input.append("")
+                        node.input[1] = self.const(sizes, np.int64)
+                    else:
+                        node.attribute.append(helper.make_attribute("split", [int(v) for v in sizes]))
+            elif op == "Slice":
+                kept = self._kept_along(x, ax)
+                L = kept.size
+                cs = np.cumsum(np.concatenate([[0], kept.astype(np.int64)]))
+                starts = np.asarray(self.imp.consts[node.input[1]]).astype(np.int64).copy()
+                ends = np.asarray(self.imp.consts[node.input[2]]).astype(np.int64).copy()
+                ax_list = (np.asarray(self.imp.consts[node.input[3]]).astype(np.int64).reshape(-1)
+                           if len(node.input) > 3 and node.input[3] else np.arange(starts.size))
+                for i, a in enumerate(ax_list):
+                    if (a + rank if a < 0 else a) != ax:
+                        continue
+                    st = int(np.clip(starts[i] + L if starts[i] < 0 else starts[i], 0, L))
+                    en = int(np.clip(ends[i] + L if ends[i] < 0 else ends[i], 0, L))
+                    starts[i], ends[i] = cs[st], cs[en]
+                self.put(node, 1, starts, starts)
+                self.put(node, 2, ends, ends)
+            else:
+                axis_map = _Axis(np.moveaxis(self.imp.layouts[x], ax, 0)[(slice(None),) + (0,) * (rank - 1)]
+                                 .reshape(-1), self.gid, self.kept)
+                idx = np.asarray(self.imp.consts[node.input[1]]).astype(np.int64)
+                L = axis_map.L
+                self.put(node, 1, axis_map.target[np.where(idx < 0, idx + L, idx)], idx)
+
     def shapes(self):
         """Shape ops that read a shrunk tensor report the ORIGINAL sizes (so every
         computed shape downstream is unchanged), and every Reshape whose output
@@ -679,5 +757,6 @@ def write_dag_base(imp, labels):
     w = _Writer(imp, gid, kept)
     for rec in imp.records:
         getattr(w, rec["kind"])(rec)
+    w.cuts()
     w.shapes()
     return w.finish(), gid, kept, why
