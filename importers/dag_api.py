@@ -103,6 +103,10 @@ def _layers(imp, col, gid=None, kept=None, why=None):
                 rec["kept_whole"] = "; ".join(reasons)
         else:
             rec["nodes_after"] = len(fibers)
+        same = next((r for r in layers if r["weight"] == w and r["fibers"] == rec["fibers"]), None)
+        if same is not None:          # one weight read at every step of an unrolled loop
+            same["uses"] = same.get("uses", 1) + 1
+            continue
         layers.append(rec)
     return layers
 

@@ -188,6 +188,7 @@ class DagImport:
     n_params: int = 0
     space_of: np.ndarray = field(default=None)
     opset: int = 13
+    computed: set = field(default_factory=set)
 
     def weights(self):
         """The compressible weights: (initializer name, Space of its output units)."""
@@ -222,6 +223,7 @@ class _Builder:
         self.ops = []
         self.datameta = set()     # integer tensors computed from integer graph inputs
         self.joins = []           # (ids, ids): nodes that sit at the same positions (element-wise)
+        self.computed = set()     # float constants computed from shapes (their value is the probe's)
         self.cyclic = set()
         self.consumers = {}
         for node in g.node:
@@ -388,13 +390,25 @@ class _Builder:
 
     def _const_or_meta(self, node, kinds):
         if node.op_type in META or "meta" in kinds or "unknown" in kinds:
-            for o in node.output:
-                if o:
-                    self.meta.add(o)
+            outs = [o for o in node.output if o]
+            vals = [self.values.get(o) for o in outs]
+            if node.op_type not in META and vals and all(v is not None and np.asarray(v).dtype.kind == "f"
+                                                         for v in vals):
+                # a float tensor computed from shapes (zero initial states, a scale
+                # from a head size): a constant, its value from the probe
+                for o, v in zip(outs, vals):
+                    self.consts[o] = np.asarray(v)
+                    self.computed.add(o)
+                return "constant"
+            for o in outs:
+                self.meta.add(o)
             return "shape"
+        derived = any(x in self.computed for x in node.input)
         for o in node.output:
             if o and o in self.values:
                 self.consts[o] = self.values[o]
+                if derived:
+                    self.computed.add(o)
         return "constant"
 
     def mark_keep(self, ids):
@@ -662,6 +676,12 @@ class _Builder:
         same = all(np.array_equal(np.broadcast_to(ids0[0], out_ids_shape), np.broadcast_to(o, out_ids_shape))
                    for o in ids0)
         scalar = all(np.asarray(c).size == 1 for _, c in consts)
+        # other streams that are one node (a scalar computed at run time) act on every unit alike
+        unit_streams = [o for o in ids0 if o.size > 1]
+        if not same and len(unit_streams) == 1 and all(o.size == 1 for o in ids0 if o is not unit_streams[0]):
+            same = unit_streams[0].shape == out_ids_shape
+        if same:
+            ids0 = [unit_streams[0]] if unit_streams else ids0[:1]
         if same and scalar and len(self.shapes[node.output[0]]) == len(out_ids_shape):
             self.layout[node.output[0]] = np.broadcast_to(ids0[0], out_ids_shape).copy()
             return "activation"
@@ -675,6 +695,10 @@ class _Builder:
                 uniform = False
             if uniform:
                 self.layout[node.output[0]] = np.broadcast_to(ids0[0], out_ids_shape).copy()
+                # the constant still spans the unit axis: the writer cuts it to the kept units
+                self.records.append({"kind": "elementwise", "node": node.name, "op": op, "output": node.output[0],
+                                     "streams": [x for _, x in streams],
+                                     "consts": [node.input[k] for k, _ in consts]})
                 return "activation"
         if infinite:   # +-inf that varies per unit is a broken bias or scale, not a mask
             raise InputError(f"{self.label}: node {name!r} ({op}): constant {infinite[0]!r} holds NaN or Inf")
@@ -1072,4 +1096,4 @@ def import_dag(path_or_model, feeds=None, label=None) -> DagImport:
     g.level_names = names
     return DagImport(model=model, graph=g, spaces=b.spaces, layouts=b.layout, shapes=b.shapes,
                      records=b.records, barriers=b.barriers, ops=b.ops, consts=b.consts, feeds=b.feeds,
-                     keep=keep, joins=b.joins, inputs=b.inputs, opset=_opset(model), outputs=b.outputs, n_params=b.n_params, space_of=space_of)
+                     keep=keep, joins=b.joins, inputs=b.inputs, opset=_opset(model), computed=b.computed, outputs=b.outputs, n_params=b.n_params, space_of=space_of)

@@ -280,6 +280,7 @@ class _Writer:
         self.inits = {t.name: t for t in self.g.initializer}
         self.nodes = {n.name: n for n in self.g.node if n.name}
         self.counter = 0
+        self.written = {}
         self.new_nodes = {}          # node name -> list of (before|after, nodes)
 
     def axis(self, tname):
@@ -300,9 +301,16 @@ class _Writer:
     def put(self, node, slot, value, like):
         """Replace input ``slot`` of ``node`` by a new initializer holding ``value``."""
         dt = like.dtype if like is not None else np.float32
-        self.counter += 1
-        name = f"{node.input[slot] or 'fib'}__base{self.counter}"
-        self.g.initializer.append(numpy_helper.from_array(np.asarray(value).astype(dt), name))
+        arr = np.ascontiguousarray(np.asarray(value).astype(dt))
+        # a weight shared by several nodes (an unrolled recurrence) that they all
+        # shrink alike is written once
+        key = (node.input[slot], arr.shape, arr.dtype.str, hash(arr.tobytes()))
+        name = self.written.get(key)
+        if name is None:
+            self.counter += 1
+            name = f"{node.input[slot] or 'fib'}__base{self.counter}"
+            self.g.initializer.append(numpy_helper.from_array(arr, name))
+            self.written[key] = name
         node.input[slot] = name
         return name
 
@@ -591,7 +599,7 @@ class _Writer:
                 if node.input[slot] in self.imp.layouts:
                     continue              # a state input: its units are kept distinct
                 v = self.imp.consts.get(node.input[slot])
-                if v is None:
+                if v is None or node.input[slot] in self.imp.computed:
                     node.input[slot] = ""     # computed zeros (checked by the importer): the default
                     continue
                 v64 = np.moveaxis(v.astype(np.float64), rec["layout"], 0)     # (dirs, batch, H)
@@ -731,6 +739,22 @@ class _Writer:
             k += 1
 
     def finish(self):
+        # nodes whose results nothing reads any more (a computed constant the
+        # writer replaced by its shrunk value) go, then their initializers
+        need = {o.name for o in self.g.output}
+        live = []
+        for n in reversed(list(self.g.node)):
+            if any(o in need for o in n.output if o):
+                live.append(n)
+                need.update(x for x in n.input if x)
+                for at in n.attribute:        # subgraphs read outer names
+                    if at.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
+                        for sub in ([at.g] if at.type == onnx.AttributeProto.GRAPH else list(at.graphs)):
+                            need.update(x for m in sub.node for x in m.input if x)
+        if len(live) != len(self.g.node):
+            live.reverse()
+            del self.g.node[:]
+            self.g.node.extend(live)
         used = {x for n in self.g.node for x in n.input} | {o.name for o in self.g.output}
         keep = [t for t in self.g.initializer if t.name in used]
         dropped = {t.name for t in self.g.initializer} - {t.name for t in keep}

@@ -70,7 +70,7 @@ def map_recurrent(b, node, name, a, kinds):
             if v is None:
                 raise _Barrier(f"{op} initial state {tname!r} has no value")
             v = v.astype(np.float64)
-            if tname not in b.consts and np.any(v != 0):
+            if (tname not in b.consts or tname in b.computed) and np.any(v != 0):
                 raise _Barrier(f"{op} initial state {tname!r} is computed and not zero")
             v = v[d] if layout == 0 else v[:, d]          # (batch, H)
             if np.any(v != 0):
