@@ -23,6 +23,9 @@ Models:
     (random fiber sizes >= 1); per layer q = k and v are lifted per head from
     head_dim/2 (a feature never leaves its head) and the feed-forward units
     from 2d.  Fibers are exact (checked in torch before export).
+  * ``transformer_d<d>_L<L>``: the same with ``L`` encoder layers (depth
+    scaling at fixed width, ``--tf-layers``, ``--tf-depth-d``; L = 4 is
+    ``transformer_d<d>``).
   * ``lstm_h<H>``: x (batch, seq 8, 64) -> nn.LSTM(64, H) -> last step ->
     Linear(H, 10), hidden lifted from H/2 (``planted_nets.lift_blocks`` on
     the 4 gate blocks, recurrent weight rows and columns).
@@ -41,10 +44,15 @@ Per model, in a FRESH subprocess (so peaks are that model's own):
 - ``write``: ``importers.onnx_dag_out.write_dag_base(imp, labels)`` +
   ``SerializeToString``; ``check``: ``onnx.checker.check_model`` on it;
 - ``verify``: ``importers.dag_api.verify_dag(original, base, imp)`` (two
-  onnxruntime sessions, 3 random inputs shaped like the probe's);
+  onnxruntime sessions, 3 random inputs shaped like the probe's); beside it
+  (untimed) "ort noise": the ORIGINAL model's largest output difference
+  between onnxruntime with all graph optimisations and with none on the same
+  inputs, the float rounding scale that max_abs_diff should be compared with;
 - ``e2e`` (unless ``--no-e2e``): ``importers.api.compress_model(path, out,
   eps=0, verify=True)`` again from the file, the whole thing as the CLI runs
-  it (the chain importer is tried first; the report says which path ran).
+  it (the chain importer is tried first; the report says which path ran;
+  it writes the base twice, in ``color_dag_model`` and again in
+  ``compress_dag_model``, and runs the ONNX checker).
 
 Time: wall clock (``time.perf_counter``).  Memory: ``resource.getrusage(
 RUSAGE_SELF).ru_maxrss`` of the subprocess, reset through
@@ -59,8 +67,13 @@ after.  Params: ``importers.api.count_params`` (float initializers and
 Constant tensors, the number ``compress_model`` reports) and "live" params:
 only tensors some node reads, ConstantOfShape outputs included.
 
-Run from the repository root (2 cores: about 5 minutes with the defaults,
-most of it exporting and compressing the largest synthetic models)::
+Power-law exponents ``t = a * x^k`` per phase are fitted over each synthetic
+family (x = edges for the width families, nodes for the depth family).
+``--profile N`` runs every stage under cProfile and prints the N functions
+with most own time (the times then include the profiler's overhead).
+
+Run from the repository root (2 cores: about 4 minutes with the defaults once
+the synthetic models are exported to ``--cache``, which takes about 3 more)::
 
     python benchmarks/bench_dag.py                               # everything
     python benchmarks/bench_dag.py --models magika --synthetic none
@@ -104,8 +117,8 @@ def _sizes(rng, n_big, n_small):
     return (rng.multinomial(n_big - n_small, np.full(n_small, 1.0 / n_small)) + 1).tolist()
 
 
-def build_transformer(d, seed=0):
-    """(model, example input, {torch parameter: planted fibers of its rows}, check) for transformer_d<d>."""
+def build_transformer(d, layers=4, seed=0):
+    """(model, example input, {torch parameter: planted fibers of its rows}, check) for transformer_d<d>[_L<layers>]."""
     import torch
     from torch import nn
 
@@ -120,7 +133,7 @@ def build_transformer(d, seed=0):
             super().__init__()
             self.inp = nn.Linear(TF_IN, d)
             layer = nn.TransformerEncoderLayer(d, nh, ff, dropout=0.0, batch_first=True)
-            self.enc = nn.TransformerEncoder(layer, N_LAYERS, enable_nested_tensor=False)
+            self.enc = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
             self.fc = nn.Linear(d, N_OUT)
             self.eval()
 
@@ -226,7 +239,7 @@ def build_worker(spec):
 
     t = time.perf_counter()
     if spec["kind"] == "transformer":
-        net, x, planted, check = build_transformer(spec["size"], spec.get("seed", 0))
+        net, x, planted, check = build_transformer(spec["size"], spec.get("layers", N_LAYERS), spec.get("seed", 0))
     else:
         net, x, planted, check = build_lstm(spec["size"], spec.get("seed", 0))
     spread = check()
@@ -320,6 +333,31 @@ def live_params(model):
     return total
 
 
+def ort_noise(imp, repeats=3, seed=0):
+    """Rounding noise of the ORIGINAL model: largest |output difference| between onnxruntime with all
+    graph optimisations and with none, on the inputs ``verify_dag`` uses (a scale for max_abs_diff)."""
+    import onnxruntime as ort
+
+    from importers.dag_api import _feeds_like
+
+    def sess(level):
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        so.graph_optimization_level = level
+        return ort.InferenceSession(imp.model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+    a, b = sess(ort.GraphOptimizationLevel.ORT_ENABLE_ALL), sess(ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    names = [i.name for i in a.get_inputs()]
+    diff = 0.0
+    for r in range(repeats):
+        feeds = {k: v for k, v in _feeds_like(imp, seed + r).items() if k in names}
+        for p, q in zip(a.run(None, feeds), b.run(None, feeds)):
+            p, q = np.asarray(p, np.float64), np.asarray(q, np.float64)
+            if p.size:
+                diff = max(diff, float(np.max(np.abs(p - q))))
+    return diff
+
+
 def worker(spec):
     """Run one model in this (fresh) process; returns a dict of measurements."""
     import onnx
@@ -381,6 +419,10 @@ def worker(spec):
         res["max_abs_diff"], res["max_abs_output"] = v["max_abs_diff"], v["max_abs_output"]
     except Exception as e:
         res["verify_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    try:
+        res["ort_noise"] = ort_noise(imp)
+    except Exception as e:
+        res["ort_noise_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
     res["peak_mib"] = max(res.get(f"peak_{s}_mib", 0.0) for s in ("import", "colour", "write", "check", "verify"))
     entries = weight_entries(imp)
     ids = np.unique(np.concatenate([e[2] for e in entries])) if entries else np.zeros(0, np.int64)
@@ -402,7 +444,7 @@ def worker(spec):
                           "compared": len(rows), "not_weight_entries": sorted(set(meta["planted_fibers"]) - set(found)),
                           "matched_weights": meta["matched_weights"], "planted_weights": meta["planted_weights"],
                           "fiber_spread_torch": meta["fiber_spread_torch"], "torch_params": meta["torch_params"],
-                          "t_export": meta["t_export"]}
+                          "t_export": meta["t_export"], "t_build": meta["t_build"]}
     if profiles:
         res["profile"] = profiles
     del imp, col, m2
@@ -496,16 +538,20 @@ def fit_power(xs, ys):
 
 
 def scaling(rows):
-    """Per synthetic family: the power-law exponent of every phase's time vs edges."""
+    """Per synthetic family: the power-law exponent of every phase's time vs edges and vs nodes."""
     out = {}
-    for fam in ("transformer", "lstm"):
-        rs = [r for r in rows if r["case"].get("family") == fam and "error" not in r]
+    fams = sorted({f for r in rows for f in r["case"].get("families", {})})
+    for fam in fams:
+        rs = sorted([r for r in rows if fam in r["case"].get("families", {}) and "error" not in r],
+                    key=lambda r: r["case"]["families"][fam])
         if len(rs) < 2:
             continue
-        e = [r["edges"] for r in rs]
-        out[fam] = {"sizes": [r["case"]["size"] for r in rs], "edges": e, "nodes": [r["nodes"] for r in rs],
-                    "exponent_vs_edges": {ph: fit_power(e, [r.get(f"t_{ph}", 0) for r in rs])
-                                          for ph in ("import", "colour", "write", "verify", "e2e")}}
+        e, n = [r["edges"] for r in rs], [r["nodes"] for r in rs]
+        phases = ("import", "colour", "write", "verify", "e2e")
+        out[fam] = {"sizes": [r["case"]["families"][fam] for r in rs], "edges": e, "nodes": n,
+                    "seconds": {ph: [round(r.get(f"t_{ph}", 0), 3) for r in rs] for ph in phases},
+                    "exponent_vs_edges": {ph: fit_power(e, [r.get(f"t_{ph}", 0) for r in rs]) for ph in phases},
+                    "exponent_vs_nodes": {ph: fit_power(n, [r.get(f"t_{ph}", 0) for r in rs]) for ph in phases}}
     return out
 
 
@@ -524,30 +570,36 @@ def markdown(meta, rows, fits):
          f"Command: `{meta['command']}`. eps = 0, fibration. Every model in a fresh subprocess; wall-clock seconds; "
          "memory is ru_maxrss reset per stage (MiB, whole process).", "",
          "| model | nodes | edges | import s | colour s | write s | verify s | compress_model s | peak MiB | "
-         "units before -> after | params before -> after | live params after | max abs diff | planted |",
-         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---|---|"]
+         "units before -> after | params before -> after | live params after | max abs diff (max abs output) | "
+         "ort noise | planted |",
+         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---|---|---|"]
     for r in rows:
         name = r["case"]["name"]
         if "error" in r:
-            L.append(f"| {name} | failed: {r['error']} |" + " |" * 12)
+            L.append(f"| {name} | failed: {r['error']} |" + " |" * 13)
             continue
         pl = r.get("planted")
         pls = "" if pl is None else ("equal" if pl["all_equal"] else "DIFFERENT") + \
             ("" if pl["kept_equal"] else ", kept more") + f" ({pl['compared']} weights)"
         e2e = _f(r.get("t_e2e")) + ("" if r.get("e2e_graph") in (None, "hypergraph") else f" ({r['e2e_graph']})")
         live = r["live_params_after"]
-        diff = f"{r['max_abs_diff']:.3g}" if isinstance(r.get("max_abs_diff"), float) else r.get("verify_error", "")
+        diff = (f"{r['max_abs_diff']:.3g} ({r['max_abs_output']:.3g})" if isinstance(r.get("max_abs_diff"), float)
+                else r.get("verify_error", ""))
+        noise = f"{r['ort_noise']:.3g}" if "ort_noise" in r else r.get("ort_noise_error", "")
         L.append(f"| {name} | {r['nodes']:,} | {r['edges']:,} | {_f(r['t_import'])} | {_f(r['t_colour'])} | "
                  f"{_f(r['t_write'])} | {_f(r.get('t_verify'))} | {e2e} | {r['peak_mib']:.0f} | "
                  f"{r['units_before']:,} -> {r['units_after']:,} | {r['params_before']:,} -> {r['params_after']:,} | "
-                 f"{live:,} of {r['live_params_before']:,} | {diff} | {pls} |")
+                 f"{live:,} of {r['live_params_before']:,} | {diff} | {noise} | {pls} |")
     if fits:
-        L += ["", "Power-law fits t = a * edges^k over the synthetic sizes (k per phase):", "",
-              "| family | sizes | edges | import k | colour k | write k | verify k | compress_model k |",
-              "|---|---|---|---:|---:|---:|---:|---:|"]
+        L += ["", "Power-law fits t = a * x^k over the synthetic sizes, x = hypergraph edges (nodes for the depth "
+              "family, whose edges and nodes both grow linearly); k per phase:", "",
+              "| family | sizes | nodes | edges | x | import k | colour k | write k | verify k | compress_model k |",
+              "|---|---|---|---|---|---:|---:|---:|---:|---:|"]
         for fam, f in fits.items():
-            ks = [f["exponent_vs_edges"].get(ph) for ph in ("import", "colour", "write", "verify", "e2e")]
-            L.append(f"| {fam} | {', '.join(map(str, f['sizes']))} | {', '.join(f'{e:,}' for e in f['edges'])} | "
+            by = "exponent_vs_nodes" if fam.endswith("depth") else "exponent_vs_edges"
+            ks = [f[by].get(ph) for ph in ("import", "colour", "write", "verify", "e2e")]
+            L.append(f"| {fam} | {', '.join(map(str, f['sizes']))} | {', '.join(f'{x:,}' for x in f['nodes'])} | "
+                     f"{', '.join(f'{x:,}' for x in f['edges'])} | {by.split('_')[-1]} | "
                      + " | ".join("" if k is None else f"{k['k']:.2f}" for k in ks) + " |")
     return "\n".join(L) + "\n"
 
@@ -559,6 +611,9 @@ def main(argv=None):
     ap.add_argument("--synthetic", nargs="*", default=["transformer", "lstm"], help="transformer, lstm or none")
     ap.add_argument("--tf-d", type=int, nargs="+", default=[128, 256, 512],
                     help="Transformer d_model sizes (feed-forward 4 d, 4 layers, 8 heads)")
+    ap.add_argument("--tf-layers", type=int, nargs="*", default=[4, 12, 36],
+                    help="depth scaling: Transformer encoder layers at d_model --tf-depth-d")
+    ap.add_argument("--tf-depth-d", type=int, default=128)
     ap.add_argument("--lstm-hidden", type=int, nargs="+", default=[256, 512, 1024])
     ap.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "fibgraph_bench_dag"),
                     help="folder for the exported synthetic models (reused when present)")
@@ -589,24 +644,32 @@ def main(argv=None):
             continue
         cases.append({"name": name, "path": p, "thirdparty": name != "light_squeezenet"})
     synth = [s for s in args.synthetic if s != "none"]
-    builds = [("transformer", d) for d in args.tf_d if "transformer" in synth] + \
-             [("lstm", h) for h in args.lstm_hidden if "lstm" in synth]
-    for fam, size in builds:
-        name = f"transformer_d{size}" if fam == "transformer" else f"lstm_h{size}"
+    builds = {}                                    # name -> (kind, size, layers, {family: x})
+    if "transformer" in synth:
+        for d in args.tf_d:
+            builds.setdefault(f"transformer_d{d}", ["transformer", d, N_LAYERS, {}])[3]["transformer_width"] = d
+        for L in args.tf_layers:
+            d = args.tf_depth_d
+            name = f"transformer_d{d}" + ("" if L == N_LAYERS else f"_L{L}")
+            builds.setdefault(name, ["transformer", d, L, {}])[3]["transformer_depth"] = L
+    if "lstm" in synth:
+        for h in args.lstm_hidden:
+            builds[f"lstm_h{h}"] = ["lstm", h, 1, {"lstm_hidden": h}]
+    for name, (fam, size, layers, families) in builds.items():
         path = os.path.join(args.cache, name + ".onnx")
         side = path[:-5] + ".planted.json"
         if not (os.path.exists(path) and os.path.exists(side)):
             t = time.perf_counter()
-            b = run_case("--build", {"kind": fam, "size": size, "path": path}, args.timeout)
+            b = run_case("--build", {"kind": fam, "size": size, "layers": layers, "path": path}, args.timeout)
             if "error" in b:
                 print(f"{name}: build failed: {b['error']}", flush=True)
-                cases.append({"name": name, "family": fam, "size": size, "build_error": b})
+                cases.append({"name": name, "families": families, "build_error": b})
                 continue
             print(f"{name}: built and exported in {time.perf_counter() - t:.1f} s "
                   f"({b['bytes'] / 2**20:.1f} MiB, {b['torch_params']:,} params, fiber spread in torch "
                   f"{b['fiber_spread_torch']:.1e}, {b['matched_weights']}/{b['planted_weights']} planted weights found)",
                   flush=True)
-        cases.append({"name": name, "path": path, "family": fam, "size": size, "planted": side})
+        cases.append({"name": name, "path": path, "families": families, "layers": layers, "planted": side})
     rows = []
     for c in cases:
         if "build_error" in c:
@@ -639,6 +702,7 @@ def main(argv=None):
                                                            " " + " ".join(argv if argv is not None else sys.argv[1:])),
             "memory": "ru_maxrss of the subprocess, reset via /proc/self/clear_refs before each stage",
             "settings": {"eps": 0.0, "symmetry": "fibration", "transformer": {"layers": N_LAYERS, "heads": N_HEADS,
+                         "depth_family": {"d_model": args.tf_depth_d, "layers": args.tf_layers},
                          "seq": SEQ, "n_in": TF_IN, "ff": "4 d", "planted": "residual d/2 -> d, q=k and v per head "
                          "hd/2 -> hd, ff 2d -> 4d"}, "lstm": {"n_in": LSTM_IN, "seq": SEQ, "planted": "hidden H/2 -> H"}}}
     if args.json:

@@ -62,7 +62,9 @@ def inspect(model, json_out):
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Write the report here.")
 @click.option("--graphml", "graphml_out", type=click.Path(dir_okay=False), default=None,
               help="Also write the coloured graph as GraphML (node attributes layer, index, kind, colour; edge weight).")
-def color(model, symmetry, eps, eps_file, linkage, metric, no_rescale, rtol, json_out, graphml_out):
+@click.option("--data", type=click.Path(dir_okay=False), default=None,
+              help=".npz with sample inputs (one array per input name, or x) for models read as a hypergraph.")
+def color(model, symmetry, eps, eps_file, linkage, metric, no_rescale, rtol, json_out, graphml_out, data):
     """Colour MODEL (.onnx) or a graph (.edgelist/.txt/.graphml/.gml) by a symmetry."""
     if not model.lower().endswith(".onnx"):
         if model.lower().endswith(GRAPH_EXT):
@@ -77,7 +79,7 @@ def color(model, symmetry, eps, eps_file, linkage, metric, no_rescale, rtol, jso
 
     _check_json_out(model, json_out)
     _check_json_out(model, graphml_out)
-    report, _, col = color_model(model, symmetry, eps, eps_file, linkage, metric, not no_rescale, rtol)
+    report, _, col = color_model(model, symmetry, eps, eps_file, linkage, metric, not no_rescale, rtol, data=data)
     print_colour_report(report)
     if json_out:
         atomic_write_json(json_out, report)

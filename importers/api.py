@@ -127,15 +127,29 @@ def import_any(path, data=None):
     try:
         return import_onnx(model, os.fspath(path)), None
     except InputError:
-        feeds = None
-        if data is not None:
-            x = load_data(data)[0]
-            inputs = [vi for vi in model.graph.input if vi.name not in {t.name for t in model.graph.initializer}]
-            if len(inputs) != 1:
-                raise InputError(f"{data}: one array x cannot feed a model with {len(inputs)} inputs") from None
-            dt = onnx.helper.tensor_dtype_to_np_dtype(inputs[0].type.tensor_type.elem_type)
-            feeds = {inputs[0].name: np.asarray(x[:2]).astype(dt)}
+        feeds = None if data is None else data_feeds(data, model)
         return None, import_dag(model, feeds=feeds, label=os.fspath(path))
+
+
+def data_feeds(data, model):
+    """Feeds for every input of ``model`` from an .npz: one array per input name,
+    or (a model with one input) the array ``x``."""
+    inits = {t.name for t in model.graph.initializer}
+    inputs = [vi for vi in model.graph.input if vi.name not in inits]
+    try:
+        with np.load(data) as z:
+            arrays = {k: z[k] for k in z.files}
+    except Exception:
+        raise InputError(f"{data}: not a readable .npz file") from None
+    if all(vi.name in arrays for vi in inputs):
+        pick = {vi.name: arrays[vi.name] for vi in inputs}
+    elif len(inputs) == 1 and "x" in arrays:
+        pick = {inputs[0].name: arrays["x"]}
+    else:
+        raise InputError(f"{data}: needs an array per model input ({', '.join(vi.name for vi in inputs)}), "
+                         "or x for a model with one input")
+    return {vi.name: np.asarray(pick[vi.name]).astype(
+        onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)) for vi in inputs}
 
 
 def _dag_eps_table(imp, eps_file):
@@ -147,11 +161,12 @@ def _dag_eps_table(imp, eps_file):
 
 
 def color_model(path, symmetry="fibration", eps=0.0, eps_file=None, linkage="average",
-                metric="cosine", rescale=True, rtol=DEFAULT_RTOL, imported=None):
-    """Colour an ONNX model; returns the report dict (see README)."""
+                metric="cosine", rescale=True, rtol=DEFAULT_RTOL, imported=None, data=None):
+    """Colour an ONNX model; returns the report dict (see README).  ``data``
+    (.npz) gives the hypergraph importer its probe inputs."""
     t0 = time.perf_counter()
     if imported is None:
-        imported, dag = import_any(path)
+        imported, dag = import_any(path, data)
         if dag is not None:
             from .dag_api import color_dag_model
 

@@ -81,14 +81,21 @@ def colour_dag(imp, symmetry="fibration", eps=0.0, eps_table=None, linkage="aver
 def _layers(imp, col, gid=None, kept=None, why=None):
     layers = []
     crit = col.info["criteria"]
+    out_nodes = np.zeros(imp.graph.n, dtype=bool)
+    for o in imp.outputs:
+        if o in imp.layouts:
+            out_nodes[imp.layouts[o].reshape(-1)] = True
     for w, op, ids, spaces in weight_entries(imp):
         colour_classes = classes(canonical(col.labels[ids]))
         # what the base merges: the writer's groups (the meet over a residual
         # stream's writers and readers, split to equal head sizes)
         fibers = colour_classes if gid is None else classes(canonical(gid[ids]))
         c = crit.get(spaces[0], crit[None])
+        is_out = bool(out_nodes[ids].all())
         rec = {"weight": w, "op": op, "nodes_before": int(ids.size), "fibers": [list(map(int, f)) for f in fibers],
-               "output_layer": bool(imp.keep[ids].all())}
+               "output_layer": is_out}
+        if imp.keep[ids].all() and not is_out:
+            rec["kept_whole"] = "its units feed a barrier"
         if gid is not None and len(fibers) != len(colour_classes):
             rec["colour_classes"] = [list(map(int, f)) for f in colour_classes]
         if isinstance(c, Tolerance):
@@ -100,7 +107,7 @@ def _layers(imp, col, gid=None, kept=None, why=None):
             rec["nodes_after"] = int(kept[ids].sum())
             reasons = sorted({why[s] for s in np.unique(imp.space_of[ids]) if why[s]})
             if reasons:
-                rec["kept_whole"] = "; ".join(reasons)
+                rec["kept_whole"] = "; ".join(reasons + ([rec["kept_whole"]] if "kept_whole" in rec else []))
         else:
             rec["nodes_after"] = len(fibers)
         same = next((r for r in layers if r["weight"] == w and r["fibers"] == rec["fibers"]), None)
@@ -146,14 +153,9 @@ def _feeds_like(imp, seed, data=None):
         v = np.asarray(v)
         feeds[k] = rng.standard_normal(v.shape).astype(v.dtype) if v.dtype.kind == "f" else v
     if data is not None:
-        from .api import load_data
+        from .api import data_feeds
 
-        x = data if isinstance(data, np.ndarray) else load_data(data)[0]
-        floats = [k for k, v in imp.feeds.items() if np.asarray(v).dtype.kind == "f"]
-        if len(floats) != 1:
-            raise InputError("--data gives one array x; this model has several floating-point inputs")
-        want = np.asarray(imp.feeds[floats[0]])
-        feeds[floats[0]] = np.asarray(x).astype(want.dtype)
+        feeds.update(data_feeds(data, imp.model))
     return feeds
 
 

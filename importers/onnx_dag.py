@@ -129,7 +129,7 @@ def probe_model(model, feeds=None):
                 have.add(o)
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.log_severity_level = 3
+    so.log_severity_level = 4          # a size that does not fit is tried quietly
     try:
         sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
     except Exception as e:
@@ -146,7 +146,7 @@ def probe_model(model, feeds=None):
         except Exception as e:  # the size did not fit the model; try the next
             err = e
     raise InputError(f"cannot run the model once to learn its shapes ({str(err).splitlines()[0][:160]}); "
-                     "pass sample data") from None
+                     "give sample inputs with --data (an .npz with one array per input name)") from None
 
 
 # ------------------------------------------------------------------ records
@@ -335,6 +335,12 @@ class _Builder:
                 continue
             name = _nodename(node, i)
             kinds = [self.kind(x) for x in node.input]
+            outer = _outer_refs(node)
+            if outer:
+                # control flow: a barrier, whatever its bodies read from this graph
+                why = "control flow (subgraph)"
+                self.ops.append((name, node.op_type, self.barrier(node, i, name, why, extra=outer)))
+                continue
             if "stream" not in kinds:
                 if any(x in self.datameta for x in node.input):
                     try:
@@ -417,10 +423,10 @@ class _Builder:
         for k in np.unique(ids):
             self.keep[k] = True
 
-    def barrier(self, node, i, name, why):
+    def barrier(self, node, i, name, why, extra=()):
         covered = 0
         like = next((self.layout[x] for x in node.input if x in self.layout), None)
-        for x in node.input:
+        for x in list(node.input) + [x for x in extra if x not in node.input]:
             if x in self.layout:
                 self.mark_keep(self.layout[x])
             elif x in self.consts and np.asarray(self.consts[x]).dtype.kind == "f":
@@ -431,6 +437,14 @@ class _Builder:
                     self.fresh_layout(o, name, distinct=True, kind="barrier", like=like)
                 else:
                     self.meta.add(o)
+        from .onnx_load import _float_tensors
+
+        inside = []
+        for at in node.attribute:                 # weights inside control-flow bodies
+            for g in ([at.g] if at.type == onnx.AttributeProto.GRAPH else
+                      list(at.graphs) if at.type == onnx.AttributeProto.GRAPHS else []):
+                _float_tensors(g, inside)
+        covered += sum(k for _, k in inside)
         self.barriers.append({"node": name, "op": node.op_type, "why": why, "params": covered})
         return "barrier"
 
@@ -1016,6 +1030,28 @@ def _opset(model):
     return 13
 
 
+def _outer_refs(node):
+    """Names a node's subgraphs (If/Loop/Scan bodies) read from the outer graph;
+    an empty set for a node without subgraphs."""
+    graphs = []
+    for at in node.attribute:
+        if at.type == onnx.AttributeProto.GRAPH:
+            graphs.append(at.g)
+        elif at.type == onnx.AttributeProto.GRAPHS:
+            graphs.extend(at.graphs)
+    refs = set()
+    for g in graphs:
+        local = {i.name for i in g.input} | {t.name for t in g.initializer}
+        for n in g.node:
+            for x in n.input:
+                if x and x not in local:
+                    refs.add(x)
+            refs |= {x for x in _outer_refs(n) if x not in local}
+            local.update(o for o in n.output if o)
+        refs.update(o.name for o in g.output if o.name not in local)
+    return refs if graphs else set()
+
+
 def _unit_axes_of(ids):
     return [k for k in range(ids.ndim) if ids.shape[k] > 1]
 
@@ -1059,8 +1095,7 @@ def import_dag(path_or_model, feeds=None, label=None) -> DagImport:
     # where the inputs' units lie is not written in ONNX: try the layouts a
     # model may mean (features last, channels first, no unit axis: a signal
     # whose samples are positions) and keep the one with the fewest barriers
-    ranks = {len(v.shape) for v in probe[0].values() if np.asarray(v).dtype.kind == "f"}
-    choices = ["last", "1", "none"] if 3 in ranks else ["1", "none"]
+    choices = ["last", "1", "none"]
     b = None
     for choice in choices:
         alt = _Builder(model, label, probe=probe, input_axis=choice).run()   # bad input fails in any layout

@@ -739,6 +739,8 @@ class _Writer:
             k += 1
 
     def finish(self):
+        from .onnx_dag import _outer_refs
+
         # nodes whose results nothing reads any more (a computed constant the
         # writer replaced by its shrunk value) go, then their initializers
         need = {o.name for o in self.g.output}
@@ -747,15 +749,14 @@ class _Writer:
             if any(o in need for o in n.output if o):
                 live.append(n)
                 need.update(x for x in n.input if x)
-                for at in n.attribute:        # subgraphs read outer names
-                    if at.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
-                        for sub in ([at.g] if at.type == onnx.AttributeProto.GRAPH else list(at.graphs)):
-                            need.update(x for m in sub.node for x in m.input if x)
+                need |= _outer_refs(n)            # subgraphs read outer names
         if len(live) != len(self.g.node):
             live.reverse()
             del self.g.node[:]
             self.g.node.extend(live)
         used = {x for n in self.g.node for x in n.input} | {o.name for o in self.g.output}
+        for n in self.g.node:
+            used |= _outer_refs(n)
         keep = [t for t in self.g.initializer if t.name in used]
         dropped = {t.name for t in self.g.initializer} - {t.name for t in keep}
         del self.g.initializer[:]

@@ -72,12 +72,18 @@ FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto
 
 
 def float_tensors(model):
-    """(name, element count) of every floating-point initializer and Constant tensor."""
+    """(name, element count) of every floating-point initializer and Constant
+    tensor, inside control-flow bodies (If/Loop/Scan subgraphs) too."""
     out = []
-    for t in model.graph.initializer:
+    _float_tensors(model.graph, out)
+    return out
+
+
+def _float_tensors(graph, out):
+    for t in graph.initializer:
         if t.data_type in FLOAT_TYPES:
             out.append((t.name, int(np.prod(t.dims)) if len(t.dims) else 1))
-    for node in model.graph.node:
+    for node in graph.node:
         if node.op_type == "Constant":
             for a in node.attribute:
                 if a.name == "value" and a.t.data_type in FLOAT_TYPES:
@@ -86,4 +92,9 @@ def float_tensors(model):
                     out.append((node.output[0], len(a.floats)))
                 elif a.name == "value_float":
                     out.append((node.output[0], 1))
-    return out
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                _float_tensors(a.g, out)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for g in a.graphs:
+                    _float_tensors(g, out)

@@ -28,10 +28,8 @@ Measured (onnx 1.23.2, onnxruntime 1.32.0, torch 2.13 cpu; 2 cores), eps 0:
 
 The silero models with If nodes (silero_vad, _ifless, _op15, _half) cannot be
 probed with the default sizes (they need 576-sample chunks and sr = 16000), and
-compress_model has no way to feed a model with several inputs; with the sample
-feeds given to import_dag the If nodes are not reported as barriers, and the
-writer drops initializers that only the If bodies read.  Those tests are strict
-xfails: they start passing (and then fail as XPASS) once that is fixed.
+need their inputs given (``--data`` with one array per input name); the If
+nodes are control-flow barriers: what their bodies read keeps its units.
 """
 
 import numpy as np
@@ -179,13 +177,7 @@ def test_if_model_default_probe(name, tmp_path):
     compress_model(_path(name), str(tmp_path / "base.onnx"), eps=0.0, verify=True)
 
 
-_DROPS_SUBGRAPH_INITS = pytest.mark.xfail(
-    strict=True, raises=RuntimeError,
-    reason="the DAG writer drops initializers read only inside If bodies: the base fails the ONNX checker")
-
-
-@pytest.mark.parametrize("name", ["silero_vad"] + [pytest.param(n, marks=_DROPS_SUBGRAPH_INITS)
-                                                   for n in IF_MODELS[1:]])
+@pytest.mark.parametrize("name", IF_MODELS)
 def test_if_model_compresses_with_sample_feeds(name, tmp_path):
     from importers.dag_api import compress_dag_model
     from importers.onnx_dag import import_dag
@@ -199,9 +191,6 @@ def test_if_model_compresses_with_sample_feeds(name, tmp_path):
     _check_sample(path, out, feed)
 
 
-@pytest.mark.xfail(strict=True, reason="an If whose only explicit input is its condition is read as a new input "
-                                       "(or a shape op), not a barrier; the tensors its bodies read from the "
-                                       "outer graph are not kept; count_params ignores weights inside bodies")
 @pytest.mark.parametrize("name", IF_MODELS)
 def test_if_is_a_control_flow_barrier(name):
     from importers.dag_api import color_dag_model
@@ -406,9 +395,6 @@ def _if_model(outer_init):
                  [H.make_tensor_value_info("y", T.FLOAT, [1, 6, 4, 4])], inits)
 
 
-@pytest.mark.xfail(strict=True, reason="an If whose only explicit input is its condition is not a barrier: "
-                                       "the outer tensors its bodies read are shrunk (wrong output width) and "
-                                       "outer initializers only the bodies read are dropped")
 @pytest.mark.parametrize("outer_init", [False, True], ids=["stream", "stream+initializer"])
 def test_if_reading_outer_tensors_is_a_barrier(outer_init, tmp_path):
     from importers.dag_api import compress_dag_model
@@ -423,3 +409,19 @@ def test_if_reading_outer_tensors_is_a_barrier(outer_init, tmp_path):
     assert rep["layers"][0]["nodes_after"] == 6                  # conv's units feed the If: kept whole
     _check_sample(path, out, feed)
     _check_sample(path, out, {**feed, "flag": np.array(False)})
+
+
+def test_cli_data_names_every_input_of_a_multi_input_model(tmp_path, capsys):
+    """silero's If model needs 576 samples, a state and sr = 16000: --data with
+    one array per input name feeds the probe and the verification."""
+    path = _path("silero_vad")
+    npz = tmp_path / "feeds.npz"
+    np.savez(npz, **thirdparty.sample_input(path))
+    rc, out, err = cli(capsys, "compress", path, "-o", tmp_path / "b.onnx", "--data", npz, "--verify",
+                       "--report", tmp_path / "r.json")
+    assert rc == 0, err
+    rep = read_json(tmp_path / "r.json")
+    assert rep["verify"]["inputs"] == "data" and rep["verify"]["max_abs_diff"] == 0.0
+    assert [b["op"] for b in rep["barriers"]] == ["If"] and rep["barriers"][0]["share"] == 1.0
+    rc, out, err = cli(capsys, "color", path)              # without --data: one clear line
+    assert rc == 2 and "--data" in err and len(err.strip().splitlines()) == 1
