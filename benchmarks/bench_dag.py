@@ -1,6 +1,8 @@
-"""Benchmark the hypergraph path (importers/onnx_dag*.py, dag_api.py) on models
-the feed-forward chain importer refuses: LSTM, attention, residual streams,
-branching CNNs.
+"""Benchmark the hypergraph path (import, colour, write, verify) on LSTM, attention, residual and branching models.
+
+The hypergraph path (importers/onnx_dag*.py, dag_api.py) handles the models
+the feed-forward chain importer refuses: LSTM/GRU, attention, residual
+streams, branching CNNs.
 
 Models:
 
@@ -638,7 +640,11 @@ def main(argv=None):
     tmp = tempfile.mkdtemp(prefix="bench_dag_")
     cases = []
     for name in [m for m in args.models if m != "none"]:
-        p = squeezenet_path() if name == "light_squeezenet" else thirdparty.model_path(name)
+        try:
+            p = squeezenet_path() if name == "light_squeezenet" else thirdparty.model_path(name)
+        except KeyError as e:
+            print(f"{name}: {e.args[0]}", flush=True)
+            continue
         if p is None:
             print(f"{name}: not installed, skipped", flush=True)
             continue
