@@ -149,8 +149,15 @@ def symmetry_metrics_cmd(model, thresholds, normalise, warn_threshold, warn_frac
         res = _load(model)
         rep = symmetry_metrics(res.network, thresholds, normalise, warn_threshold, warn_fraction)
     except InputError as e:
-        if not att:
+        # the chain importer refuses (Transformer, LSTM, branching CNN): rows from the hypergraph
+        err = e
+        rep, dag_why = _dag_symmetry_metrics(model, thresholds, normalise, warn_threshold, warn_fraction)
+        if rep is None and not att:
             raise
+    else:
+        err = None
+    if err is not None and rep is None:
+        e = err
         measured = am["weights"] | {x for p in qk for x in p[:2]}
         skipped = [w for w in linear_weights(onnx_model) if w not in measured]
         why = str(e)
@@ -162,6 +169,8 @@ def symmetry_metrics_cmd(model, thresholds, normalise, warn_threshold, warn_frac
                    f"({names}): the feed-forward importer refuses the model: {why}")
         else:
             msg = f"dense-layer metrics skipped: {why}"
+        if dag_why:
+            msg += f"; the hypergraph importer too: {dag_why}"
         rep = {"layers": [], "summary": {}, "warnings": [msg]}
     rep["warnings"].extend(am["warnings"])
     rep["attention"] = att
@@ -190,6 +199,9 @@ def symmetry_metrics_cmd(model, thresholds, normalise, warn_threshold, warn_frac
                   f"{r['spectral_norm']:.3g}", f"{r['stable_rank']:.2f}")
     if rep["layers"]:
         console.print(t)
+        if rep.get("graph") == "hypergraph":
+            console.print("(layers from the hypergraph importer: unit vector = incoming rows, bias, outgoing "
+                          "columns of every dense reader of the nodes tied to the unit)")
         s = rep["summary"]
         console.print(f"summary: {s['hidden_units']} hidden units; N_dos "
                       + ", ".join(f"{v} (<{k})" for k, v in s["n_dos"].items())
@@ -214,5 +226,35 @@ def symmetry_metrics_cmd(model, thresholds, normalise, warn_threshold, warn_frac
     if json_out:
         atomic_write_json(json_out, rep)
 
+
+def _dag_symmetry_metrics(path, thresholds, normalise, warn_threshold, warn_fraction):
+    """(report, None): permutation rows from the hypergraph importer for a model
+    the chain importer refuses (:mod:`importers.dag_units`); (None, why) when
+    that importer refuses too or finds no weight layer."""
+    from importers.dag_units import dag_layers
+    from importers.onnx_dag import import_dag
+
+    from .symmetry_metrics import symmetry_metrics_units
+
+    try:
+        imp = import_dag(path)
+    except InputError as e:
+        why = str(e)
+        return None, why[len(os.fspath(path)) + 2:] if why.startswith(os.fspath(path) + ": ") else why
+    layers = []
+    for ly in dag_layers(imp):
+        extra = {"source": "hypergraph", "vector": {"incoming": int(ly["incoming"].shape[1]),
+                                                    "bias": int(ly["bias"].shape[1]),
+                                                    "outgoing": int(ly["outgoing"].shape[1])}}
+        if ly["uses"] > 1:
+            extra["uses"] = ly["uses"]
+        if not ly["output_layer"] and not ly["has_reader"].all():
+            extra["units_without_dense_reader"] = int((~ly["has_reader"]).sum())
+        layers.append({**ly, "kind": ly["op"], "extra": extra})
+    if not layers:
+        return None, "no weight layer found"
+    rep = symmetry_metrics_units(layers, thresholds, normalise, warn_threshold, warn_fraction)
+    rep["graph"] = "hypergraph"
+    return rep, None
 
 COMMANDS = [compare, symmetry_metrics_cmd]

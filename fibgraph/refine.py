@@ -421,6 +421,30 @@ def _criterion_for(criterion, level_name):
     return criterion
 
 
+def _level_views(graph, direction):
+    """Per level: the graph restricted to the blocks whose targets (dst for
+    'in', src for 'out') lie in that level, so that a level's split reads its
+    own blocks only (O(m) per sweep, not O(levels x blocks))."""
+    import copy
+
+    node_level = np.full(graph.n, -1, dtype=np.int64)
+    for k, lv in enumerate(graph.levels):
+        node_level[np.asarray(lv, dtype=np.int64)] = k
+    per = [[] for _ in graph.levels]
+    for b in graph.blocks:
+        targets = b.dst if direction == "in" else b.src
+        for k in np.unique(node_level[targets]):
+            if k >= 0:
+                per[int(k)].append(b)
+    views = []
+    for blocks in per:
+        v = copy.copy(graph)
+        v.__dict__.pop("_edge_matrix_cache", None)
+        v.blocks = blocks
+        views.append(v)
+    return views
+
+
 def refine(graph: WeightedDigraph, direction="in", criterion=None, initial=None,
            schedule="auto", scales=None, max_rounds=None) -> Refinement:
     """Coarsest colouring refining ``initial`` that is balanced in ``direction``.
@@ -446,6 +470,7 @@ def refine(graph: WeightedDigraph, direction="in", criterion=None, initial=None,
     rounds = 0
     if use_levels:
         dirs = ["in"] if direction == "in" else ["out"] if direction == "out" else ["in", "out"]
+        views = {d: _level_views(graph, d) for d in dirs}
         while True:
             before = colours.max() + 1 if n else 0
             for d in dirs:
@@ -459,13 +484,14 @@ def refine(graph: WeightedDigraph, direction="in", criterion=None, initial=None,
                     crit = _criterion_for(criterion, name)
                     loop = bool(graph.cyclic) and li in graph.cyclic
                     k_before = np.unique(colours[lv]).size
+                    view = views[d][li]
                     while True:
                         if isinstance(crit, Tolerance) and crit.eps > 0:
-                            new, sc = _split_tolerance(graph, lv, [d], colours, scales, crit,
+                            new, sc = _split_tolerance(view, lv, [d], colours, scales, crit,
                                                        name, info)
                             scales[lv] = scales[lv] * sc if d == "out" else sc
                         else:
-                            new = _split_exact(graph, lv, [d], colours, scales,
+                            new = _split_exact(view, lv, [d], colours, scales,
                                                getattr(crit, "rtol", DEFAULT_RTOL))
                         # a loop level: its nodes' new colours refine the old ones
                         # (the old colour is part of the key) until nothing splits

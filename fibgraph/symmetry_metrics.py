@@ -43,7 +43,8 @@ import numpy as np
 from .errors import InputError
 
 __all__ = ["unit_vectors", "permutation_deltas", "permutation_dos", "double_rotation_deltas",
-           "double_rotation_dos", "spectral_stats", "symmetry_metrics", "find_qk_pairs",
+           "double_rotation_dos", "spectral_stats", "symmetry_metrics", "symmetry_metrics_units",
+           "find_qk_pairs",
            "DEFAULT_THRESHOLDS"]
 
 DEFAULT_THRESHOLDS = (0.05, 0.1, 0.15, 0.2)
@@ -170,37 +171,79 @@ def symmetry_metrics(net, thresholds=DEFAULT_THRESHOLDS, normalise="layer", warn
                      warn_fraction=0.25) -> dict:
     """Per-layer table: units, N_dos per threshold, near-duplicate fraction,
     spectral stats, dead units; a summary and warnings."""
+    def items():
+        for l, ly in enumerate(net.layers):
+            yield {"name": ly.name, "kind": ly.kind, "units": ly.n_out, "output_layer": bool(ly.is_output),
+                   "weight": ly.weight,
+                   "vectors": (lambda l=l: unit_vectors(net, l)), "dead": (lambda l=l: _dead(net, l))}
+
+    return _report(items(), thresholds, normalise, warn_threshold, warn_fraction)
+
+
+def symmetry_metrics_units(layers, thresholds=DEFAULT_THRESHOLDS, normalise="layer", warn_threshold=0.1,
+                           warn_fraction=0.25) -> dict:
+    """The table of :func:`symmetry_metrics` from per-layer unit parts instead of
+    a chain network: ``layers`` = dicts with ``name``, ``kind``, ``output_layer``
+    and the per-unit blocks ``incoming`` (n, a), ``bias`` (n, b), ``outgoing``
+    (n, c) (any of them may have 0 columns), optional ``has_reader`` (n,) bool
+    (units with an outgoing column at all; others are not counted as dead) and
+    ``extra`` (a dict merged into the row).  A unit's vector is the hstack of
+    the three blocks; spectral stats are of ``incoming`` (the unit's incoming
+    rows, for a recurrent unit W and R gate rows side by side)."""
+    def items():
+        for ly in layers:
+            inc = np.asarray(ly["incoming"], dtype=np.float64)
+            bias = np.asarray(ly["bias"], dtype=np.float64)
+            out = np.asarray(ly["outgoing"], dtype=np.float64)
+            n = inc.shape[0]
+            reader = np.asarray(ly.get("has_reader", np.ones(n, dtype=bool)), dtype=bool)
+
+            def dead(inc=inc, bias=bias, out=out, reader=reader):
+                zin = ~np.any(np.hstack([inc, bias]) != 0, axis=1)
+                zout = reader & ~np.any(out != 0, axis=1) if out.shape[1] else np.zeros(len(zin), dtype=bool)
+                return int(zin.sum()), int(zout.sum())
+
+            yield {"name": ly["name"], "kind": ly["kind"], "units": int(n), "output_layer": bool(ly["output_layer"]),
+                   "weight": inc, "vectors": (lambda inc=inc, bias=bias, out=out: np.hstack([inc, bias, out])),
+                   "dead": dead, "extra": ly.get("extra", {})}
+
+    return _report(items(), thresholds, normalise, warn_threshold, warn_fraction)
+
+
+def _report(items, thresholds, normalise, warn_threshold, warn_fraction) -> dict:
     thresholds = tuple(float(t) for t in thresholds)
     for t in thresholds:
         if not np.isfinite(t) or t <= 0:
             raise InputError(f"thresholds must be positive numbers, got {t}")
     wk = _key(warn_threshold)
     rows, warnings = [], []
-    for l, ly in enumerate(net.layers):
-        rec = {"layer": l + 1, "name": ly.name, "kind": ly.kind, "units": ly.n_out,
-               "output_layer": bool(ly.is_output), **spectral_stats(ly.weight)}
-        if ly.is_output:
+    for l, ly in enumerate(items):
+        name = ly["name"]
+        W = ly["weight"]
+        rec = {"layer": l + 1, "name": name, "kind": ly["kind"], "units": ly["units"],
+               "output_layer": ly["output_layer"], **spectral_stats(W), **ly.get("extra", {})}
+        if ly["output_layer"]:
             rec["note"] = "output units are tied to the outputs: no permutation symmetry"
         else:
-            dos = permutation_dos(unit_vectors(net, l), tuple(sorted(set(thresholds + (warn_threshold,)))),
+            dos = permutation_dos(ly["vectors"](), tuple(sorted(set(thresholds + (warn_threshold,)))),
                                   normalise)
             for key in ("n_dos", "n_dosb"):
                 dos[key] = {k: v for k, v in dos[key].items() if float(k) in thresholds}
             for key in ("near_duplicate_units", "near_duplicate_fraction"):
                 dos[key] = {k: v for k, v in dos[key].items() if float(k) in thresholds or k == wk}
             rec.update(dos)
-            zin, zout = _dead(net, l)
+            zin, zout = ly["dead"]()
             rec["zero_in_units"], rec["zero_out_units"] = zin, zout
             frac = dos["near_duplicate_fraction"][wk]
             if frac >= warn_fraction:
-                warnings.append(f"layer {l + 1} ({ly.name}): {frac:.0%} of units are near-duplicates "
+                warnings.append(f"layer {l + 1} ({name}): {frac:.0%} of units are near-duplicates "
                                 f"(Delta < {warn_threshold:g})")
             if zout:
-                warnings.append(f"layer {l + 1} ({ly.name}): {zout} units have all-zero outgoing weights (dead)")
+                warnings.append(f"layer {l + 1} ({name}): {zout} units have all-zero outgoing weights (dead)")
             if zin:
-                warnings.append(f"layer {l + 1} ({ly.name}): {zin} units have all-zero incoming weights and bias")
-        if rec["stable_rank"] and rec["stable_rank"] < 1.5 and min(ly.weight.shape[:2]) > 2:
-            warnings.append(f"layer {l + 1} ({ly.name}): stable rank {rec['stable_rank']:.2f}: "
+                warnings.append(f"layer {l + 1} ({name}): {zin} units have all-zero incoming weights and bias")
+        if rec["stable_rank"] and rec["stable_rank"] < 1.5 and min(W.shape[:2]) > 2:
+            warnings.append(f"layer {l + 1} ({name}): stable rank {rec['stable_rank']:.2f}: "
                             "the weight is nearly rank one")
         rows.append(rec)
     hidden = [r for r in rows if not r["output_layer"]]

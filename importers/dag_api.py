@@ -36,6 +36,7 @@ class DagColouring:
     labels: np.ndarray
     symmetry: str
     info: dict
+    base: tuple = None        # (model, groups, kept, why) once written
 
 
 def weight_entries(imp):
@@ -133,7 +134,7 @@ def color_dag_model(path, symmetry="fibration", eps=0.0, eps_table=None, linkage
     total = count_params(imp.model)
     report = {"model": os.fspath(path), "symmetry": symmetry, "graph": "hypergraph", "params_before": total}
     if symmetry in COMPRESS_SYMMETRIES:
-        m2, gid, kept, why = write_dag_base(imp, col.labels)
+        m2, gid, kept, why = col.base = write_dag_base(imp, col.labels)
         report["params_after"] = count_params(m2)
         report["layers"] = _layers(imp, col, gid, kept, why)
     else:
@@ -192,7 +193,7 @@ def compress_dag_model(path, out, symmetry="fibration", eps=0.0, eps_table=None,
 
     t0 = time.perf_counter()
     report, imp, col = color_dag_model(path, symmetry, eps, eps_table, linkage, metric, rtol, imp=imp)
-    m2, _, _, _ = write_dag_base(imp, col.labels)
+    m2 = col.base[0]                         # written once, by color_dag_model
     try:
         onnx.checker.check_model(m2)
     except Exception as e:                 # a writer bug, never the user's input

@@ -40,6 +40,15 @@ def op_census(model, barrier_nodes=None):
     return sorted(rows.values(), key=lambda r: (r["supported"], -r["params"]))
 
 
+def _print_roles(ops_list):
+    """One line per role (layer, activation, shape, barrier, ...): its op types and counts."""
+    roles = {}
+    for _, op, role in ops_list:
+        roles.setdefault(role, []).append(op)
+    for role, ops in roles.items():
+        console.print(f"{role}: " + ", ".join(f"{o} x{ops.count(o)}" for o in sorted(set(ops))))
+
+
 def _census_table(path, census):
     t = Table(title=f"{path}: op types", title_justify="left")
     for c in ("op", "nodes", "params read", "share", "supported", "e.g."):
@@ -76,12 +85,7 @@ def inspect_model(path):
                   (ly.activation or "identity") + (" (output)" if ly.is_output else ""),
                   "yes" if ly.homogeneous else "no")
     console.print(t)
-    roles = {}
-    for name, op, role in res.ops:
-        roles.setdefault(role, []).append(op)
-    for role, ops in roles.items():
-        uniq = sorted(set(ops))
-        console.print(f"{role}: " + ", ".join(f"{o} x{ops.count(o)}" for o in uniq))
+    _print_roles(res.ops)
     console.print(f"parameters: {total:,} (floating-point initializers and Constant tensors: "
                   f"{len(float_tensors(m))})  -  supported: yes, every node is mapped")
     return {"model": str(path), "input": res.input_name, "op_types": census, "outputs": res.output_names,
@@ -120,12 +124,7 @@ def inspect_dag(path, model, chain_error=""):
     for b in imp.barriers:
         console.print(f"barrier: {b['op']} at node {b['node']!r}: {b['why']} "
                       f"(covers {b['params']:,} parameters, {b['params'] / max(total, 1):.1%})")
-    roles = {}
-    for name, op, role in imp.ops:
-        roles.setdefault(role, []).append(op)
-    for role, ops in roles.items():
-        uniq = sorted(set(ops))
-        console.print(f"{role}: " + ", ".join(f"{o} x{ops.count(o)}" for o in uniq))
+    _print_roles(imp.ops)
     supported = not imp.barriers
     console.print(f"parameters: {total:,}  -  supported: " +
                   ("yes, every node is mapped" if supported else f"partly, {len(imp.barriers)} barrier node(s)"))

@@ -877,15 +877,6 @@ class _Builder:
             self.sparse(cin, s.ids, Wu.reshape(c_out, K), _etype("depthwise", op, repr(sorted(a.items()))),
                         node.input[1])
             self.joins.append((cin, s.ids))
-            if bias is not None:
-                cn = self.const_node(name)
-                self.sparse(np.full(s.n, cn), s.ids, bias, _etype("bias"), f"{node.input[1]}:bias")
-            shape = [1] * ids.ndim
-            shape[1] = c_out
-            self.layout[node.output[0]] = s.ids.reshape(shape)
-            self.records.append({"kind": "depthwise", "node": node.name, "op": op, "input": x,
-                                 "weight": node.input[1], "output": node.output[0], "space": sid})
-            return "per-unit"
         else:
             raise _Barrier(f"grouped {op} (group={group})")
         if bias is not None:
@@ -894,9 +885,11 @@ class _Builder:
         shape = [1] * ids.ndim
         shape[1] = c_out
         self.layout[node.output[0]] = s.ids.reshape(shape)
-        self.records.append({"kind": "linear", "node": node.name, "op": op, "input": x, "weight": node.input[1],
-                             "space": sid, "output": node.output[0], "x_axis": 1, "attrs": a})
-        return "layer"
+        depthwise = s.kind == "per-unit"
+        self.records.append({"kind": "depthwise" if depthwise else "linear", "node": node.name, "op": op,
+                             "input": x, "weight": node.input[1], "space": sid, "output": node.output[0],
+                             "x_axis": 1, "attrs": a})
+        return "per-unit" if depthwise else "layer"
 
     def attention(self, node, name, a, kinds):
         """The ONNX ``Attention`` op (opset 23): per head ``h``, score_h =

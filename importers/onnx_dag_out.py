@@ -33,32 +33,6 @@ from fibgraph.partition import canonical
 __all__ = ["dag_groups", "write_dag_base"]
 
 
-class _UF:
-    def __init__(self, n):
-        self.p = np.arange(n)
-
-    def find_all(self):
-        p = self.p
-        while True:
-            q = p[p]
-            if np.array_equal(q, p):
-                return p
-            p = q
-
-    def union(self, a, b):
-        # vectorised union by repeated pointer jumping (small graphs: a few passes)
-        a = np.asarray(a, dtype=np.int64)
-        b = np.asarray(b, dtype=np.int64)
-        for _ in range(64):
-            ra, rb = self.find_all()[a], self.find_all()[b]
-            diff = ra != rb
-            if not diff.any():
-                return
-            lo, hi = np.minimum(ra[diff], rb[diff]), np.maximum(ra[diff], rb[diff])
-            self.p[hi] = lo
-        raise RuntimeError("union-find did not converge")
-
-
 def _unit_axes(ids):
     return [k for k in range(ids.ndim) if ids.shape[k] > 1]
 
@@ -74,12 +48,20 @@ def dag_groups(imp, labels):
     every tensor with units on several axes (heads x head dims: only the last
     unit axis shrinks).  Cells of one tensor must keep equal sizes (reshapes
     need it), so groups are split, which is still exact, until they do."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    from fibgraph.refine import _mix
+
     n = imp.graph.n
     space_of = imp.space_of
-    uf = _UF(n)
-    for a, b in imp.joins:
-        uf.union(a, b)
-    col = canonical(uf.find_all())
+    if imp.joins:
+        a = np.concatenate([np.asarray(p, dtype=np.int64).reshape(-1) for p, _ in imp.joins])
+        b = np.concatenate([np.asarray(q, dtype=np.int64).reshape(-1) for _, q in imp.joins])
+    else:
+        a = b = np.zeros(0, np.int64)
+    _, comp = connected_components(coo_matrix((np.ones(a.size), (a, b)), shape=(n, n)), directed=False)
+    col = canonical(comp)
     n_col = int(col.max()) + 1 if n else 0
     why = [None] * len(imp.spaces)
     unique = np.zeros(n_col, dtype=bool)           # columns that may not merge
@@ -96,32 +78,45 @@ def dag_groups(imp, labels):
         unique[col[nodes]] = True
         for sp_ in np.unique(space_of[nodes]):
             why[sp_] = why[sp_] or f"tensor {t!r} has units on several axes"
-    for rec in imp.records:
-        if rec["kind"] == "recurrent" and rec["dirs"] > 1:
-            pass                                     # directions are cells of Y (see below)
     for sp_ in _shape_blocked(imp, space_of):
         unique[col[imp.spaces[sp_].ids]] = True
         why[sp_] = why[sp_] or "an index, Size, Expand or Tile names its unit axis"
-    # cell keys of columns from tensors with units on several axes
-    cell = [[] for _ in range(n_col)]
-    for t, ids in multi.items():
+    # slot of a node: its rank among the nodes of its own space in its column
+    # (q and k of one projection are two slots of one column)
+    order = np.lexsort((np.arange(n), space_of, col))
+    run = np.ones(n, dtype=bool)
+    if n:
+        run[1:] = (col[order][1:] != col[order][:-1]) | (space_of[order][1:] != space_of[order][:-1])
+    start = np.maximum.accumulate(np.where(run, np.arange(n), 0))
+    slot = np.empty(n, dtype=np.int64)
+    slot[order] = np.arange(n) - start
+    # signature of a column: the (space, slot, colour) of its nodes, the cells it
+    # lies in (tensors with units on several axes: the indices on all unit axes but
+    # the last), and uniqueness; two 64-bit hashes summed over members, plus counts
+    u64 = np.uint64
+    h_node = _mix(_mix(space_of.astype(u64)) + _mix(slot.astype(u64) + u64(7)) + labels.astype(np.int64).astype(u64))
+    h2_node = _mix(h_node ^ u64(0x5851F42D4C957F2D))
+    h1 = np.zeros(n_col, dtype=u64)
+    h2 = np.zeros(n_col, dtype=u64)
+    np.add.at(h1, col, h_node)
+    np.add.at(h2, col, h2_node)
+    cells = []
+    for ti, (t, ids) in enumerate(multi.items()):
         ua = _unit_axes(ids)
         last = ua[-1]
         idx = np.indices(ids.shape).reshape(ids.ndim, -1)
-        other = np.stack([idx[k] for k in ua if k != last], 1)
-        for c, o in zip(col[ids.reshape(-1)], map(tuple, other)):
-            cell[c].append((t, o))
-    # signature per column: sorted (space, colour) of its nodes, its cells, uniqueness
-    order = np.lexsort((np.arange(n), col))
-    sig = {}
-    members = [[] for _ in range(n_col)]
-    for v in order:
-        members[col[v]].append(v)
-    gid_col = np.empty(n_col, dtype=np.int64)
-    for c in range(n_col):
-        key = (tuple((int(space_of[v]), int(labels[v])) for v in members[c]), tuple(sorted(set(cell[c]))),
-               ("unique", c) if unique[c] else None)
-        gid_col[c] = sig.setdefault(key, len(sig))
+        other = np.zeros(idx.shape[1], dtype=u64)
+        for k in ua:
+            if k != last:
+                other = _mix(other + idx[k].astype(u64))
+        cells.append(np.stack([col[ids.reshape(-1)].astype(u64), _mix(other + u64(ti) * u64(0x9E37))], 1))
+    if cells:
+        cc = np.unique(np.concatenate(cells), axis=0)                 # a cell counts once per column
+        np.add.at(h1, cc[:, 0].astype(np.int64), _mix(cc[:, 1]))
+        np.add.at(h2, cc[:, 0].astype(np.int64), _mix(cc[:, 1] ^ u64(0xABCD)))
+    count = np.bincount(col, minlength=n_col)
+    uniq_key = np.where(unique, np.arange(n_col), -1)
+    gid_col = canonical(np.stack([h1.view(np.int64), h2.view(np.int64), count, uniq_key], 1))
     # equal cell sizes: split groups (largest first) in cells that keep fewer
     for _ in range(n_col + 1):
         changed = False
@@ -142,15 +137,7 @@ def dag_groups(imp, labels):
                     changed = True
         if not changed:
             break
-    # a group of columns holds one node per space slot (q and k of one projection
-    # are two slots): the node's group is (column group, slot)
-    slot = np.zeros(n, dtype=np.int64)
-    for c in range(n_col):
-        seen = {}
-        for v in members[c]:
-            s_ = int(space_of[v])
-            slot[v] = seen.get(s_, 0)
-            seen[s_] = slot[v] + 1
+    # a group of columns holds one node per space slot: the node's group is (column group, slot)
     gid = canonical(np.stack([gid_col[col], slot], 1))
     rep = np.full(int(gid_col.max()) + 1 if n_col else 0, n_col, dtype=np.int64)
     np.minimum.at(rep, gid_col, np.arange(n_col))
@@ -269,6 +256,12 @@ class _Axis:
     def mean_matrix(self):
         return sp.diags(1.0 / self.m) @ self.sum_matrix()
 
+    def mean_along(self, v, axis):
+        """``v`` with its ``axis`` (of length L) replaced by the mean over each group."""
+        vh = np.moveaxis(np.asarray(v, dtype=np.float64), axis, 0)
+        sh = vh.shape
+        return np.moveaxis((self.mean_matrix() @ vh.reshape(sh[0], -1)).reshape((self.L_hat,) + sh[1:]), 0, axis)
+
 
 class _Writer:
     def __init__(self, imp, gid, kept):
@@ -370,10 +363,7 @@ class _Writer:
         if bslot is not None and len(node.input) > 2 and node.input[2]:
             b = self.value(node.input[2])
             if b.size > 1:
-                bh = (Rm @ b.astype(np.float64).reshape(ax_out.L, -1)).reshape((ax_out.L_hat,) + b.shape[1:]) \
-                    if b.shape[0] == ax_out.L else (Rm @ b.reshape(-1).astype(np.float64)).reshape(
-                        b.shape[:-1] + (ax_out.L_hat,))
-                self.put(node, 2, bh, b)
+                self.put(node, 2, ax_out.mean_along(b, 0 if b.shape[0] == ax_out.L else b.ndim - 1), b)
 
     def embedding(self, rec):
         k, node = self.node(rec)
@@ -397,10 +387,7 @@ class _Writer:
                 a = ax.axis - (rank - c.ndim)
                 if a < 0 or c.shape[a] == 1:
                     continue
-                ch = np.moveaxis(c.astype(np.float64), a, 0)
-                sh = ch.shape
-                ch = (ax.mean_matrix() @ ch.reshape(sh[0], -1)).reshape((ax.L_hat,) + sh[1:])
-                self.put(node, slot, np.moveaxis(ch, 0, a), c)
+                self.put(node, slot, ax.mean_along(c, a), c)
 
     def depthwise(self, rec):
         k, node = self.node(rec)
@@ -408,11 +395,10 @@ class _Writer:
         if ax.identity:
             return
         W = self.value(node.input[1])
-        Rm = ax.mean_matrix()
-        self.put(node, 1, (Rm @ W.astype(np.float64).reshape(W.shape[0], -1)).reshape((ax.L_hat,) + W.shape[1:]), W)
+        self.put(node, 1, ax.mean_along(W, 0), W)
         if len(node.input) > 2 and node.input[2]:
             b = self.value(node.input[2])
-            self.put(node, 2, Rm @ b.astype(np.float64), b)
+            self.put(node, 2, ax.mean_along(b, 0), b)
         for at in node.attribute:
             if at.name == "group":
                 at.i = ax.L_hat
@@ -463,6 +449,15 @@ class _Writer:
         self.insert(k, [add])
         self.insert(k + 2, [fix])
 
+    def multiplicities(self, rows):
+        """Per row of node ids (a head's dims): the group size of each kept node."""
+        out = []
+        for r in rows:
+            g = self.gid[r]
+            cnt = {int(x): int(c) for x, c in zip(*np.unique(g, return_counts=True))}
+            out.append([cnt[int(x)] for x in g[self.kept[r]]])
+        return np.array(out, dtype=np.float64)
+
     def contract(self, rec):
         """q.k over a unit axis: the kept position of a group of ``m`` head dims
         stands for ``m`` equal products, so A is scaled by ``m`` (0 nowhere:
@@ -473,14 +468,7 @@ class _Writer:
         last = ids.ndim - 1
         if ids.shape[last] == 1:
             return
-        rows = np.moveaxis(ids, last, -1).reshape(-1, ids.shape[last])
-        ms = []
-        for r in rows:
-            g = self.gid[r]
-            keep = self.kept[r]
-            cnt = {int(x): int(c) for x, c in zip(*np.unique(g, return_counts=True))}
-            ms.append([cnt[int(x)] for x in g[keep]])
-        m = np.array(ms, dtype=np.float64)
+        m = self.multiplicities(np.moveaxis(ids, last, -1).reshape(-1, ids.shape[last]))
         if np.all(m == 1):
             return
         shape = list(ids.shape[:last]) + [m.shape[1]]
@@ -494,13 +482,7 @@ class _Writer:
         and the ORIGINAL 1/sqrt(head size) written as ``scale`` (the op would
         recompute it from the compressed size)."""
         k, node = self.node(rec)
-        heads = self.imp.layouts[rec["heads"]]                  # (Hq, dh)
-        ms = []
-        for r in heads:
-            g = self.gid[r]
-            cnt = {int(x): int(c) for x, c in zip(*np.unique(g, return_counts=True))}
-            ms.append([cnt[int(x)] for x in g[self.kept[r]]])
-        m = np.array(ms, dtype=np.float64)                     # (Hq, D)
+        m = self.multiplicities(self.imp.layouts[rec["heads"]])      # (Hq, D)
         if m.shape[1] == rec["dh"]:
             return
         if not any(at.name == "scale" for at in node.attribute):
@@ -523,10 +505,7 @@ class _Writer:
         bet = self.value(node.input[2]) if len(node.input) > 2 and node.input[2] else None
 
         def shrink(v):
-            a2 = ax.axis - (rank - v.ndim)
-            vh = np.moveaxis(v.astype(np.float64), a2, 0)
-            sh = vh.shape
-            return np.moveaxis((Rm @ vh.reshape(sh[0], -1)).reshape((ax.L_hat,) + sh[1:]), 0, a2)
+            return ax.mean_along(v, ax.axis - (rank - v.ndim))
 
         g_hat = shrink(gam)
         b_hat = shrink(bet) if bet is not None else None

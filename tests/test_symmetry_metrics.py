@@ -183,6 +183,9 @@ def test_cli_symmetry_metrics_attention_only(capsys, tmp_path):
     rc, so, err = cli(capsys, "symmetry-metrics", path, "--json", out)
     assert rc == 0, err
     r = read_json(out)
-    assert r["layers"] == [] and r["attention"][0]["q"] == "wq"
+    assert r["attention"][0]["q"] == "wq"
     assert r["attention"][0]["n_dos"]["0.05"] >= 1
-    assert "dense-layer metrics skipped" in so
+    # the chain importer refuses it; the hypergraph rows: both weights write the output y = q * k
+    assert [(ly["name"], ly["output_layer"], ly["source"]) for ly in r["layers"]] == [
+        ("wq", True, "hypergraph"), ("wk", True, "hypergraph")]
+    assert not any("skipped" in w for w in r["warnings"])

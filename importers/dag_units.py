@@ -1,0 +1,174 @@
+"""Per-unit parameter vectors of the weight layers of a hypergraph import
+(:func:`importers.onnx_dag.import_dag`), for the permutation-symmetry metrics
+of models the feed-forward chain importer refuses (Transformers, LSTMs,
+branching CNNs).
+
+For every compressible weight (the records behind
+:func:`importers.dag_api.weight_entries`) one layer of units:
+
+* a linear / conv / embedding weight: one unit per output node;
+* output layer: every unit is tied (joins) to a node of a graph output (the
+  last Linear, or a residual stream that is the model's output): no rows;
+* an LSTM / GRU / RNN: one unit per hidden node (both directions), ``W`` and
+  ``R`` together: the unit's nodes are its gate, hidden and cell nodes (the
+  record's nodes tied to the hidden node by ``imp.joins``), so its incoming
+  weights are the concatenated gate rows of ``W`` and ``R``.
+
+A unit's vector ``(incoming, bias, outgoing)``:
+
+* incoming: per dense block whose ``dst`` holds one of the unit's nodes, that
+  row (summed over the unit's nodes in the block; one row in practice),
+  flattened over ``D``; blocks concatenated in graph order;
+* bias: per sparse block from a constant node into the unit's nodes or into
+  its chain of per-unit element-wise nodes downstream (``MatMul -> Add(bias)``
+  as torch exports ``Linear`` on 3-D inputs), those values;
+* outgoing: the nodes tied to the unit (union-find over ``imp.joins``: its
+  bias-add node, activation aliases, the residual stream column, the cell
+  and gates of a recurrent unit), minus the own/chain nodes of *other* units
+  of the same layer (q and k columns of one head are tied by the score
+  contraction); per dense block that reads any of them as ``src``, the sum of
+  those columns, flattened over ``(n_dst, D)``; a unit without a column in a
+  block gets zeros there, so all vectors of a layer have one length.
+
+An unrolled loop reads one weight at several steps: the uses of one weight are
+concatenated per unit.  Units whose outgoing edges are not dense (q/k columns
+read only by the score contraction) have no outgoing part.
+"""
+from __future__ import annotations
+
+import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+__all__ = ["DagLayer", "tie_labels", "dag_layers"]
+
+
+class DagLayer(dict):
+    """``{"name", "op", "units", "incoming" (n, a), "bias" (n, b), "outgoing" (n, c),
+    "has_reader" (n,) bool, "output_layer", "uses"}``; :meth:`vectors` = hstack."""
+
+    def vectors(self):
+        return np.hstack([self["incoming"], self["bias"], self["outgoing"]]).astype(np.float64)
+
+
+def tie_labels(imp) -> np.ndarray:
+    """Connected component of every node in the graph of ``imp.joins``."""
+    n = int(imp.graph.n)
+    pairs = [(np.asarray(a).reshape(-1), np.asarray(b).reshape(-1)) for a, b in imp.joins]
+    pairs = [(a, b) for a, b in pairs if a.size and a.size == b.size]
+    if not pairs:
+        return np.arange(n)
+    a = np.concatenate([p[0] for p in pairs]).astype(np.int64)
+    b = np.concatenate([p[1] for p in pairs]).astype(np.int64)
+    _, lab = connected_components(coo_matrix((np.ones(a.size), (a, b)), shape=(n, n)), directed=False)
+    return lab
+
+
+def _unit_nodes(imp, rec, lab):
+    """(hidden / output node per unit, owner map {node: unit} of the unit's own nodes)."""
+    if rec["kind"] == "recurrent":
+        ids = np.concatenate([imp.spaces[s].ids for s in rec["hidden"]])
+        own_space = np.isin(imp.space_of, np.asarray(rec["spaces"]))
+        owner = np.full(imp.graph.n, -1, dtype=np.int64)
+        for u, h in enumerate(ids):
+            owner[(lab == lab[h]) & own_space] = u
+        owner[ids] = np.arange(ids.size)
+        return ids, owner
+    ids = imp.spaces[rec["space"]].ids
+    owner = np.full(imp.graph.n, -1, dtype=np.int64)
+    owner[ids] = np.arange(ids.size)
+    return ids, owner
+
+
+def _chain(imp, owner, kinds):
+    """Extend ``owner`` along sparse edges into per-unit element-wise nodes
+    (one stream input: bias adds, scales); returns the extended copy."""
+    ch = owner.copy()
+    blocks = [b for b in imp.graph.blocks if not b.dense]
+    for _ in range(64):
+        changed = False
+        for b in blocks:
+            s, d = b.src[b.cols], b.dst[b.rows]
+            m = (ch[s] >= 0) & (ch[d] < 0) & (kinds[d] == "per-unit")
+            if m.any():
+                ch[d[m]] = ch[s[m]]
+                changed = True
+        if not changed:
+            break
+    return ch
+
+
+def _one_use(imp, rec, lab, kinds, const_node):
+    ids, own = _unit_nodes(imp, rec, lab)
+    n = ids.size
+    chain = _chain(imp, own, kinds)
+    inc, bias, out = [], [], []
+    has_reader = np.zeros(n, dtype=bool)
+    ulab = lab[ids]
+    for b in imp.graph.blocks:
+        if b.dense:
+            D = b.weight.shape[2]
+            o = own[b.dst]
+            if (o >= 0).any():                       # rows into the unit's nodes
+                part = np.zeros((n, b.src.size * D))
+                np.add.at(part, o[o >= 0], b.weight[o >= 0].reshape(int((o >= 0).sum()), -1))
+                inc.append(part)
+            # columns read from the nodes tied to each unit (not another unit's own/chain nodes)
+            if not np.isin(lab[b.src], ulab).any():
+                continue
+            c_own = chain[b.src]
+            hit = (lab[b.src][None, :] == ulab[:, None]) & ((c_own[None, :] < 0)
+                                                            | (c_own[None, :] == np.arange(n)[:, None]))
+            if hit.any():
+                cols = b.weight.transpose(1, 0, 2).reshape(b.src.size, -1)      # (n_src, n_dst * D)
+                out.append(hit.astype(np.float64) @ cols)
+                has_reader |= hit.any(axis=1)
+        else:
+            s, d = b.src[b.cols], b.dst[b.rows]
+            o = chain[d]
+            m = const_node[s] & (o >= 0)
+            if m.any():
+                part = np.zeros((n, b.values.shape[1]))
+                np.add.at(part, o[m], b.values[m])
+                bias.append(part)
+    cat = (lambda xs: np.hstack(xs) if xs else np.zeros((n, 0)))
+    return ids, cat(inc), cat(bias), cat(out), has_reader
+
+
+def dag_layers(imp) -> list:
+    """One :class:`DagLayer` per weight (recurrent ``W`` and ``R`` as one layer),
+    in the order of ``imp.records``."""
+    lab = tie_labels(imp)
+    kinds = np.array([s.kind for s in imp.spaces], dtype=object)[imp.space_of] if imp.graph.n else np.zeros(0)
+    const_node = kinds == "const"
+    out_nodes = np.zeros(imp.graph.n, dtype=bool)
+    for o in imp.outputs:
+        if o in imp.layouts:
+            out_nodes[np.asarray(imp.layouts[o]).reshape(-1)] = True
+    # a unit tied (through element-wise ops, a residual stream) to an output node is an output unit
+    out_nodes = np.isin(lab, lab[out_nodes])
+    layers, by_name = [], {}
+    for rec in imp.records:
+        k = rec["kind"]
+        if k in ("linear", "embedding"):
+            name, op = rec["weight"], rec.get("op", "Gather")
+        elif k == "recurrent":
+            name, op = f"{rec['W']} + {rec['R']}", rec["op"]
+        else:
+            continue
+        ids, inc, bias, out, has_reader = _one_use(imp, rec, lab, kinds, const_node)
+        prev = by_name.get(name)
+        if prev is not None and prev["units"] == ids.size:
+            prev["incoming"] = np.hstack([prev["incoming"], inc])
+            prev["bias"] = np.hstack([prev["bias"], bias])
+            prev["outgoing"] = np.hstack([prev["outgoing"], out])
+            prev["has_reader"] |= has_reader
+            prev["output_layer"] = prev["output_layer"] and bool(out_nodes[ids].all())
+            prev["uses"] += 1
+            continue
+        ly = DagLayer(name=name, op=op, units=int(ids.size), incoming=inc, bias=bias, outgoing=out,
+                      has_reader=has_reader, output_layer=bool(out_nodes[ids].all()), uses=1,
+                      nodes=ids)
+        by_name[name] = ly
+        layers.append(ly)
+    return layers
