@@ -65,26 +65,24 @@ def tie_labels(imp) -> np.ndarray:
 
 
 def _unit_nodes(imp, rec, lab):
-    """(hidden / output node per unit, owner map {node: unit} of the unit's own nodes)."""
+    """(hidden / output node per unit, owner: unit index of the unit's own nodes, else -1)."""
+    owner = np.full(imp.graph.n, -1, dtype=np.int64)
     if rec["kind"] == "recurrent":
         ids = np.concatenate([imp.spaces[s].ids for s in rec["hidden"]])
-        own_space = np.isin(imp.space_of, np.asarray(rec["spaces"]))
-        owner = np.full(imp.graph.n, -1, dtype=np.int64)
-        for u, h in enumerate(ids):
-            owner[(lab == lab[h]) & own_space] = u
-        owner[ids] = np.arange(ids.size)
-        return ids, owner
-    ids = imp.spaces[rec["space"]].ids
-    owner = np.full(imp.graph.n, -1, dtype=np.int64)
+        own_space = np.nonzero(np.isin(imp.space_of, np.asarray(rec["spaces"])))[0]
+        lut = np.full(int(lab.max()) + 1, -1, dtype=np.int64)
+        lut[lab[ids]] = np.arange(ids.size)
+        owner[own_space] = lut[lab[own_space]]
+    else:
+        ids = imp.spaces[rec["space"]].ids
     owner[ids] = np.arange(ids.size)
     return ids, owner
 
 
-def _chain(imp, owner, kinds):
-    """Extend ``owner`` along sparse edges into per-unit element-wise nodes
-    (one stream input: bias adds, scales); returns the extended copy."""
+def _chain(imp, owner, kinds, blocks):
+    """Extend ``owner`` (a global key per node, -1: none) along sparse edges into
+    per-unit element-wise nodes (one stream input: bias adds, scales)."""
     ch = owner.copy()
-    blocks = [b for b in imp.graph.blocks if not b.dense]
     for _ in range(64):
         changed = False
         for b in blocks:
@@ -98,10 +96,10 @@ def _chain(imp, owner, kinds):
     return ch
 
 
-def _one_use(imp, rec, lab, kinds, const_node):
-    ids, own = _unit_nodes(imp, rec, lab)
+def _one_use(imp, ids, own, chain, lab, const_node):
+    """``own`` / ``chain``: unit index of this layer's own / own-or-chain nodes, else
+    negative (-2 on other layers' own or chain nodes: tied nodes like any other)."""
     n = ids.size
-    chain = _chain(imp, own, kinds)
     inc, bias, out = [], [], []
     has_reader = np.zeros(n, dtype=bool)
     ulab = lab[ids]
@@ -113,9 +111,9 @@ def _one_use(imp, rec, lab, kinds, const_node):
                 part = np.zeros((n, b.src.size * D))
                 np.add.at(part, o[o >= 0], b.weight[o >= 0].reshape(int((o >= 0).sum()), -1))
                 inc.append(part)
-            # columns read from the nodes tied to each unit (not another unit's own/chain nodes)
             if not np.isin(lab[b.src], ulab).any():
                 continue
+            # columns read from the nodes tied to each unit (not another unit's own/chain nodes)
             c_own = chain[b.src]
             hit = (lab[b.src][None, :] == ulab[:, None]) & ((c_own[None, :] < 0)
                                                             | (c_own[None, :] == np.arange(n)[:, None]))
@@ -132,7 +130,7 @@ def _one_use(imp, rec, lab, kinds, const_node):
                 np.add.at(part, o[m], b.values[m])
                 bias.append(part)
     cat = (lambda xs: np.hstack(xs) if xs else np.zeros((n, 0)))
-    return ids, cat(inc), cat(bias), cat(out), has_reader
+    return cat(inc), cat(bias), cat(out), has_reader
 
 
 def dag_layers(imp) -> list:
@@ -147,7 +145,7 @@ def dag_layers(imp) -> list:
             out_nodes[np.asarray(imp.layouts[o]).reshape(-1)] = True
     # a unit tied (through element-wise ops, a residual stream) to an output node is an output unit
     out_nodes = np.isin(lab, lab[out_nodes])
-    layers, by_name = [], {}
+    uses = []                                  # (name, op, ids, own)
     for rec in imp.records:
         k = rec["kind"]
         if k in ("linear", "embedding"):
@@ -156,7 +154,24 @@ def dag_layers(imp) -> list:
             name, op = f"{rec['W']} + {rec['R']}", rec["op"]
         else:
             continue
-        ids, inc, bias, out, has_reader = _one_use(imp, rec, lab, kinds, const_node)
+        ids, own = _unit_nodes(imp, rec, lab)
+        uses.append((name, op, ids, own))
+    # own nodes of every use under one global key, extended along per-unit chains once
+    key = np.full(imp.graph.n, -1, dtype=np.int64)
+    base = 0
+    for _, _, ids, own in uses:
+        m = own >= 0
+        key[m] = base + own[m]
+        base += ids.size
+    sparse = [b for b in imp.graph.blocks if not b.dense]
+    gchain = _chain(imp, key, kinds, sparse)
+    layers, by_name = [], {}
+    base = 0
+    for name, op, ids, own in uses:
+        chain = np.where(gchain < 0, -1, gchain - base)
+        chain[(gchain >= 0) & ((chain < 0) | (chain >= ids.size))] = -2
+        base += ids.size
+        inc, bias, out, has_reader = _one_use(imp, ids, own, chain, lab, const_node)
         prev = by_name.get(name)
         if prev is not None and prev["units"] == ids.size:
             prev["incoming"] = np.hstack([prev["incoming"], inc])

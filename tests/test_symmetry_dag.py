@@ -163,6 +163,6 @@ def test_both_importers_refuse_rows_skipped_with_warning(capsys, models, tmp_pat
     monkeypatch.setattr(od, "import_dag", refuse)
     r, _ = _run(capsys, models["rnd_tr"], tmp_path / "s.json")
     assert r["layers"] == [] and len(r["attention"]) == 2
-    skipped = [w for w in r["warnings"] if w.startswith("dense-layer metrics skipped for 4 weight layers")]
+    skipped = [w for w in r["warnings"] if w.startswith("dense-layer metrics skipped for 5 weight layers")]
     assert len(skipped) == 1 and "feed-forward importer refuses" in skipped[0]
     assert skipped[0].endswith("the hypergraph importer too: planted refusal")
