@@ -4,11 +4,13 @@ write the base, verify.  :mod:`importers.api` falls back to this path when the
 feed-forward chain importer refuses a model.
 
 Criteria: eps = 0 is exact up to float rounding.  With eps > 0 the
-quasi-fibration clustering (the paper's Algorithm 1) runs on the node sets of
-weights (linear layers, embeddings, recurrent units); every other node set
-(sums, products, norms) stays exact, and since no node here licenses the
-rescaling merge, cosine is replaced by the magnitude-aware distance (the report
-says so per layer).
+quasi-fibration clustering (the paper's Algorithm 1) runs on every node set:
+the weights' (linear layers, embeddings, recurrent units; an eps file sets
+them per weight, and a bias add or per-channel scale right after a layer takes
+its layer's eps) and the sums, products and norms between them (the default
+eps), so that a residual stream's LayerNorm gamma/beta cluster like its
+writers.  No node here licenses the rescaling merge, so cosine is replaced by
+the magnitude-aware distance (the report says so per layer).
 """
 from __future__ import annotations
 
@@ -63,11 +65,29 @@ def _criteria(imp, eps, table, linkage, metric, rtol):
     if unknown:
         raise InputError(f"eps file: layers not in the model: {', '.join(unknown)} (layers: {', '.join(names)})")
     by_weight = criteria_from_table(table, eps, linkage, metric, True, rtol)
-    crit = {None: Exact(rtol)}
+    # node sets of sums, products and norms take the default criterion: with eps > 0
+    # a residual stream's LayerNorm gamma/beta and Add nodes cluster like its writers
+    crit = {None: by_weight[None]}
     for w, _, _, spaces in weight_entries(imp):
         c = by_weight.get(w, by_weight[None])
         for s in spaces:
             crit[s] = c
+    # a bias add, BatchNorm or per-channel scale right after a layer (its own node
+    # set, tied position by position) takes the layer's criterion: with eps > 0
+    # the bias is clustered with the rows, as in the paper's Algorithm 1
+    for _ in range(4):
+        changed = False
+        for a, b in imp.joins:
+            a, b = np.asarray(a).reshape(-1), np.asarray(b).reshape(-1)
+            if not a.size:
+                continue
+            sa, sb = imp.spaces[int(imp.space_of[a[0]])], imp.spaces[int(imp.space_of[b[0]])]
+            if sa.name in crit and sb.name not in crit and sb.kind == "per-unit" \
+                    and np.unique(imp.space_of[a]).size == 1 and np.unique(imp.space_of[b]).size == 1:
+                crit[sb.name] = crit[sa.name]
+                changed = True
+        if not changed:
+            break
     return crit
 
 

@@ -108,3 +108,28 @@ def test_attention_op_opset23(tmp_path, qk_shared):
     att = next(n for n in onnx.load(str(out)).graph.node if n.op_type == "Attention")
     scale = [onnx.helper.get_attribute_value(a) for a in att.attribute if a.name == "scale"]
     assert scale and abs(scale[0] - 1 / np.sqrt(info["head_dim"])) < 1e-7
+
+
+def test_eps_recovers_a_noisy_transformer(tmp_path):
+    """1e-3 noise on every parameter of the planted Transformer: eps = 0 keeps
+    every unit, eps = 0.02 finds the planted residual stream, q/k/v and
+    feed-forward fibers again (LayerNorm and the residual Adds cluster too),
+    and the base stays close to the original."""
+    model, info = P.planted_transformer(0)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1e-3 * p.abs().mean() * torch.randn(p.shape, generator=g))
+    path = P.export_one(model, P.example_input(info), tmp_path / "noisy.onnx", dynamo=True)
+    exact = compress_model(path, str(tmp_path / "b0.onnx"), eps=0.0, verify=True)
+    assert all(ly["nodes_after"] == ly["nodes_before"] for ly in exact["layers"])
+    rep = compress_model(path, str(tmp_path / "b1.onnx"), eps=0.02, linkage="complete", verify=True)
+    after = [ly["nodes_after"] for ly in rep["layers"]]
+    H = info["nhead"]
+    hd = info["head_dim"]
+    per_head = max(max(len(p) for p in info["qk_pairs"]),
+                   max(len({info["maps"]["v"][h * hd + j] for j in range(hd)}) for h in range(H)))
+    assert after == [len(info["sizes"]["residual"]), 3 * H * per_head, len(info["sizes"]["residual"]),
+                     len(info["sizes"]["ff"]), len(info["sizes"]["residual"]), info["n_out"]]
+    assert rep["layers"][0]["criterion"]["eps"] == 0.02
+    assert rep["verify"]["max_abs_diff"] <= 1e-3 * max(1.0, rep["verify"]["max_abs_output"])
