@@ -333,7 +333,7 @@ def main(argv=None):
     clock = timer()
     (xtr, ytr), (xte, yte) = digits_seq_split(args.seed)
     test = (xte, yte)
-    lstm_grid = grid(0.9, 1.6, 0.02) if not args.quick else grid(1.0, 1.5, 0.1)
+    lstm_grid = grid(0.5, 1.6, 0.02) if not args.quick else grid(1.0, 1.5, 0.1)
     tf_grid = grid(0.3, 1.9, 0.05) if not args.quick else grid(0.5, 1.5, 0.25)
     out = {"setting": {"data": f"scikit-learn digits as 8x8 sequences, stratified 75/25 split "
                                f"({len(ytr):,} train / {len(yte):,} test), seed {args.seed}",
