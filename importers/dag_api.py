@@ -23,7 +23,7 @@ import onnx
 
 from fibgraph.errors import InputError
 from fibgraph.partition import canonical, classes
-from fibgraph.refine import DEFAULT_RTOL, Exact, Tolerance
+from fibgraph.refine import DEFAULT_RTOL, Tolerance
 from fibgraph.symmetry import colour
 
 from .onnx_dag import import_dag

@@ -190,10 +190,6 @@ class DagImport:
     opset: int = 13
     computed: set = field(default_factory=set)
 
-    def weights(self):
-        """The compressible weights: (initializer name, Space of its output units)."""
-        return [(s.weight, s) for s in self.spaces if s.weight]
-
 
 class _Builder:
     def __init__(self, model, label, feeds=None, probe=None, input_axis="last"):
@@ -947,7 +943,6 @@ class _Builder:
         tmp = f"{name}:heads-out"
         self._combine([sc.ids.reshape(Hq, 1), v[grp]], tmp, name, tag + ("out",), kind="factor")
         out = self.layout.pop(tmp)
-        shp = self.shapes[node.output[0]]
         self.layout[node.output[0]] = out.reshape(1, Hq, 1, dv) if four else out.reshape(1, 1, Hq * dv)
         # heads x head dims as tensors of their own: every head keeps the same size
         self.layout[f"{name}:q-heads"] = np.ascontiguousarray(q)

@@ -37,6 +37,11 @@ def _unit_axes(ids):
     return [k for k in range(ids.ndim) if ids.shape[k] > 1]
 
 
+def _nodes_along(ids, axis):
+    """The node ids along ``axis`` of a layout, at index 0 of its other axes."""
+    return np.moveaxis(ids, axis, 0).reshape(ids.shape[axis], -1)[:, 0]
+
+
 def dag_groups(imp, labels):
     """Per node: its group (``gid``) and whether it is kept; per space the reason
     its units were kept whole (or None).
@@ -172,7 +177,6 @@ def _shape_blocked(imp, space_of):
 
 def _cut_constant(imp, node):
     op = node.op_type
-    a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
     if op == "Slice":
         if len(node.input) < 3:
             return False                   # opset < 10: bounds in attributes
@@ -233,7 +237,7 @@ class _Axis:
             self.m = np.ones(1)
             self.identity = True
             return
-        nodes = np.moveaxis(ids, self.axis, 0).reshape(ids.shape[self.axis], -1)[:, 0]
+        nodes = _nodes_along(ids, self.axis)
         self.L = nodes.size
         g = gid[nodes]
         # occurrence index of each position among positions of the same node
@@ -500,7 +504,6 @@ class _Writer:
         if ax.identity:
             return
         rank = len(self.imp.shapes[rec["input"]])
-        Rm = ax.mean_matrix()
         gam = self.value(node.input[1])
         bet = self.value(node.input[2]) if len(node.input) > 2 and node.input[2] else None
 
@@ -592,9 +595,7 @@ class _Writer:
                 at.i = Hh
 
     def kept_count(self, tname, axis):
-        ids = self.imp.layouts[tname]
-        nodes = np.moveaxis(ids, axis, 0).reshape(ids.shape[axis], -1)[:, 0]
-        return int(self.kept[nodes].sum())
+        return int(self._kept_along(tname, axis).sum())
 
     def _shrunk(self, tname):
         """Unit axes of ``tname`` that the base shrinks: {axis: (L, L_hat)}."""
@@ -618,9 +619,7 @@ class _Writer:
                                          [t], name=self.tmp("fib_shape"))])
 
     def _kept_along(self, tname, axis):
-        ids = self.imp.layouts[tname]
-        nodes = np.moveaxis(ids, axis, 0).reshape(ids.shape[axis], -1)[:, 0]
-        return self.kept[nodes]
+        return self.kept[_nodes_along(self.imp.layouts[tname], axis)]
 
     def cuts(self):
         """Split, Slice and Gather along a shrunk unit axis: sizes, bounds and

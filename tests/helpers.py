@@ -368,3 +368,21 @@ def torch_mlp(planted: PlantedMLP, act="relu"):
         if l < len(planted.Ws) - 1:
             layers.append(torch.nn.ReLU() if act == "relu" else torch.nn.Tanh())
     return torch.nn.Sequential(*layers).eval()
+
+
+def wrap_module(layer):
+    """``layer`` inside a module whose forward is ``layer(x)``: the TorchScript
+    exporter passes ``is_causal`` as a tensor to a bare TransformerEncoderLayer
+    (torch 2.13: "argument 'is_causal' must be bool, not Tensor"); wrapped, it
+    exports fine with both exporters."""
+    import torch
+
+    class Wrap(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, x):
+            return self.m(x)
+
+    return Wrap(layer).eval()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from helpers import cli, finish, mlp_onnx, read_json, save, torch_export
+from helpers import cli, finish, mlp_onnx, read_json, save, torch_export, wrap_module
 
 from importers.onnx_attention import attention_metrics, find_attention
 
@@ -21,27 +21,10 @@ def _encoder_layer(seed=0):
     return torch.nn.TransformerEncoderLayer(D, H, FF, dropout=0.0, batch_first=True).eval()
 
 
-def _wrap(layer):
-    """The TorchScript exporter passes ``is_causal`` as a tensor to the bare layer
-    (torch 2.13: "argument 'is_causal' must be bool, not Tensor"); a wrapper that
-    calls ``layer(x)`` exports fine with both exporters."""
-    import torch
-
-    class Wrap(torch.nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, x):
-            return self.m(x)
-
-    return Wrap(layer).eval()
-
-
 def _export(layer, path, dynamo):
     import torch
 
-    return torch_export(_wrap(layer), torch.randn(3, 5, D), path, dynamo)
+    return torch_export(wrap_module(layer), torch.randn(3, 5, D), path, dynamo)
 
 
 def _in_proj(layer):

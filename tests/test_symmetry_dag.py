@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from helpers import cli, read_json
+from helpers import cli, read_json, wrap_module
 
 torch = pytest.importorskip("torch")
 
@@ -111,16 +111,7 @@ def test_bare_encoder_layer_residual_writers_are_output_units(capsys, tmp_path):
     linear2 write the output columns (tied through the Adds and LayerNorms)."""
     torch.manual_seed(0)
     enc = torch.nn.TransformerEncoderLayer(8, 2, 12, dropout=0.0, batch_first=True).eval()
-
-    class Wrap(torch.nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, x):
-            return self.m(x)
-
-    path = export_one(Wrap(enc).eval(), torch.randn(2, 5, 8), tmp_path / "enc.onnx", dynamo=False)
+    path = export_one(wrap_module(enc), torch.randn(2, 5, 8), tmp_path / "enc.onnx", dynamo=False)
     r, _ = _run(capsys, path, tmp_path / "e.json")
     assert [(ly["units"], ly["output_layer"]) for ly in r["layers"]] == [(24, False), (8, True), (12, False),
                                                                        (8, True)]
