@@ -59,7 +59,7 @@ def tune(model, data, tau, steps, linkage, metric, no_rescale, out, report_out, 
     """Greedy per-layer eps (Algorithm 3): for each layer in turn, the largest
     eps keeping the calibration loss <= (1 + tau) * the original loss."""
     from importers.api import atomic_write_json
-    from importers.tuning import ModelCompressor, tune_model
+    from importers.tuning import make_compressor, tune_model
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from .report import console
@@ -73,7 +73,9 @@ def tune(model, data, tau, steps, linkage, metric, no_rescale, out, report_out, 
         raise InputError(f"--steps must be in 0..40, got {steps}")
     if not (tau >= 0):
         raise InputError(f"--tau must be >= 0, got {tau}")
-    mc = ModelCompressor(model, linkage, metric, not no_rescale)
+    mc = make_compressor(model, linkage, metric, not no_rescale, data=data)
+    if not mc.tunable:
+        raise InputError(f"{model}: no compressible (non-output) layer to tune")
     total = len(mc.tunable) * (steps + 1)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console, disable=no_progress, transient=False) as bar:
@@ -89,13 +91,18 @@ def tune(model, data, tau, steps, linkage, metric, no_rescale, out, report_out, 
         bar.update(task, completed=total, description="tuned")
     from rich.table import Table
 
-    console.print(f"{model}: greedy eps (tau {tau:g}, {linkage} linkage, {metric}"
-                  f"{', rescaling merge' if not no_rescale else ''})")
+    if report["notes"]:
+        how = f"{linkage} linkage; " + "; ".join(report["notes"])
+    else:
+        how = f"{linkage} linkage, {metric}" + (", rescaling merge" if not no_rescale else "")
+    console.print(f"{model}: greedy eps ({report['graph']}; tau {tau:g}, {how})")
     t = Table()
     for c in ("layer (weight)", "eps", "nodes", "kept"):
         t.add_column(c, justify="left" if c.startswith("layer") else "right")
     for ly in report["layers"]:
-        t.add_row(ly["weight"], "output" if ly["output_layer"] else f"{ly['eps']:.4g}",
+        name = ly["weight"] + (f" (+ {', '.join(ly['tied'])})" if ly.get("tied") else "")
+        eps_cell = "output" if ly["output_layer"] else "kept whole" if ly.get("kept_whole") else f"{ly['eps']:.4g}"
+        t.add_row(name, eps_cell,
                   f"{ly['nodes_before']} -> {ly['nodes_after']}",
                   f"{ly['nodes_after'] / max(ly['nodes_before'], 1):.0%}")
     console.print(t)

@@ -127,8 +127,7 @@ def import_any(path, data=None):
     try:
         return import_onnx(model, os.fspath(path)), None
     except InputError:
-        feeds = None if data is None else data_feeds(data, model)
-        return None, import_dag(model, feeds=feeds, label=os.fspath(path))
+        return None, import_dag(model, feeds=probe_feeds(data, model), label=os.fspath(path))
 
 
 def data_feeds(data, model):
@@ -150,6 +149,31 @@ def data_feeds(data, model):
                          "or x for a model with one input")
     return {vi.name: np.asarray(pick[vi.name]).astype(
         onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)) for vi in inputs}
+
+
+def probe_feeds(data, model):
+    """The hypergraph importer's probe from ``data``: for a model with one
+    input whose batch axis is free, its first sample (batch 1); for several
+    inputs the arrays of the npz as they are; None without data."""
+    if data is None:
+        return None
+    inits = {t.name for t in model.graph.initializer}
+    inputs = [vi for vi in model.graph.input if vi.name not in inits]
+    if isinstance(data, tuple):
+        if len(inputs) != 1:
+            return None
+        vi = inputs[0]
+        feeds = {vi.name: np.asarray(data[0]).astype(
+            onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type))}
+    else:
+        feeds = data_feeds(data, model)
+    if len(inputs) != 1:
+        return feeds
+    vi = inputs[0]
+    v = feeds[vi.name]
+    dims = vi.type.tensor_type.shape.dim
+    fixed = len(dims) > 0 and dims[0].HasField("dim_value") and dims[0].dim_value > 0
+    return feeds if fixed or v.ndim == 0 else {vi.name: v[:1]}
 
 
 def _dag_eps_table(imp, eps_file):

@@ -68,10 +68,16 @@ def _criteria(imp, eps, table, linkage, metric, rtol):
     # node sets of sums, products and norms take the default criterion: with eps > 0
     # a residual stream's LayerNorm gamma/beta and Add nodes cluster like its writers
     crit = {None: by_weight[None]}
+    # weights sharing node sets (W and R of one LSTM) share a criterion: an
+    # explicit entry for either beats the default (the first explicit one wins)
+    explicit = set()
     for w, _, _, spaces in weight_entries(imp):
         c = by_weight.get(w, by_weight[None])
         for s in spaces:
-            crit[s] = c
+            if s not in crit or (w in table and s not in explicit):
+                crit[s] = c
+                if w in table:
+                    explicit.add(s)
     # a bias add, BatchNorm or per-channel scale right after a layer (its own node
     # set, tied position by position) takes the layer's criterion: with eps > 0
     # the bias is clustered with the rows, as in the paper's Algorithm 1

@@ -145,7 +145,11 @@ def probe_model(model, feeds=None):
             return f, vals
         except Exception as e:  # the size did not fit the model; try the next
             err = e
-    raise InputError(f"cannot run the model once to learn its shapes ({str(err).splitlines()[0][:160]}); "
+    why = str(err).splitlines()[0][:160]
+    if feeds is not None:
+        shapes = ", ".join(f"{k} {list(np.shape(v))}" for k, v in feeds.items())
+        raise InputError(f"the model does not run on the given data ({shapes}): {why}") from None
+    raise InputError(f"cannot run the model once to learn its shapes ({why}); "
                      "give sample inputs with --data (an .npz with one array per input name)") from None
 
 

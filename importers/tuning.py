@@ -1,8 +1,10 @@
 """Greedy per-layer eps (Algorithm 3) on an ONNX classifier, in memory.
 
-:class:`ModelCompressor` imports a model once and compresses it for any
-``{layer weight name: eps}`` (layers not named: eps = 0, exact fibers) to a
-``ModelProto`` without writing files.  :func:`tune_model` runs
+:class:`ModelCompressor` (feed-forward chains) and :class:`DagCompressor`
+(the hypergraph path: residual streams, LSTM/GRU, attention, LayerNorm)
+import a model once and compress it for any ``{layer weight name: eps}``
+(layers not named: eps = 0, exact fibers) to a ``ModelProto`` without writing
+files; :func:`make_compressor` picks the one that reads the model.  :func:`tune_model` runs
 :func:`fibgraph.tune.greedy_eps` with the loss = mean cross-entropy of the
 compressed model on calibration data (onnxruntime), and returns a report
 whose ``eps`` table is exactly what ``color``/``compress --eps-file`` read
@@ -18,17 +20,20 @@ import os
 import time
 
 import numpy as np
+import onnx
 
 from fibgraph.errors import InputError
 from fibgraph.network import colour_network, compress_network
 from fibgraph.refine import DEFAULT_RTOL
 from fibgraph.tune import EPS_MAX, greedy_eps
 
-from .api import count_params, criteria_from_table, evaluate, load_data
+from .api import count_params, criteria_from_table, evaluate, load_data, probe_feeds
+from .onnx_dag import import_dag
 from .onnx_in import import_onnx
+from .onnx_load import load_onnx
 from .onnx_out import write_base_onnx
 
-__all__ = ["ModelCompressor", "tune_model", "criteria_for"]
+__all__ = ["ModelCompressor", "DagCompressor", "make_compressor", "tune_model", "criteria_for"]
 
 
 def criteria_for(eps_by_layer, linkage="average", metric="cosine", rescale=True, rtol=DEFAULT_RTOL):
@@ -38,20 +43,20 @@ def criteria_for(eps_by_layer, linkage="average", metric="cosine", rescale=True,
 
 
 class ModelCompressor:
-    """An imported ONNX model compressed in memory for any per-layer eps."""
+    """An imported feed-forward ONNX model compressed in memory for any per-layer eps."""
+
+    graph = "chain"
 
     def __init__(self, model, linkage="average", metric="cosine", rescale=True,
                  symmetry="fibration", rtol=DEFAULT_RTOL, imported=None):
-        if linkage not in ("complete", "average"):
-            raise InputError(f"--linkage must be complete or average, got {linkage!r}")
-        if metric not in ("cosine", "euclidean"):
-            raise InputError(f"--metric must be cosine or euclidean, got {metric!r}")
+        _check_options(linkage, metric)
         self.res = imported or import_onnx(model)
         self.model = self.res.model
         self.network = self.res.network
         self.linkage, self.metric, self.rescale = linkage, metric, rescale
         self.symmetry, self.rtol = symmetry, rtol
         self.params_before = count_params(self.model)
+        self.notes = []
 
     @property
     def tunable(self):
@@ -72,11 +77,171 @@ class ModelCompressor:
         base, col = self.base(eps_by_layer)
         return write_base_onnx(self.model, base, check=check), base, col
 
+    def key(self, col):
+        """A hash of what the written model depends on (the fibers and scales)."""
+        h = hashlib.sha1(np.ascontiguousarray(col.labels, dtype=np.int64).tobytes())
+        h.update(np.round(np.ascontiguousarray(col.scales, dtype=np.float64), 12).tobytes())
+        return h.hexdigest()
 
-def _partition_key(col):
-    h = hashlib.sha1(np.ascontiguousarray(col.labels, dtype=np.int64).tobytes())
-    h.update(np.round(np.ascontiguousarray(col.scales, dtype=np.float64), 12).tobytes())
-    return h.hexdigest()
+    def write(self, col):
+        return write_base_onnx(self.model, compress_network(col)[0], check=False)
+
+    def layer_rows(self, eps_by_layer, base):
+        return [{"weight": ly.name, "eps": eps_by_layer.get(ly.name, 0.0), "nodes_before": ly.n_out,
+                 "nodes_after": bl.n_out, "output_layer": bool(ly.is_output)}
+                for ly, bl in zip(self.network.layers, base.layers)]
+
+    def eps_file(self, eps_by_layer):
+        """The eps table ``color``/``compress --eps-file`` read."""
+        return {k: float(v) for k, v in eps_by_layer.items()}
+
+
+class DagCompressor:
+    """A model of the hypergraph path compressed in memory for any per-layer eps.
+
+    A tunable layer is a compressible weight whose units are not the model's
+    output and not kept whole (they feed a barrier).  Weights that share node
+    sets (W and R of one LSTM/GRU) are one layer, named by the first; the eps
+    file gives the tuned eps to all of them.  As in ``compress``, no node of
+    the hypergraph licenses the rescaling merge, and cosine is replaced by the
+    magnitude-aware distance (see :mod:`importers.dag_api`)."""
+
+    graph = "hypergraph"
+
+    def __init__(self, model, linkage="average", metric="cosine", rescale=True,
+                 symmetry="fibration", rtol=DEFAULT_RTOL, imported=None, feeds=None):
+        from .dag_api import weight_entries
+        from .onnx_dag import import_dag
+
+        _check_options(linkage, metric)
+        if imported is None:
+            label = os.fspath(model) if isinstance(model, (str, os.PathLike)) else None
+            imported = import_dag(load_onnx(model) if label else model, feeds=feeds, label=label)
+        self.imp = imported
+        self.model = self.imp.model
+        self.linkage, self.metric, self.rescale = linkage, metric, rescale
+        self.symmetry, self.rtol = symmetry, rtol
+        self.params_before = count_params(self.model)
+        out_nodes = np.zeros(self.imp.graph.n, dtype=bool)
+        for o in self.imp.outputs:
+            if o in self.imp.layouts:
+                out_nodes[self.imp.layouts[o].reshape(-1)] = True
+        # weights whose units are tied position by position (W and R of one
+        # LSTM; every writer of a residual stream; q and k of one head) share
+        # one partition in the base (the meet), so they are one tunable layer
+        comp = _tied_spaces(self.imp)
+        self.ties = {}                    # layer name -> every weight name it stands for
+        self._entries = []                # (name, ids, is_output, kept whole)
+        first = {}
+        for w, op, ids, spaces in weight_entries(self.imp):
+            c = int(comp[self.imp.space_of[ids[0]]]) if ids.size else -1 - len(first)
+            if c in first:
+                k = first[c]
+                if w not in self.ties[self._entries[k][0]]:
+                    self.ties[self._entries[k][0]].append(w)
+                name, ids0, is_out, whole = self._entries[k]
+                self._entries[k] = (name, np.union1d(ids0, ids), is_out and bool(out_nodes[ids].all()),
+                                    whole and bool(self.imp.keep[ids].all()))
+                continue
+            first[c] = len(self._entries)
+            self.ties[w] = [w]
+            self._entries.append((w, ids, bool(out_nodes[ids].all()), bool(self.imp.keep[ids].all())))
+        self.notes = []
+        if rescale:
+            self.notes.append("no rescaling merge on the hypergraph")
+        if metric == "cosine":
+            self.notes.append("cosine replaced by the magnitude-aware distance on the hypergraph")
+
+    @property
+    def tunable(self):
+        return [w for w, _, is_out, whole in self._entries if not is_out and not whole]
+
+    def table(self, eps_by_layer):
+        return {t: float(e) for w, e in eps_by_layer.items() for t in self.ties.get(w, [w])}
+
+    def colouring(self, eps_by_layer):
+        from .dag_api import colour_dag
+
+        return colour_dag(self.imp, self.symmetry, 0.0, self.table(eps_by_layer), self.linkage, self.metric,
+                          self.rtol)
+
+    def key(self, col):
+        """A hash of the writer's groups (colourings with the same base meet
+        give the same model)."""
+        from .onnx_dag_out import dag_groups
+
+        gid, kept, _ = dag_groups(self.imp, col.labels)
+        h = hashlib.sha1(np.ascontiguousarray(gid, dtype=np.int64).tobytes())
+        h.update(np.packbits(kept).tobytes())
+        return h.hexdigest()
+
+    def write(self, col):
+        from .onnx_dag_out import write_dag_base
+
+        col.base = write_dag_base(self.imp, col.labels)
+        return col.base[0]
+
+    def compressed(self, eps_by_layer, check=False):
+        """(ModelProto, base (model, gid, kept, why), colouring)."""
+        col = self.colouring(eps_by_layer)
+        m2 = self.write(col)
+        if check:
+            try:
+                onnx.checker.check_model(m2)
+            except Exception as e:      # a writer bug, never the user's input
+                raise RuntimeError(f"the written base model does not pass the ONNX checker: {e}") from None
+        return m2, col.base, col
+
+    def layer_rows(self, eps_by_layer, base):
+        kept = base[2]
+        rows = []
+        for w, ids, is_out, whole in self._entries:
+            row = {"weight": w, "eps": eps_by_layer.get(w, 0.0), "nodes_before": int(ids.size),
+                   "nodes_after": int(kept[ids].sum()), "output_layer": is_out}
+            if len(self.ties[w]) > 1:
+                row["tied"] = self.ties[w][1:]
+            if whole and not is_out:
+                row["kept_whole"] = "its units feed a barrier"
+            rows.append(row)
+        return rows
+
+    def eps_file(self, eps_by_layer):
+        return self.table(eps_by_layer)
+
+
+def _tied_spaces(imp):
+    """Component per node set: sets joined position by position (element-wise
+    ops, bias adds, products, recurrences, q.k) are one component."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    ns = len(imp.spaces)
+    pairs = [np.stack([imp.space_of[np.asarray(a).reshape(-1)], imp.space_of[np.asarray(b).reshape(-1)]], 1)
+             for a, b in imp.joins if np.asarray(a).size]
+    e = np.unique(np.concatenate(pairs), axis=0) if pairs else np.zeros((0, 2), np.int64)
+    return connected_components(coo_matrix((np.ones(len(e)), (e[:, 0], e[:, 1])), shape=(ns, ns)),
+                                directed=False)[1]
+
+
+def _check_options(linkage, metric):
+    if linkage not in ("complete", "average"):
+        raise InputError(f"--linkage must be complete or average, got {linkage!r}")
+    if metric not in ("cosine", "euclidean"):
+        raise InputError(f"--metric must be cosine or euclidean, got {metric!r}")
+
+
+def make_compressor(model, linkage="average", metric="cosine", rescale=True, rtol=DEFAULT_RTOL, data=None):
+    """:class:`ModelCompressor` when the feed-forward chain importer reads the
+    model, else :class:`DagCompressor` (probed on the first sample of ``data``)."""
+    _check_options(linkage, metric)
+    label = os.fspath(model) if isinstance(model, (str, os.PathLike)) else "model"
+    m = load_onnx(model) if isinstance(model, (str, os.PathLike)) else model
+    try:
+        res = import_onnx(m, label)
+    except InputError:
+        imp = import_dag(m, feeds=probe_feeds(data, m), label=label)
+        return DagCompressor(m, linkage, metric, rescale, rtol=rtol, imported=imp)
+    return ModelCompressor(m, linkage, metric, rescale, rtol=rtol, imported=res)
 
 
 def tune_model(model, data, tau=0.01, steps=10, linkage="average", metric="cosine", rescale=True,
@@ -93,7 +258,7 @@ def tune_model(model, data, tau=0.01, steps=10, linkage="average", metric="cosin
         raise InputError(f"--steps must be in 0..40, got {steps}")
     t0 = time.perf_counter()
     xy = load_data(data, need_y=True) if not isinstance(data, tuple) else data
-    mc = compressor or ModelCompressor(model, linkage, metric, rescale, rtol=rtol)
+    mc = compressor or make_compressor(model, linkage, metric, rescale, rtol=rtol, data=data)
     if not mc.tunable:
         raise InputError("the model has no compressible (non-output) layer to tune")
     base_eval = evaluate(mc.model, xy)
@@ -101,32 +266,28 @@ def tune_model(model, data, tau=0.01, steps=10, linkage="average", metric="cosin
 
     def loss(eps_by_layer):
         col = mc.colouring(eps_by_layer)
-        key = _partition_key(col)
+        key = mc.key(col)
         if key not in cache:
-            base = compress_network(col)[0]
-            m2 = write_base_onnx(mc.model, base, check=False)
+            m2 = mc.write(col)
             r = evaluate(m2, xy)
-            cache[key] = (r["loss"], r["accuracy"], count_params(m2), [ly.n_out for ly in base.layers])
+            cache[key] = (r["loss"], r["accuracy"], count_params(m2))
         return cache[key][0]
 
     res = greedy_eps(mc.tunable, loss, tau=tau, steps=steps, base_loss=base_eval["loss"],
                      on_step=on_step, hi=max_eps)
     m2, base, col = mc.compressed(res.eps, check=True)
     final = evaluate(m2, xy)
-    layers = []
-    for ly, bl in zip(mc.network.layers, base.layers):
-        layers.append({"weight": ly.name, "eps": res.eps.get(ly.name, 0.0), "nodes_before": ly.n_out,
-                       "nodes_after": bl.n_out, "output_layer": bool(ly.is_output)})
     return {
         "model": os.fspath(model) if isinstance(model, (str, os.PathLike)) else "<ModelProto>",
         "data": os.fspath(data) if isinstance(data, (str, os.PathLike)) else "<arrays>",
+        "graph": mc.graph, "notes": list(mc.notes),
         "n": int(xy[0].shape[0]), "tau": tau, "steps": steps, "linkage": linkage, "metric": metric,
         "rescale": bool(rescale), "symmetry": "fibration",
-        "eps": {k: float(v) for k, v in res.eps.items()},
+        "eps": mc.eps_file(res.eps),
         "loss_before": base_eval["loss"], "accuracy_before": base_eval["accuracy"],
         "limit": res.limit, "loss_after": final["loss"], "accuracy_after": final["accuracy"],
         "params_before": mc.params_before, "params_after": count_params(m2),
-        "layers": layers, "evaluations": res.evaluations,
+        "layers": mc.layer_rows(res.eps, base), "evaluations": res.evaluations,
         "distinct_models_run": len(cache), "trace": res.trace,
         "seconds": round(time.perf_counter() - t0, 3),
     }
