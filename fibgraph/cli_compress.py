@@ -100,7 +100,8 @@ def tune(model, data, tau, steps, linkage, metric, no_rescale, out, report_out, 
     for c in ("layer (weight)", "eps", "nodes", "kept"):
         t.add_column(c, justify="left" if c.startswith("layer") else "right")
     for ly in report["layers"]:
-        name = ly["weight"] + (f" (+ {', '.join(ly['tied'])})" if ly.get("tied") else "")
+        tied = ly.get("tied") or []
+        name = ly["weight"] + (f" (+ {tied[0]})" if len(tied) == 1 else f" (+ {len(tied)} tied)" if tied else "")
         eps_cell = "output" if ly["output_layer"] else "kept whole" if ly.get("kept_whole") else f"{ly['eps']:.4g}"
         t.add_row(name, eps_cell,
                   f"{ly['nodes_before']} -> {ly['nodes_after']}",

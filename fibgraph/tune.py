@@ -44,7 +44,8 @@ class TuneResult:
 def greedy_eps(layers: Iterable[str], loss: Callable[[dict], float], tau: float = 0.01,
                steps: int = 10, hi: float = EPS_MAX, base_loss: float | None = None,
                on_step: Callable[[str, int, float, float, bool], None] | None = None,
-               start: dict | None = None) -> TuneResult:
+               start: dict | None = None,
+               settle: Callable[[str, float, dict, list], float] | None = None) -> TuneResult:
     """Algorithm 3: per layer, bisect the largest eps in ``[0, hi]`` with
     ``loss <= (1 + tau) * base_loss``.
 
@@ -55,6 +56,9 @@ def greedy_eps(layers: Iterable[str], loss: Callable[[dict], float], tau: float 
     ``loss({})``: the model with exact fibers only, which computes the original
     function).  ``on_step(layer, k, eps, loss, ok)`` is called after each
     evaluation (progress bars).  ``start``: eps of layers fixed beforehand.
+    ``settle(layer, eps, earlier, passed)`` may replace the layer's chosen eps
+    by another from ``passed`` (the eps that passed for this layer, and 0),
+    e.g. the smallest that gives the same compressed model.
     """
     layers = list(layers)
     if tau < 0:
@@ -96,6 +100,15 @@ def greedy_eps(layers: Iterable[str], loss: Callable[[dict], float], tau: float 
                     lo, best, best_loss = mid, mid, v
                 else:
                     up = mid
+        if settle is not None and best > 0:
+            passed = [0.0] + [t["eps"] for t in trace if t["layer"] == name and t["ok"]]
+            pick = float(settle(name, best, dict(cur), passed))
+            if pick != best:
+                if pick not in passed:
+                    raise ValueError(f"settle returned eps {pick} that was not evaluated")
+                best = pick
+                best_loss = next((t["loss"] for t in trace if t["layer"] == name and t["eps"] == pick),
+                                 last_ok_loss)
         cur[name] = best
         if best_loss is not None:
             last_ok_loss = best_loss

@@ -29,7 +29,7 @@ from fibgraph.symmetry import colour
 from .onnx_dag import import_dag
 from .onnx_dag_out import write_dag_base
 
-__all__ = ["DagColouring", "colour_dag", "color_dag_model", "compress_dag_model", "verify_dag", "weight_entries"]
+__all__ = ["DagColouring", "colour_dag", "tied_spaces", "color_dag_model", "compress_dag_model", "verify_dag", "weight_entries"]
 
 
 @dataclass
@@ -57,6 +57,21 @@ def weight_entries(imp):
     return out
 
 
+def tied_spaces(imp):
+    """Component id per node set: sets joined position by position (element-wise
+    ops, bias adds, products, recurrences, q.k) are one component; the base
+    keeps one partition per component (the meet of its sets' colourings)."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    ns = len(imp.spaces)
+    pairs = [np.stack([imp.space_of[np.asarray(a).reshape(-1)], imp.space_of[np.asarray(b).reshape(-1)]], 1)
+             for a, b in imp.joins if np.asarray(a).size]
+    e = np.unique(np.concatenate(pairs), axis=0) if pairs else np.zeros((0, 2), np.int64)
+    return connected_components(coo_matrix((np.ones(len(e)), (e[:, 0], e[:, 1])), shape=(ns, ns)),
+                                directed=False)[1]
+
+
 def _criteria(imp, eps, table, linkage, metric, rtol):
     from .api import criteria_from_table
 
@@ -78,22 +93,21 @@ def _criteria(imp, eps, table, linkage, metric, rtol):
                 crit[s] = c
                 if w in table:
                     explicit.add(s)
-    # a bias add, BatchNorm or per-channel scale right after a layer (its own node
-    # set, tied position by position) takes the layer's criterion: with eps > 0
+    # the sums, norms and bias adds tied position by position to an explicitly
+    # set weight (a bias add or BatchNorm after its layer, a residual stream's
+    # Adds and LayerNorm gamma/beta with its writers) take that weight's
+    # criterion (the first explicit one of their tied component): with eps > 0
     # the bias is clustered with the rows, as in the paper's Algorithm 1
-    for _ in range(4):
-        changed = False
-        for a, b in imp.joins:
-            a, b = np.asarray(a).reshape(-1), np.asarray(b).reshape(-1)
-            if not a.size:
-                continue
-            sa, sb = imp.spaces[int(imp.space_of[a[0]])], imp.spaces[int(imp.space_of[b[0]])]
-            if sa.name in crit and sb.name not in crit and sb.kind == "per-unit" \
-                    and np.unique(imp.space_of[a]).size == 1 and np.unique(imp.space_of[b]).size == 1:
-                crit[sb.name] = crit[sa.name]
-                changed = True
-        if not changed:
-            break
+    comp = tied_spaces(imp)
+    index = {sp_.name: k for k, sp_ in enumerate(imp.spaces)}
+    chosen = {}
+    for w, _, _, spaces in weight_entries(imp):
+        if w in table:
+            for s in spaces:
+                chosen.setdefault(int(comp[index[s]]), crit[s])
+    for k, sp_ in enumerate(imp.spaces):
+        if sp_.name not in crit and int(comp[k]) in chosen:
+            crit[sp_.name] = chosen[int(comp[k])]
     return crit
 
 

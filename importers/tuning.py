@@ -110,7 +110,7 @@ class DagCompressor:
 
     def __init__(self, model, linkage="average", metric="cosine", rescale=True,
                  symmetry="fibration", rtol=DEFAULT_RTOL, imported=None, feeds=None):
-        from .dag_api import weight_entries
+        from .dag_api import tied_spaces, weight_entries
         from .onnx_dag import import_dag
 
         _check_options(linkage, metric)
@@ -129,7 +129,7 @@ class DagCompressor:
         # weights whose units are tied position by position (W and R of one
         # LSTM; every writer of a residual stream; q and k of one head) share
         # one partition in the base (the meet), so they are one tunable layer
-        comp = _tied_spaces(self.imp)
+        comp = tied_spaces(self.imp)
         self.ties = {}                    # layer name -> every weight name it stands for
         self._entries = []                # (name, ids, is_output, kept whole)
         first = {}
@@ -209,20 +209,6 @@ class DagCompressor:
         return self.table(eps_by_layer)
 
 
-def _tied_spaces(imp):
-    """Component per node set: sets joined position by position (element-wise
-    ops, bias adds, products, recurrences, q.k) are one component."""
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
-    ns = len(imp.spaces)
-    pairs = [np.stack([imp.space_of[np.asarray(a).reshape(-1)], imp.space_of[np.asarray(b).reshape(-1)]], 1)
-             for a, b in imp.joins if np.asarray(a).size]
-    e = np.unique(np.concatenate(pairs), axis=0) if pairs else np.zeros((0, 2), np.int64)
-    return connected_components(coo_matrix((np.ones(len(e)), (e[:, 0], e[:, 1])), shape=(ns, ns)),
-                                directed=False)[1]
-
-
 def _check_options(linkage, metric):
     if linkage not in ("complete", "average"):
         raise InputError(f"--linkage must be complete or average, got {linkage!r}")
@@ -263,18 +249,33 @@ def tune_model(model, data, tau=0.01, steps=10, linkage="average", metric="cosin
         raise InputError("the model has no compressible (non-output) layer to tune")
     base_eval = evaluate(mc.model, xy)
     cache = {}
+    keys = {}
 
     def loss(eps_by_layer):
         col = mc.colouring(eps_by_layer)
         key = mc.key(col)
+        keys[tuple(sorted(eps_by_layer.items()))] = key
         if key not in cache:
             m2 = mc.write(col)
             r = evaluate(m2, xy)
             cache[key] = (r["loss"], r["accuracy"], count_params(m2))
         return cache[key][0]
 
+    def settle(name, best, earlier, passed):
+        # the smallest eps that gives the same compressed model: a larger one
+        # only moves colours the base does not use (a residual stream's norms
+        # clustered while its columns stay apart), which skews later layers
+        def key(e):
+            k = tuple(sorted({**earlier, name: e}.items()))
+            if k not in keys:
+                loss({**earlier, name: e})
+            return keys[k]
+
+        target = key(best)
+        return min(e for e in passed if e <= best and key(e) == target)
+
     res = greedy_eps(mc.tunable, loss, tau=tau, steps=steps, base_loss=base_eval["loss"],
-                     on_step=on_step, hi=max_eps)
+                     on_step=on_step, hi=max_eps, settle=settle)
     m2, base, col = mc.compressed(res.eps, check=True)
     final = evaluate(m2, xy)
     return {

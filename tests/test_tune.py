@@ -58,6 +58,28 @@ def test_greedy_never_returns_a_failing_eps_on_a_non_monotone_loss():
     assert r.eps["a"] > 0
 
 
+def test_settle_replaces_the_chosen_eps_by_an_equivalent_smaller_one():
+    # the "model" only changes at eps 0.5 steps: settle picks the smallest
+    # passing eps that gives the same model as the bisection's choice
+    th = {"a": 1.3, "b": 0.7}
+    model = lambda e: int(e / 0.5)  # noqa: E731
+    seen = []
+
+    def settle(name, best, earlier, passed):
+        seen.append((name, best, sorted(passed)))
+        return min(e for e in passed if model(e) == model(best))
+
+    r = greedy_eps(["a", "b"], _threshold_loss(th), tau=0.0, steps=8, settle=settle)
+    plain = greedy_eps(["a", "b"], _threshold_loss(th), tau=0.0, steps=8)
+    for name, best, passed in seen:
+        assert best == plain.eps[name]
+        assert r.eps[name] == min(e for e in passed if model(e) == model(best))
+        assert r.eps[name] <= best and model(r.eps[name]) == model(best)
+    assert 1.0 <= r.eps["a"] < plain.eps["a"] and 0.5 <= r.eps["b"] < plain.eps["b"]
+    with pytest.raises(ValueError):
+        greedy_eps(["a"], _threshold_loss(th), tau=0.0, steps=3, settle=lambda *a: 0.123)
+
+
 def test_greedy_rejects_bad_arguments():
     with pytest.raises(ValueError):
         greedy_eps(["a"], lambda e: 1.0, tau=-0.1)

@@ -78,6 +78,11 @@ def test_residual_writers_are_one_tunable_layer(tuned_res):
     assert rows["fc1.weight"]["tied"] == ["res.weight"]
     assert tuned_res["eps"]["fc1.weight"] == tuned_res["eps"]["res.weight"] > 0
     assert rows["out.weight"]["output_layer"]
+    # a layer keeps eps > 0 only where it changes the base (settle: the
+    # smallest eps giving the same compressed model)
+    for r in tuned_res["layers"]:
+        if not r["output_layer"] and r["eps"] > 0:
+            assert r["nodes_after"] < r["nodes_before"]
 
 
 def test_residual_tune_keeps_the_loss_within_tau_and_compresses(tuned_res, models, tmp_path):
