@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -232,10 +231,6 @@ class RetuneResult:
     stopped: str = ""
 
 
-def _scale(eps, q):
-    return {k: min(EPS_MAX, v * q) for k, v in eps.items()}
-
-
 def compress_retune(model, train, val, eps0=None, q=1.05, rho=0.05, tau=0.01, steps=8,
                     max_iters=10, linkage="average", metric="cosine", rescale=True, cal=None,
                     check=None, retune_kw=None, log=None, eps_floor=0.0):
@@ -252,51 +247,35 @@ def compress_retune(model, train, val, eps0=None, q=1.05, rho=0.05, tau=0.01, st
     fails, when over-compression no longer shrinks the model, or after
     ``max_iters``.  ``log(dict)`` receives each history entry.
     """
+    from fibgraph.retune import compress_retune_loop
+
     check = val if check is None else check
     cal = check if cal is None else cal
     retune_kw = dict(retune_kw or {})
     m = copy.deepcopy(model).eval()
-    L, acc0 = module_loss(m, check)
     P0 = n_params(m)
     names = [ly.name for ly in network_from_mlp(m).layers if not ly.is_output]
     if isinstance(eps0, (int, float)):
         eps0 = {n: float(eps0) for n in names}
-    history = []
-    m_o = m
-    stopped = f"max_iters={max_iters}"
-    for it in range(max_iters):
-        t0 = time.perf_counter()
-        m_o = m
-        if it == 0 and eps0 is not None:
-            eps = dict(eps0)
-        else:
-            eps = tune_module(m, cal, tau, steps, linkage, metric, rescale).eps
-        over = {k: min(EPS_MAX, max(v, eps_floor)) for k, v in _scale(eps, q).items()}
-        lossless, _, _ = compress_module(m, eps, linkage, metric, rescale)
-        small, base, _ = compress_module(m, over, linkage, metric, rescale)
-        l_before = module_loss(small, check)
-        info = retune(small, train, val, **retune_kw)
-        Lc, acc = module_loss(small, check)
-        rec = {"iter": it, "params_start": n_params(m), "eps": eps, "eps_over": over,
-               "params_lossless": n_params(lossless), "loss_lossless": module_loss(lossless, check)[0],
-               "params_over": n_params(small), "nodes_over": [ly.n_out for ly in base.layers],
-               "loss_over": l_before[0], "loss_retuned": Lc, "accuracy_retuned": acc,
-               "epochs": info["epochs"], "accepted": Lc <= (1 + rho) * L,
-               "seconds": round(time.perf_counter() - t0, 2)}
-        history.append(rec)
-        if log is not None:
-            log(rec)
-        if not rec["accepted"]:
-            stopped = f"loss {Lc:.4g} > (1 + rho) * {L:.4g}"
-            break
-        if n_params(small) >= n_params(m):
-            m = small
-            stopped = "over-compression no longer shrinks the model"
-            m_o = m
-            break
-        m = small
-    else:
-        m_o = m
+    bases = {}
+
+    def compress(mod, eps):
+        small, base, _ = compress_module(mod, eps, linkage, metric, rescale)
+        bases[id(small)] = base
+        return small
+
+    def record(mod, eps, over, small):
+        lossless = compress_module(mod, eps, linkage, metric, rescale)[0]
+        return {"params_lossless": n_params(lossless), "loss_lossless": module_loss(lossless, check)[0],
+                "nodes_over": [ly.n_out for ly in bases.pop(id(small)).layers]}
+
+    def tune_again(small):
+        return small, retune(small, train, val, **retune_kw)          # in place
+
+    m_o, history, stopped, L = compress_retune_loop(
+        m, greedy=lambda mod: tune_module(mod, cal, tau, steps, linkage, metric, rescale).eps,
+        compress=compress, retune=tune_again, loss=lambda mod: module_loss(mod, check), params=n_params,
+        rho=rho, q=q, max_iters=max_iters, eps_floor=eps_floor, eps0=eps0, record=record, log=log)
     eps = tune_module(m_o, cal, tau, steps, linkage, metric, rescale).eps
     final, _, _ = compress_module(m_o, eps, linkage, metric, rescale)
     loss, acc = module_loss(final, check)
