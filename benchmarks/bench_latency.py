@@ -9,7 +9,12 @@ Models (built by the studies, trained here if missing):
   ``examples/study_digits.py``, compressed at eps 0.5 / 0.7.
 
 The compressed models are written in memory (``write_base_onnx``), exactly
-what ``fibgraph compress`` writes.  Each model gets its own
+what ``fibgraph compress`` writes.
+
+Hypergraph models (``--dag``): the digits residual MLP, LSTM and Transformer
+of ``examples/study_tune_dag.py`` and their ``fibgraph tune`` compressions
+(one per tau), read from ``examples/out/tune_dag_*.onnx`` (the study is run
+first if they are missing).  Each model gets its own
 ``InferenceSession`` (CPU provider, ``--threads`` intra-op threads, graph
 optimisations on), ``--warmup`` warm-up runs, then ``--repeats`` timed runs
 at each batch size; the median per run (and the 10th/90th percentiles) is
@@ -34,6 +39,28 @@ sys.path.insert(0, os.path.join(ROOT, "examples"))
 
 CASES = [("mnist_mlp_main.onnx", (784,), [0.7, 0.8, 0.9]),
          ("digits_cnn_study.onnx", (1, 8, 8), [0.5, 0.7])]
+DAG_CASES = [("tune_dag_resmlp", (64,)), ("tune_dag_lstm", (8, 8)), ("tune_dag_transformer", (8, 8))]
+
+
+def dag_variants(out):
+    """(case, input shape, test data, [(label, ModelProto)]) of the tuned hypergraph models."""
+    import glob
+
+    import onnx
+
+    if not all(os.path.exists(os.path.join(out, c + ".onnx")) for c, _ in DAG_CASES):
+        from study_tune_dag import main as study
+
+        study([])
+    cases = []
+    for case, shape in DAG_CASES:
+        z = np.load(os.path.join(out, case + "_test.npz"))
+        small = sorted(glob.glob(os.path.join(out, case + "_tau*.onnx")),
+                       key=lambda p: float(p.rsplit("_tau", 1)[1][:-5]))
+        variants = [("original", onnx.load(os.path.join(out, case + ".onnx")))]
+        variants += [("tune tau " + p.rsplit("_tau", 1)[1][:-5], onnx.load(p)) for p in small]
+        cases.append((case + ".onnx", shape, (z["x"], z["y"]), variants))
+    return cases
 
 
 def ensure_models():
@@ -111,6 +138,8 @@ def main(argv=None):
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 64])
     ap.add_argument("--md", default=None, help="write a markdown table here")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--dag", action="store_true",
+                    help="also the hypergraph models of examples/study_tune_dag.py (residual MLP, LSTM, Transformer)")
     args = ap.parse_args(argv)
     import onnxruntime as ort
 
@@ -123,14 +152,20 @@ def main(argv=None):
     so.inter_op_num_threads = 1
     rng = np.random.default_rng(0)
     rows = []
+    work = []
     for fname, shape, eps_list in CASES:
         path = os.path.join(out, fname)
-        test = test_data(fname)
         mc = ModelCompressor(path, "complete", "cosine", False)
         variants = [("original", mc.model, [ly.n_out for ly in mc.network.layers])]
         for e in eps_list:
             m2, base, _ = mc.compressed({n: e for n in mc.tunable}, check=True)
             variants.append((f"eps {e:g}", m2, [ly.n_out for ly in base.layers]))
+        work.append((fname, shape, test_data(fname), variants))
+    if args.dag:
+        for fname, shape, test, variants in dag_variants(out):
+            work.append((fname, shape, test, [(lb, m, None) for lb, m in variants]))
+    for fname, shape, test, variants in work:
+        p0 = count_params(variants[0][1])
         for label, model, units in variants:
             sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
             p = count_params(model)
@@ -139,7 +174,7 @@ def main(argv=None):
                 x = rng.standard_normal((b,) + shape).astype(np.float32)
                 ts = timed(sess, x, args.warmup, args.repeats)
                 rows.append({"model": fname, "variant": label, "units": units, "params": p, "test_accuracy": acc,
-                             "params_ratio": p / mc.params_before, "batch": b,
+                             "params_ratio": p / p0, "batch": b,
                              "median_ms": 1e3 * float(np.median(ts)), "p10_ms": 1e3 * float(np.percentile(ts, 10)),
                              "p90_ms": 1e3 * float(np.percentile(ts, 90))})
                 r = rows[-1]
@@ -165,14 +200,18 @@ def main(argv=None):
                  f"load average at the end {' '.join(load)}); onnxruntime {machine['onnxruntime']}, "
                  f"CPUExecutionProvider, {args.threads} intra-op thread(s); {args.warmup} warm-up runs, "
                  f"median of {args.repeats} timed runs (p10-p90 in brackets). No GPU was available for this task.\n",
-                 "Produced by `python benchmarks/bench_latency.py --md benchmarks/latency_results.md`. "
+                 f"Produced by `python benchmarks/bench_latency.py{' --dag' if args.dag else ''} "
+                 "--md benchmarks/latency_results.md`. "
                  "Compression: fibration, complete linkage, cosine, no rescaling, one eps for every layer "
-                 "(test accuracy without retraining on the studies' test splits).\n",
+                 "(test accuracy without retraining on the studies' test splits); the hypergraph models "
+                 "(tune_dag_*): `fibgraph tune` at each tau, average linkage "
+                 "(examples/study_tune_dag.py).\n",
                  "| model | variant | units per layer | params (kept) | test acc | batch | median ms | "
                  "p10-p90 ms | speedup |",
                  "|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
-            lines.append(f"| {r['model']} | {r['variant']} | {'-'.join(map(str, r['units']))} | "
+            units = "-".join(map(str, r["units"])) if r["units"] else "see study_tune_dag"
+            lines.append(f"| {r['model']} | {r['variant']} | {units} | "
                          f"{r['params']:,} ({r['params_ratio']:.1%}) | "
                          f"{100 * r['test_accuracy']:.1f}% | {r['batch']} | "
                          f"{r['median_ms']:.4f} | {r['p10_ms']:.4f}-{r['p90_ms']:.4f} | {r['speedup']:.2f}x |")

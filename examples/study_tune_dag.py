@@ -24,7 +24,10 @@ split with ``importers.api.evaluate`` (onnxruntime).  Parameters are
 ``count_params`` of the ONNX files.  Seconds: the whole ``tune_model`` call on
 this machine.
 
-Writes ``benchmarks/results/study_tune_dag.json`` and ``.md``.  Run from the
+Writes ``benchmarks/results/study_tune_dag.json`` and ``.md``; the models
+(original and tuned, ``examples/out/tune_dag_<model>[_tau<tau>].onnx``) and the
+test splits (``examples/out/tune_dag_<model>_test.npz``) stay for
+``benchmarks/bench_latency.py``.  Run from the
 repository root: ``python examples/study_tune_dag.py [--quick]``.
 """
 from __future__ import annotations
@@ -34,7 +37,6 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -54,6 +56,7 @@ from importers.torch_base import retune  # noqa: E402
 from importers.tuning import tune_model  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
+SLUG = {"residual MLP": "resmlp", "LSTM": "lstm", "Transformer": "transformer"}
 
 
 class ResidualMLP(nn.Module):
@@ -85,7 +88,8 @@ def main(argv=None):
     taus = [0.05] if args.quick else [float(t) for t in args.taus.split(",")]
     epochs = 5 if args.quick else 60
     (xtr, ytr), (xcal, ycal), (xte, yte) = digits_seq_split(seed=0, val=200)
-    tmp = tempfile.mkdtemp(prefix="study_tune_dag_")
+    tmp = os.path.join(ROOT, "examples", "out")
+    os.makedirs(tmp, exist_ok=True)
     rows = []
     models = [("residual MLP", ResidualMLP, True), ("LSTM", lambda: LSTMNet(hidden=64), False),
               ("Transformer", lambda: TfNet(d=32, ff=64, layers=2), False)]
@@ -96,15 +100,16 @@ def main(argv=None):
         tr = (torch.tensor(shape(xtr)), torch.tensor(ytr))
         cal = (torch.tensor(shape(xcal)), torch.tensor(ycal))
         fit = retune(m, tr, cal, lr=3e-3, batch=64, max_epochs=epochs, patience=5, seed=0)
-        path = os.path.join(tmp, name.replace(" ", "_") + ".onnx")
+        tag = SLUG[name]
+        path = os.path.join(tmp, f"tune_dag_{tag}.onnx")
         if flat:
             from importers.torch_export import export_torch
 
             export_torch(m.eval(), torch.zeros(2, 64), path, dynamo=False, opset=17)
         else:
             export(m, path)
-        cal_npz = _save(os.path.join(tmp, "cal_" + name[:3] + ".npz"), shape(xcal), ycal)
-        test_npz = _save(os.path.join(tmp, "test_" + name[:3] + ".npz"), shape(xte), yte)
+        cal_npz = _save(os.path.join(tmp, f"tune_dag_{tag}_cal.npz"), shape(xcal), ycal)
+        test_npz = _save(os.path.join(tmp, f"tune_dag_{tag}_test.npz"), shape(xte), yte)
         before = evaluate(path, test_npz)
         p0 = count_params(__import__("onnx").load(path))
         print(f"{name}: {n_params(m):,} params, {fit['epochs']} epochs, test acc {before['accuracy']:.4f}",
@@ -113,10 +118,10 @@ def main(argv=None):
             t0 = time.perf_counter()
             rep = tune_model(path, cal_npz, tau=tau, steps=8, linkage=args.linkage)
             secs = time.perf_counter() - t0
-            eps_path = os.path.join(tmp, f"eps_{name[:3]}_{tau}.json")
+            eps_path = os.path.join(tmp, f"tune_dag_{tag}_tau{tau:g}.json")
             with open(eps_path, "w") as f:
                 json.dump(rep["eps"], f)
-            small = os.path.join(tmp, f"small_{name[:3]}_{tau}.onnx")
+            small = os.path.join(tmp, f"tune_dag_{tag}_tau{tau:g}.onnx")
             crep = compress_model(path, small, eps_file=eps_path, linkage=args.linkage)
             after = evaluate(small, test_npz)
             row = {"model": name, "tau": tau, "params_before": p0, "params_after": crep["params_after"],
