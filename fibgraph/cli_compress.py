@@ -157,8 +157,10 @@ def compare_methods_cmd(model, data, eps_text, eps_files, linkage, metric, no_re
     meths = tuple(m for m in methods.replace(" ", "").split(",") if m)
     res = compare_methods(model, data, eps_list, eps_files, linkage, metric, not no_rescale,
                           meths, seed)
-    t = Table(title=f"{model}: equal nodes per layer ({linkage}, {metric}"
-                    f"{', rescale' if not no_rescale else ''}); n = {res['n']}", title_justify="left")
+    dag = res.get("graph") == "hypergraph"
+    how = f"{linkage}, {res['metric']}" + (", rescale" if res["rescale"] else "")
+    t = Table(title=f"{model}: equal nodes per {'weight (hypergraph)' if dag else 'layer'} ({how}); "
+                    f"n = {res['n']}", title_justify="left")
     for c in ("point", "method", "nodes", "params kept", "accuracy", "loss"):
         t.add_column(c, justify="left" if c in ("point", "method") else "right")
     for r in res["rows"]:
@@ -166,6 +168,10 @@ def compare_methods_cmd(model, data, eps_text, eps_files, linkage, metric, no_re
                   "-".join(str(c) for c in r["nodes"]),
                   f"{r['params']:,} ({r['params_kept']:.1%})", f"{r['accuracy']:.4f}", f"{r['loss']:.4f}")
     console.print(t)
+    if dag:
+        console.print("nodes per weight: " + ", ".join(res["layers"]))
+        for note in res.get("notes", []):
+            console.print(note)
     if plot_out:
         plot_comparison(res, plot_out)
         console.print(f"wrote {plot_out}")

@@ -6,17 +6,25 @@ then built with exactly those counts, written back to ONNX in memory and
 evaluated (accuracy, mean cross-entropy) with onnxruntime.  Equal node counts
 give equal parameter counts for dense and conv layers, so the rows of one
 point differ only in which function the smaller network computes.
+
+Models the feed-forward chain importer refuses (residual streams, LSTM/GRU,
+attention, LayerNorm) go through the hypergraph path,
+:mod:`importers.compare_dag`: the same points and methods, chosen per column
+class of the hypergraph at exactly the fibration base's node counts.
 """
 from __future__ import annotations
 
 import os
 
 import numpy as np
+import onnx
 
 from fibgraph.baselines import METHODS, baseline, node_counts
 from fibgraph.errors import InputError
 
 from .api import _check_eps, count_params, evaluate, load_data, read_eps_table
+from .onnx_in import import_onnx
+from .onnx_load import load_onnx
 from .onnx_out import write_base_onnx
 from .tuning import ModelCompressor
 
@@ -53,7 +61,18 @@ def compare_methods(model, data, eps_list=DEFAULT_EPS, eps_files=(), linkage="av
         if not np.isfinite(e) or not (0 <= e < 2):
             raise InputError(f"--eps: each eps must be in [0, 2), got {e}")
     xy = load_data(data, need_y=True) if not isinstance(data, tuple) else data
-    mc = compressor or ModelCompressor(model, linkage, metric, rescale)
+    mc = compressor
+    if mc is None:
+        res, imp = _import(model, data)
+        if imp is not None:
+            from .compare_dag import compare_dag_methods
+
+            out = compare_dag_methods(model, imp, data, xy, eps_list, eps_files, linkage, metric,
+                                      methods, seed, on_point)
+            return {"model": _name(model), "data": _name(data), "n": int(xy[0].shape[0]), "linkage": linkage,
+                    "metric": "euclidean" if any(e > 0 for e in eps_list) or eps_files else metric,
+                    "requested_metric": metric, "rescale": False, "seed": seed, **out}
+        mc = ModelCompressor(model, linkage, metric, rescale, imported=res)
     names = mc.tunable
     p0 = mc.params_before
     r0 = evaluate(mc.model, xy)
@@ -80,10 +99,28 @@ def compare_methods(model, data, eps_list=DEFAULT_EPS, eps_files=(), linkage="av
                          "accuracy": r["accuracy"], "loss": r["loss"]})
             if on_point is not None:
                 on_point(rows[-1])
-    return {"model": os.fspath(model) if isinstance(model, (str, os.PathLike)) else "<ModelProto>",
-            "data": os.fspath(data) if isinstance(data, (str, os.PathLike)) else "<arrays>",
+    return {"model": _name(model), "data": _name(data), "graph": "chain",
             "n": int(xy[0].shape[0]), "linkage": linkage, "metric": metric, "rescale": bool(rescale),
             "seed": seed, "params_before": p0, "rows": rows}
+
+
+def _name(x):
+    if isinstance(x, (str, os.PathLike)):
+        return os.fspath(x)
+    return "<ModelProto>" if isinstance(x, onnx.ModelProto) else "<arrays>"
+
+
+def _import(model, data):
+    """``(ImportResult, None)`` for a feed-forward chain, else ``(None, DagImport)``."""
+    from .api import probe_feeds
+    from .onnx_dag import import_dag
+
+    label = os.fspath(model) if isinstance(model, (str, os.PathLike)) else None
+    m = load_onnx(model) if label is not None else model
+    try:
+        return import_onnx(m, label), None
+    except InputError:
+        return None, import_dag(m, feeds=probe_feeds(data, m), label=label)
 
 
 def plot_comparison(result, path, title=None, ax=None):
@@ -112,7 +149,8 @@ def plot_comparison(result, path, title=None, ax=None):
     ax.set_xlabel("parameters kept (%)")
     ax.set_ylabel("test accuracy (%)")
     ax.grid(alpha=0.3)
-    ax.set_title(title or f"{os.path.basename(str(result.get('model', '')))}: equal nodes per layer",
+    per = "weight (hypergraph)" if result.get("graph") == "hypergraph" else "layer"
+    ax.set_title(title or f"{os.path.basename(str(result.get('model', '')))}: equal nodes per {per}",
                  fontsize=9)
     ax.legend(fontsize=7, loc="lower right")
     if own:

@@ -42,9 +42,19 @@ def _nodes_along(ids, axis):
     return np.moveaxis(ids, axis, 0).reshape(ids.shape[axis], -1)[:, 0]
 
 
-def dag_groups(imp, labels):
+def dag_groups(imp, labels, keep_pref=None):
     """Per node: its group (``gid``) and whether it is kept; per space the reason
-    its units were kept whole (or None).
+    its units were kept whole (or None).  ``keep_pref`` (per node, optional):
+    the kept column of a group is the one whose nodes have the largest
+    preference (ties: the smallest column), not simply the smallest column."""
+    d = _group_columns(imp, labels, keep_pref)
+    return d["gid"], d["kept"], d["why"]
+
+
+def _group_columns(imp, labels, keep_pref=None, split=True):
+    """:func:`dag_groups` with its intermediate results: ``col`` (column of
+    each node), ``gid_col`` (group of each column), ``slot``, ``gid``,
+    ``kept``, ``why``.  ``split=False`` skips the equalisation of cell sizes.
 
     Columns: nodes tied by joins (element-wise ops, contractions, recurrences)
     share a column.  Two columns merge iff every node set has the same colour
@@ -123,7 +133,7 @@ def dag_groups(imp, labels):
     uniq_key = np.where(unique, np.arange(n_col), -1)
     gid_col = canonical(np.stack([h1.view(np.int64), h2.view(np.int64), count, uniq_key], 1))
     # equal cell sizes: split groups (largest first) in cells that keep fewer
-    for _ in range(n_col + 1):
+    for _ in range(n_col + 1 if split else 0):
         changed = False
         for t, ids in multi.items():
             ua = _unit_axes(ids)
@@ -144,10 +154,21 @@ def dag_groups(imp, labels):
             break
     # a group of columns holds one node per space slot: the node's group is (column group, slot)
     gid = canonical(np.stack([gid_col[col], slot], 1))
-    rep = np.full(int(gid_col.max()) + 1 if n_col else 0, n_col, dtype=np.int64)
-    np.minimum.at(rep, gid_col, np.arange(n_col))
+    n_grp = int(gid_col.max()) + 1 if n_col else 0
+    if keep_pref is None:
+        rep = np.full(n_grp, n_col, dtype=np.int64)
+        np.minimum.at(rep, gid_col, np.arange(n_col))
+    else:
+        prio = np.full(n_col, -np.inf)
+        np.maximum.at(prio, col, np.asarray(keep_pref, dtype=np.float64).reshape(-1))
+        order = np.lexsort((np.arange(n_col), -prio, gid_col))
+        first = np.ones(n_col, dtype=bool)
+        first[1:] = gid_col[order][1:] != gid_col[order][:-1]
+        rep = np.empty(n_grp, dtype=np.int64)
+        rep[gid_col[order][first]] = order[first]
     kept = rep[gid_col[col]] == col
-    return gid, kept, why
+    return {"col": col, "gid_col": gid_col, "slot": slot, "gid": gid, "kept": kept, "why": why,
+            "unique": unique}
 
 
 def _shape_blocked(imp, space_of):
@@ -226,14 +247,20 @@ def _shape_param_on_axes(imp, node, ua):
 # ---------------------------------------------------------------- writing
 class _Axis:
     """The compressed view of one tensor's unit axis: ``target[p]`` = kept index
-    standing for position ``p``; ``L_hat`` kept positions; ``m`` group sizes."""
+    standing for position ``p``; ``L_hat`` kept positions; ``m`` group sizes.
 
-    def __init__(self, ids, gid, kept):
+    ``prune``: the kept position of a group stands for itself only (the other
+    members are dropped, not merged): ``sum_matrix`` and ``mean_matrix`` select
+    the kept positions and every multiplicity ``m`` is 1."""
+
+    def __init__(self, ids, gid, kept, prune=False):
         ua = _unit_axes(ids)
         self.axis = ua[0] if ua else None
+        self.prune = prune
         if self.axis is None:
             self.L = self.L_hat = 1
             self.target = np.zeros(1, np.int64)
+            self.keep_pos = np.zeros(1, np.int64)
             self.m = np.ones(1)
             self.identity = True
             return
@@ -250,11 +277,16 @@ class _Axis:
         self.L_hat = keep_pos.size
         index = {(int(g[p]), int(occ[p])): q for q, p in enumerate(keep_pos)}
         self.target = np.array([index[(int(g[p]), int(occ[p]))] for p in range(self.L)], dtype=np.int64)
-        self.m = np.bincount(self.target, minlength=self.L_hat).astype(np.float64)
+        self.keep_pos = keep_pos
+        self.m = (np.ones(self.L_hat) if prune else
+                  np.bincount(self.target, minlength=self.L_hat).astype(np.float64))
         self.identity = self.L_hat == self.L
 
     def sum_matrix(self):
-        """(L_hat, L) indicator: columns of a group add up."""
+        """(L_hat, L) indicator: columns of a group add up (prune: only the kept one)."""
+        if self.prune:
+            return sp.csr_matrix((np.ones(self.L_hat), (np.arange(self.L_hat), self.keep_pos)),
+                                 shape=(self.L_hat, self.L))
         return sp.csr_matrix((np.ones(self.L), (self.target, np.arange(self.L))), shape=(self.L_hat, self.L))
 
     def mean_matrix(self):
@@ -268,9 +300,10 @@ class _Axis:
 
 
 class _Writer:
-    def __init__(self, imp, gid, kept):
+    def __init__(self, imp, gid, kept, prune=False):
         self.imp = imp
         self.gid, self.kept = gid, kept
+        self.prune = prune
         self.m = onnx.ModelProto()
         self.m.CopyFrom(imp.model)
         self.g = self.m.graph
@@ -281,7 +314,7 @@ class _Writer:
         self.new_nodes = {}          # node name -> list of (before|after, nodes)
 
     def axis(self, tname):
-        return _Axis(self.imp.layouts[tname], self.gid, self.kept)
+        return _Axis(self.imp.layouts[tname], self.gid, self.kept, self.prune)
 
     def node(self, rec):
         for k, n in enumerate(self.g.node):
@@ -426,8 +459,8 @@ class _Writer:
     def reduce(self, rec):
         k, node = self.node(rec)
         ax = self.axis(rec["input"])
-        if ax.identity or rec["mode"] in ("ReduceMax", "ReduceMin"):
-            return
+        if ax.identity or rec["mode"] in ("ReduceMax", "ReduceMin") or self.prune:
+            return                  # prune: the sum or mean over the kept units only
         rank = len(self.imp.shapes[rec["input"]])
         w = self._weights_along(ax, rank, ax.L_hat / ax.L if rec["mode"] == "mean" else 1.0)
         t = self.tmp(node.input[0])
@@ -438,8 +471,8 @@ class _Writer:
     def softmax(self, rec):
         k, node = self.node(rec)
         ax = self.axis(rec["input"])
-        if ax.identity:
-            return
+        if ax.identity or self.prune:
+            return                  # prune: softmax over the kept units only
         rank = len(self.imp.shapes[rec["input"]])
         m = self._weights_along(ax, rank, 1.0)
         t_in, t_out = self.tmp(node.input[0]), self.tmp(node.output[0])
@@ -454,7 +487,10 @@ class _Writer:
         self.insert(k + 2, [fix])
 
     def multiplicities(self, rows):
-        """Per row of node ids (a head's dims): the group size of each kept node."""
+        """Per row of node ids (a head's dims): the group size of each kept node
+        (prune: 1, a kept node stands for itself)."""
+        if self.prune:
+            return np.ones((len(rows), int(self.kept[rows[0]].sum()) if len(rows) else 0))
         out = []
         for r in rows:
             g = self.gid[r]
@@ -512,6 +548,12 @@ class _Writer:
 
         g_hat = shrink(gam)
         b_hat = shrink(bet) if bet is not None else None
+        if self.prune:
+            # the LayerNorm of the kept units: statistics over them only
+            self.put(node, 1, g_hat, gam)
+            if b_hat is not None:
+                self.put(node, 2, b_hat, bet)
+            return
         w = self._weights_along(ax, rank, ax.L_hat / ax.L)
         axes = rec["axes"]
         x, y = node.input[0], node.output[0]
@@ -550,7 +592,7 @@ class _Writer:
         input's; ``hidden_size`` = the kept count (equal in both directions)."""
         k, node = self.node(rec)
         H, dirs = rec["H"], rec["dirs"]
-        axes = [_Axis(self.imp.spaces[s].ids.reshape(1, H), self.gid, self.kept) for s in rec["hidden"]]
+        axes = [_Axis(self.imp.spaces[s].ids.reshape(1, H), self.gid, self.kept, self.prune) for s in rec["hidden"]]
         ax_x = self.axis(rec["input"])
         if all(a.identity for a in axes) and ax_x.identity:
             return
@@ -619,7 +661,16 @@ class _Writer:
                                          [t], name=self.tmp("fib_shape"))])
 
     def _kept_along(self, tname, axis):
-        return self.kept[_nodes_along(self.imp.layouts[tname], axis)]
+        """Kept positions along ``axis``.  Along the last unit axis (the one that
+        shrinks: a cell's units) the nodes at index 0 of the other axes decide;
+        along an outer unit axis (heads, q/k/v of a packed projection) a position
+        is kept when any node of its slice is (the first feature of a head may be
+        a pruned one)."""
+        ids = self.imp.layouts[tname]
+        ua = _unit_axes(ids)
+        if len(ua) > 1 and axis != ua[-1]:
+            return np.moveaxis(self.kept[ids], axis, 0).reshape(ids.shape[axis], -1).any(axis=1)
+        return self.kept[_nodes_along(ids, axis)]
 
     def cuts(self):
         """Split, Slice and Gather along a shrunk unit axis: sizes, bounds and
@@ -668,7 +719,7 @@ class _Writer:
                 self.put(node, 2, ends, ends)
             else:
                 axis_map = _Axis(np.moveaxis(self.imp.layouts[x], ax, 0)[(slice(None),) + (0,) * (rank - 1)]
-                                 .reshape(-1), self.gid, self.kept)
+                                 .reshape(-1), self.gid, self.kept, self.prune)
                 idx = np.asarray(self.imp.consts[node.input[1]]).astype(np.int64)
                 L = axis_map.L
                 self.put(node, 1, axis_map.target[np.where(idx < 0, idx + L, idx)], idx)
@@ -753,11 +804,20 @@ class _Writer:
         return self.m
 
 
-def write_dag_base(imp, labels):
+def write_dag_base(imp, labels, mode="merge", keep_pref=None):
     """The compressed ONNX model of ``imp`` under the colouring ``labels``;
-    returns ``(model, gid, kept, why)``."""
-    gid, kept, why = dag_groups(imp, labels)
-    w = _Writer(imp, gid, kept)
+    returns ``(model, gid, kept, why)``.
+
+    ``mode="merge"`` (the base): a kept node stands for its group (rows
+    averaged, input columns summed, multiplicities in sums over units).
+    ``mode="prune"``: the groups only say which nodes vanish; the kept node of
+    each group (the one with the largest ``keep_pref``, per node) keeps its
+    rows as they are, the input columns of the other members are dropped, and
+    every multiplicity is 1 (LayerNorm, means and softmax over the kept units)."""
+    if mode not in ("merge", "prune"):
+        raise ValueError(f"mode must be 'merge' or 'prune', got {mode!r}")
+    gid, kept, why = dag_groups(imp, labels, keep_pref)
+    w = _Writer(imp, gid, kept, prune=mode == "prune")
     for rec in imp.records:
         getattr(w, rec["kind"])(rec)
     w.cuts()

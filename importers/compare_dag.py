@@ -1,0 +1,289 @@
+"""``compare-methods`` on the hypergraph path (residual streams, LSTM/GRU,
+attention, LayerNorm): fibration bases against pruning and folding at exactly
+the fibration base's node counts.
+
+The unit of choice is a *column*: the nodes that joins tie position by
+position (a layer's units and its bias add, an LSTM unit's gates, cell and
+hidden state, one feature of a residual stream with all its writers and
+readers, a head dim's q and k).  Columns with the same structure (the same
+node sets and slots, the same attention cell, see
+:func:`importers.onnx_dag_out._group_columns`) form a *column class*; every
+group of the writer lies inside one class.  For every class that the
+fibration base shrinks to ``k`` kept columns, each baseline chooses its own
+``k`` columns of that class:
+
+- ``random``: ``k`` columns drawn uniformly (seeded);
+- ``l2`` / ``l1``: the ``k`` columns with the largest L2 / L1 norm of their
+  input-weight rows (every dense block writing into a node of the column:
+  linear and conv rows, embedding rows, LSTM/GRU ``W`` and ``R`` rows of all
+  gates);
+- ``fold``: k-means (seeded) on each column's input-weight rows, constant
+  edges (biases, LayerNorm gamma/beta, BatchNorm parameters) and
+  output-weight columns (every dense block reading a node of the column);
+  the clusters are merged by the writer's base formula (rows averaged, input
+  columns summed, multiplicities in sums over units): Model Folding.
+
+Pruning is written with ``write_dag_base(mode="prune")``: the kept columns
+keep their rows as they are, the dropped ones vanish (no sums, no
+multiplicities: LayerNorm, means and softmax run over the kept units only;
+attention keeps the original 1/sqrt(head size)).  Attention head dims are
+chosen per head (a head is a class), so every head keeps the fibration's
+size.  Classes the fibration keeps whole are kept whole by every method.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from fibgraph.baselines import METHODS, PRUNING, _kmeans
+from fibgraph.errors import InputError
+from fibgraph.partition import canonical
+
+from .onnx_dag_out import _group_columns, write_dag_base
+
+__all__ = ["DagMethods", "compare_dag_methods"]
+
+
+class DagMethods:
+    """A hypergraph import with its column classes and per-column features."""
+
+    def __init__(self, imp):
+        from .dag_api import weight_entries
+
+        self.imp = imp
+        n = imp.graph.n
+        z = _group_columns(imp, np.zeros(n, dtype=np.int64), split=False)
+        self.col = z["col"]
+        self.slot = z["slot"]
+        self.n_col = int(self.col.max()) + 1 if n else 0
+        self.cls = canonical(z["gid_col"])                 # column -> class
+        self.n_cls = int(self.cls.max()) + 1 if self.n_col else 0
+        self.cls_size = np.bincount(self.cls, minlength=self.n_cls)
+        self.pos = np.empty(self.n_col, dtype=np.int64)     # column -> index inside its class
+        order = np.argsort(self.cls, kind="stable")
+        starts = np.concatenate([[0], np.cumsum(self.cls_size)[:-1]])
+        self.pos[order] = np.arange(self.n_col) - np.repeat(starts, self.cls_size)
+        self.members = np.split(order, np.cumsum(self.cls_size)[:-1]) if self.n_col else []
+        # one entry per weight (an unrolled loop's steps: the first) and per node
+        # set (W and R of one LSTM/GRU count once, under W's name)
+        self.entries = []
+        for w, _, ids, _ in weight_entries(imp):
+            if any(w == e[0] or np.array_equal(ids, e[1]) for e in self.entries):
+                continue
+            self.entries.append((w, ids))
+
+    # ---------------------------------------------------------- counts
+    def kept_columns(self, kept):
+        kc = np.zeros(self.n_col, dtype=bool)
+        kc[self.col[kept]] = True
+        return kc
+
+    def class_counts(self, kept):
+        return np.bincount(self.cls, weights=self.kept_columns(kept), minlength=self.n_cls).astype(np.int64)
+
+    def entry_counts(self, kept):
+        return [int(kept[ids].sum()) for _, ids in self.entries]
+
+    # ---------------------------------------------------------- features
+    def features(self, classes, with_out=True, with_const=True):
+        """Per class in ``classes``: (input rows, constant edges, output columns)
+        as matrices with one row per column of the class (in class order)."""
+        want = np.zeros(self.n_cls, dtype=bool)
+        want[list(classes)] = True
+        pieces = {int(c): {"in": [], "const": [], "out": []} for c in classes}
+        const_node = np.zeros(self.imp.graph.n, dtype=bool)
+        for s in self.imp.spaces:
+            if s.kind == "const":
+                const_node[s.start:s.start + s.n] = True
+
+        def add(nodes, M, role):
+            c = self.col[nodes]
+            cl = self.cls[c]
+            sel = want[cl]
+            if not sel.any():
+                return
+            nodes, M, c, cl = nodes[sel], M[sel], c[sel], cl[sel]
+            # several nodes of one column in this block (q and k of a packed
+            # projection): side by side, by their order in the block
+            o = np.lexsort((np.arange(c.size), c))
+            run = np.ones(c.size, dtype=bool)
+            run[1:] = c[o][1:] != c[o][:-1]
+            start = np.maximum.accumulate(np.where(run, np.arange(c.size), 0))
+            rank = np.empty(c.size, dtype=np.int64)
+            rank[o] = np.arange(c.size) - start
+            for u in np.unique(cl):
+                s = cl == u
+                r = rank[s]
+                F = np.zeros((self.cls_size[u], int(r.max()) + 1, M.shape[1]))
+                F[self.pos[c[s]], r] = M[s]
+                pieces[int(u)][role].append(F.reshape(self.cls_size[u], -1))
+
+        for b in self.imp.graph.blocks:
+            if b.dense:
+                W = np.asarray(b.weight, dtype=np.float64)
+                add(b.dst, W.reshape(W.shape[0], -1), "in")
+                if with_out:
+                    add(b.src, W.transpose(1, 0, 2).reshape(W.shape[1], -1), "out")
+            elif with_const and b.src.size and const_node[b.src].all():
+                V = np.zeros((b.dst.size, b.values.shape[1]))
+                np.add.at(V, b.rows, np.asarray(b.values, dtype=np.float64))
+                add(b.dst, V, "const")
+        out = {}
+        for u, p in pieces.items():
+            k = self.cls_size[u]
+            out[u] = {r: (np.hstack(v) if v else np.zeros((k, 0))) for r, v in p.items()}
+        return out
+
+    # ---------------------------------------------------------- baselines
+    def partition(self, method, counts, seed=0):
+        """``(group of each column, keep preference of each column)`` for
+        ``method`` with ``counts[c]`` kept columns in class ``c``."""
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+        counts = np.asarray(counts, dtype=np.int64)
+        group = np.arange(self.n_col, dtype=np.int64)
+        pref = np.zeros(self.n_col)
+        shrink = [int(c) for c in np.flatnonzero(counts < self.cls_size)]
+        if not shrink:
+            return group, pref
+        if method in PRUNING and method != "random":
+            feats = self.features(shrink, with_out=False, with_const=False)
+        elif method == "fold":
+            feats = self.features(shrink)
+        rng = np.random.default_rng(seed)
+        for u in shrink:
+            cols = self.members[u]           # in class order (pos 0, 1, ...)
+            k = int(counts[u])
+            if k < 1:
+                raise ValueError(f"column class {u}: {k} kept columns")
+            if method == "fold":
+                f = feats[u]
+                X = np.hstack([f["in"], f["const"], f["out"]])
+                lab = _kmeans(X, k, seed) if X.shape[1] else np.minimum(np.arange(cols.size), k - 1)
+                group[cols] = cols[np.unique(lab, return_index=True)[1]][lab]   # a member names the cluster
+                continue
+            if method == "random":
+                score = rng.random(cols.size)
+            else:
+                R = feats[u]["in"]
+                score = np.linalg.norm(R, axis=1) if method == "l2" else np.abs(R).sum(axis=1)
+            keep = np.sort(np.argsort(-score, kind="stable")[:k])
+            pref[cols[keep]] = 1.0
+            # dropped columns vanish: they join the group of the first kept one
+            drop = np.setdiff1d(np.arange(cols.size), keep)
+            group[cols[drop]] = cols[keep[0]]
+        return group, pref
+
+    def write(self, method, counts, seed=0):
+        """``(model, kept)`` of ``method`` at ``counts`` kept columns per class."""
+        group, pref = self.partition(method, counts, seed)
+        labels = group[self.col]
+        mode = "merge" if method == "fold" else "prune"
+        m2, gid, kept, _ = write_dag_base(self.imp, labels, mode=mode, keep_pref=pref[self.col])
+        if not np.array_equal(self.class_counts(kept), np.minimum(counts, self.cls_size)) or \
+                not np.array_equal(canonical(np.stack([group[self.col], self.slot], 1)), gid):
+            raise ValueError("these kept counts per column class cannot be written: the cells of one "
+                             "tensor (heads; q, k, v of a packed projection) must keep equal sizes")
+        return m2, kept
+
+
+def _feeds_eval(model, data, xy):
+    """Evaluation data: ``(x, y)`` for a model with one floating-point input;
+    ``(feeds, y)`` for several inputs (the npz's arrays per input name,
+    ``data_feeds``) or an integer input (token ids: x cast to its type)."""
+    import onnx
+
+    from .api import data_feeds
+
+    inits = {t.name for t in model.graph.initializer}
+    inputs = [vi for vi in model.graph.input if vi.name not in inits]
+    dtypes = [onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type) for vi in inputs]
+    if len(inputs) == 1 and dtypes[0].kind == "f":
+        return xy
+    if len(inputs) == 1:
+        return {inputs[0].name: np.asarray(xy[0]).astype(dtypes[0])}, xy[1]
+    if isinstance(data, tuple):
+        raise InputError(f"the model has {len(inputs)} inputs: give an .npz with one array per input name")
+    return data_feeds(data, model), xy[1]
+
+
+def evaluate_any(model, data):
+    """:func:`importers.api.evaluate` for ``(x, y)``; for ``(feeds, y)`` (a model
+    with several inputs) the same scores with every input fed."""
+    from .api import _prob_kind, _run, evaluate, session
+
+    if not isinstance(data[0], dict):
+        return evaluate(model, data)
+    feeds, y = data
+    sess = session(model)
+    outs = sess.get_outputs()
+    pick = next((o.name for o in outs if o.type in ("tensor(float)", "tensor(double)") and len(o.shape) == 2),
+                None)
+    if pick is None:
+        raise InputError("the model has no (batch, classes) float output to evaluate")
+    n = int(next(iter(feeds.values())).shape[0])
+    S = np.concatenate([np.asarray(_run(sess, [pick], {k: v[s:s + 1024] for k, v in feeds.items()})[0],
+                                   dtype=np.float64) for s in range(0, n, 1024)])
+    y = np.asarray(y).astype(np.int64).reshape(-1)
+    if y.size != S.shape[0] or y.min() < 0 or y.max() >= S.shape[1]:
+        raise InputError("labels 'y' do not match the model's outputs")
+    kind = _prob_kind(model, pick)
+    if kind in ("probs", "sigmoid"):
+        S = np.log(np.clip(S, 1e-12, None))
+    if kind == "probs":
+        logp = S
+    else:
+        mx = S.max(axis=1, keepdims=True)
+        logp = S - mx - np.log(np.exp(S - mx).sum(axis=1, keepdims=True))
+    return {"accuracy": float(np.mean(S.argmax(axis=1) == y)),
+            "loss": float(-np.mean(logp[np.arange(y.size), y])), "n": int(y.size)}
+
+
+def compare_dag_methods(model, imp, data, xy, eps_list, eps_files=(), linkage="average", metric="cosine",
+                        methods=METHODS, seed=0, on_point=None):
+    """The rows of :func:`importers.compare.compare_methods` for a model of the
+    hypergraph path (``imp`` its :class:`~importers.onnx_dag.DagImport`)."""
+    from .api import _check_eps, count_params, read_eps_table
+    from .dag_api import colour_dag, weight_entries
+
+    dm = DagMethods(imp)
+    names = [w for w, _, _, _ in weight_entries(imp)]
+    data_eval = _feeds_eval(imp.model, data, xy)
+    p0 = count_params(imp.model)
+    r0 = evaluate_any(imp.model, data_eval)
+    all_kept = np.ones(imp.graph.n, dtype=bool)
+    rows = [{"method": "original", "point": "original", "eps": None, "nodes": dm.entry_counts(all_kept),
+             "params": p0, "params_kept": 1.0, "accuracy": r0["accuracy"], "loss": r0["loss"]}]
+    points = [(f"eps={e:g}", float(e), float(e), None) for e in eps_list]
+    for p in eps_files:
+        table = read_eps_table(p, names)
+        table = {k: _check_eps(v, f"{p}[{k!r}]") for k, v in table.items()}
+        points.append((f"eps-file {os.path.basename(p)}", table, 0.0, table))
+    kept_whole = set()
+    for label, eps_report, eps, table in points:
+        col = colour_dag(imp, "fibration", eps, table, linkage, metric)
+        m_fib, _, kept, why = write_dag_base(imp, col.labels)
+        kept_whole.update(w for w in why if w)
+        counts = dm.class_counts(kept)
+        nodes = dm.entry_counts(kept)
+        variants = [("fibration", m_fib, kept)]
+        for meth in methods:
+            m2, k2 = dm.write(meth, counts, seed)
+            variants.append((meth, m2, k2))
+        for meth, m2, k2 in variants:
+            got = dm.entry_counts(k2)
+            assert got == nodes, f"{meth}: nodes per weight {got} != fibration's {nodes}"
+            assert np.array_equal(dm.class_counts(k2), counts), f"{meth}: kept columns per class differ"
+            r = evaluate_any(m2, data_eval)
+            pk = count_params(m2)
+            rows.append({"method": meth, "point": label, "eps": eps_report, "nodes": got,
+                         "params": pk, "params_kept": pk / p0, "accuracy": r["accuracy"], "loss": r["loss"]})
+            if on_point is not None:
+                on_point(rows[-1])
+    notes = ["hypergraph path: eps > 0 clusters with the magnitude-aware euclidean distance "
+             "(no rescaling merge); pruned models drop units (LayerNorm, means and softmax over the kept "
+             "ones), merged ones (fibration, folding) carry their multiplicities as constants, counted "
+             "as parameters"] + [f"kept whole: {w}" for w in sorted(kept_whole)]
+    return {"graph": "hypergraph", "layers": [w for w, _ in dm.entries], "params_before": p0,
+            "rows": rows, "notes": notes}
