@@ -633,16 +633,24 @@ class _Builder:
         unit_shape = [full[k] for k in range(len(full)) if k not in pos]
         return cb.reshape(int(np.prod(unit_shape)) if unit_shape else 1, -1)
 
-    def _combine(self, operand_ids, out, name, tag, consts=(), kind="factor"):
+    def _combine(self, operand_ids, out, name, tag, consts=(), kind="factor", unit_axes=None):
         """Factor nodes: one per distinct tuple of operand nodes (AND rule), plus
-        constant edges; ``consts`` = [(slot, array)] broadcast against the result."""
+        constant edges; ``consts`` = [(slot, array)] broadcast against the result.
+        ``unit_axes`` = {axis: length}: axes the constants alone span (a
+        per-sample statistic times a per-unit gamma): one node per position there."""
         shape = np.broadcast_shapes(*[o.shape for o in operand_ids])
         for _, c in consts:
             cs = np.shape(c)
             if len(cs) > len(shape):
                 raise _Barrier("constant of higher rank than the stream")
+        if unit_axes:
+            shape = tuple(unit_axes.get(k, d) for k, d in enumerate(shape))
         cols = [np.broadcast_to(o, shape).reshape(-1) for o in operand_ids]
         keys = np.stack(cols, 1)
+        if unit_axes:
+            idx = np.indices(shape)
+            pos = np.ravel_multi_index([idx[k] for k in sorted(unit_axes)], [shape[k] for k in sorted(unit_axes)])
+            keys = np.concatenate([keys, pos.reshape(-1, 1)], 1)
         uniq, inv = np.unique(keys, axis=0, return_inverse=True)
         inv = inv.reshape(-1)
         # order new nodes by first occurrence
@@ -687,6 +695,28 @@ class _Builder:
                 consts.append((k, v))
         ids0 = [self.layout[x] for _, x in streams]
         out_ids_shape = np.broadcast_shapes(*[o.shape for o in ids0])
+        # axes only a constant spans (every stream has length 1 there, the output
+        # more): the constant brings the units (a per-sample rsqrt(var) times a
+        # per-unit gamma, in a LayerNorm written out op by op: magika)
+        out_shape = tuple(self.shapes[node.output[0]])
+        rank_o = len(out_shape)
+
+        def _aligned(sh):
+            sh = tuple(sh)
+            return (1,) * (rank_o - len(sh)) + sh
+
+        const_axes = {}
+        # only where every stream is one node (a per-sample statistic): where a
+        # stream has units, a constant along another axis scales positions
+        if len(out_ids_shape) == rank_o and all(o.size == 1 for o in ids0):
+            st = [_aligned(self.shapes[x]) for _, x in streams]
+            for k in range(rank_o):
+                if out_shape[k] > 1 and all(sh[k] == 1 for sh in st) and out_ids_shape[k] == 1:
+                    for _, c in consts:
+                        ca = np.asarray(c).reshape(_aligned(np.shape(c))) if np.ndim(c) <= rank_o else None
+                        if ca is not None and ca.shape[k] > 1 and not np.allclose(ca, np.take(ca, [0], axis=k)):
+                            const_axes[k] = out_shape[k]
+                            break
         same = all(np.array_equal(np.broadcast_to(ids0[0], out_ids_shape), np.broadcast_to(o, out_ids_shape))
                    for o in ids0)
         scalar = all(np.asarray(c).size == 1 for _, c in consts)
@@ -696,6 +726,8 @@ class _Builder:
             same = unit_streams[0].shape == out_ids_shape
         if same:
             ids0 = [unit_streams[0]] if unit_streams else ids0[:1]
+        if const_axes:
+            same = False
         if same and scalar and len(self.shapes[node.output[0]]) == len(out_ids_shape):
             self.layout[node.output[0]] = np.broadcast_to(ids0[0], out_ids_shape).copy()
             return "activation"
@@ -722,7 +754,7 @@ class _Builder:
         tag = (op, tuple(sorted(_attrs(node).items())) if op != "Where" else ())
         slots = [k for k, _ in streams]
         role = self._combine(ops_ids, node.output[0], name, (tag, tuple(slots)), consts,
-                             kind="factor" if len(streams) > 1 else "per-unit")
+                             kind="factor" if len(streams) > 1 else "per-unit", unit_axes=const_axes)
         self.records.append({"kind": "elementwise", "node": node.name, "op": op, "output": node.output[0],
                              "streams": [x for _, x in streams],
                              "consts": [node.input[k] for k, _ in consts]})
