@@ -240,6 +240,9 @@ def compress_model(path, out, symmetry="fibration", eps=0.0, eps_file=None, link
     t1 = time.perf_counter()
     base, _ = compress_network(col)
     m2 = write_base_onnx(res.model, base, check=True)
+    from .dag_api import _check_loads
+
+    _check_loads(m2)
     t2 = time.perf_counter()
     report = {"model": os.fspath(path), "output": os.fspath(out), "symmetry": symmetry,
               "params_before": count_params(res.model), "params_after": count_params(m2),
