@@ -13,10 +13,12 @@ An 8x8 digit is a sequence of 8 rows of 8 features.
   as ``nn.TransformerEncoderLayer(d, 4, ff, dropout=0, batch_first=True)``)
   -> mean over the 8 steps -> ``Linear(d, 10)``.  The feed-forward block is
   applied to the ``(batch * 8, d)`` matrix, so that torch exports it as
-  ``Gemm`` with the bias inside the linear node: exported as ``MatMul`` +
-  ``Add`` (what ``nn.TransformerEncoderLayer`` gives), the exact ``Add`` of
-  the bias keeps every unit distinct in the hypergraph path and nothing
-  compresses at any eps.  ``ff`` may differ per layer (a compressed model).
+  ``Gemm`` with the bias inside the linear node (the baselines' torch code
+  relies on this module's layout).  ``ff`` may differ per layer (a
+  compressed model).
+- :class:`StdTfNet`: the same model from ``nn.TransformerEncoderLayer`` (FF
+  exported as ``MatMul`` + ``Add``); since bias adds take their layer's eps it
+  compresses like :class:`TfNet` (BENCHMARKS.md, "Sequence models").
 """
 from __future__ import annotations
 
@@ -68,6 +70,30 @@ class TfNet(nn.Module):
         self.inp = nn.Linear(n_in, d)
         self.pos = nn.Parameter(torch.zeros(seq, d))
         self.layers = nn.ModuleList([EncoderLayer(d, heads, f) for f in ff])
+        self.head = nn.Linear(d, n_out)
+
+    def forward(self, x):
+        h = self.inp(x) + self.pos
+        for ly in self.layers:
+            h = ly(h)
+        return self.head(h.mean(1))
+
+
+class StdTfNet(nn.Module):
+    """:class:`TfNet` with torch's own ``nn.TransformerEncoderLayer(d, heads, ff,
+    dropout=0, batch_first=True)`` (post-norm, ReLU): the same maths and the
+    same parameter creation order (the same initial weights for a seed), but
+    the feed-forward block runs on the 3-D tensor, so it exports as ``MatMul`` +
+    ``Add`` (bias in its own node) instead of ``Gemm``."""
+
+    def __init__(self, d=32, ff=64, layers=2, heads=4, n_in=8, seq=8, n_out=10):
+        super().__init__()
+        ff = [ff] * layers if isinstance(ff, int) else list(ff)
+        self.cfg = dict(d=d, ff=ff, layers=len(ff), heads=heads, n_in=n_in, seq=seq, n_out=n_out)
+        self.inp = nn.Linear(n_in, d)
+        self.pos = nn.Parameter(torch.zeros(seq, d))
+        self.layers = nn.ModuleList([nn.TransformerEncoderLayer(d, heads, f, dropout=0.0, batch_first=True)
+                                     for f in ff])
         self.head = nn.Linear(d, n_out)
 
     def forward(self, x):

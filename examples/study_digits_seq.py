@@ -20,6 +20,15 @@ variants: "FF only" (eps on the two ``linear1`` weights, every other weight
 exact; the baselines compare to this one) and "all weights" (eps on every
 weight: d_model, q/k/v, out_proj, linear2 too; no baseline at its shapes).
 
+A third model, the same Transformer built from torch's
+``nn.TransformerEncoderLayer`` (``seq_models.StdTfNet``: same maths and, for
+the seed, the same initial weights; its FF block exports as MatMul + Add, the
+bias in its own node), gets the two fibration variants only (no baselines).
+For every Transformer point the report's per-weight colour classes (before the
+writer's meet over a residual stream's writers and readers) are recorded
+next to the units the base keeps.  The LSTM's gates, cell and hidden state are
+clustered jointly (one clustering of the hidden units; see ``importers/dag_api.py``).
+
 Baselines, built in torch as real smaller modules (no masks) with EXACTLY the
 fibration base's unit counts (LSTM hidden units; Transformer feed-forward
 units per layer; d_model and attention are left whole), exported and
@@ -47,9 +56,9 @@ import tempfile
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from seq_models import (LSTMNet, TfNet, digits_seq_split, export, ff_fold_features, ff_in_weights,  # noqa: E402
-                        labels_from_fibers, lstm_fold_features, lstm_in_weights, lstm_merge, lstm_subset,
-                        tf_ff_merge, tf_ff_subset)
+from seq_models import (LSTMNet, StdTfNet, TfNet, digits_seq_split, export, ff_fold_features,  # noqa: E402
+                        ff_in_weights, labels_from_fibers, lstm_fold_features, lstm_in_weights, lstm_merge,
+                        lstm_subset, tf_ff_merge, tf_ff_subset)
 from study_lib import FIG, ROOT, save_json, timer, train  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
@@ -166,6 +175,68 @@ def study_lstm(path, m, test, eps_grid, tmp, log):
     return {"params_before": p0, "rows": rows}
 
 
+def norm_classes(imp, eps, link):
+    """Colour classes of each LayerNorm output node set (32 units) in the engine's
+    colouring at ``eps`` (what the next layers' rows are aggregated by; the writer
+    keeps the meet over the residual stream instead)."""
+    from importers.dag_api import colour_dag
+
+    lab = colour_dag(imp, "fibration", eps=eps, linkage=link).labels
+    return [int(np.unique(lab[s.ids]).size) for s in imp.spaces if s.kind == "norm"]
+
+
+def colour_classes(rep):
+    """Per weight: the classes of its own colouring (before the writer's meet over
+    the columns it is tied to, e.g. a residual stream's writers and readers)."""
+    return {ly["weight"]: len(ly.get("colour_classes", ly["fibers"])) for ly in rep["layers"]}
+
+
+def study_tf_std(path, m, test, eps_grid, tmp, log):
+    """The same Transformer built from ``nn.TransformerEncoderLayer`` (FF block as
+    MatMul + Add): fibration only, 'FF only' (eps on the two linear1 weights,
+    found as the weights with ``ff`` units) and 'all weights'."""
+    from importers.api import compress_model
+
+    ff0 = list(m.cfg["ff"])
+    rows = [{"method": "original", **onnx_eval(path, test), "ff": ff0}]
+    p0 = rows[0]["params"]
+    rows[0]["params_kept"] = 1.0
+    from importers.onnx_dag import import_dag
+
+    imp = import_dag(path)
+    rep0 = compress_model(path, os.path.join(tmp, "fib.onnx"), eps=0.0)
+    names = [ly["weight"] for ly in rep0["layers"] if ly["nodes_before"] == ff0[0] and ly["op"] != "Gather"]
+    assert len(names) == len(ff0), names
+    for variant in ("ff", "all"):
+        for link in LINKAGES:
+            seen = set()
+            for eps in eps_grid:
+                out = os.path.join(tmp, "fib.onnx")
+                if variant == "ff":
+                    ef = os.path.join(tmp, "eps.json")
+                    with open(ef, "w") as f:
+                        json.dump({n: eps for n in names}, f)
+                    rep = compress_model(path, out, eps=0.0, eps_file=ef, linkage=link, verify=True)
+                else:
+                    rep = compress_model(path, out, eps=eps, linkage=link, verify=True)
+                by = {ly["weight"]: ly for ly in rep["layers"]}
+                units = {ly["weight"]: ly["nodes_after"] for ly in rep["layers"]}
+                key = tuple(sorted(units.items()))
+                if key in seen or rep["params_after"] == rep["params_before"]:
+                    continue
+                seen.add(key)
+                fib = onnx_eval(out, test)
+                ff_new = [by[n]["nodes_after"] for n in names]
+                rows.append({"method": "fibration", "variant": variant, "linkage": link, "eps": eps, "ff": ff_new,
+                             "units": units, "classes": colour_classes(rep),
+                             **({"norm_classes": norm_classes(imp, eps, link)} if variant == "all" else {}),
+                             "verify_max_abs_diff": rep["verify"]["max_abs_diff"], **fib,
+                             "params_kept": fib["params"] / p0})
+                log(f"  tf_std[{variant}] {link:8s} eps {eps:<5g} ff {ff_new} params {fib['params'] / p0:6.1%} "
+                    f"fib {fib['accuracy']:.3f}")
+    return {"params_before": p0, "ff_weights": names, "rows": rows}
+
+
 def ff_names(rep):
     return [ly["weight"] for ly in rep["layers"] if ly["weight"].endswith("linear1.weight")]
 
@@ -176,6 +247,9 @@ def study_tf(path, m, test, eps_grid, tmp, log):
     rows = [{"method": "original", **onnx_eval(path, test), "ff": [ly.linear1.out_features for ly in m.layers]}]
     p0 = rows[0]["params"]
     rows[0]["params_kept"] = 1.0
+    from importers.onnx_dag import import_dag
+
+    imp = import_dag(path)
     rep0 = compress_model(path, os.path.join(tmp, "fib.onnx"), eps=0.0)
     names = ff_names(rep0)
     ff0 = [ly.linear1.out_features for ly in m.layers]
@@ -200,8 +274,10 @@ def study_tf(path, m, test, eps_grid, tmp, log):
                 seen.add(key)
                 fib = onnx_eval(out, test)
                 base = {"variant": variant, "linkage": link, "eps": eps, "ff": ff_new, "units": units,
-                        "criterion": by[names[0]]["criterion"],
+                        "classes": colour_classes(rep), "criterion": by[names[0]]["criterion"],
                         "verify_max_abs_diff": rep["verify"]["max_abs_diff"]}
+                if variant == "all":
+                    base["norm_classes"] = norm_classes(imp, eps, link)
                 msg = ""
                 if variant == "ff":
                     labs = [labels_from_fibers(by[n]["fibers"], f) for n, f in zip(names, ff0)]
@@ -257,6 +333,10 @@ def plot(out, path):
             pts = curve(rows, "fibration", link, "all")
             ax.plot([100 * p[0] for p in pts], [100 * p[1] for p in pts], "-", marker="x", color="tab:orange",
                     ms=4, lw=1.0, label="fibration (all weights)")
+            if "tf_std" in out:
+                pts = curve(out["tf_std"]["rows"], "fibration", link, "ff")
+                ax.plot([100 * p[0] for p in pts], [100 * p[1] for p in pts], "--", marker="+", color="tab:brown",
+                        ms=4, lw=1.0, label="fibration (FF only), nn.TransformerEncoderLayer")
         ax.axhline(100 * rows[0]["accuracy"], color="k", lw=0.8, ls="-.")
         arch = "LSTM(64)" if name == "lstm" else "Transformer d32 ff64 x2"
         ax.set_title(f"{arch}, {link} linkage (test acc {100 * rows[0]['accuracy']:.1f}%)", fontsize=9)
@@ -299,18 +379,43 @@ def table(out):
                              f"{100 * f['accuracy']:.1f} | " +
                              " | ".join(f"{100 * bl[k]['accuracy']:.1f}" if k in bl else "-" for k in METHODS) + " |")
         if name == "tf":
-            lines += ["", "Fibration with eps on every weight ('all weights'; units after per weight: input "
-                      "proj / q,k,v (L0) / out_proj (L0) / FF (L0) / linear2 (L0) / q,k,v (L1) / ...):\n",
-                      "| linkage | eps | units per weight | params kept | test acc | verify max abs diff |",
-                      "|---|---|---|---|---|---|"]
-            for link in LINKAGES:
-                for f in [r for r in rows if r["method"] == "fibration" and r["linkage"] == link
-                          and r.get("variant") == "all"]:
-                    lines.append(f"| {link} | {f['eps']:g} | {'-'.join(str(v) for v in f['units'].values())} | "
-                                 f"{100 * f['params_kept']:.1f}% | {100 * f['accuracy']:.1f} | "
-                                 f"{f['verify_max_abs_diff']:.3g} |")
+            lines += all_weights_table(rows)
         lines.append("")
+    if "tf_std" in out:
+        rows = out["tf_std"]["rows"]
+        lines += [f"#### digits Transformer from nn.TransformerEncoderLayer (FF as MatMul + Add): "
+                  f"{out['tf_std']['params_before']:,} params (ONNX), test acc {100 * rows[0]['accuracy']:.1f}%\n",
+                  "Fibration 'FF only' (no baselines for this model):\n",
+                  "| linkage | eps | FF units | params kept | fibration | verify max abs diff |",
+                  "|---|---|---|---|---|---|"]
+        for link in LINKAGES:
+            for f in [r for r in rows if r["method"] == "fibration" and r["linkage"] == link
+                      and r["variant"] == "ff"]:
+                lines.append(f"| {link} | {f['eps']:g} | {'-'.join(map(str, f['ff']))} | "
+                             f"{100 * f['params_kept']:.1f}% | {100 * f['accuracy']:.1f} | "
+                             f"{f['verify_max_abs_diff']:.3g} |")
+        lines += all_weights_table(rows) + [""]
     return "\n".join(lines)
+
+
+def all_weights_table(rows):
+    lines = ["", "Fibration with eps on every weight ('all weights'; per weight in model order: input "
+             "proj / q,k,v (L0) / out_proj (L0) / FF (L0) / linear2 (L0) / q,k,v (L1) / ...; units the base keeps, "
+             "the classes of each weight's own colouring before the writer's meet over the residual stream, and the "
+             "colour classes of the 4 LayerNorm outputs in the engine's colouring):\n",
+             "| linkage | eps | units per weight | own colour classes | LayerNorm classes | params kept | test acc | "
+             "verify max abs diff |",
+             "|---|---|---|---|---|---|---|---|"]
+    for link in LINKAGES:
+        for f in [r for r in rows if r["method"] == "fibration" and r["linkage"] == link
+                  and r.get("variant") == "all"]:
+            cl = f.get("classes")
+            lines.append(f"| {link} | {f['eps']:g} | {'-'.join(str(v) for v in f['units'].values())} | "
+                         f"{'-'.join(str(v) for v in cl.values()) if cl else '-'} | "
+                         f"{'-'.join(map(str, f['norm_classes'])) if f.get('norm_classes') else '-'} | "
+                         f"{100 * f['params_kept']:.1f}% | {100 * f['accuracy']:.1f} | "
+                         f"{f['verify_max_abs_diff']:.3g} |")
+    return lines
 
 
 def main(argv=None):
@@ -333,7 +438,7 @@ def main(argv=None):
     clock = timer()
     (xtr, ytr), (xte, yte) = digits_seq_split(args.seed)
     test = (xte, yte)
-    lstm_grid = grid(0.5, 1.6, 0.02) if not args.quick else grid(1.0, 1.5, 0.1)
+    lstm_grid = grid(0.3, 1.2, 0.01) if not args.quick else grid(0.5, 1.0, 0.1)
     tf_grid = grid(0.3, 1.9, 0.05) if not args.quick else grid(0.5, 1.5, 0.25)
     out = {"setting": {"data": f"scikit-learn digits as 8x8 sequences, stratified 75/25 split "
                                f"({len(ytr):,} train / {len(yte):,} test), seed {args.seed}",
@@ -342,7 +447,8 @@ def main(argv=None):
                        "machine": {"nproc": os.cpu_count(), "torch_threads": torch.get_num_threads()}}}
     with tempfile.TemporaryDirectory() as tmp:
         for name, builder, lr, grid_, fn in (("lstm", LSTMNet, 1e-2, lstm_grid, study_lstm),
-                                             ("tf", TfNet, 3e-3, tf_grid, study_tf)):
+                                             ("tf", TfNet, 3e-3, tf_grid, study_tf),
+                                             ("tf_std", StdTfNet, 3e-3, tf_grid, study_tf_std)):
             torch.manual_seed(args.seed)
             m = builder()
             t0 = clock()

@@ -25,7 +25,7 @@ from scipy.spatial.distance import pdist
 
 from .partition import canonical
 
-__all__ = ["threshold_clusters", "algorithm1", "prepare_rows", "METRICS", "LINKAGES"]
+__all__ = ["threshold_clusters", "joint_rows", "algorithm1", "prepare_rows", "METRICS", "LINKAGES"]
 
 METRICS = ("cosine", "euclidean")
 LINKAGES = ("complete", "average")
@@ -83,16 +83,26 @@ def _neighbour_components(Y, radius, unit=False, block_elems=1 << 24):
     return connected_components(g, directed=False)[1]
 
 
-def threshold_clusters(X, eps, linkage_method="average", metric="cosine"):
+def threshold_clusters(X, eps, linkage_method="average", metric="cosine", prepared=False):
     """Flat clusters of the rows of ``X`` cut at distance ``eps``.
 
     Equal to ``fcluster(linkage(pdist(rows), method), eps, 'distance')`` (the
     paper's Algorithm 1) but computed per connected component of the
     ``eps``-neighbour graph.  Returns canonical labels.
+
+    ``prepared``: the rows are already scaled for ``metric`` (e.g. the
+    concatenation of several node sets' prepared rows over ``sqrt(sets)``, see
+    :func:`joint_rows`); the distance is then ``|u - v|`` (euclidean) or
+    ``|u - v|^2 / 2`` (cosine) on the given rows.
     """
     if linkage_method not in LINKAGES:
         raise ValueError(f"unknown linkage {linkage_method!r}; choose from {LINKAGES}")
-    Y, norms, zero = prepare_rows(X, metric)
+    if prepared:
+        Y = np.asarray(X, dtype=np.float64)
+        norms = np.linalg.norm(Y, axis=1)
+        zero = norms <= 0
+    else:
+        Y, norms, zero = prepare_rows(X, metric)
     n = Y.shape[0]
     labels = np.full(n, -1, dtype=np.int64)
     nz = np.flatnonzero(~zero) if metric == "cosine" else np.arange(n)
@@ -102,7 +112,7 @@ def threshold_clusters(X, eps, linkage_method="average", metric="cosine"):
         Z = Y[nz]
         # cosine distance d = |u - v|^2 / 2 on unit rows
         radius = np.sqrt(2.0 * eps) if metric == "cosine" else eps
-        comp = _neighbour_components(Z, radius, unit=(metric == "cosine"))
+        comp = _neighbour_components(Z, radius, unit=(metric == "cosine" and not prepared))
         out = np.empty(nz.size, dtype=np.int64)
         order = np.argsort(comp, kind="stable")
         bounds = np.flatnonzero(np.diff(comp[order])) + 1
@@ -123,6 +133,23 @@ def threshold_clusters(X, eps, linkage_method="average", metric="cosine"):
             nxt += int(lab.max())
         labels[nz] = out + (1 if (metric == "cosine" and zero.any()) else 0)
     return canonical(labels)
+
+
+def joint_rows(blocks, metric, scales=None):
+    """Rows of tied items (e.g. the columns gate i / f / g / o, cell, hidden of
+    an LSTM's units): each block (one node set's rows, one row per item) is
+    prepared for ``metric`` on its own, then the blocks are concatenated and
+    divided by ``sqrt(len(blocks))``.  On these rows the euclidean distance is
+    the root mean square of the per-set distances and ``|u - v|^2 / 2`` the
+    mean of the per-set cosine distances, so eps keeps its meaning (one block:
+    the plain rows).  ``scales`` (euclidean only): divide block ``s`` by
+    ``scales[s]`` instead of its own largest row norm (e.g. the largest norm
+    over the whole layer).  Use with ``threshold_clusters(..., prepared=True)``."""
+    if scales is not None and metric == "euclidean":
+        ys = [np.asarray(b, dtype=np.float64) / (s if s > 0 else 1.0) for b, s in zip(blocks, scales)]
+    else:
+        ys = [prepare_rows(b, metric)[0] for b in blocks]
+    return np.hstack(ys) / np.sqrt(len(ys)) if ys else np.zeros((0, 0))
 
 
 def algorithm1(X, eps, linkage_method="average", metric="cosine"):

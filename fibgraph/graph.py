@@ -104,6 +104,11 @@ class WeightedDigraph:
     ``cyclic`` names levels whose nodes also read each other (a recurrence,
     e.g. an LSTM's gates, cell and hidden state): such a level is refined
     repeatedly until its colouring is a fixed point.
+    ``tie`` (optional, int per node, -1 = untied) groups nodes of one level
+    that sit at the same position in several node sets (``layer``), e.g. the
+    gates, cell and hidden node of one LSTM unit: under a tolerance criterion
+    such a *column* is clustered as one item on the concatenation of its
+    nodes' rows (see :func:`fibgraph.refine.refine`); exact criteria ignore it.
     """
 
     n: int
@@ -117,6 +122,7 @@ class WeightedDigraph:
     node_ids: list | None = None             # ids as in the input file
     homogeneous: np.ndarray | None = None
     cyclic: set | None = None                # indices of levels with edges inside them (a loop)
+    tie: np.ndarray | None = None            # column id per node (-1: none), for joint clustering
 
     def __post_init__(self):
         n = self.n

@@ -37,6 +37,30 @@ Two criteria for "equal signatures":
   the next level aggregates ``s_k W[i, k]``.  On other nodes cosine is not
   exact, so the magnitude-aware euclidean distance is used instead and the
   substitution is recorded.
+
+Joint clustering of tied node sets (``tie``, e.g. ``graph.tie``): nodes of one
+level that sit at the same position in several node sets (one *column*: the
+gates i/f/g/o, cell and hidden node of one LSTM unit; GRU: z/r/n, the reset
+product and the hidden node) are clustered as ONE item under
+:class:`Tolerance`.  Items are grouped by the tuple of their nodes' old
+colours; within a group the item's row is the concatenation, over the tied
+node sets, of each set's signature row prepared for the metric on its own
+(euclidean: over the set's largest row norm in the level, so that a class
+that shrinks in a later round of a cyclic level does not magnify its
+distances; cosine: unit rows),
+divided by ``sqrt(number of sets)``, and these rows are clustered once at
+``eps`` (:func:`fibgraph.cluster.joint_rows`).  So the distance of two units
+is the root mean square of their per-set distances (cosine: the mean of the
+per-set cosine distances), and a quasi-fiber of the column is a class whose
+units are within ``eps`` in that distance (complete linkage: every pair;
+average: the mean over pairs), every node set taking the SAME partition.  A
+cyclic level repeats this (rows aggregated by the current colours: the
+recurrence reads the hidden partition) until no class splits; each round
+refines the last, so it terminates.  Without ties each node set is clustered
+alone and a writer keeping the meet of those partitions over-splits whenever
+the sets' clusterings disagree slightly.  :class:`Exact` ignores ties: exact
+equality is transitive, so the meet of the exact partitions already is the
+joint one, and eps = 0 colourings do not depend on ties.
 """
 from __future__ import annotations
 
@@ -371,11 +395,55 @@ def _signature_matrix(graph, nodes, directions, colours, scales):
     return sp.hstack([sp.csr_matrix(m) for m in mats]).tocsr(), exact
 
 
-def _split_tolerance(graph, nodes, directions, colours, scales, crit, info_key, info):
-    """Cluster the signature rows of ``nodes`` within each old colour class."""
+def _dense_rows(X, members):
+    rows = X[members]
+    if sp.issparse(rows):  # only the columns these rows use
+        rows = rows.tocsc()
+        rows = rows[:, np.flatnonzero(np.diff(rows.indptr))].toarray()
+    return rows
+
+
+def _columns(graph, nodes, tie):
+    """Items of a level under ``tie``: ``(item of each node, position of each
+    node in its item, items x positions table of local node indices (-1 where
+    absent))``, or None when no two nodes of the level share a tie id.  A
+    position is a node set (``graph.layer``) of the level."""
+    t = np.asarray(tie, dtype=np.int64)[nodes]
+    tied = t >= 0
+    if not tied.any():
+        return None
+    key = np.where(tied, t, -1 - np.arange(nodes.size))
+    _, item, cnt = np.unique(key, return_inverse=True, return_counts=True)
+    item = item.reshape(-1)
+    if not (cnt > 1).any():
+        return None
+    _, pos = np.unique(graph.layer[nodes], return_inverse=True)
+    pos = pos.reshape(-1)
+    table = np.full((cnt.size, int(pos.max()) + 1), -1, dtype=np.int64)
+    table[item, pos] = np.arange(nodes.size)
+    if (table >= 0).sum() != nodes.size:
+        raise ValueError("a tie holds two nodes of one node set in one level")
+    return item, pos, table
+
+
+def _split_tolerance(graph, nodes, directions, colours, scales, crit, info_key, info, tie=None):
+    """Cluster the signature rows of ``nodes`` within each old colour class.
+
+    With ``tie`` (node -> column id): the nodes of one column in this level
+    (one per node set, e.g. the gates, cell and hidden node of one LSTM unit)
+    are one item; items are grouped by the tuple of their nodes' old colours
+    and clustered once on :func:`fibgraph.cluster.joint_rows` (each node
+    set's rows prepared for the metric: euclidean over the set's largest row
+    norm in the LEVEL, cosine unit rows; concatenated, over ``sqrt(sets)``),
+    and every node of an item takes the item's cluster: one partition of the
+    columns, the same in all tied node sets.  No rescaling merge on items.
+    """
     X, _ = _signature_matrix(graph, nodes, directions, colours, scales)
     if X.shape[1] == 0:  # no edges into these nodes: nothing to compare
         return canonical(colours[nodes]), np.ones(nodes.size)
+    cols = _columns(graph, nodes, tie) if tie is not None else None
+    if cols is not None:
+        return _split_tolerance_tied(graph, nodes, X, colours, crit, info_key, info, cols)
     homog = bool(np.all(graph.homogeneous[nodes])) if nodes.size else False
     metric = crit.metric
     note = None
@@ -394,10 +462,7 @@ def _split_tolerance(graph, nodes, directions, colours, scales, crit, info_key, 
             out[members] = nxt
             nxt += 1
             continue
-        rows = X[members]
-        if sp.issparse(rows):  # only the columns this class uses
-            rows = rows.tocsc()
-            rows = rows[:, np.flatnonzero(np.diff(rows.indptr))].toarray()
+        rows = _dense_rows(X, members)
         lab = threshold_clusters(rows, crit.eps, crit.linkage, metric)
         out[members] = nxt + lab
         nxt += int(lab.max()) + 1
@@ -412,6 +477,62 @@ def _split_tolerance(graph, nodes, directions, colours, scales, crit, info_key, 
                       "metric_requested": crit.metric, "rescale": rescale,
                       **({"note": note} if note else {})}
     return canonical(out), new_scales
+
+
+def _split_tolerance_tied(graph, nodes, X, colours, crit, info_key, info, cols):
+    """:func:`_split_tolerance` over the items of ``cols`` (see :func:`_columns`)."""
+    from .cluster import joint_rows
+
+    item, pos, table = cols
+    homog = bool(np.all(graph.homogeneous[nodes])) if nodes.size else False
+    metric = crit.metric
+    note = None
+    if metric == "cosine" and not homog:
+        metric = "euclidean"
+        note = "cosine is not exact for non-homogeneous activations: euclidean used"
+    # an item's old class: the old colours at every position (-1 where absent)
+    old = np.where(table >= 0, colours[nodes][np.maximum(table, 0)], -1)
+    _, cls = np.unique(old, axis=0, return_inverse=True)
+    cls = cls.reshape(-1)
+    n_pos = table.shape[1]
+    lab_item = np.zeros(table.shape[0], dtype=np.int64)
+    nxt = 0
+    order = np.argsort(cls, kind="stable")
+    bounds = np.flatnonzero(np.diff(cls[order])) + 1
+    # euclidean: each node set's rows over that set's largest row norm in the level
+    # (not in the class: a class that shrinks must not magnify its distances)
+    if sp.issparse(X):
+        norm = np.sqrt(np.asarray(X.multiply(X).sum(axis=1)).reshape(-1))
+    else:
+        norm = np.linalg.norm(X, axis=1)
+    set_scale = np.zeros(n_pos)
+    np.maximum.at(set_scale, pos, norm)
+    joint = 0
+    for members in np.split(order, bounds):
+        if members.size == 1:
+            lab_item[members] = nxt
+            nxt += 1
+            continue
+        present = np.flatnonzero(table[members[0]] >= 0)     # the same in the whole class
+        blocks = [_dense_rows(X, table[members, p]) for p in present]
+        if len(blocks) == 1:
+            lab = threshold_clusters(blocks[0], crit.eps, crit.linkage, metric)
+        else:
+            rows = joint_rows(blocks, metric, set_scale[present])
+            lab = threshold_clusters(rows, crit.eps, crit.linkage, metric, prepared=True)
+            joint += members.size
+        lab_item[members] = nxt + lab
+        nxt += int(lab.max()) + 1
+    # a node's new label: (its item's cluster, its node set); distinct node sets never share one
+    out = lab_item[item] * n_pos + pos
+    multi = table[(table >= 0).sum(1) > 1]
+    sets = [str(graph.layer_names[int(l)]) if graph.layer_names and int(l) < len(graph.layer_names) else str(int(l))
+            for l in np.unique(graph.layer[nodes[multi[multi >= 0]]])]
+    info[info_key] = {"eps": crit.eps, "linkage": crit.linkage, "metric": metric,
+                      "metric_requested": crit.metric, "rescale": False,
+                      "joint": {"items": int(joint), "node_sets": sets},
+                      **({"note": note} if note else {})}
+    return canonical(out), np.ones(nodes.size)
 
 
 # ------------------------------------------------------------------ engine
@@ -446,7 +567,7 @@ def _level_views(graph, direction):
 
 
 def refine(graph: WeightedDigraph, direction="in", criterion=None, initial=None,
-           schedule="auto", scales=None, max_rounds=None) -> Refinement:
+           schedule="auto", scales=None, max_rounds=None, tie=None) -> Refinement:
     """Coarsest colouring refining ``initial`` that is balanced in ``direction``.
 
     ``direction``: ``'in'`` (fibration), ``'out'`` (opfibration) or ``'both'``
@@ -456,10 +577,18 @@ def refine(graph: WeightedDigraph, direction="in", criterion=None, initial=None,
     'both' alternates sweeps until stable), ``'rounds'`` (synchronous rounds to
     a fixed point), or ``'auto'`` (levels when the graph has them).
     ``scales``: incoming per-node scales (rescaling merge); returned updated.
+    ``tie``: column id per node (-1: untied; default ``graph.tie``).  Under
+    :class:`Tolerance`, the nodes of one column that lie in one level are
+    clustered jointly (one item, features concatenated over their node sets,
+    see :func:`_split_tolerance`), so the quasi-fibration partition of the
+    column's node sets is one and the same; :class:`Exact` ignores ties (exact
+    equality is transitive: the meet of exact partitions already is the joint
+    one), so eps = 0 results do not depend on them.
     """
     if direction not in ("in", "out", "both"):
         raise ValueError(f"direction must be 'in', 'out' or 'both', got {direction!r}")
     criterion = Exact() if criterion is None else criterion
+    tie = getattr(graph, "tie", None) if tie is None else tie
     n = graph.n
     colours = canonical(graph.initial if initial is None else initial)
     scales = np.ones(n) if scales is None else np.asarray(scales, dtype=np.float64).copy()
@@ -488,7 +617,7 @@ def refine(graph: WeightedDigraph, direction="in", criterion=None, initial=None,
                     while True:
                         if isinstance(crit, Tolerance) and crit.eps > 0:
                             new, sc = _split_tolerance(view, lv, [d], colours, scales, crit,
-                                                       name, info)
+                                                       name, info, tie)
                             scales[lv] = scales[lv] * sc if d == "out" else sc
                         else:
                             new = _split_exact(view, lv, [d], colours, scales,
@@ -515,7 +644,7 @@ def refine(graph: WeightedDigraph, direction="in", criterion=None, initial=None,
     while max_rounds is None or rounds < max_rounds:
         crit = _criterion_for(criterion, graph.layer_names[0] if graph.layer_names else None)
         if isinstance(crit, Tolerance) and crit.eps > 0:
-            new, _ = _split_tolerance(graph, allnodes, dirs, colours, scales, crit, "graph", info)
+            new, _ = _split_tolerance(graph, allnodes, dirs, colours, scales, crit, "graph", info, tie)
         else:
             new = _split_exact(graph, allnodes, dirs, colours, scales,
                                getattr(crit, "rtol", DEFAULT_RTOL))

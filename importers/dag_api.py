@@ -11,6 +11,19 @@ its layer's eps) and the sums, products and norms between them (the default
 eps), so that a residual stream's LayerNorm gamma/beta cluster like its
 writers.  No node here licenses the rescaling merge, so cosine is replaced by
 the magnitude-aware distance (the report says so per layer).
+
+Recurrent units cluster jointly: the gates, cell and hidden node of one
+LSTM/GRU unit share a cyclic level and are tied (``imp.graph.tie``, the joins
+inside one level), so with eps > 0 the engine clusters the units ONCE on the
+concatenation of all their node sets' rows (the distance of two units is the
+root mean square of their per-set magnitude-aware distances; see
+:mod:`fibgraph.refine`) and every gate set, the cell and the hidden state
+carry the same partition: the base keeps exactly that partition, not the meet
+of four slightly different ones.  Residual streams, bias adds and other joins
+across levels are not tied: a stream's writers read colours that the stream
+itself determines (joint clustering would need the whole stream as one
+fixpoint level), so each node set is clustered alone and the writer keeps the
+meet (BENCHMARKS.md, "Sequence models", measures what that costs).
 """
 from __future__ import annotations
 
@@ -142,6 +155,10 @@ def _layers(imp, col, gid=None, kept=None, why=None):
         if isinstance(c, Tolerance):
             rec["criterion"] = {"eps": c.eps, "linkage": c.linkage, "metric": "euclidean",
                                 "requested_metric": c.metric, "rescale": False}
+            level_info = col.info.get(spaces[0])
+            joint = level_info.get("joint") if isinstance(level_info, dict) else None
+            if joint and joint["node_sets"]:     # a recurrent unit's node sets clustered as one
+                rec["criterion"]["joint"] = joint["node_sets"]
         else:
             rec["criterion"] = {"eps": 0.0, "exact": True, "rtol": c.rtol}
         if kept is not None:

@@ -1109,6 +1109,35 @@ def _dedupe_cols(W, col_ids):
     return uniq, W[:, pos].reshape(W.shape[0], uniq.size, -1)
 
 
+def _ties(joins, node_level, space_of, n):
+    """Column id per node for joint clustering (-1: none): connected components
+    of the joins whose two ends lie in one level (the gates, cell and hidden
+    node of one LSTM/GRU unit: a recurrent op's node sets share its cyclic
+    level).  A component with two nodes of one node set is left untied."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    tie = np.full(n, -1, dtype=np.int64)
+    if not joins or not n:
+        return tie
+    a = np.concatenate([np.asarray(p, dtype=np.int64).reshape(-1) for p, _ in joins])
+    b = np.concatenate([np.asarray(q, dtype=np.int64).reshape(-1) for _, q in joins])
+    same = (node_level[a] == node_level[b]) & (a != b)
+    if not same.any():
+        return tie
+    a, b = a[same], b[same]
+    _, comp = connected_components(coo_matrix((np.ones(a.size), (a, b)), shape=(n, n)), directed=False)
+    size = np.bincount(comp, minlength=n)
+    tied = size[comp] > 1
+    # a component holding two nodes of one node set: untied
+    m = int(space_of.max()) + 1
+    u, cnt = np.unique((comp.astype(np.int64) * m + space_of)[tied], return_counts=True)
+    bad = np.unique(u[cnt > 1] // m)
+    tied &= ~np.isin(comp, bad)
+    tie[tied] = comp[tied]
+    return tie
+
+
 def import_dag(path_or_model, feeds=None, label=None) -> DagImport:
     """Import any ONNX model as a hypergraph (see the module doc)."""
     if isinstance(path_or_model, onnx.ModelProto):
@@ -1151,6 +1180,8 @@ def import_dag(path_or_model, feeds=None, label=None) -> DagImport:
     g = WeightedDigraph(n=n, blocks=b.blocks, levels=levels, initial=initial, layer=space_of, index=idx,
                         kind=kinds, layer_names=[s.name for s in b.spaces], cyclic=cyclic)
     g.levels = levels
+    # with eps > 0 the node sets of a recurrent unit are clustered jointly
+    g.tie = _ties(b.joins, node_level, space_of, n)
     # the engine reads per-level names through layer ids; keep one name per level
     g.level_names = names
     return DagImport(model=model, graph=g, spaces=b.spaces, layouts=b.layout, shapes=b.shapes,
