@@ -23,6 +23,7 @@ from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial.distance import pdist
 
+from .errors import InputError
 from .partition import canonical
 
 __all__ = ["threshold_clusters", "joint_rows", "algorithm1", "prepare_rows", "METRICS", "LINKAGES"]
@@ -64,7 +65,23 @@ def _neighbour_components(Y, radius, unit=False, block_elems=1 << 24):
     bs = max(1, min(n, block_elems // max(n, 1)))
     r2 = radius * radius + 1e-4
     gmin = np.float32(1.0 - r2 / 2.0)
-    rows, cols = [], []
+    # memory O(block_elems + n): the pairs found are folded into the labels
+    # whenever more than ``block_elems`` of them are held, never all at once
+    lab = np.arange(n)
+    held, rows, cols = 0, [], []
+
+    def fold():
+        nonlocal lab, held, rows, cols
+        if not rows:
+            return
+        r = lab[np.concatenate(rows)]
+        c = lab[np.concatenate(cols)]
+        rows, cols, held = [], [], 0
+        cross = r != c
+        if cross.any():
+            g = sp.coo_matrix((np.ones(int(cross.sum()), dtype=np.int8), (r[cross], c[cross])), shape=(n, n))
+            lab = connected_components(g, directed=False)[1][lab]
+
     for s in range(0, n, bs):
         e = min(n, s + bs)
         G = Y32[s:e] @ Y32[s:].T
@@ -75,12 +92,20 @@ def _neighbour_components(Y, radius, unit=False, block_elems=1 << 24):
             G += sq[s:e, None]
             G += sq[None, s:]
             i, j = np.nonzero(G <= np.float32(r2))
-        rows.append(i + s)
-        cols.append(j + s)
-    r = np.concatenate(rows) if rows else np.zeros(0, np.int64)
-    c = np.concatenate(cols) if cols else np.zeros(0, np.int64)
-    g = sp.coo_matrix((np.ones(r.size, dtype=np.int8), (r, c)), shape=(n, n))
-    return connected_components(g, directed=False)[1]
+        del G
+        keep = i + s != j + s
+        rows.append((i[keep] + s).astype(np.int64))
+        cols.append((j[keep] + s).astype(np.int64))
+        held += int(keep.sum())
+        if held > block_elems:
+            fold()
+    fold()
+    return lab
+
+
+#: the most rows one eps-neighbourhood component may hold: linkage on them needs
+#: their condensed distance matrix (m^2 / 2 doubles: 1.5 GiB at 20,000)
+MAX_LINKAGE_ROWS = 20_000
 
 
 def threshold_clusters(X, eps, linkage_method="average", metric="cosine", prepared=False):
@@ -122,6 +147,20 @@ def threshold_clusters(X, eps, linkage_method="average", metric="cosine", prepar
                 out[members] = nxt
                 nxt += 1
                 continue
+            if members.size > MAX_LINKAGE_ROWS and linkage_method == "complete":
+                # complete linkage: equal rows never change a maximum distance, so
+                # the clusters of the distinct rows carry over to their copies
+                uniq, inv = np.unique(Z[members], axis=0, return_inverse=True)
+                inv = inv.reshape(-1)
+                if uniq.shape[0] < members.size:
+                    sub = threshold_clusters(uniq, eps, linkage_method, metric, prepared=True)
+                    out[members] = nxt + sub[inv]
+                    nxt += int(sub.max()) + 1
+                    continue
+            if members.size > MAX_LINKAGE_ROWS:
+                raise InputError(f"eps {eps:g}: {members.size:,} rows lie within one another's eps-neighbourhood; "
+                                 f"{linkage_method} linkage on them needs {members.size ** 2 * 4 / 2 ** 30:.1f} GiB "
+                                 f"(limit {MAX_LINKAGE_ROWS:,} rows): use a smaller eps")
             d = pdist(Z[members], "euclidean")
             if metric == "cosine":
                 d = 0.5 * d * d

@@ -1,0 +1,53 @@
+"""Threshold clustering (fibgraph/cluster.py): the per-component computation
+equals the paper's Algorithm 1 run plainly; the neighbour components are the
+same whatever the block size (memory bound); a component too large for
+linkage is a clear error, not an out-of-memory kill."""
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fibgraph import cluster
+from fibgraph.cluster import _neighbour_components, algorithm1, prepare_rows, threshold_clusters
+from fibgraph.errors import InputError
+from fibgraph.partition import canonical
+
+
+def _planted_rows(seed, k=6, per=5, dim=4, noise=0.02):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(k, dim))
+    X = np.repeat(centres, per, axis=0) + noise * rng.normal(size=(k * per, dim))
+    return X[rng.permutation(X.shape[0])]
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), eps=st.sampled_from([0.01, 0.05, 0.2, 0.5]),
+       link=st.sampled_from(["average", "complete"]), metric=st.sampled_from(["cosine", "euclidean"]))
+def test_threshold_clusters_equal_algorithm1(seed, eps, link, metric):
+    X = _planted_rows(seed)
+    assert np.array_equal(threshold_clusters(X, eps, link, metric), algorithm1(X, eps, link, metric))
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), radius=st.sampled_from([0.05, 0.3, 1.0]), block=st.sampled_from([1, 7, 64]))
+def test_neighbour_components_do_not_depend_on_the_block_size(seed, radius, block):
+    # block_elems 1..64 forces one row per block and a fold of the held pairs
+    # after nearly every block
+    Y, _, _ = prepare_rows(_planted_rows(seed), "euclidean")
+    whole = _neighbour_components(Y, radius, block_elems=1 << 24)
+    small = _neighbour_components(Y, radius, block_elems=block)
+    assert np.array_equal(canonical(whole), canonical(small))
+
+
+def test_a_huge_component_of_equal_rows_is_clustered_by_its_distinct_rows(monkeypatch):
+    monkeypatch.setattr(cluster, "MAX_LINKAGE_ROWS", 50)
+    X = np.repeat(np.array([[1.0, 0.0], [1.0, 0.01], [0.0, 1.0]]), 200, axis=0)
+    lab = threshold_clusters(X, 0.1, "complete", "euclidean")
+    assert np.array_equal(lab, canonical(np.repeat([0, 0, 1], 200)))
+
+
+def test_a_component_too_large_for_linkage_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(cluster, "MAX_LINKAGE_ROWS", 50)
+    X = np.random.default_rng(0).normal(scale=1e-3, size=(120, 3)) + 1.0
+    with pytest.raises(InputError, match="smaller eps"):
+        threshold_clusters(X, 0.5, "average", "euclidean")
