@@ -9,8 +9,9 @@ Models (Adam lr 3e-3, batch 64, early stopping on the calibration loss with
 patience 5, at most 60 epochs, best state restored, seed 0, 2 torch threads),
 exported with torch's legacy ONNX exporter (opset 17):
 
-- residual MLP: x(64) -> h = relu(Linear(64, 64)); h = h + relu(Linear(64, 64)(h))
-  twice; Linear(64, 10);
+- residual MLP: x(64) -> h = relu(Linear(64, 64)); twice h = h +
+  Linear(128, 64)(relu(Linear(64, 128)(h))) (a residual stream with two
+  feed-forward blocks); Linear(64, 10);
 - LSTM(8 -> 64) + Linear(64, 10) on the last step (``seq_models.LSTMNet``);
 - Transformer: Linear(8, 32) + learned positions, 2 post-norm encoder layers
   (4 heads, ReLU feed-forward 32 -> 64 -> 32), mean over steps, Linear(32, 10)
@@ -60,16 +61,20 @@ SLUG = {"residual MLP": "resmlp", "LSTM": "lstm", "Transformer": "transformer"}
 
 
 class ResidualMLP(nn.Module):
-    def __init__(self, width=64, blocks=2):
+    """x(64) -> h = relu(Linear(64, 64)); twice h = h + Linear(128, 64)(relu(Linear(64, 128)(h)));
+    Linear(64, 10): a residual stream with two feed-forward blocks."""
+
+    def __init__(self, width=64, ff=128, blocks=2):
         super().__init__()
         self.inp = nn.Linear(64, width)
-        self.blocks = nn.ModuleList([nn.Linear(width, width) for _ in range(blocks)])
+        self.mid = nn.ModuleList([nn.Linear(width, ff) for _ in range(blocks)])
+        self.back = nn.ModuleList([nn.Linear(ff, width) for _ in range(blocks)])
         self.out = nn.Linear(width, 10)
 
     def forward(self, x):
         h = torch.relu(self.inp(x.reshape(x.shape[0], -1)))
-        for b in self.blocks:
-            h = h + torch.relu(b(h))
+        for a, b in zip(self.mid, self.back):
+            h = h + b(torch.relu(a(h)))
         return self.out(h)
 
 

@@ -310,6 +310,11 @@ class _Writer:
         self.inits = {t.name: t for t in self.g.initializer}
         self.nodes = {n.name: n for n in self.g.node if n.name}
         self.counter = 0
+        # every name in use: a model compressed before (a retuned base) already
+        # holds fib_const*/..__fib* names, and new ones must not collide
+        g = self.g
+        self.taken = {n.name for n in g.node} | {x for n in g.node for x in list(n.input) + list(n.output)} \
+            | {t.name for t in g.initializer} | {v.name for v in list(g.input) + list(g.output) + list(g.value_info)}
         self.written = {}
         self.new_nodes = {}          # node name -> list of (before|after, nodes)
 
@@ -337,16 +342,14 @@ class _Writer:
         key = (node.input[slot], arr.shape, arr.dtype.str, hash(arr.tobytes()))
         name = self.written.get(key)
         if name is None:
-            self.counter += 1
-            name = f"{node.input[slot] or 'fib'}__base{self.counter}"
+            name = self.fresh(lambda c: f"{node.input[slot] or 'fib'}__base{c}")
             self.g.initializer.append(numpy_helper.from_array(arr, name))
             self.written[key] = name
         node.input[slot] = name
         return name
 
     def const(self, value, dtype=np.float32):
-        self.counter += 1
-        name = f"fib_const{self.counter}"
+        name = self.fresh(lambda c: f"fib_const{c}")
         self.g.initializer.append(numpy_helper.from_array(np.asarray(value).astype(dtype), name))
         return name
 
@@ -355,8 +358,16 @@ class _Writer:
             self.g.node.insert(index + k, n)
 
     def tmp(self, base):
-        self.counter += 1
-        return f"{base}__fib{self.counter}"
+        return self.fresh(lambda c: f"{base}__fib{c}")
+
+    def fresh(self, make):
+        """A name ``make(counter)`` not used anywhere in the model."""
+        while True:
+            self.counter += 1
+            name = make(self.counter)
+            if name not in self.taken:
+                self.taken.add(name)
+                return name
 
     # ---- per record
     def linear(self, rec):

@@ -383,3 +383,24 @@ def test_cli_compress_dynamo_transformer(store, capsys, tmp_path):
     x = pn.example_input(info, batch=5, seed=24).numpy()
     y = run_onnx(src, x)[0]
     assert np.max(np.abs(run_onnx(str(out), x)[0] - y)) <= TOL * _scale(y)
+
+
+@pytest.mark.parametrize("name", ["transformer", "lstm", "residual_mlp"])
+def test_a_base_compresses_again(store, name, tmp_path):
+    # a base (and a retuned base, compress-retune's next round) already holds the
+    # writer's fib_* names: compressing it again must not reuse them (two
+    # initializers of one name, two nodes of one name: onnxruntime refuses)
+    _, base = store.compress(name, "legacy")
+    merged = False
+    for eps in (0.0, 0.9, 1.2):
+        out = tmp_path / f"again_{eps}.onnx"
+        rep = compress_model(base, out, eps=eps, verify=True)     # raises if the base does not load
+        m = onnx.load(str(out))
+        names = [t.name for t in m.graph.initializer]
+        assert len(names) == len(set(names))
+        nodes = [n.name for n in m.graph.node if n.name]
+        assert len(nodes) == len(set(nodes))
+        if eps == 0.0:
+            assert rep["verify"]["max_abs_diff"] <= 1e-4 * max(1.0, rep["verify"]["max_abs_output"])
+        merged |= rep["params_after"] < rep["params_before"]
+    assert merged, "no eps merged anything: the test would not exercise new fib_* names"
