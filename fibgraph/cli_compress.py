@@ -1,6 +1,6 @@
 """CLI commands for compression studies: ``tune`` (greedy per-layer eps,
-Algorithm 3) and ``compare-methods`` (fibration against pruning and folding
-at equal node counts).  Registered by :mod:`fibgraph.cli` through ``COMMANDS``.
+Algorithm 3), ``compare-methods`` (fibration against pruning and folding
+at equal node counts) and ``retune`` (compress-retune, Algorithm 2).  Registered by :mod:`fibgraph.cli` through ``COMMANDS``.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import click
 from .errors import InputError
 from .fileio import check_output_path
 
-__all__ = ["COMMANDS", "tune", "compare_methods_cmd"]
+__all__ = ["COMMANDS", "tune", "compare_methods_cmd", "retune_cmd"]
 
 
 def _check_out(inp, out, what):
@@ -180,4 +180,82 @@ def compare_methods_cmd(model, data, eps_text, eps_files, linkage, metric, no_re
         console.print(f"wrote {json_out}")
 
 
-COMMANDS = [tune, compare_methods_cmd]
+@click.command("retune")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--train", "train_path", type=click.Path(dir_okay=False), required=True,
+              help="Training .npz with arrays x, y.")
+@click.option("--val", "val_path", type=click.Path(dir_okay=False), required=True,
+              help="Held-out .npz (x, y): early stopping, and the loss test unless --check.")
+@click.option("--check", "check_path", type=click.Path(dir_okay=False), default=None,
+              help="Data of the loss test L <= (1 + rho) * L0 and of the greedy eps (default: --val).")
+@click.option("--rho", type=float, default=0.05, show_default=True, help="Allowed relative loss increase per round.")
+@click.option("--tau", type=float, default=0.01, show_default=True, help="Greedy eps tolerance (Algorithm 3).")
+@click.option("--q", type=float, default=1.05, show_default=True, help="Over-compression factor of the eps.")
+@click.option("--eps-floor", type=float, default=0.0, show_default=True,
+              help="Over-compress every layer with at least this eps (0: as the paper).")
+@click.option("--max-iters", type=int, default=10, show_default=True)
+@click.option("--steps", type=int, default=8, show_default=True, help="Bisection steps per layer.")
+@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--batch", type=int, default=100, show_default=True)
+@click.option("--max-epochs", type=int, default=50, show_default=True)
+@click.option("--patience", type=int, default=3, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--linkage", type=click.Choice(["complete", "average"]), default="average", show_default=True)
+@click.option("--metric", type=click.Choice(["cosine", "euclidean"]), default="cosine", show_default=True)
+@click.option("-o", "--output", "out", type=click.Path(dir_okay=False), required=True,
+              help="The compressed, retuned ONNX model.")
+@click.option("--report", "report_out", type=click.Path(dir_okay=False), default=None,
+              help="Write every round (eps, parameters, losses) here as JSON.")
+def retune_cmd(model, train_path, val_path, check_path, rho, tau, q, eps_floor, max_iters, steps, lr, batch,
+               max_epochs, patience, seed, linkage, metric, out, report_out):
+    """Compress-retune (Algorithm 2): greedy eps, over-compress by q, retune the
+    base (as a torch module of the base's shapes) with early stopping; repeat
+    while the loss stays within (1 + rho) of the original's."""
+    from importers.api import atomic_write_bytes, atomic_write_json, load_data
+
+    from .report import console
+
+    _check_model(model)
+    _check_out(model, out, "-o")
+    _check_out(model, report_out, "--report")
+    if report_out and os.path.abspath(report_out) == os.path.abspath(out):
+        raise InputError("--report and -o name the same file")
+    for name, v, lo in (("--max-iters", max_iters, 1), ("--batch", batch, 1), ("--max-epochs", max_epochs, 1),
+                        ("--patience", patience, 1), ("--steps", steps, 0)):
+        if v < lo:
+            raise InputError(f"{name} must be >= {lo}, got {v}")
+    if not (0 <= tau) or not (lr > 0) or not (0 <= eps_floor < 2):
+        raise InputError("--tau must be >= 0, --lr > 0 and --eps-floor in [0, 2)")
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise InputError("retune needs torch: pip install torch==2.13.0 (CPU build)") from None
+    from importers.retune_onnx import compress_retune_onnx
+
+    train = load_data(train_path, need_y=True)
+    val = load_data(val_path, need_y=True)
+    check = load_data(check_path, need_y=True) if check_path else None
+
+    def log(h):
+        console.print(f"round {h['iter']}: {h['params_start']:,} -> {h['params_over']:,} params; check loss "
+                      f"{h['loss_over']:.4f} over-compressed, {h['loss_retuned']:.4f} retuned ({h['epochs']} "
+                      f"epochs): {'accepted' if h['accepted'] else 'rejected'}")
+
+    res = compress_retune_onnx(model, train, val, check=check, rho=rho, tau=tau, q=q, steps=steps,
+                               max_iters=max_iters, linkage=linkage, metric=metric, eps_floor=eps_floor,
+                               retune_kw=dict(lr=lr, batch=batch, max_epochs=max_epochs, patience=patience,
+                                              seed=seed), log=log)
+    console.print(f"stopped: {res.stopped}")
+    console.print(f"parameters: {res.params0:,} -> {res.params:,} ({res.params / max(res.params0, 1):.1%} kept); "
+                  f"check loss {res.loss0:.4f} -> {res.loss:.4f}, accuracy {res.accuracy0:.4f} -> {res.accuracy:.4f}")
+    atomic_write_bytes(out, res.model.SerializeToString())
+    if report_out:
+        atomic_write_json(report_out, {"model": model, "output": out, "rho": rho, "tau": tau, "q": q,
+                                       "eps_floor": eps_floor, "params_before": res.params0,
+                                       "params_after": res.params, "loss_before": res.loss0, "loss_after": res.loss,
+                                       "accuracy_before": res.accuracy0, "accuracy_after": res.accuracy,
+                                       "eps": res.eps, "stopped": res.stopped, "history": res.history})
+    console.print(f"wrote {out}")
+
+
+COMMANDS = [tune, compare_methods_cmd, retune_cmd]

@@ -105,3 +105,47 @@ def test_bad_arguments_are_input_errors(setting):
         compress_retune_onnx(setting["path"], setting["train"], setting["val"], q=0.5)
     with pytest.raises(InputError, match="example input"):
         compress_retune_onnx(setting["module"], setting["train"], setting["val"])
+
+
+def test_cli_retune_writes_a_smaller_model_and_its_report(setting, tmp_path, capsys):
+    from helpers import cli, read_json
+
+    from importers.api import count_params
+
+    tr, va = tmp_path / "train.npz", tmp_path / "val.npz"
+    np.savez(tr, x=setting["train"][0], y=setting["train"][1])
+    np.savez(va, x=setting["val"][0], y=setting["val"][1])
+    out, rep = tmp_path / "small.onnx", tmp_path / "rounds.json"
+    rc, text, err = cli(capsys, "retune", setting["path"], "--train", tr, "--val", va, "--rho", str(RHO),
+                        "--q", "1.1", "--eps-floor", "0.7", "--max-iters", "2", "--max-epochs", "3",
+                        "--steps", "4", "-o", out, "--report", rep)
+    assert rc == 0, err
+    assert "round 0:" in text and "wrote" in text
+    import onnx
+
+    r = read_json(rep)
+    small = onnx.load(str(out))
+    assert count_params(small) == r["params_after"] < r["params_before"]
+    assert all(h["accepted"] == (h["loss_retuned"] <= (1 + RHO) * r["loss_before"]) for h in r["history"])
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--val", "VAL"], "--train"),
+    (["--train", "TRAIN", "--val", "VAL", "--max-iters", "0"], "--max-iters"),
+    (["--train", "MISSING", "--val", "VAL"], "MISSING"),
+])
+def test_cli_retune_bad_input_is_one_line(setting, tmp_path, capsys, args, needle):
+    from helpers import assert_one_line_error, cli
+
+    tr, va = tmp_path / "train.npz", tmp_path / "val.npz"
+    np.savez(tr, x=setting["train"][0][:50], y=setting["train"][1][:50])
+    np.savez(va, x=setting["val"][0][:50], y=setting["val"][1][:50])
+    sub = {"TRAIN": str(tr), "VAL": str(va), "MISSING": str(tmp_path / "missing.npz")}
+    out = tmp_path / "o.onnx"
+    rc, text, err = cli(capsys, "retune", setting["path"], *[sub.get(a, a) for a in args], "-o", out)
+    assert rc != 0
+    if needle.startswith("--train"):
+        assert "--train" in err
+    else:
+        assert_one_line_error(rc, err, needle.replace("MISSING", "missing.npz"))
+    assert not out.exists()
