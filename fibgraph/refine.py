@@ -444,12 +444,7 @@ def _split_tolerance(graph, nodes, directions, colours, scales, crit, info_key, 
     cols = _columns(graph, nodes, tie) if tie is not None else None
     if cols is not None:
         return _split_tolerance_tied(graph, nodes, X, colours, crit, info_key, info, cols)
-    homog = bool(np.all(graph.homogeneous[nodes])) if nodes.size else False
-    metric = crit.metric
-    note = None
-    if metric == "cosine" and not homog:
-        metric = "euclidean"
-        note = "cosine is not exact for non-homogeneous activations: euclidean used"
+    homog, metric, note = _metric_for(graph, nodes, crit)
     rescale = crit.rescale and metric == "cosine" and homog and list(directions) == ["in"]
     old = colours[nodes]
     out = np.zeros(nodes.size, dtype=np.int64)
@@ -479,17 +474,21 @@ def _split_tolerance(graph, nodes, directions, colours, scales, crit, info_key, 
     return canonical(out), new_scales
 
 
+def _metric_for(graph, nodes, crit):
+    """(homogeneous, metric, note): cosine only where every node's activation is
+    positively homogeneous (a scaled row then computes a scaled output)."""
+    homog = bool(np.all(graph.homogeneous[nodes])) if nodes.size else False
+    if crit.metric == "cosine" and not homog:
+        return homog, "euclidean", "cosine is not exact for non-homogeneous activations: euclidean used"
+    return homog, crit.metric, None
+
+
 def _split_tolerance_tied(graph, nodes, X, colours, crit, info_key, info, cols):
     """:func:`_split_tolerance` over the items of ``cols`` (see :func:`_columns`)."""
     from .cluster import joint_rows
 
     item, pos, table = cols
-    homog = bool(np.all(graph.homogeneous[nodes])) if nodes.size else False
-    metric = crit.metric
-    note = None
-    if metric == "cosine" and not homog:
-        metric = "euclidean"
-        note = "cosine is not exact for non-homogeneous activations: euclidean used"
+    homog, metric, note = _metric_for(graph, nodes, crit)
     # an item's old class: the old colours at every position (-1 where absent)
     old = np.where(table >= 0, colours[nodes][np.maximum(table, 0)], -1)
     _, cls = np.unique(old, axis=0, return_inverse=True)

@@ -699,16 +699,22 @@ def _check_spatial(n):
         raise _err(n.op, f"{len(k)} spatial axes")
 
 
-@_op("Conv", check=_check_spatial)
-def _conv(n, xs):
+def _conv_args(n, xs, table):
+    """x, w, bias, spatial rank, kernel, strides, dilations of a Conv/ConvTranspose."""
     x, w = xs[0], xs[1]
     b = xs[2] if len(xs) > 2 else None
     nsp = x.dim() - 2
-    if nsp not in _CONV:
+    if nsp not in table:
         raise _err(n.op, f"{nsp} spatial axes")
     kernel = list(n.get("kernel_shape") or w.shape[2:])
     strides = list(n.get("strides") or [1] * nsp)
     dil = list(n.get("dilations") or [1] * nsp)
+    return x, w, b, nsp, kernel, strides, dil
+
+
+@_op("Conv", check=_check_spatial)
+def _conv(n, xs):
+    x, w, b, nsp, kernel, strides, dil = _conv_args(n, xs, _CONV)
     begin, end = _spatial_pads(n, x, kernel, strides, dil)
     if begin != end:
         x = F.pad(x, _flat_pads(begin, end))
@@ -718,14 +724,7 @@ def _conv(n, xs):
 
 @_op("ConvTranspose")
 def _convt(n, xs):
-    x, w = xs[0], xs[1]
-    b = xs[2] if len(xs) > 2 else None
-    nsp = x.dim() - 2
-    if nsp not in _CONVT:
-        raise _err(n.op, f"{nsp} spatial axes")
-    kernel = list(n.get("kernel_shape") or w.shape[2:])
-    strides = list(n.get("strides") or [1] * nsp)
-    dil = list(n.get("dilations") or [1] * nsp)
+    x, w, b, nsp, kernel, strides, dil = _conv_args(n, xs, _CONVT)
     opad = list(n.get("output_padding") or [0] * nsp)
     full = [strides[i] * (x.shape[2 + i] - 1) + opad[i] + (kernel[i] - 1) * dil[i] + 1 for i in range(nsp)]
     out_shape = n.get("output_shape")
