@@ -446,7 +446,7 @@ def _split_tolerance(graph, nodes, directions, colours, scales, crit, info_key, 
         return _split_tolerance_tied(graph, nodes, X, colours, crit, info_key, info, cols)
     homog, metric, note = _metric_for(graph, nodes, crit)
     rescale = crit.rescale and metric == "cosine" and homog and list(directions) == ["in"]
-    old = colours[nodes]
+    old = _and_rule_classes(graph, nodes, directions, colours)
     out = np.zeros(nodes.size, dtype=np.int64)
     new_scales = np.ones(nodes.size)
     nxt = 0
@@ -472,6 +472,41 @@ def _split_tolerance(graph, nodes, directions, colours, scales, crit, info_key, 
                       "metric_requested": crit.metric, "rescale": rescale,
                       **({"note": note} if note else {})}
     return canonical(out), new_scales
+
+
+#: node kinds (the hypergraph importer's) whose colour is the tuple of their
+#: operands' colours: sums and products of streams, norms, bias adds and scales
+AND_KINDS = ("factor", "norm", "per-unit")
+
+
+def _and_rule_classes(graph, nodes, directions, colours):
+    """The old classes of ``nodes``, split for the AND rule under a tolerance:
+    a sum, product, norm or bias add (``AND_KINDS``) may only merge with nodes
+    whose stream operands (every in-neighbour that is not a constant node) have
+    the same colours on the same slots; eps then applies to its constants
+    (gamma, beta, bias).  Without it, norms reading different stream colours
+    could fall within eps and the next layer would be aggregated over one class
+    that the base (which keeps the meet) never forms."""
+    old = colours[nodes]
+    if graph.kind is None or list(directions) != ["in"]:
+        return old
+    is_and = np.isin(graph.kind[nodes].astype(str), AND_KINDS)
+    if not is_and.any():
+        return old
+    local = np.full(graph.n, -1, dtype=np.int64)
+    local[nodes[is_and]] = np.flatnonzero(is_and)
+    const = graph.kind.astype(str) == "const"
+    h = np.zeros(nodes.size, dtype=np.uint64)
+    for b in graph.blocks:
+        src, dst, _, et = b.coo()
+        t = local[dst]
+        keep = (t >= 0) & ~const[src]
+        if not keep.any():
+            continue
+        e = np.zeros(int(keep.sum()), dtype=np.uint64) if et is None else \
+            np.asarray(et, dtype=np.int64)[keep].astype(np.uint64)
+        np.add.at(h, t[keep], _mix(_mix(colours[src[keep]].astype(np.int64).astype(np.uint64)) + e))
+    return canonical(np.stack([old, h.view(np.int64)], 1))
 
 
 def _metric_for(graph, nodes, crit):

@@ -133,3 +133,44 @@ def test_eps_recovers_a_noisy_transformer(tmp_path):
                      len(info["sizes"]["ff"]), len(info["sizes"]["residual"]), info["n_out"]]
     assert rep["layers"][0]["criterion"]["eps"] == 0.02
     assert rep["verify"]["max_abs_diff"] <= 1e-3 * max(1.0, rep["verify"]["max_abs_output"])
+
+
+def _and_violations(imp, labels):
+    """Pairs of one colour among sums, products, norms and bias adds whose stream
+    operands (non-constant in-neighbours, by edge type) have different colours."""
+    g = imp.graph
+    kind = g.kind.astype(str)
+    sig = {}
+    for b in g.blocks:
+        src, dst, _, et = b.coo()
+        et = np.zeros(src.size, np.int64) if et is None else np.asarray(et)
+        for s_, d_, e_ in zip(src, dst, et):
+            if kind[d_] in ("factor", "norm", "per-unit") and kind[s_] != "const":
+                sig.setdefault(int(d_), []).append((int(e_), int(labels[s_])))
+    by_colour = {}
+    for d_, ops in sig.items():
+        by_colour.setdefault(int(labels[d_]), set()).add(tuple(sorted(ops)))
+    return sum(len(v) - 1 for v in by_colour.values())
+
+
+@pytest.mark.parametrize("eps", [0.3, 1.0, 1.9])
+def test_and_rule_holds_under_any_tolerance(tmp_path, eps):
+    """Under a tolerance, a sum, product, norm or bias add only merges with nodes
+    whose stream operands have the same colours: eps applies to its constants.
+    (Without the rule, LayerNorm rows reading different stream colours fall
+    within eps and the next layer is aggregated over a class the base never
+    forms.)"""
+    from importers.dag_api import colour_dag
+    from importers.onnx_dag import import_dag
+
+    model, info = P.planted_transformer(0)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * p.abs().mean() * torch.randn(p.shape, generator=g))
+    path = P.export_one(model, P.example_input(info), tmp_path / "noisy.onnx", dynamo=False)
+    imp = import_dag(path)
+    col = colour_dag(imp, eps=eps, linkage="average")
+    assert _and_violations(imp, col.labels) == 0
+    out = tmp_path / "b.onnx"
+    compress_model(path, str(out), eps=eps, linkage="average")      # writes, loads in onnxruntime
