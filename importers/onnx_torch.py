@@ -909,6 +909,13 @@ def _step_mask(mask, t, new, old):
     return torch.where(mask[t][:, None], new, old)
 
 
+def _step(mask, t, h_new, h, out):
+    """Output ``out[t]`` of step ``t`` (zero where the sequence has ended) and
+    the state after it (held there)."""
+    out[t] = h_new if mask is None else torch.where(mask[t][:, None], h_new, torch.zeros_like(h_new))
+    return _step_mask(mask, t, h_new, h)
+
+
 def _time_order(T, rev):
     return range(T - 1, -1, -1) if rev else range(T)
 
@@ -946,12 +953,7 @@ def _lstm(n, xs):
             if po is not None:
                 zo = zo + po * c_new
             h_new = f(cl(zo)) * h_act(c_new)
-            if mask is not None:
-                h, c = _step_mask(mask, t, h_new, h), _step_mask(mask, t, c_new, c)
-                out[t] = _step_mask(mask, t, h_new, torch.zeros_like(h_new))
-            else:
-                h, c = h_new, c_new
-                out[t] = h
+            h, c = _step(mask, t, h_new, h, out), _step_mask(mask, t, c_new, c)
         ys.append(torch.stack(out, 0))
         hs.append(h)
         cs.append(c)
@@ -994,12 +996,7 @@ def _gru(n, xs):
                     hh = hh + rb[2 * H:]
             ht = g(cl(gx[t, :, 2 * H:] + hh))
             h_new = (1 - z) * ht + z * h
-            if mask is not None:
-                h = _step_mask(mask, t, h_new, h)
-                out[t] = _step_mask(mask, t, h_new, torch.zeros_like(h_new))
-            else:
-                h = h_new
-                out[t] = h
+            h = _step(mask, t, h_new, h, out)
         ys.append(torch.stack(out, 0))
         hs.append(h)
     return _rnn_outputs(n, ys, [hs], layout)
@@ -1022,12 +1019,7 @@ def _rnn(n, xs):
         out = [None] * T
         for t in _time_order(T, rev):
             h_new = f(cl(gx[t] + h @ Rt))
-            if mask is not None:
-                h = _step_mask(mask, t, h_new, h)
-                out[t] = _step_mask(mask, t, h_new, torch.zeros_like(h_new))
-            else:
-                h = h_new
-                out[t] = h
+            h = _step(mask, t, h_new, h, out)
         ys.append(torch.stack(out, 0))
         hs.append(h)
     return _rnn_outputs(n, ys, [hs], layout)
