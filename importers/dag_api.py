@@ -52,6 +52,7 @@ class DagColouring:
     symmetry: str
     info: dict
     base: tuple = None        # (model, groups, kept, why) once written
+    groups: tuple = None      # dag_groups(imp, labels) once computed
 
 
 def weight_entries(imp):

@@ -815,7 +815,7 @@ class _Writer:
         return self.m
 
 
-def write_dag_base(imp, labels, mode="merge", keep_pref=None):
+def write_dag_base(imp, labels, mode="merge", keep_pref=None, groups=None):
     """The compressed ONNX model of ``imp`` under the colouring ``labels``;
     returns ``(model, gid, kept, why)``.
 
@@ -824,10 +824,11 @@ def write_dag_base(imp, labels, mode="merge", keep_pref=None):
     ``mode="prune"``: the groups only say which nodes vanish; the kept node of
     each group (the one with the largest ``keep_pref``, per node) keeps its
     rows as they are, the input columns of the other members are dropped, and
-    every multiplicity is 1 (LayerNorm, means and softmax over the kept units)."""
+    every multiplicity is 1 (LayerNorm, means and softmax over the kept units).
+    ``groups``: ``dag_groups(imp, labels, keep_pref)`` when the caller has it."""
     if mode not in ("merge", "prune"):
         raise ValueError(f"mode must be 'merge' or 'prune', got {mode!r}")
-    gid, kept, why = dag_groups(imp, labels, keep_pref)
+    gid, kept, why = groups if groups is not None else dag_groups(imp, labels, keep_pref)
     w = _Writer(imp, gid, kept, prune=mode == "prune")
     for rec in imp.records:
         getattr(w, rec["kind"])(rec)

@@ -170,7 +170,8 @@ class DagCompressor:
         give the same model)."""
         from .onnx_dag_out import dag_groups
 
-        gid, kept, _ = dag_groups(self.imp, col.labels)
+        col.groups = dag_groups(self.imp, col.labels)      # kept for write()
+        gid, kept, _ = col.groups
         h = hashlib.sha1(np.ascontiguousarray(gid, dtype=np.int64).tobytes())
         h.update(np.packbits(kept).tobytes())
         return h.hexdigest()
@@ -178,7 +179,7 @@ class DagCompressor:
     def write(self, col):
         from .onnx_dag_out import write_dag_base
 
-        col.base = write_dag_base(self.imp, col.labels)
+        col.base = write_dag_base(self.imp, col.labels, groups=col.groups)
         return col.base[0]
 
     def compressed(self, eps_by_layer, check=False):
