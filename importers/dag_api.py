@@ -245,23 +245,9 @@ def verify_dag(a, b, imp, data=None, seed=0, repeats=3):
     return {"max_abs_diff": diff, "max_abs_output": scale, "inputs": src}
 
 
-def _check_loads(m2):
-    """The base must load in onnxruntime before it is written (the checker
-    does not run shape inference through every op)."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 4
-    try:
-        ort.InferenceSession(m2.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    except Exception as e:                 # a writer bug, never the user's input
-        raise RuntimeError("the written base model does not load in onnxruntime "
-                           f"({str(e).splitlines()[0][:200]}); nothing was written") from None
-
-
 def compress_dag_model(path, out, symmetry="fibration", eps=0.0, eps_table=None, linkage="average",
                        metric="cosine", rtol=DEFAULT_RTOL, verify=False, data=None, seed=0, imp=None):
-    from .api import atomic_write_bytes
+    from .api import atomic_write_bytes, check_loads
 
     t0 = time.perf_counter()
     report, imp, col = color_dag_model(path, symmetry, eps, eps_table, linkage, metric, rtol, imp=imp)
@@ -270,7 +256,7 @@ def compress_dag_model(path, out, symmetry="fibration", eps=0.0, eps_table=None,
         onnx.checker.check_model(m2)
     except Exception as e:                 # a writer bug, never the user's input
         raise RuntimeError(f"the written base model does not pass the ONNX checker: {e}") from None
-    _check_loads(m2)
+    check_loads(m2)
     t1 = time.perf_counter()
     report["output"] = os.fspath(out)
     if verify or data is not None:
