@@ -6,7 +6,7 @@ Each round: the greedy per-layer eps of the current model (Algorithm 3,
 :func:`importers.tuning.tune_model`, loss-preserving within ``tau`` on the
 calibration data), over-compressed with ``eps * q``; the base ONNX model is
 turned into a torch module of the base's shapes
-(:class:`importers.onnx_torch.OnnxModule`: every float weight a parameter, no
+(:class:`importers.onnx.to_torch.OnnxModule`: every float weight a parameter, no
 masks), retuned with early stopping on ``val``
 (:func:`importers.torch_base.retune`) and written back to ONNX (the base's
 graph with the retuned values).  The round is accepted when the loss on
@@ -97,7 +97,7 @@ def compress_retune_onnx(model, train, val, check=None, cal=None, example=None, 
     """
     import torch
 
-    from .onnx_torch import OnnxModule
+    from .onnx.to_torch import OnnxModule
     from .torch_base import retune
 
     if q < 1 or not np.isfinite(q):

@@ -1,4 +1,4 @@
-"""importers.onnx_torch.OnnxModule: an ONNX graph as a differentiable torch module.
+"""importers.onnx.to_torch.OnnxModule: an ONNX graph as a differentiable torch module.
 
 Every check compares with onnxruntime: exported torch models (both exporters),
 their compressed bases (the writer's extra Mul / Where / Log / Gather nodes),
@@ -22,7 +22,7 @@ ort = pytest.importorskip("onnxruntime")
 from torch import nn  # noqa: E402
 
 from fibgraph.errors import InputError  # noqa: E402
-from importers.onnx_torch import SUPPORTED_OPS, OnnxModule  # noqa: E402
+from importers.onnx.to_torch import SUPPORTED_OPS, OnnxModule  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RTOL = 1e-5

@@ -1,0 +1,204 @@
+"""An ONNX graph as a differentiable torch module, and back to ONNX.
+
+For retraining a compressed (or any) ONNX model in torch (the compression
+paper's compress-retune, Algorithm 2) without onnx2torch:
+
+    m = OnnxModule(onnx.load("small.onnx"))
+    opt = torch.optim.Adam(m.parameters(), 1e-3)
+    loss = F.cross_entropy(m(x), y); loss.backward(); opt.step()
+    onnx.save(m.to_onnx(), "small_retuned.onnx")
+
+- Every floating initializer of rank >= 1, and every floating ``Constant``
+  node tensor of more than one element, is an ``nn.Parameter`` of the same
+  shape and dtype, registered under a sanitised unique name
+  (``m.onnx_names[param name] -> ONNX name``; ``m.parameter(onnx_name)``).
+  Integer / bool tensors and floating scalars are buffers (they follow
+  ``.to(device)`` but are not trained).
+- ``forward(*inputs, **by_onnx_name)`` runs the nodes in graph order with
+  torch ops (exact ONNX semantics for the supported ops, see
+  :data:`SUPPORTED_OPS`) and returns the graph outputs (one tensor, or a
+  tuple).  Shape-valued tensors (``Shape``, ``Gather`` on shapes, ``Concat``
+  of shapes) are small int64 tensors computed on every call, so batch sizes
+  other than the export's work.
+  ``OnnxModule(model, freeze=names or predicate)`` keeps chosen tensors
+  fixed (``requires_grad=False``).
+- ``to_onnx()`` returns a copy of the model with every parameter's current
+  value written into its initializer / Constant node (dtype preserved); the
+  graph is unchanged.
+- An op outside :data:`SUPPORTED_OPS` (or a supported op with an attribute
+  value this module does not implement) raises
+  :class:`fibgraph.errors.InputError` at construction, naming the op.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import torch
+from fibgraph.errors import InputError
+from torch import nn
+
+from . import ops_elementwise, ops_nn, ops_recurrent, ops_shape  # noqa: F401  (they register the ops)
+from .registry import (
+    CHECKS,
+    FLOATS,
+    OPS,
+    Node,
+    sanitize,
+    tensor_from_proto,
+    unsupported,
+    write_tensor,
+)
+
+#: the ONNX op types :class:`OnnxModule` runs
+SUPPORTED_OPS = frozenset(OPS) | {"Constant"}
+
+
+# ------------------------------------------------------------------ the module
+def constant_value(node):
+    """(tensor, is a floating TensorProto 'value' of size > 1 or floats list) of a Constant node."""
+    for a in node.attribute:
+        if a.name == "value":
+            return tensor_from_proto(a.t), "value"
+        if a.name == "value_float":
+            return torch.tensor(a.f, dtype=torch.float32), None
+        if a.name == "value_floats":
+            return torch.tensor(list(a.floats), dtype=torch.float32), "value_floats"
+        if a.name == "value_int":
+            return torch.tensor(a.i, dtype=torch.int64), None
+        if a.name == "value_ints":
+            return torch.tensor(list(a.ints), dtype=torch.int64), None
+    raise unsupported("Constant", "only value, value_float(s), value_int(s)")
+
+
+class OnnxModule(nn.Module):
+    """Run an ONNX graph (default domain, opsets 7-23) as a differentiable torch module."""
+
+    def __init__(self, model: onnx.ModelProto, freeze=None):
+        """``freeze``: ONNX names (an iterable) or a predicate ``name -> bool`` of
+        floating tensors that stay parameters but with ``requires_grad=False``
+        (e.g. a compressed base's multiplicity constants); they are still
+        written back by :meth:`to_onnx`."""
+        super().__init__()
+        if freeze is None:
+            frozen = lambda name: False  # noqa: E731
+        elif callable(freeze):
+            frozen = freeze
+        else:
+            names = set(freeze)
+            frozen = names.__contains__
+        if not isinstance(model, onnx.ModelProto):
+            raise InputError("onnx -> torch: expected an onnx.ModelProto")
+        self._model = onnx.ModelProto()
+        self._model.CopyFrom(model)
+        g = self._model.graph
+        self.opset = next((o.version for o in self._model.opset_import if o.domain in ("", "ai.onnx")), 13)
+        bad = sorted({(nd.op_type if nd.domain in ("", "ai.onnx") else f"{nd.domain}.{nd.op_type}")
+                      for nd in g.node if nd.domain not in ("", "ai.onnx") or nd.op_type not in SUPPORTED_OPS})
+        if bad:
+            raise unsupported(", ".join(bad))
+        self.onnx_names = {}          # parameter / buffer attribute name -> ONNX name
+        self._value_attr = {}         # ONNX name -> attribute name (parameters and buffers)
+        self._where = {}              # parameter attribute -> ("init", index) | ("const", node index, attr)
+        taken = set()
+
+        def register(onnx_name, tensor, trainable, where=None):
+            base = sanitize(onnx_name)
+            attr, k = base, 1
+            while attr in taken or hasattr(self, attr):
+                k += 1
+                attr = f"{base}_{k}"
+            taken.add(attr)
+            if trainable:
+                self.register_parameter(attr, nn.Parameter(tensor, requires_grad=not frozen(onnx_name)))
+                self._where[attr] = where
+            else:
+                self.register_buffer(attr, tensor)
+            self.onnx_names[attr] = onnx_name
+            self._value_attr[onnx_name] = attr
+
+        for i, t in enumerate(g.initializer):
+            v = tensor_from_proto(t)
+            register(t.name, v, t.data_type in FLOATS and v.dim() >= 1, ("init", i))
+        self._nodes = []
+        for i, nd in enumerate(g.node):
+            if nd.op_type == "Constant":
+                v, attr = constant_value(nd)
+                trainable = attr is not None and v.is_floating_point() and v.numel() > 1
+                register(nd.output[0], v, trainable, ("const", i, attr))
+                continue
+            node = Node(nd, self.opset)
+            check = CHECKS.get(node.op)
+            if check is not None:
+                check(node)
+            self._nodes.append(node)
+        inits = {t.name for t in g.initializer}
+        self.input_names = [vi.name for vi in g.input if vi.name not in inits]
+        self.output_names = [vi.name for vi in g.output]
+
+    # -------------------------------------------------------------- API
+    def parameter(self, onnx_name):
+        """The parameter (or buffer) holding the ONNX tensor ``onnx_name``."""
+        return getattr(self, self._value_attr[onnx_name])
+
+    def n_params(self):
+        """Number of trainable parameter values."""
+        return int(sum(p.numel() for p in self.parameters() if p.requires_grad))
+
+    def forward(self, *inputs, **named):
+        if len(inputs) > len(self.input_names):
+            raise InputError(f"onnx -> torch: {len(inputs)} inputs given, the graph has {len(self.input_names)}")
+        env = {}
+        for onnx_name, attr in self._value_attr.items():
+            env[onnx_name] = getattr(self, attr)
+        for name, x in zip(self.input_names, inputs):
+            env[name] = x
+        for name, x in named.items():
+            if name not in self.input_names:
+                raise InputError(f"onnx -> torch: no graph input named {name!r}")
+            if name in env and name in self.input_names[:len(inputs)]:
+                raise InputError(f"onnx -> torch: input {name!r} given twice")
+            env[name] = x
+        missing = [nm for nm in self.input_names if nm not in env]
+        if missing:
+            raise InputError(f"onnx -> torch: missing graph input(s) {', '.join(missing)}")
+        for name in self.input_names:
+            x = env[name]
+            if not isinstance(x, torch.Tensor):
+                env[name] = torch.as_tensor(np.asarray(x))
+        for node in self._nodes:
+            xs = [env[nm] if nm else None for nm in node.inputs]
+            while xs and xs[-1] is None:
+                xs.pop()
+            ys = OPS[node.op](node, xs)
+            if isinstance(ys, (tuple, list)):
+                for nm, y in zip(node.outputs, ys):
+                    if nm:
+                        env[nm] = y
+            else:
+                env[node.outputs[0]] = ys
+        outs = tuple(env[nm] for nm in self.output_names)
+        return outs[0] if len(outs) == 1 else outs
+
+    def to_onnx(self) -> onnx.ModelProto:
+        """A copy of the model with the current parameter values written back."""
+        m = onnx.ModelProto()
+        m.CopyFrom(self._model)
+        g = m.graph
+        for attr, where in self._where.items():
+            p = getattr(self, attr)
+            if where[0] == "init":
+                write_tensor(g.initializer[where[1]], p)
+                continue
+            node = g.node[where[1]]
+            for a in node.attribute:
+                if a.name != where[2]:
+                    continue
+                if where[2] == "value":
+                    write_tensor(a.t, p)
+                else:
+                    del a.floats[:]
+                    a.floats.extend(float(v) for v in p.detach().cpu().double().reshape(-1).tolist())
+        return m
+
+    def extra_repr(self):
+        return f"opset={self.opset}, nodes={len(self._nodes)}, params={self.n_params()}"
