@@ -2,7 +2,7 @@
 """Speed and memory of the refinement engine on large random digraphs.
 
 (a) speed: a random digraph with cycles is written as an edge-list file;
-    ``fibgraph.graphcli.color_graph_file`` (read the file, colour, write the
+    ``fibgraph.cli.graphs.color_graph_file`` (read the file, colour, write the
     JSON) is timed against a plain-Python pipeline (line-by-line reader, the
     per-node signature-tuple refinement of ``tests/engine_reference.py``,
     ``json.dump``).  Both partitions are compared.
@@ -91,7 +91,7 @@ def speed(args):
     import fibgraph.symmetry  # noqa: F401
     import rich.console  # noqa: F401
     import scipy.sparse  # noqa: F401
-    from fibgraph.graphcli import color_graph_file
+    from fibgraph.cli.graphs import color_graph_file
 
     n = args.nodes or max(2, args.edges // 8)
     src, dst, w, n = make_edges(args.kind, args.edges, n, args.seed, "int", args.fiber)

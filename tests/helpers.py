@@ -293,7 +293,7 @@ def cli_sub(*args, cwd=None):
     env = dict(os.environ)
     env.pop("FIBGRAPH_DEBUG", None)
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    p = subprocess.run([sys.executable, "-m", "fibgraph.cli", *map(str, args)], capture_output=True,
+    p = subprocess.run([sys.executable, "-m", "fibgraph", *map(str, args)], capture_output=True,
                        text=True, cwd=cwd or ROOT, env=env, timeout=120)
     return p.returncode, p.stdout, p.stderr
 

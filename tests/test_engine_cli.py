@@ -6,9 +6,9 @@ import networkx as nx
 import numpy as np
 import pytest
 
-from fibgraph import graphcli
+from fibgraph.cli import graphs as graphcli
 from fibgraph.errors import HierarchyViolation, InputError
-from fibgraph.graphcli import color_graph_file, hierarchy_file
+from fibgraph.cli.graphs import color_graph_file, hierarchy_file
 from fibgraph.hierarchy import hierarchy
 
 SYMS = ["fibration", "opfibration", "opfibration-flavoured", "covering", "covering-strict",

@@ -9,7 +9,7 @@ def test_onnx_path_does_not_import_torch(tmp_path):
     code = (
         "import sys\n"
         "from fibgraph.cli import main\n"
-        "from fibgraph.demo import bundled_model, bundled_data\n"
+        "from fibgraph.cli.demo import bundled_model, bundled_data\n"
         f"rc = main(['compress', bundled_model(), '-o', r'{tmp_path / 'b.onnx'}', '--eps', '0.1', '--verify'])\n"
         f"rc2 = main(['eval', r'{tmp_path / 'b.onnx'}', '--data', bundled_data()])\n"
         "assert rc == 0 and rc2 == 0, (rc, rc2)\n"

@@ -17,8 +17,8 @@ import time
 
 import numpy as np
 
-from .fileio import check_output_path, write_atomic
-from .errors import HierarchyViolation, InputError
+from ..fileio import check_output_path, write_atomic
+from ..errors import HierarchyViolation, InputError
 
 __all__ = ["color_graph_file", "hierarchy_file", "partition_json", "write_atomic"]
 
@@ -57,9 +57,9 @@ def color_graph_file(path, symmetry, eps=0.0, json_out=None, linkage="average", 
                      rtol=None, graphml_out=None, quiet=False) -> None:
     """Colour the graph in ``path`` by ``symmetry`` (fibration, opfibration,
     opfibration-flavoured, covering, covering-strict, automorphism); see module doc."""
-    from .graphio import read_graph
-    from .refine import DEFAULT_RTOL, make_criterion
-    from .symmetry import SYMMETRIES, colour
+    from ..graphio import read_graph
+    from ..refine import DEFAULT_RTOL, make_criterion
+    from ..symmetry import SYMMETRIES, colour
 
     path = os.fspath(path)
     if symmetry not in SYMMETRIES:
@@ -78,7 +78,7 @@ def color_graph_file(path, symmetry, eps=0.0, json_out=None, linkage="average", 
     t0 = time.perf_counter()
     g = read_graph(path)
     t_read = time.perf_counter() - t0
-    from .orbits import OrbitsTooLarge
+    from ..orbits import OrbitsTooLarge
 
     try:
         res = colour(g, symmetry, crit)
@@ -121,8 +121,8 @@ def color_graph_file(path, symmetry, eps=0.0, json_out=None, linkage="average", 
 
 def hierarchy_file(path) -> int:
     """Print the hierarchy table of the graph in ``path``; 0 if it holds, 1 on a violation."""
-    from .graphio import read_graph
-    from .hierarchy import hierarchy
+    from ..graphio import read_graph
+    from ..hierarchy import hierarchy
 
     g = read_graph(os.fspath(path))
     con = _console()

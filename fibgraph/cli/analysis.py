@@ -11,8 +11,8 @@ import os
 import click
 import numpy as np
 
-from .errors import InputError
-from .fileio import check_output_path
+from ..errors import InputError
+from ..fileio import check_output_path
 
 __all__ = ["COMMANDS", "compare", "symmetry_metrics_cmd"]
 
@@ -55,8 +55,8 @@ def compare(model_a, model_b, symmetry, eps, linkage, metric, rtol, align, json_
     adjusted Rand index and variation of information of the partitions, refinement, counts."""
     from importers.api import atomic_write_json, make_criteria
 
-    from .compare import compare_networks
-    from .report import console
+    from ..compare import compare_networks
+    from ..report import console
     from rich.table import Table
 
     _check_out([model_a, model_b], json_out)
@@ -111,8 +111,8 @@ def symmetry_metrics_cmd(model, thresholds, normalise, warn_threshold, warn_frac
     from importers.onnx_attention import attention_metrics, linear_weights
     from importers.onnx_load import load_onnx
 
-    from .report import console
-    from .symmetry_metrics import DEFAULT_THRESHOLDS, double_rotation_deltas, find_qk_pairs, symmetry_metrics
+    from ..report import console
+    from ..symmetry_metrics import DEFAULT_THRESHOLDS, double_rotation_deltas, find_qk_pairs, symmetry_metrics
     from rich.table import Table
 
     _check_out([model], json_out)
@@ -234,7 +234,7 @@ def _dag_symmetry_metrics(path, thresholds, normalise, warn_threshold, warn_frac
     from importers.dag_units import dag_layers
     from importers.onnx_dag import import_dag
 
-    from .symmetry_metrics import symmetry_metrics_units
+    from ..symmetry_metrics import symmetry_metrics_units
 
     try:
         imp = import_dag(path)

@@ -10,7 +10,7 @@ import sys
 
 import click
 
-from .errors import InputError
+from ..errors import InputError
 
 SYM_MODEL = ["fibration", "opfibration", "opfibration-flavoured", "covering", "covering-strict",
              "automorphism"]
@@ -68,14 +68,14 @@ def color(model, symmetry, eps, eps_file, linkage, metric, no_rescale, rtol, jso
     """Colour MODEL (.onnx) or a graph (.edgelist/.txt/.graphml/.gml) by a symmetry."""
     if not model.lower().endswith(".onnx"):
         if model.lower().endswith(GRAPH_EXT):
-            from .graphcli import color_graph_file
+            from .graphs import color_graph_file
 
             color_graph_file(model, symmetry, eps=eps, json_out=json_out, linkage=linkage, metric=metric,
                              rtol=rtol, graphml_out=graphml_out)
             return
         raise InputError(f"{model}: unknown file type (expected .onnx, .edgelist, .txt, .graphml or .gml)")
     from importers.api import atomic_write_json, color_model
-    from .report import print_colour_report
+    from ..report import print_colour_report
 
     _check_json_out(model, json_out)
     _check_json_out(model, graphml_out)
@@ -84,7 +84,7 @@ def color(model, symmetry, eps, eps_file, linkage, metric, no_rescale, rtol, jso
     if json_out:
         atomic_write_json(json_out, report)
     if graphml_out:
-        from .fileio import atomic_path
+        from ..fileio import atomic_path
 
         with atomic_path(graphml_out, suffix=".graphml") as tmp:
             col.graph.write_graphml(tmp, col.labels)
@@ -102,7 +102,7 @@ def color(model, symmetry, eps, eps_file, linkage, metric, no_rescale, rtol, jso
 def compress(model, out, symmetry, eps, eps_file, linkage, metric, no_rescale, rtol, verify, data, report_out):
     """Compress MODEL to its base network and write it to OUT (ONNX)."""
     from importers.api import atomic_write_json, compress_model
-    from .report import print_colour_report
+    from ..report import print_colour_report
 
     _check_json_out(model, report_out)
     if report_out and os.path.abspath(report_out) == os.path.abspath(out):
@@ -142,7 +142,7 @@ def eval_cmd(model, data, device, json_out):
 def draw(model, out, symmetry, eps, eps_file, linkage, metric, no_rescale, rtol, max_edges):
     """Layered picture of MODEL, one colour per fiber."""
     from importers.api import color_model
-    from .draw import draw_layered
+    from ..draw import draw_layered
 
     ext = os.path.splitext(out)[1].lower()
     if ext not in (".png", ".svg", ".dot"):
@@ -158,7 +158,7 @@ def draw(model, out, symmetry, eps, eps_file, linkage, metric, no_rescale, rtol,
 @click.argument("graph", type=click.Path(dir_okay=False))
 def hierarchy(graph):
     """Orbits <= strict covers <= covers <= fibers, opfibers: counts; exit 1 on a violation."""
-    from .graphcli import hierarchy_file
+    from .graphs import hierarchy_file
 
     sys.exit(hierarchy_file(graph))
 
@@ -177,7 +177,7 @@ def _register_extra_commands():
     """Commands defined in their own modules (analysis, compression studies)."""
     import importlib
 
-    for mod in ("fibgraph.cli_analysis", "fibgraph.cli_compress"):
+    for mod in ("fibgraph.cli.analysis", "fibgraph.cli.compress"):
         try:
             m = importlib.import_module(mod)
         except ModuleNotFoundError as e:
@@ -192,7 +192,7 @@ _register_extra_commands()
 
 
 def _check_json_out(inp, out):
-    from .fileio import check_output_path
+    from ..fileio import check_output_path
 
     check_output_path(out, inp)
 

@@ -14,7 +14,7 @@ from importlib import resources
 
 from rich.table import Table
 
-from .report import console
+from ..report import console
 
 __all__ = ["run_demo", "bundled_model", "bundled_data", "EPS_GRID"]
 
@@ -32,7 +32,7 @@ def bundled_data() -> str:
 def run_demo(out_dir="fibgraph-demo", eps_grid=EPS_GRID, draw_eps=0.1):
     from importers.api import compress_model, evaluate
 
-    from .draw import draw_layered
+    from ..draw import draw_layered
 
     model, data = bundled_model(), bundled_data()
     os.makedirs(out_dir, exist_ok=True)

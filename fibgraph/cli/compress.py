@@ -8,8 +8,8 @@ import os
 
 import click
 
-from .errors import InputError
-from .fileio import check_output_path
+from ..errors import InputError
+from ..fileio import check_output_path
 
 __all__ = ["COMMANDS", "tune", "compare_methods_cmd", "retune_cmd"]
 
@@ -62,7 +62,7 @@ def tune(model, data, tau, steps, linkage, metric, no_rescale, out, report_out, 
     from importers.tuning import make_compressor, tune_model
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .report import console
+    from ..report import console
 
     _check_model(model)
     _check_out(model, out, "-o")
@@ -144,7 +144,7 @@ def compare_methods_cmd(model, data, eps_text, eps_files, linkage, metric, no_re
     from importers.compare import METHOD_LABELS, compare_methods, plot_comparison
     from rich.table import Table
 
-    from .report import console
+    from ..report import console
 
     _check_model(model)
     _check_out(model, plot_out, "-o")
@@ -213,7 +213,7 @@ def retune_cmd(model, train_path, val_path, check_path, rho, tau, q, eps_floor, 
     while the loss stays within (1 + rho) of the original's."""
     from importers.api import atomic_write_bytes, atomic_write_json, load_data
 
-    from .report import console
+    from ..report import console
 
     _check_model(model)
     _check_out(model, out, "-o")

@@ -1,0 +1,4 @@
+"""``python -m fibgraph.cli``."""
+from .main import entry
+
+entry()
