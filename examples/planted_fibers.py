@@ -1,6 +1,6 @@
 """Planted fibers: a network whose exact symmetry fibgraph must find and remove.
 
-A fibration (DESIGN.md section 2) does not need duplicated neurons.  Units
+A fibration (docs/design.md section 2) does not need duplicated neurons.  Units
 ``i`` and ``j`` are in one fiber iff, for every colour ``c`` of the previous
 layer, the SUMS of their incoming weights from ``c`` are equal (bias
 included).  This script builds a ReLU MLP in torch with such fibers planted:

@@ -35,7 +35,7 @@ from study_lib import (CONFIGS, FIG, OUT, ROOT, config_name, export, interpolate
                        plot_panels, save_json, sweep, timer, train)
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
-# points read off the paper's Fig. 3b / its published code (DESIGN.md section 10)
+# points read off the paper's Fig. 3b / its published code (docs/design.md section 10)
 PUBLISHED = [(14, 81.5, "paper: fibration", "o"), (28, 94.3, "paper: fibration", "o"),
              (14, 53.6, "paper: L1", "s"), (14, 50.6, "paper: random", "v")]
 GRID = [0.4, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0, 1.05, 1.1, 1.2, 1.3, 1.45, 1.6]

@@ -1,7 +1,7 @@
 """The base graph: the quotient of a graph by an in-balanced colouring.
 
 For fiber ``c'`` of the destination nodes and colour ``c`` of the sources
-(DESIGN.md section 5)::
+(docs/design.md section 5)::
 
     W_hat[c', c] = (1/|c'|) * sum_{i in c'} sum_{k in c} W[i, k]
     b_hat[c']    = (1/|c'|) * sum_{i in c'} b[i]

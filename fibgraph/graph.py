@@ -1,6 +1,6 @@
 """The format-free graph type: a weighted directed graph stored as edge blocks.
 
-A trained network is a directed weighted graph (DESIGN.md section 1): one node
+A trained network is a directed weighted graph (docs/design.md section 1): one node
 per input feature, neuron, conv channel or gate unit; an edge ``k -> i`` with
 weight ``W[i, k]``.  A conv edge carries a whole kernel and a dense edge that
 reads a flattened ``C x H x W`` tensor carries the vector of its weights over

@@ -1,6 +1,6 @@
 """The hierarchy of symmetries of one graph, strict to loose, with its checks.
 
-Levels (DESIGN.md section 2), each a partition of the nodes:
+Levels (docs/design.md section 2), each a partition of the nodes:
 
 - orbits: automorphism orbits (:mod:`fibgraph.orbits`);
 - strict covers: the coarsest colouring balanced in both directions;

@@ -1,4 +1,4 @@
-"""Lifting: the inverse of compression (DESIGN.md section 7).
+"""Lifting: the inverse of compression (docs/design.md section 7).
 
 Given a base graph ``B`` (weights ``W_hat[c', c]`` for the edge ``c -> c'``)
 and a size ``sizes[c] >= 1`` for every base node, the lift has ``sizes[c]``

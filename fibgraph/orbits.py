@@ -6,7 +6,7 @@ colours (``initial[p(i)] == initial[i]``) and every weighted edge:
 vectors, each edge type separately; multi-edges are added first, so ``W`` is
 the summed weight).  The *orbits* are the classes of "some automorphism maps
 ``i`` to ``j``"; they refine the strict covering, which refines fibers and
-opfibers (DESIGN.md section 2).
+opfibers (docs/design.md section 2).
 
 bliss (through python-igraph) takes vertex colours only, so weights are
 encoded: every directed edge ``k -> i`` (after summing multi-edges, per edge

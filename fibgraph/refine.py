@@ -1,6 +1,6 @@
 """The one refinement engine: coarsest balanced colourings by signature rounds.
 
-Definitions (DESIGN.md section 2).  A colouring ``c`` of the nodes is
+Definitions (docs/design.md section 2).  A colouring ``c`` of the nodes is
 *in-balanced* (a fibration's fibers) iff for every two nodes ``i ~ j`` and every
 colour ``a``::
 

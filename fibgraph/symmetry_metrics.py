@@ -1,4 +1,4 @@
-"""Parameter-symmetry metrics of the position paper (DESIGN.md section 9, appendix A.1).
+"""Parameter-symmetry metrics of the position paper (docs/design.md section 9, appendix A.1).
 
 Permutation symmetry of a hidden layer
 --------------------------------------
@@ -22,7 +22,7 @@ unit's norm are missed, the price of the O(n log n) shortcut).  The degree of sy
 neighbour pairs with ``Delta < thr`` (thresholds 0.05-0.2), and
 ``N_dosb = n - N_dos`` the degree of symmetry breaking.  (The paper's
 appendix text says "number of Delta above the threshold" while its formula
-counts below; we follow the formula and DESIGN.md: below.)
+counts below; we follow the formula and docs/design.md: below.)
 
 Double rotation (attention)
 ---------------------------

@@ -1,7 +1,7 @@
 """ONNX -> the model's (hyper)graph for any DAG of ops: branches, residual sums,
 element-wise products, LayerNorm, attention's stream products, LSTM and GRU.
 
-DESIGN.md sections 1 and 6.  Every stream tensor carries a *layout*: an int64
+docs/design.md sections 1 and 6.  Every stream tensor carries a *layout*: an int64
 array of node ids over the tensor's axes, where an axis along which the ids
 vary is a *unit* axis (channels, features, gate units, heads x head dims) and
 an axis of size 1 in the layout is *positional* (batch, time, space: every

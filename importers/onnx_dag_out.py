@@ -1,4 +1,4 @@
-"""The base of a coloured DAG model written back as ONNX (DESIGN.md sections 5-6).
+"""The base of a coloured DAG model written back as ONNX (docs/design.md sections 5-6).
 
 Positions that element-wise ops, contractions and recurrences tie together
 (a residual stream's every writer and reader, an LSTM's gates, cell and hidden

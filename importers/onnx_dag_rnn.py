@@ -1,4 +1,4 @@
-"""The ONNX ``LSTM`` and ``GRU`` ops as hypergraph pieces (DESIGN.md section 6).
+"""The ONNX ``LSTM`` and ``GRU`` ops as hypergraph pieces (docs/design.md section 6).
 
 Per direction and hidden unit ``j``: one node per gate (LSTM: i, o, f, c in
 ONNX's order; GRU: z, r, h), a cell node (LSTM) and a hidden node.  Edges:

@@ -1,7 +1,7 @@
 """Torch models with PLANTED exact fibers: LSTM, GRU, Transformer encoder,
 residual MLP (and a residual Add that breaks fibers).
 
-Planting by lifting (DESIGN.md section 7).  Draw a small random model and a
+Planting by lifting (docs/design.md section 7).  Draw a small random model and a
 surjective map ``f`` from big units to small (base) units.  Then
 
 * unit -> unit weight:  W[i, k] = W_small[f(i), f(k)] / |f^-1(f(k))|
