@@ -13,8 +13,8 @@ Rewrites, for kept positions ``q`` each standing for a group ``G(q)``:
 - linear weights: ``W_hat[r, q] = mean_{i in G(r)} sum_{k in G(q)} W[i, k]``
   (rows: the mean over the output fiber, the papers' sum is wrong for
   biases; columns: the sum over the input group); biases the mean;
-- per-unit constants (bias adds, BatchNorm, PRelu, LayerNorm's gamma/beta):
-  the mean over the group;
+- per-unit constants (bias adds, PRelu, LayerNorm's gamma/beta): the mean
+  over the group; BatchNorm: the group's mean affine map (``channel_norm``);
 - sums over a unit axis (ReduceMean/ReduceSum, LayerNorm's statistics,
   softmax's denominator, q.k over head dims): weighted by the group sizes
   ``m``, so that the compressed model sums what the original summed;
