@@ -219,6 +219,8 @@ class _Builder:
         self.layout = {}          # stream tensor -> ids
         self.meta = set()
         self.records = []
+        self._tagged = 0          # records[:_tagged] carry the index of their ONNX node
+        self.node_index = None
         self.barriers = []
         self.ops = []
         self.datameta = set()     # integer tensors computed from integer graph inputs
@@ -331,6 +333,8 @@ class _Builder:
             self.inputs.append(vi.name)
             self.fresh_layout(vi.name, "", distinct=True, kind="input")
         for i, node in enumerate(g.node):
+            self._tag_records()
+            self.node_index = i
             if node.op_type == "Constant":
                 continue
             name = _nodename(node, i)
@@ -357,6 +361,7 @@ class _Builder:
             except _Barrier as b:
                 role = self.barrier(node, i, name, str(b))
             self.ops.append((name, node.op_type, role))
+        self._tag_records()
         if not self.layout:
             raise InputError(f"{self.label}: no floating-point tensor depends on the model's inputs")
         self.outputs = [o.name for o in g.output]
@@ -364,6 +369,13 @@ class _Builder:
             if o in self.layout:
                 self.mark_keep(self.layout[o])
         return self
+
+    def _tag_records(self):
+        """New records get ``index``: the position of their node in the graph
+        (the writer finds nodes by it; names may be empty or repeated)."""
+        for rec in self.records[self._tagged:]:
+            rec.setdefault("index", self.node_index)
+        self._tagged = len(self.records)
 
     def _from_data(self, node, i, name, kinds):
         """Ops on integer data inputs: an embedding lookup (Gather from a constant
@@ -989,20 +1001,44 @@ class _Builder:
         return "attention"
 
     def channel_norm(self, node, name, a, kinds):
+        """BatchNormalization / InstanceNormalization: one per-unit node per
+        channel (axis 1) reading its channel, with the channel's parameters as a
+        constant edge, so that a fiber's channels must share them (the base keeps
+        one entry per group; see ``onnx_dag_out._Writer.channel_norm``).
+
+        BatchNormalization with running statistics (inference) is the affine map
+        ``mul * x + add`` with ``mul = scale / sqrt(var + epsilon)`` and
+        ``add = B - mul * mean``: the edge carries ``(mul, add)``, so channels
+        whose raw (scale, B, mean, var) differ but whose maps agree are one
+        fiber, and with eps > 0 the maps are clustered (with their layer's
+        criterion, DESIGN.md section 5).  In training mode (``training_mode=1``,
+        or running-statistics outputs before opset 14) each channel is
+        normalised by its own batch statistics, a function of that channel
+        alone, so the edge carries ``(scale, B)``; the running-statistics
+        outputs must be unused (they would be a second stream).  InstanceNorm:
+        per-sample statistics of the channel, the edge carries ``(scale, B)``."""
         x = node.input[0]
         ids = self.layout[x]
         if node.op_type == "BatchNormalization":
-            if a.get("training_mode", 0) or any(o for o in node.output[1:]):
-                raise _Barrier("BatchNormalization in training mode")
-            sc, b, mean, var = (np.asarray(self.values[t], dtype=np.float64) for t in node.input[1:5])
-            mul = sc / np.sqrt(var + float(a.get("epsilon", 1e-5)))
-            add = b - mul * mean
-            params = np.stack([mul, add], 1)
+            if not int(a.get("spatial", 1)):
+                raise _Barrier("BatchNormalization with spatial=0 (parameters per position)")
+            extra = [o for o in node.output[1:] if o]
+            if any(o in self.consumers or o in {v.name for v in self.model.graph.output} for o in extra):
+                raise _Barrier("BatchNormalization whose running statistics are used")
+            sc, b, mean, var = (np.asarray(self.values[t], dtype=np.float64).reshape(-1) for t in node.input[1:5])
+            training = bool(int(a.get("training_mode", 0)) or (extra and _opset(self.model) < 14))
+            if training:
+                params = np.stack([sc, b], 1)
+            else:
+                mul = sc / np.sqrt(var + float(a.get("epsilon", 1e-5)))
+                add = b - mul * mean
+                params = np.stack([mul, add], 1)
         else:
-            sc, b = (np.asarray(self.values[t], dtype=np.float64) for t in node.input[1:3])
+            training = False
+            sc, b = (np.asarray(self.values[t], dtype=np.float64).reshape(-1) for t in node.input[1:3])
             params = np.stack([sc, b], 1)
         if ids.ndim < 2 or any(ids.shape[k] > 1 for k in range(ids.ndim) if k != 1) or ids.shape[1] != params.shape[0]:
-            if ids.shape[1] == 1 and np.allclose(params, params[:1]):
+            if ids.ndim >= 2 and ids.shape[1] == 1 and np.allclose(params, params[:1]):
                 self.layout[node.output[0]] = ids
                 return "norm"
             raise _Barrier(f"{node.op_type} over a tensor whose units are not on axis 1")
@@ -1015,7 +1051,8 @@ class _Builder:
         self.sparse(np.full(s.n, cn), s.ids, params, _etype(node.op_type, "p"), f"{name}:params")
         self.layout[node.output[0]] = s.ids.reshape(shape)
         self.records.append({"kind": "channel_norm", "node": node.name, "op": node.op_type, "input": x,
-                             "output": node.output[0]})
+                             "output": node.output[0], "training": training,
+                             "epsilon": float(a.get("epsilon", 1e-5))})
         return "norm"
 
     def layernorm(self, node, name, a, kinds):

@@ -13,8 +13,8 @@ Rewrites, for kept positions ``q`` each standing for a group ``G(q)``:
 - linear weights: ``W_hat[r, q] = mean_{i in G(r)} sum_{k in G(q)} W[i, k]``
   (rows: the mean over the output fiber, the papers' sum is wrong for
   biases; columns: the sum over the input group); biases the mean;
-- per-unit constants (bias adds, BatchNorm, PRelu, LayerNorm's gamma/beta):
-  the mean over the group;
+- per-unit constants (bias adds, PRelu, LayerNorm's gamma/beta): the mean
+  over the group; BatchNorm: the group's mean affine map (``channel_norm``);
 - sums over a unit axis (ReduceMean/ReduceSum, LayerNorm's statistics,
   softmax's denominator, q.k over head dims): weighted by the group sizes
   ``m``, so that the compressed model sums what the original summed;
@@ -309,6 +309,7 @@ class _Writer:
         self.g = self.m.graph
         self.inits = {t.name: t for t in self.g.initializer}
         self.nodes = {n.name: n for n in self.g.node if n.name}
+        self.by_index = list(self.g.node)    # the copy's nodes in the imported order
         self.counter = 0
         # every name in use: a model compressed before (a retuned base) already
         # holds fib_const*/..__fib* names, and new ones must not collide
@@ -322,6 +323,14 @@ class _Writer:
         return _Axis(self.imp.layouts[tname], self.gid, self.kept, self.prune)
 
     def node(self, rec):
+        """(position, node) of the record's ONNX node in the model being written:
+        by the index the importer recorded (names may be empty or repeated),
+        else by name."""
+        if rec.get("index") is not None:
+            target = self.by_index[rec["index"]]
+            for k, n in enumerate(self.g.node):
+                if n is target:
+                    return k, n
         for k, n in enumerate(self.g.node):
             if n.name == rec["node"]:
                 return k, n
@@ -452,15 +461,36 @@ class _Writer:
                 at.i = ax.L_hat
 
     def channel_norm(self, rec):
+        """BatchNormalization / InstanceNormalization: one parameter entry per
+        kept channel.  The importer's criterion is the channel's map (inference
+        BatchNorm: ``mul = scale / sqrt(var + epsilon)``, ``add = B - mul *
+        mean``; training mode and InstanceNorm: ``(scale, B)``), so the base
+        entry of a group is the group's MEAN MAP: ``mul_hat``, ``add_hat`` the
+        means over the group, written back as ``mean_hat``, ``var_hat`` (the
+        means of the running statistics) and ``scale = mul_hat * sqrt(var_hat +
+        epsilon)``, ``B = add_hat + mul_hat * mean_hat``.  This is exact when the
+        group's maps are equal (eps = 0), even if their raw parameters differ,
+        and with eps > 0 it is the mean of the clustered constants, as for a
+        bias; averaging the raw parameters one by one would not be either."""
         k, node = self.node(rec)
         ax = self.axis(rec["output"])
         if ax.identity:
             return
         Rm = ax.mean_matrix()
-        for slot in range(1, len(node.input)):
-            v = self.value(node.input[slot])
-            if v is not None and v.size == ax.L:
-                self.put(node, slot, Rm @ v.astype(np.float64).reshape(-1), v)
+        vals = [self.value(x) if x else None for x in node.input]
+        if node.op_type == "BatchNormalization" and not rec.get("training") and \
+                all(v is not None and v.size == ax.L for v in vals[1:5]):
+            e = rec.get("epsilon", 1e-5)
+            sc, b, mean, var = (v.astype(np.float64).reshape(-1) for v in vals[1:5])
+            mul = sc / np.sqrt(var + e)
+            add = b - mul * mean
+            mul_h, add_h, mean_h, var_h = (Rm @ v for v in (mul, add, mean, var))
+            new = {1: mul_h * np.sqrt(var_h + e), 2: add_h + mul_h * mean_h, 3: mean_h, 4: var_h}
+        else:
+            new = {slot: Rm @ v.astype(np.float64).reshape(-1) for slot, v in enumerate(vals)
+                   if slot and v is not None and v.size == ax.L}
+        for slot, v in new.items():
+            self.put(node, slot, v, vals[slot])
 
     def _weights_along(self, ax, rank, scale):
         shape = [1] * rank
