@@ -13,9 +13,12 @@ read:
   model that importer reads works: ``nn.Sequential`` MLPs and CNNs,
   branches, residual sums, attention, LSTM/GRU.  Weight layers are named by
   their initializers, which the legacy exporter names after the torch
-  parameters (``0.weight``, ``4.0.weight``); a Conv with a BatchNorm folded
-  into it by the exporter gets its conv's name back (its values are the
-  folded ones: the inference function).  The export is cached per module:
+  parameters (``0.weight``, ``4.0.weight``); weights the exporter makes
+  from a parameter get the parameter's name back (a Conv with a BatchNorm
+  folded in: the conv's weight, with the folded values of the inference
+  function; a Linear on 3-D inputs, stored transposed for MatMul; an
+  attention's packed ``in_proj_weight``; a one-direction LSTM/GRU/RNN's
+  ``weight_ih_l0`` / ``weight_hh_l0`` with their gates reordered).  The export is cached per module:
   while the module's structure is unchanged, later calls only copy the
   current parameter values into the cached ONNX graph (when every weight of
   the graph is a torch parameter or buffer as it is).
@@ -55,6 +58,7 @@ __all__ = ["example_input", "export_model", "torch_import", "torch_view", "read_
 
 _CACHE = weakref.WeakKeyDictionary()      # module -> (signature, ONNX model, values can be copied in)
 _LINEAR_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
+_RNN_OPS = {"LSTM", "GRU", "RNN"}
 
 
 def _torch():
@@ -109,22 +113,40 @@ def _signature(module, x):
             tuple(x.shape), str(x.dtype))
 
 
-def _rename_folded(model, names):
-    """Give a weight that the exporter made (a Conv with a BatchNorm folded in,
-    named ``onnx::Conv_12``) the name of its module's parameter; returns
-    whether anything was renamed."""
+def _rename_exported(model, module):
+    """Give the weights that the exporter made (a Conv with a BatchNorm folded in,
+    a Linear on 3-D inputs stored transposed for MatMul, LSTM/GRU/RNN weights
+    with their gates reordered; named ``onnx::Conv_12`` and the like) the
+    name of the torch parameter they come from, found through the node's
+    scope (``/enc/linear1/MatMul`` -> module ``enc.linear1``); returns whether
+    anything was renamed."""
+    params = {k for k, _ in module.named_parameters()}
+    mods = dict(module.named_modules())
     inits = {t.name: t for t in model.graph.initializer}
-    renamed = {}
+    renamed, used = {}, set(inits)
+    rnn_seen = {}
     for node in model.graph.node:
-        if node.op_type not in _LINEAR_OPS or not node.name.startswith("/") or node.name.count("/") < 2:
+        if node.op_type not in _LINEAR_OPS | _RNN_OPS or not node.name.startswith("/"):
             continue
-        path = node.name.split("/")[-2]
-        for slot, suffix in ((1, "weight"), (2, "bias")):
-            if len(node.input) <= slot:
+        parts = node.name.split("/")[1:-1]
+        path = next((c for c in ((".".join(parts), parts[-1]) if parts else ()) if c and c in mods), None)
+        if path is None:
+            continue
+        if node.op_type in _RNN_OPS:
+            k = rnn_seen[path] = rnn_seen.get(path, -1) + 1
+            if getattr(mods[path], "bidirectional", False):
+                continue                              # W holds both directions: no one parameter
+            slots = {1: f"weight_ih_l{k}", 2: f"weight_hh_l{k}"}
+        else:
+            own = [n for n, q in mods[path].named_parameters(recurse=False) if q.ndim >= 2]
+            slots = {1: "weight" if "weight" in own else (own[0] if len(own) == 1 else None), 2: "bias"}
+        for slot, attr in slots.items():
+            if attr is None or len(node.input) <= slot:
                 continue
-            old, new = node.input[slot], f"{path}.{suffix}"
-            if old in inits and old not in names and new in names and new not in inits and old not in renamed:
+            old, new = node.input[slot], f"{path}.{attr}"
+            if old in inits and old not in params and new in params and new not in used and old not in renamed:
                 renamed[old] = new
+                used.add(new)
     for old, new in renamed.items():
         inits[old].name = new
     for node in model.graph.node:
@@ -164,7 +186,7 @@ def export_model(module, example) -> onnx.ModelProto:
         module.train(was)
     model = onnx.load_from_string(f.getvalue())
     state = module.state_dict()
-    renamed = _rename_folded(model, set(state))
+    renamed = _rename_exported(model, module)
     copyable = not renamed and all(
         t.name in state and tuple(t.dims) == tuple(state[t.name].shape)
         and onnx.helper.tensor_dtype_to_np_dtype(t.data_type) == state[t.name].detach().cpu().numpy().dtype

@@ -216,3 +216,34 @@ def test_torch_view_agrees_with_the_exported_file(tmp_path):
     for k in range(4):
         np.testing.assert_array_equal(a.layer_labels(la, k), b.layer_labels(lb, k))
     np.testing.assert_array_equal(a.layer_labels(la, 0), [0, 0, 1, 2])
+
+
+def test_tracker_reads_an_lstm_and_a_transformer():
+    """Models beyond chains (planted fibers, tests/planted_nets.py): layers named by the torch
+    parameters the exported weights come from; the planted fibers are the fibers at eps = 0.
+    With eps > 0 the covering runs the opfibration clustering on the LSTM's cyclic level
+    (it raised a broadcasting error in the engine before)."""
+    from fibgraph.partition import canonical
+    from planted_nets import example_input, planted_lstm, planted_transformer
+
+    def labels_of(fibers, n):
+        lab = np.empty(n, dtype=np.int64)
+        for k, f in enumerate(fibers):
+            lab[f] = k
+        return canonical(lab)
+
+    lstm, info = planted_lstm(seed=0)
+    tr = FiberTracker(eps=(0, 0.1), symmetries=("fibration", "covering"), example=example_input(info))
+    rows = tr(lstm, 0)
+    assert {r["layer_name"] for r in rows} == {"rnn.weight_ih_l0 + rnn.weight_hh_l0"}
+    assert len(rows) == 4 and all(r["units"] == 6 for r in rows)
+    np.testing.assert_array_equal(tr.labels[(0, 1, "fibration", 0.0)], labels_of(info["fibers"]["rnn.hidden"], 6))
+
+    tf, info = planted_transformer(seed=0)
+    tr = FiberTracker(eps=0, symmetries="fibration", example=example_input(info))
+    rows = {r["layer_name"]: r for r in tr(tf, 0)}
+    assert list(rows) == ["inp.weight", "enc.self_attn.in_proj_weight", "enc.self_attn.out_proj.weight",
+                          "enc.linear1.weight", "enc.linear2.weight"]
+    assert rows["enc.linear1.weight"]["units"] == info["dim_feedforward"]
+    np.testing.assert_array_equal(tr.labels[(0, 4, "fibration", 0.0)],
+                                  labels_of(info["fibers"]["ff.linear1"], info["dim_feedforward"]))
