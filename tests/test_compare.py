@@ -300,10 +300,10 @@ def test_torch_activity_report_and_activations_match_numpy():
     np.testing.assert_allclose(acts["3.weight"], logits, atol=1e-6)     # before the final Softmax
 
 
-def test_compare_a_residual_model_and_align_refuses_shared_units():
+def test_compare_a_residual_model_and_align_refuses_shared_units(capsys, tmp_path):
     """Any model the hypergraph reads: a residual block (the stream's writers share nodes)."""
     torch = pytest.importorskip("torch")
-    from importers.torch_analysis import torch_view
+    from importers.torch_analysis import export_model, torch_view
 
     class Res(torch.nn.Module):
         def __init__(self):
@@ -320,14 +320,25 @@ def test_compare_a_residual_model_and_align_refuses_shared_units():
     with torch.no_grad():                  # plant a fiber {0, 1} in `a`: equal rows and biases
         m.a.weight[1] = m.a.weight[0]
         m.a.bias[1] = m.a.bias[0]
-    A = torch_view(m, torch.zeros(1, 3, dtype=torch.float64))
+    x = torch.zeros(1, 3, dtype=torch.float64)
+    A = torch_view(m, x)
     assert [ly.name for ly in A.layers] == ["inp.weight", "a.weight", "b.weight", "out.weight"]
+    pa = save(export_model(m, x), tmp_path / "a.onnx")
     with torch.no_grad():
         m.a.weight[1, 0] += 0.5            # the next checkpoint breaks it
-    B = torch_view(m, torch.zeros(1, 3, dtype=torch.float64))
+    B = torch_view(m, x)
+    pb = save(export_model(m, x), tmp_path / "b.onnx")
     res = compare_views(A, B)
     a = res["layers"][1]
     assert (a["classes_a"], a["classes_b"]) == (5, 6) and a["b_refines_a"] and not a["equal"]
     assert res["layers"][3]["output_layer"]
     with pytest.raises(InputError, match="shares its units' nodes"):
         align_units(A, B)
+    # the same through the CLI, on the two ONNX checkpoints
+    rc, so, err = cli(capsys, "compare", pa, pb, "--json", tmp_path / "r.json")
+    assert rc == 0, err
+    r = read_json(tmp_path / "r.json")
+    assert [ly["name_a"] for ly in r["layers"]] == ["inp.weight", "a.weight", "b.weight", "out.weight"]
+    assert (r["layers"][1]["classes_a"], r["layers"][1]["classes_b"]) == (5, 6)
+    rc, _, err = cli(capsys, "compare", pa, pb, "--align")
+    assert_one_line_error(rc, err, "shares its units' nodes")
