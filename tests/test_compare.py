@@ -342,3 +342,33 @@ def test_compare_a_residual_model_and_align_refuses_shared_units(capsys, tmp_pat
     assert (r["layers"][1]["classes_a"], r["layers"][1]["classes_b"]) == (5, 6)
     rc, _, err = cli(capsys, "compare", pa, pb, "--align")
     assert_one_line_error(rc, err, "shares its units' nodes")
+
+
+def test_align_a_permuted_cnn():
+    """Conv channels permuted in both convs and the dense layer after Flatten (its edges carry the
+    3 x 3 positions of a channel): the alignment recovers every permutation."""
+    import copy
+
+    torch = pytest.importorskip("torch")
+    from torch import nn
+
+    from importers.torch_analysis import torch_view
+
+    torch.manual_seed(1)
+    cnn = nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 3, 3, padding=1),
+                        nn.Tanh(), nn.Flatten(), nn.Linear(27, 5), nn.ReLU(), nn.Linear(5, 2)).eval()
+    p, q, r = np.array([2, 0, 3, 1]), np.array([1, 2, 0]), np.array([4, 0, 3, 1, 2])
+    B = copy.deepcopy(cnn)
+    with torch.no_grad():
+        B[0].weight.copy_(cnn[0].weight[p])
+        B[0].bias.copy_(cnn[0].bias[p])
+        B[3].weight.copy_(cnn[3].weight[q][:, p])
+        B[3].bias.copy_(cnn[3].bias[q])
+        B[6].weight.copy_(cnn[6].weight.reshape(5, 3, 9)[r][:, q].reshape(5, 27))
+        B[6].bias.copy_(cnn[6].bias[r])
+        B[8].weight.copy_(cnn[8].weight[:, r])
+    x = torch.randn(3, 2, 8, 8)
+    assert torch.allclose(cnn(x), B(x), atol=1e-5)                     # the same function
+    perms = align_units(torch_view(cnn, x), torch_view(B, x))
+    for got, want in zip(perms, (np.argsort(p), np.argsort(q), np.argsort(r), np.arange(2))):
+        np.testing.assert_array_equal(got, want)
