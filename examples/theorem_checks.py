@@ -11,11 +11,13 @@
     exactly - recomputed from the weights after every step - for arbitrary
     targets; a partition that is only a fibration breaks at the first step.
 
-The exact setting is documented in ``fibgraph/theorems.py``.  The planted
+The exact setting is documented in ``fibgraph/theorems.py``; the models are
+read through their ONNX export as hypergraphs (``importers/torch_analysis.py``).  The planted
 networks come from ``fibgraph.planted`` (random weights projected onto the
 balance equations, so the classes are NOT copies of one another).
 
-Run from the repository root (a few seconds)::
+Run from the repository root (under a minute: the covering is recomputed
+from an export of the model after every step)::
 
     python examples/theorem_checks.py
 """
@@ -31,8 +33,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from fibgraph.planted import planted_mlp  # noqa: E402
-from fibgraph.theorems import (check_activity_sync, check_cover_persistence,  # noqa: E402
-                               check_error_sync, torch_mlp)
+from importers.torch_analysis import (check_activity_sync, check_cover_persistence,  # noqa: E402
+                                      check_error_sync, torch_mlp)
 
 SIZES = [5, 6, 5, 3]
 

@@ -11,11 +11,10 @@ threshold < 1.  Between clusterings at a correlation threshold the chain is
 empirical (a threshold is not transitive, and correlations over a subset of
 inputs can be lower as well as higher).  This module measures these relations:
 
-- activities per layer: :func:`torch_activations` (a torch ``nn.Sequential``,
-  post-activation values just before the next linear layer; a conv channel's
-  activity over (sample, position) pairs) or :func:`network_activations` (a
-  dense :class:`~fibgraph.network.Network` with known activations, e.g. an
-  imported ONNX MLP);
+- activities per weight layer come as ``(samples, units)`` arrays (a conv
+  channel's activity over (sample, position) pairs); for torch modules
+  ``importers.torch_analysis.torch_activations`` collects them with forward
+  hooks and ``importers.torch_analysis.activity_report`` runs all of this;
 - :func:`synchrony_clusters`: units clustered by correlation distance
   ``1 - corr`` with scipy's hierarchical clustering, cut at ``1 - threshold``
   (average linkage by default; ``complete`` bounds every in-cluster pair).
@@ -26,7 +25,8 @@ inputs can be lower as well as higher).  This module measures these relations:
   class of the fine partition (weight fibers) that also share a class of the
   coarse one (activity clusters): 1 iff the fine partition refines the coarse
   one (on the pairs it has);
-- :func:`activity_report`: all of it per layer, with ARI.
+- :func:`fiber_activity_report`: all of it per weight layer of a
+  :class:`~fibgraph.layerview.LayerView`, with ARI.
 """
 from __future__ import annotations
 
@@ -38,88 +38,8 @@ from .compare import adjusted_rand_index, variation_of_information
 from .errors import InputError
 from .partition import canonical, meet, num_classes, refines
 
-__all__ = ["torch_activations", "network_activations", "correlation_matrix", "synchrony_clusters",
-           "class_conditional_clusters", "refinement_score", "activity_report"]
-
-
-# ------------------------------------------------------------- activities
-def _as_units(t):
-    """(N, C, ...) -> (N * positions, C); (N, F) stays."""
-    a = t.detach().to("cpu").double().numpy()
-    if a.ndim == 2:
-        return a
-    a = np.moveaxis(a, 1, -1)
-    return a.reshape(-1, a.shape[-1])
-
-
-def torch_activations(module, x, batch=4096) -> list:
-    """Per linear layer of an ``nn.Sequential``: the activity of its units as
-    ``(samples, units)`` arrays, taken just before the next linear layer (after
-    its activation, pooling, BatchNorm); for the output layer, its output
-    before a final Softmax.  Conv channels: positions count as samples."""
-    import torch
-    import torch.nn as nn
-
-    from importers.torch_net import _CONV, _TAIL, _flatten_modules, network_from_torch
-
-    network_from_torch(module)  # refuses what it cannot map, with the reason
-    mods = _flatten_modules(module)
-    is_lin = [isinstance(m, nn.Linear) or type(m).__name__ in _CONV for _, m in mods]
-    lin_pos = [k for k, v in enumerate(is_lin) if v]
-    xt = x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
-    dtype = next(module.parameters()).dtype
-    outs = [[] for _ in lin_pos]
-    was_training = module.training
-    module.eval()
-    try:
-        with torch.no_grad():
-            for s in range(0, xt.shape[0], batch):
-                h = xt[s:s + batch].to(dtype)
-                li = -1
-                last = None
-                for k, (_, m) in enumerate(mods):
-                    if is_lin[k]:
-                        if li >= 0:
-                            outs[li].append(_as_units(last))
-                        li += 1
-                    if type(m).__name__ in _TAIL:
-                        break
-                    h = m(h)
-                    if not isinstance(m, nn.Flatten):
-                        last = h
-                outs[li].append(_as_units(last))
-    finally:
-        module.train(was_training)
-    return [np.concatenate(o) for o in outs]
-
-
-_ACT = {"": lambda z: z, "Identity": lambda z: z, "Relu": lambda z: np.maximum(z, 0),
-        "Tanh": np.tanh, "Sigmoid": lambda z: 1 / (1 + np.exp(-z))}
-
-
-def network_activations(net, x) -> list:
-    """Activities of a dense :class:`Network` (layers ``'dense'`` with ``D = 1``
-    and activation Relu, Tanh, Sigmoid or none) on inputs ``x (N, n_in)``."""
-    h = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
-    if h.shape[1] != net.input_units:
-        raise InputError(f"inputs have {h.shape[1]} features, the network reads {net.input_units}")
-    out = []
-    for ly in net.layers:
-        if ly.kind != "dense" or ly.weight.shape[2] != 1:
-            raise InputError(f"layer {ly.name!r}: network_activations runs dense layers only; "
-                             "use torch_activations for conv models")
-        if ly.unit_key is not None:
-            raise InputError(f"layer {ly.name!r}: per-unit parameters after the layer are not run here")
-        z = h @ ly.weight[:, :, 0].T + ly.bias
-        acts = [a for a in (ly.activation or "").split("+") if a not in ("Dropout",)]
-        for a in acts if acts else [""]:
-            if a not in _ACT:
-                raise InputError(f"layer {ly.name!r}: activation {a!r} is not run here "
-                                 f"(known: {', '.join(k for k in _ACT if k)})")
-            z = _ACT[a](z)
-        out.append(z)
-        h = z
-    return out
+__all__ = ["correlation_matrix", "synchrony_clusters", "class_conditional_clusters", "refinement_score",
+           "fiber_activity_report"]
 
 
 # --------------------------------------------------------------- clusters
@@ -186,38 +106,35 @@ def refinement_score(fine, coarse):
 
 
 # ----------------------------------------------------------------- report
-def activity_report(model, x, y=None, symmetry="fibration", criterion=None, threshold=0.9,
-                    method="average", include_output=False) -> list:
-    """Per layer: weight fibers vs activity synchrony clusters.
+def fiber_activity_report(view, labels, acts, n_inputs, y=None, threshold=0.9, method="average",
+                          include_output=False) -> list:
+    """Per weight layer: weight fibers vs activity synchrony clusters.
 
-    ``model``: torch ``nn.Sequential`` or dense :class:`Network`.  For each
+    ``view``: a :class:`~fibgraph.layerview.LayerView`; ``labels``: a
+    colouring of its graph (e.g. ``view.colour("fibration", criterion)``);
+    ``acts``: ``{layer name: (samples, units) array}`` (layers without an
+    entry are left out); ``n_inputs``: the number of inputs the activities
+    were taken on (a conv layer has ``n_inputs * positions`` rows).  For each
     layer: counts of fibers, all-data clusters, class-conditional clusters
-    (per class and their meet), the refinement score of fibers in the
-    all-data clusters and (mean over classes) in the class clusters, whether
-    fibers refine them, and the ARI of fibers vs all-data clusters.
+    (per class and their meet; with labels ``y``), the refinement score of
+    fibers in the all-data clusters and (mean over classes) in the class
+    clusters, whether fibers refine them, and the ARI of fibers vs all-data
+    clusters.
     """
-    from .network import Network, colour_network
-
-    if isinstance(model, Network):
-        net = model
-        acts = network_activations(net, x)
-    else:
-        from importers.torch_net import network_from_torch
-
-        net = network_from_torch(model)
-        acts = torch_activations(model, x)
-    col = colour_network(net, symmetry, criterion)
-    n_inputs = len(x)
     out = []
-    for l, ly in enumerate(net.layers):
-        if ly.is_output and not include_output:
+    for l, ly in enumerate(view.layers):
+        if (ly.output and not include_output) or ly.name not in acts:
             continue
-        A = acts[l]
+        A = np.asarray(acts[ly.name], dtype=np.float64)
+        if A.ndim != 2 or A.shape[1] != ly.units:
+            raise InputError(f"layer {ly.name!r}: activities of shape {A.shape}, the layer has {ly.units} units")
+        if n_inputs < 1 or A.shape[0] % n_inputs:
+            raise InputError(f"layer {ly.name!r}: {A.shape[0]} activity rows for {n_inputs} inputs")
         spi = A.shape[0] // n_inputs
-        fib = col.level_labels(l + 1)
+        fib = view.layer_labels(labels, l)
         allc = synchrony_clusters(A, threshold, method)
         s_all, pairs = refinement_score(fib, allc)
-        rec = {"layer": l + 1, "name": ly.name, "units": ly.n_out, "fibers": num_classes(fib),
+        rec = {"layer": l + 1, "name": ly.name, "units": ly.units, "fibers": num_classes(fib),
                "fiber_pairs": pairs, "clusters": num_classes(allc), "fibers_refine_clusters": refines(fib, allc),
                "refinement_score": s_all, "ari_fibers_clusters": adjusted_rand_index(fib, allc),
                "vi_fibers_clusters": variation_of_information(fib, allc),

@@ -383,7 +383,7 @@ def _signature_matrix(graph, nodes, directions, colours, scales):
             tl = local[p["targets"]]
             M = np.zeros((nodes.size, p["A"].shape[1]))
             M[tl] = p["A"]
-            mats.append(sp.csr_matrix(M) if not np.all(tl == np.arange(nodes.size)) else M)
+            mats.append(sp.csr_matrix(M) if not np.array_equal(tl, np.arange(nodes.size)) else M)
         for p in sparse:
             exact &= p["exact"]
             uk, kcol = np.unique(p["key"], return_inverse=True)

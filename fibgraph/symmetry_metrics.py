@@ -2,9 +2,12 @@
 
 Permutation symmetry of a hidden layer
 --------------------------------------
-Each unit ``i`` of layer ``l`` is described by its concatenated weights
+Each unit ``i`` of a weight layer is described by its concatenated weights
 ``u_i = (incoming weights (flattened over kernel/positions), bias, outgoing
-weights into layer l+1)``.  Swapping two units is a symmetry of the loss
+weights (the columns of every dense layer that reads the unit))``; the
+importers build these parts from the model's hypergraph
+(``importers.dag_units.dag_layers``) and :func:`symmetry_metrics_units`
+takes them as arrays.  Swapping two units is a symmetry of the loss
 when ``u_i = u_j``; the distance of the parameters from the symmetric
 subspace (the projection averages the two units) is ``|u_i - u_j| / sqrt 2``.
 We normalise it by the layer's RMS unit norm ``s = sqrt(mean_k |u_k|^2)``::
@@ -32,32 +35,20 @@ eigenvectors of ``W_Q^T W_Q`` (eigenvalues ``Lambda_Q``), ``A = U^T W_K^T W_K U`
 ``Delta_i = |Lambda_Q,ii - A_ii|``, ``N_dos = #{i: Delta_i < thr}``
 (:func:`double_rotation_dos`).  The symmetric states are the directions ``n``
 with ``W_Q n = W_K n = 0`` (both Gram values 0).  The count is invariant
-under a common orthogonal rotation of both matrices.
+under a common orthogonal rotation of both matrices.  (Q/K weight pairs are
+found in the graph by ``importers.onnx_attention`` or by name by
+``importers.dag_units.find_qk_pairs``.)
 """
 from __future__ import annotations
-
-import re
 
 import numpy as np
 
 from .errors import InputError
 
-__all__ = ["unit_vectors", "permutation_deltas", "permutation_dos", "double_rotation_deltas",
-           "double_rotation_dos", "spectral_stats", "symmetry_metrics", "symmetry_metrics_units",
-           "find_qk_pairs",
-           "DEFAULT_THRESHOLDS"]
+__all__ = ["permutation_deltas", "permutation_dos", "double_rotation_deltas",
+           "double_rotation_dos", "spectral_stats", "symmetry_metrics_units", "DEFAULT_THRESHOLDS"]
 
 DEFAULT_THRESHOLDS = (0.05, 0.1, 0.15, 0.2)
-
-
-def unit_vectors(net, l) -> np.ndarray:
-    """``(n_units, d)``: incoming weights, bias and outgoing weights of layer ``l``'s units."""
-    ly = net.layers[l]
-    parts = [ly.weight.reshape(ly.n_out, -1), ly.bias[:, None]]
-    if l + 1 < len(net.layers):
-        nxt = net.layers[l + 1].weight            # (n_next, n_out, D)
-        parts.append(nxt.transpose(1, 0, 2).reshape(ly.n_out, -1))
-    return np.hstack(parts).astype(np.float64)
 
 
 def permutation_deltas(U, normalise="layer"):
@@ -156,34 +147,10 @@ def spectral_stats(W) -> dict:
             "stable_rank": fro2 / float(s[0] ** 2) if s[0] > 0 else 0.0}
 
 
-def _dead(net, l):
-    ly = net.layers[l]
-    zin = ~np.any(ly.weight.reshape(ly.n_out, -1) != 0, axis=1) & (ly.bias == 0)
-    if l + 1 < len(net.layers):
-        nxt = net.layers[l + 1].weight
-        zout = ~np.any(nxt.transpose(1, 0, 2).reshape(ly.n_out, -1) != 0, axis=1)
-    else:
-        zout = np.zeros(ly.n_out, dtype=bool)
-    return int(zin.sum()), int(zout.sum())
-
-
-def symmetry_metrics(net, thresholds=DEFAULT_THRESHOLDS, normalise="layer", warn_threshold=0.1,
-                     warn_fraction=0.25) -> dict:
-    """Per-layer table: units, N_dos per threshold, near-duplicate fraction,
-    spectral stats, dead units; a summary and warnings."""
-    def items():
-        for l, ly in enumerate(net.layers):
-            yield {"name": ly.name, "kind": ly.kind, "units": ly.n_out, "output_layer": bool(ly.is_output),
-                   "weight": ly.weight,
-                   "vectors": (lambda l=l: unit_vectors(net, l)), "dead": (lambda l=l: _dead(net, l))}
-
-    return _report(items(), thresholds, normalise, warn_threshold, warn_fraction)
-
-
 def symmetry_metrics_units(layers, thresholds=DEFAULT_THRESHOLDS, normalise="layer", warn_threshold=0.1,
                            warn_fraction=0.25) -> dict:
-    """The table of :func:`symmetry_metrics` from per-layer unit parts instead of
-    a chain network: ``layers`` = dicts with ``name``, ``kind``, ``output_layer``
+    """Per-layer table: units, N_dos per threshold, near-duplicate fraction,
+    spectral stats, dead units; a summary and warnings.  ``layers`` = dicts with ``name``, ``kind``, ``output_layer``
     and the per-unit blocks ``incoming`` (n, a), ``bias`` (n, b), ``outgoing``
     (n, c) (any of them may have 0 columns), optional ``has_reader`` (n,) bool
     (units with an outgoing column at all; others are not counted as dead) and
@@ -254,51 +221,3 @@ def _report(items, thresholds, normalise, warn_threshold, warn_fraction) -> dict
                    _key(t): (float(sum(r["near_duplicate_units"][_key(t)] for r in hidden))
                              / max(1, sum(r["units"] for r in hidden))) for t in thresholds}}
     return {"layers": rows, "summary": summary, "warnings": warnings}
-
-
-# ------------------------------------------------------------- attention
-_Q = ("q", "query", "q_proj", "wq", "to_q", "w_q", "queries")
-_K = ("k", "key", "k_proj", "wk", "to_k", "w_k", "keys")
-
-
-def find_qk_pairs(model) -> list:
-    """Heuristic: 2-D float initializers of an ONNX model whose names differ
-    only in a ``q``-like path component vs a ``k``-like one (``q_proj`` /
-    ``k_proj``, ``query`` / ``key``, ``wq`` / ``wk``...).  Returned as
-    ``(name_q, name_k, WQ, WK)`` oriented ``(d_model, k)``: MatMul weights as
-    stored, Gemm weights with ``transB=1`` transposed.  Names are often lost on
-    export; an empty list means none was recognised, not that none exists."""
-    from onnx import numpy_helper
-
-    inits = {t.name: t for t in model.graph.initializer}
-    trans = set()
-    for node in model.graph.node:
-        if node.op_type == "Gemm" and len(node.input) > 1:
-            if any(a.name == "transB" and a.i for a in node.attribute):
-                trans.add(node.input[1])
-    out = []
-    for name in inits:
-        parts = re.split(r"([._/:])", name)
-        for idx, p in enumerate(parts):
-            low = p.lower()
-            if low in _Q:
-                kname = None
-                for cand in _K:
-                    c = cand if p.islower() else cand.upper() if p.isupper() else cand
-                    trial = "".join(parts[:idx] + [c] + parts[idx + 1:])
-                    if trial in inits:
-                        kname = trial
-                        break
-                if kname is None:
-                    continue
-                WQ = numpy_helper.to_array(inits[name])
-                WK = numpy_helper.to_array(inits[kname])
-                if WQ.ndim != 2 or WK.ndim != 2 or WQ.dtype.kind != "f" or WK.dtype.kind != "f":
-                    continue
-                WQ = WQ.T if name in trans else WQ
-                WK = WK.T if kname in trans else WK
-                if WQ.shape != WK.shape:
-                    continue
-                out.append((name, kname, WQ.astype(np.float64), WK.astype(np.float64)))
-                break
-    return out

@@ -2,7 +2,7 @@
 
 A plain callable, no framework::
 
-    from fibgraph.tracking import FiberTracker
+    from importers.torch_analysis import FiberTracker     # torch modules
     tracker = FiberTracker(eps=(0, 0.05, 0.1), symmetries=("fibration", "opfibration", "covering"))
     for epoch in range(epochs):
         train_one_epoch(model)
@@ -10,15 +10,17 @@ A plain callable, no framework::
     tracker.to_csv("emergence.csv")
     tracker.plot("emergence.png")
 
-``tracker(model, epoch)`` reads the weights of a torch ``nn.Sequential`` of
-Linear/Conv layers directly (:func:`importers.torch_net.network_from_torch`,
-no ONNX export) - or takes a :class:`fibgraph.network.Network` as is - and
-colours it once per (symmetry, eps).  For every hidden layer it records the
-number of classes (fibers, opfibers or covers), the number of non-trivial
-classes (size >= 2), the fraction of units that lie in non-trivial classes,
-the largest class, and whether the partition is a coarsening of the one
-recorded at the previous call (the cover coarse-graining theorem says it is,
-for exact covers under gradient descent; quasi-fibers at eps > 0 need not).
+The tracker here is format-free: ``tracker(view, epoch)`` takes a
+:class:`~fibgraph.layerview.LayerView` (a weighted digraph with named weight
+layers), or anything its ``reader`` turns into one
+(``importers.torch_analysis.FiberTracker`` reads torch modules and ONNX
+models through the hypergraph import), and colours it once per (symmetry,
+eps).  For every hidden weight layer it records the number of classes
+(fibers, opfibers or covers), the number of non-trivial classes (size >= 2),
+the fraction of units that lie in non-trivial classes, the largest class,
+and whether the partition is a coarsening of the one recorded at the
+previous call (the cover coarse-graining theorem says it is, for exact
+covers under gradient descent; quasi-fibers at eps > 0 need not).
 
 The output layer is left out by default: its units start with distinct
 colours, so its classes are trivially singletons.
@@ -32,7 +34,7 @@ import time
 import numpy as np
 
 from .errors import InputError
-from .network import Network, colour_network
+from .layerview import LayerView
 from .partition import class_sizes, refines
 from .refine import Exact, Tolerance
 from .symmetry import SYMMETRIES
@@ -76,13 +78,18 @@ class FiberTracker:
     ``symmetries`` names from :data:`fibgraph.symmetry.SYMMETRIES`,
     ``linkage``/``metric``/``rescale`` for eps > 0, ``rtol`` for eps = 0,
     ``include_output`` to record the output layer too, ``keep_labels`` to keep
-    every partition in :attr:`labels` (``{(epoch, layer, symmetry, eps): labels}``).
-    Layers are numbered from 1 (the first linear layer), as in the other reports.
+    every partition in :attr:`labels` (``{(epoch, layer, symmetry, eps): labels}``),
+    ``reader`` a callable turning what the calls pass into a
+    :class:`~fibgraph.layerview.LayerView` (a view is taken as is).
+    Layers are numbered from 1 (the first weight layer), as in the other reports.
+    ``rescale`` takes effect only on nodes the graph marks positively
+    homogeneous (the hypergraph import marks none: eps > 0 then uses the
+    magnitude-aware distance, see :mod:`fibgraph.refine`).
     """
 
     def __init__(self, eps=(0.0, 0.05, 0.1), symmetries=("fibration", "opfibration", "covering"),
                  linkage="average", metric="cosine", rescale=True, rtol=1e-5,
-                 include_output=False, keep_labels=True, input_shape=None):
+                 include_output=False, keep_labels=True, reader=None):
         if isinstance(eps, (int, float)):
             eps = (eps,)
         if isinstance(symmetries, str):
@@ -102,7 +109,7 @@ class FiberTracker:
         self.linkage, self.metric, self.rescale, self.rtol = linkage, metric, rescale, rtol
         self.include_output = include_output
         self.keep_labels = keep_labels
-        self.input_shape = input_shape
+        self.reader = reader
         self.rows: list[dict] = []
         self.extras: list[dict] = []          # {epoch, **keyword values} per call
         self.labels: dict = {}
@@ -110,27 +117,30 @@ class FiberTracker:
         self._prev: dict = {}
 
     # ------------------------------------------------------------------ call
-    def network(self, model) -> Network:
-        if isinstance(model, Network):
+    def view(self, model) -> LayerView:
+        if isinstance(model, LayerView):
             return model
-        from importers.torch_net import network_from_torch
-
-        return network_from_torch(model, input_shape=self.input_shape)
+        if self.reader is None:
+            raise InputError(f"FiberTracker reads a LayerView, got {type(model).__name__}; for torch modules "
+                             "and ONNX models use importers.torch_analysis.FiberTracker")
+        view = self.reader(model)
+        if not isinstance(view, LayerView):
+            raise TypeError(f"the tracker's reader returned {type(view).__name__}, not a LayerView")
+        return view
 
     def __call__(self, model, epoch, **extra):
-        """Colour ``model`` (torch ``nn.Sequential`` or :class:`Network`) and record
-        one row per hidden layer x symmetry x eps; returns this call's rows."""
+        """Colour ``model`` (a :class:`LayerView`, or what ``reader`` reads) and
+        record one row per hidden weight layer x symmetry x eps; returns this call's rows."""
         t0 = time.perf_counter()
-        net = self.network(model)
+        view = self.view(model)
         out = []
         for sym in self.symmetries:
             for eps in self.eps:
-                col = colour_network(net, sym, _criterion(eps, self.linkage, self.metric,
-                                                          self.rescale, self.rtol))
-                for l, ly in enumerate(net.layers):
-                    if ly.is_output and not self.include_output:
+                labels = view.colour(sym, _criterion(eps, self.linkage, self.metric, self.rescale, self.rtol))
+                for l, ly in enumerate(view.layers):
+                    if ly.output and not self.include_output:
                         continue
-                    lab = col.level_labels(l + 1)
+                    lab = view.layer_labels(labels, l)
                     key = (l + 1, sym, eps)
                     prev = self._prev.get(key)
                     coarsens = "" if prev is None or prev.shape != lab.shape else bool(refines(prev, lab))
@@ -157,7 +167,7 @@ class FiberTracker:
                 and (layer is None or r["layer"] == layer)]
 
     def series(self, field="classes", symmetry="fibration", eps=0.0, layer=1):
-        """(epochs, values) of one field for one layer (1 = the first linear layer), symmetry and eps."""
+        """(epochs, values) of one field for one layer (1 = the first weight layer), symmetry and eps."""
         rows = self.table(symmetry, eps, layer)
         return np.array([r["epoch"] for r in rows]), np.array([r[field] for r in rows])
 

@@ -1,7 +1,10 @@
-"""Per-unit parameter vectors of the weight layers of a hypergraph import
-(:func:`importers.onnx_dag.import_dag`), for the permutation-symmetry metrics
-of models the feed-forward chain importer refuses (Transformers, LSTMs,
-branching CNNs).
+"""The weight layers of a hypergraph import (:func:`importers.onnx_dag.import_dag`)
+for the analysis modules: :func:`layer_view` (the format-free
+:class:`fibgraph.layerview.LayerView` read by compare, tracking, activity and
+theorem checks), :func:`dag_layers` (per-unit parameter vectors for the
+permutation-symmetry metrics of ``fibgraph symmetry-metrics``, any model:
+MLPs, CNNs, Transformers, LSTMs) and :func:`find_qk_pairs` (Q/K weights
+recognised by name).
 
 For every compressible weight (the records behind
 :func:`importers.dag_api.weight_entries`) one layer of units:
@@ -36,11 +39,14 @@ read only by the score contraction) have no outgoing part.
 """
 from __future__ import annotations
 
+import re
+
 import numpy as np
+from onnx import numpy_helper
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-__all__ = ["DagLayer", "tie_labels", "dag_layers"]
+__all__ = ["DagLayer", "tie_labels", "dag_layers", "output_mask", "layer_view", "find_qk_pairs"]
 
 
 class DagLayer(dict):
@@ -62,6 +68,49 @@ def tie_labels(imp) -> np.ndarray:
     b = np.concatenate([p[1] for p in pairs]).astype(np.int64)
     _, lab = connected_components(coo_matrix((np.ones(a.size), (a, b)), shape=(n, n)), directed=False)
     return lab
+
+
+def output_mask(imp, lab=None) -> np.ndarray:
+    """Nodes tied (through element-wise ops, a residual stream) to a node of a graph output."""
+    lab = tie_labels(imp) if lab is None else lab
+    out_nodes = np.zeros(imp.graph.n, dtype=bool)
+    for o in imp.outputs:
+        if o in imp.layouts:
+            out_nodes[np.asarray(imp.layouts[o]).reshape(-1)] = True
+    return np.isin(lab, lab[out_nodes])
+
+
+def _weight_uses(imp):
+    """(name, op, record) per weight-layer record: linear / embedding weights by
+    name, an LSTM / GRU / RNN as ``"W + R"``."""
+    for rec in imp.records:
+        k = rec["kind"]
+        if k in ("linear", "embedding"):
+            yield rec["weight"], rec.get("op", "Gather"), rec
+        elif k == "recurrent":
+            yield f"{rec['W']} + {rec['R']}", rec["op"], rec
+
+
+def layer_view(imp, name="model"):
+    """The :class:`fibgraph.layerview.LayerView` of a hypergraph import: one
+    layer per weight (an LSTM / GRU / RNN's ``W`` and ``R`` as one layer of
+    hidden units), in the order of ``imp.records``; ``tie`` from ``imp.joins``.
+    A weight read at several steps of an unrolled loop is one layer per use
+    with other nodes (``"<name> (use 2)"``, ...)."""
+    from fibgraph.layerview import LayerView, ViewLayer
+
+    lab = tie_labels(imp)
+    outs = output_mask(imp, lab)
+    layers, seen = [], {}
+    for wname, op, rec in _weight_uses(imp):
+        ids, _ = _unit_nodes(imp, rec, lab)
+        uses = seen.setdefault(wname, [])
+        if any(np.array_equal(ids, u) for u in uses):
+            continue
+        uses.append(ids)
+        label = wname if len(uses) == 1 else f"{wname} (use {len(uses)})"
+        layers.append(ViewLayer(label, op, ids, bool(outs[ids].all()) if ids.size else False))
+    return LayerView(imp.graph, layers, tie=lab, name=name)
 
 
 def _unit_nodes(imp, rec, lab):
@@ -139,21 +188,10 @@ def dag_layers(imp) -> list:
     lab = tie_labels(imp)
     kinds = np.array([s.kind for s in imp.spaces], dtype=object)[imp.space_of] if imp.graph.n else np.zeros(0)
     const_node = kinds == "const"
-    out_nodes = np.zeros(imp.graph.n, dtype=bool)
-    for o in imp.outputs:
-        if o in imp.layouts:
-            out_nodes[np.asarray(imp.layouts[o]).reshape(-1)] = True
     # a unit tied (through element-wise ops, a residual stream) to an output node is an output unit
-    out_nodes = np.isin(lab, lab[out_nodes])
+    out_nodes = output_mask(imp, lab)
     uses = []                                  # (name, op, ids, own)
-    for rec in imp.records:
-        k = rec["kind"]
-        if k in ("linear", "embedding"):
-            name, op = rec["weight"], rec.get("op", "Gather")
-        elif k == "recurrent":
-            name, op = f"{rec['W']} + {rec['R']}", rec["op"]
-        else:
-            continue
+    for name, op, rec in _weight_uses(imp):
         ids, own = _unit_nodes(imp, rec, lab)
         uses.append((name, op, ids, own))
     # own nodes of every use under one global key, extended along per-unit chains once
@@ -187,3 +225,49 @@ def dag_layers(imp) -> list:
         by_name[name] = ly
         layers.append(ly)
     return layers
+
+
+# ------------------------------------------------------------- attention
+_Q = ("q", "query", "q_proj", "wq", "to_q", "w_q", "queries")
+_K = ("k", "key", "k_proj", "wk", "to_k", "w_k", "keys")
+
+
+def find_qk_pairs(model) -> list:
+    """Heuristic: 2-D float initializers of an ONNX model whose names differ
+    only in a ``q``-like path component vs a ``k``-like one (``q_proj`` /
+    ``k_proj``, ``query`` / ``key``, ``wq`` / ``wk``...).  Returned as
+    ``(name_q, name_k, WQ, WK)`` oriented ``(d_model, k)``: MatMul weights as
+    stored, Gemm weights with ``transB=1`` transposed.  Names are often lost on
+    export; an empty list means none was recognised, not that none exists."""
+    inits = {t.name: t for t in model.graph.initializer}
+    trans = set()
+    for node in model.graph.node:
+        if node.op_type == "Gemm" and len(node.input) > 1:
+            if any(a.name == "transB" and a.i for a in node.attribute):
+                trans.add(node.input[1])
+    out = []
+    for name in inits:
+        parts = re.split(r"([._/:])", name)
+        for idx, p in enumerate(parts):
+            low = p.lower()
+            if low in _Q:
+                kname = None
+                for cand in _K:
+                    c = cand if p.islower() else cand.upper() if p.isupper() else cand
+                    trial = "".join(parts[:idx] + [c] + parts[idx + 1:])
+                    if trial in inits:
+                        kname = trial
+                        break
+                if kname is None:
+                    continue
+                WQ = numpy_helper.to_array(inits[name])
+                WK = numpy_helper.to_array(inits[kname])
+                if WQ.ndim != 2 or WK.ndim != 2 or WQ.dtype.kind != "f" or WK.dtype.kind != "f":
+                    continue
+                WQ = WQ.T if name in trans else WQ
+                WK = WK.T if kname in trans else WK
+                if WQ.shape != WK.shape:
+                    continue
+                out.append((name, kname, WQ.astype(np.float64), WK.astype(np.float64)))
+                break
+    return out

@@ -205,7 +205,7 @@ def test_cli_symmetry_metrics_on_exported_transformer(capsys, exported, tmp_path
             assert set(a["n_dos"]) == {"0.05", "0.1", "0.15", "0.2"}
             assert a["shape"] == [D, DK]
         assert r["attention_summary"]["heads"] == H and r["attention_summary"]["directions"] == D
-        # the chain importer refuses the model: permutation rows come from the hypergraph, one per
+        # permutation rows come from the hypergraph, one per
         # weight (in_proj, out_proj, linear1, linear2); out_proj and linear2 write the residual
         # stream, which is the output here (tied through the Adds and LayerNorms): no rows for them
         assert not any("skipped" in w for w in r["warnings"])

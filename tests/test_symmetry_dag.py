@@ -1,5 +1,5 @@
-"""Permutation rows of `fibgraph symmetry-metrics` for models the feed-forward
-chain importer refuses, computed from the hypergraph (importers/dag_units.py):
+"""Permutation rows of `fibgraph symmetry-metrics`, computed from the hypergraph
+(importers/dag_units.py, the only source) for models beyond feed-forward chains:
 a Transformer and an LSTM with planted fibers (tests/planted_nets.py), and
 random models of the same architectures."""
 from __future__ import annotations
@@ -142,9 +142,10 @@ def test_random_lstm_has_no_duplicates(capsys, models, tmp_path):
     assert r["layers"][0]["units"] == 6 and r["layers"][0]["n_dos"]["1e-06"] == 0
 
 
-def test_both_importers_refuse_rows_skipped_with_warning(capsys, models, tmp_path, monkeypatch):
-    """Where the hypergraph importer refuses too, the attention rows stay and the
-    permutation rows are skipped with a warning naming both reasons."""
+def test_importer_refuses_rows_skipped_with_warning(capsys, models, tmp_path, monkeypatch):
+    """Where the hypergraph importer refuses, the attention rows stay and the
+    permutation rows are skipped with a warning naming the reason; with no
+    attention rows either, the refusal is the command's error."""
     import importers.onnx_dag as od
     from fibgraph.errors import InputError
 
@@ -155,5 +156,11 @@ def test_both_importers_refuse_rows_skipped_with_warning(capsys, models, tmp_pat
     r, _ = _run(capsys, models["rnd_tr"], tmp_path / "s.json")
     assert r["layers"] == [] and len(r["attention"]) == 2
     skipped = [w for w in r["warnings"] if w.startswith("dense-layer metrics skipped for 5 weight layers")]
-    assert len(skipped) == 1 and "feed-forward importer refuses" in skipped[0]
-    assert skipped[0].endswith("the hypergraph importer too: planted refusal")
+    assert len(skipped) == 1 and skipped[0].endswith("the hypergraph importer refuses the model: planted refusal")
+    from helpers import assert_one_line_error, mlp_onnx, save
+
+    rng = np.random.default_rng(0)
+    mlp = save(mlp_onnx([rng.normal(size=(4, 3)), rng.normal(size=(2, 4))], [np.zeros(4), np.zeros(2)]),
+               tmp_path / "mlp.onnx")
+    rc, _, err = cli(capsys, "symmetry-metrics", mlp)
+    assert_one_line_error(rc, err, "planted refusal")

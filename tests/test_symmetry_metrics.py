@@ -8,16 +8,22 @@ from onnx import TensorProto, helper, numpy_helper
 from helpers import assert_one_line_error, cli, finish, mlp_onnx, read_json, save
 
 from fibgraph.errors import InputError
-from fibgraph.network import Layer, Network
-from fibgraph.symmetry_metrics import (double_rotation_deltas, double_rotation_dos, find_qk_pairs,
-                                       permutation_deltas, permutation_dos, spectral_stats,
-                                       symmetry_metrics, unit_vectors)
+from fibgraph.symmetry_metrics import (double_rotation_deltas, double_rotation_dos, permutation_deltas,
+                                       permutation_dos, spectral_stats, symmetry_metrics_units)
+from importers.dag_units import dag_layers, find_qk_pairs
+from importers.onnx_dag import import_dag
 
 
 def _net(Ws, bs):
-    layers = [Layer(f"W{l + 1}", "dense", W[:, :, None], b, homogeneous=True, activation="Relu",
-                    is_output=l == len(Ws) - 1) for l, (W, b) in enumerate(zip(Ws, bs))]
-    return Network(Ws[0].shape[1], layers)
+    """Per-unit parts of the weight layers of a float64 ONNX MLP (hypergraph import)."""
+    layers = dag_layers(import_dag(mlp_onnx(Ws, bs, dtype=np.float64)))
+    for ly in layers:
+        ly["kind"] = ly["op"]
+    return layers
+
+
+def unit_vectors(layers, l):
+    return layers[l].vectors()
 
 
 def _duplicated_mlp(rng, n_in=8, n_hid=10, n_out=4, dups=((0, 1), (2, 3), (4, 5)), noise=0.0):
@@ -37,6 +43,7 @@ def test_planted_duplicates_are_counted():
     Ws, bs = _duplicated_mlp(rng)
     U = unit_vectors(_net(Ws, bs), 0)
     assert U.shape == (10, 8 + 1 + 4)
+    np.testing.assert_allclose(U, np.hstack([Ws[0], bs[0][:, None], Ws[1].T]), rtol=1e-12)
     d = permutation_dos(U, thresholds=(0.05, 0.2))
     assert d["n_dos"] == {"0.05": 3, "0.2": 3}
     assert d["near_duplicate_units"]["0.05"] == 6 and d["near_duplicate_fraction"]["0.05"] == 0.6
@@ -86,7 +93,7 @@ def test_symmetry_metrics_report_and_warnings():
     rng = np.random.default_rng(3)
     Ws, bs = _duplicated_mlp(rng, dups=((0, 1), (2, 3), (4, 5), (6, 7)))
     Ws[1][:, 9] = 0.0                                    # a dead unit (no outgoing weights)
-    rep = symmetry_metrics(_net(Ws, bs), thresholds=(0.05, 0.1))
+    rep = symmetry_metrics_units(_net(Ws, bs), thresholds=(0.05, 0.1))
     hid, out = rep["layers"]
     assert hid["units"] == 10 and hid["n_dos"]["0.1"] == 4 and hid["near_duplicate_fraction"]["0.1"] == 0.8
     assert hid["zero_out_units"] == 1
@@ -95,7 +102,7 @@ def test_symmetry_metrics_report_and_warnings():
     assert any("80% of units are near-duplicates" in w for w in rep["warnings"])
     assert any("all-zero outgoing" in w for w in rep["warnings"])
     with pytest.raises(InputError):
-        symmetry_metrics(_net(Ws, bs), thresholds=(-1,))
+        symmetry_metrics_units(_net(Ws, bs), thresholds=(-1,))
 
 
 # ------------------------------------------------------------ double rotation
@@ -157,6 +164,8 @@ def test_cli_symmetry_metrics(capsys, tmp_path):
     assert rc == 0, err
     r = read_json(out)
     assert [ly["name"] for ly in r["layers"]] == ["W1", "W2"]
+    assert [ly["source"] for ly in r["layers"]] == ["hypergraph"] * 2            # the only source
+    assert r["layers"][0]["vector"] == {"incoming": 8, "bias": 1, "outgoing": 4}
     assert r["layers"][0]["n_dos"] == {"0.05": 3, "0.2": 3}
     assert r["summary"]["n_dos"]["0.05"] == 3 and r["attention"] == []
     assert "N_dos<0.05" in so and "W1" in so and "60% of units are near-duplicates" in so
@@ -185,7 +194,7 @@ def test_cli_symmetry_metrics_attention_only(capsys, tmp_path):
     r = read_json(out)
     assert r["attention"][0]["q"] == "wq"
     assert r["attention"][0]["n_dos"]["0.05"] >= 1
-    # the chain importer refuses it; the hypergraph rows: both weights write the output y = q * k
+    # the hypergraph rows: both weights write the output y = q * k
     assert [(ly["name"], ly["output_layer"], ly["source"]) for ly in r["layers"]] == [
         ("wq", True, "hypergraph"), ("wk", True, "hypergraph")]
     assert not any("skipped" in w for w in r["warnings"])

@@ -4,7 +4,8 @@
 plain opfibers do not (nonlinear activation), and grouped outputs need equal
 targets; (c) a strict covering survives 200 full-batch GD steps exactly,
 while fibers alone do not survive one.  See fibgraph/theorems.py for the
-exact setting.
+exact setting; the torch side (export to the hypergraph, autograd) is
+importers/torch_analysis.py.
 """
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ torch = pytest.importorskip("torch")
 
 from fibgraph.partition import canonical, refines  # noqa: E402
 from fibgraph.planted import balance_violation, planted_mlp  # noqa: E402
-from fibgraph.theorems import (check_activity_sync, check_cover_persistence,  # noqa: E402
-                               check_error_sync, torch_mlp)
+from importers.torch_analysis import (check_activity_sync, check_cover_persistence,  # noqa: E402
+                                      check_error_sync, torch_mlp, torch_view)
 
 SIZES = [5, 6, 5, 3]
 ROUND = 1e-12      # relative: float64 rounding
@@ -127,17 +128,15 @@ def test_cover_can_only_coarsen():
     rng = np.random.default_rng(4)
     P = [None, [0, 0, 1, 1, 1, 2], [0, 0, 0, 1, 1], None]
     model = torch_mlp(planted_mlp(rng, SIZES, P, P), "relu")
-    from importers.torch_net import network_from_torch
-    from fibgraph.network import colour_network
-
     x = rng.normal(size=(32, SIZES[0]))
     t = rng.normal(size=(32, SIZES[-1]))
     X, T = torch.as_tensor(x), torch.as_tensor(t)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     prev = None
     for _ in range(20):
-        col = colour_network(network_from_torch(model), "covering-strict")
-        cur = np.concatenate([col.level_labels(1), 100 + col.level_labels(2)])
+        view = torch_view(model, X)
+        lab = view.colour("covering-strict")
+        cur = np.concatenate([view.layer_labels(lab, 0), 100 + view.layer_labels(lab, 1)])
         if prev is not None:
             assert refines(prev, cur)
         prev = cur

@@ -1,4 +1,4 @@
-"""The training tracker and the torch -> Network converter."""
+"""The training tracker, and the torch -> hypergraph view it reads (importers.torch_analysis)."""
 from __future__ import annotations
 
 import csv
@@ -11,9 +11,9 @@ from torch import nn  # noqa: E402
 
 from fibgraph.errors import InputError  # noqa: E402
 from fibgraph.planted import planted_mlp  # noqa: E402
-from fibgraph.theorems import torch_mlp  # noqa: E402
-from fibgraph.tracking import FIELDS, FiberTracker, layer_stats  # noqa: E402
-from importers.torch_net import network_from_torch  # noqa: E402
+from fibgraph.tracking import FIELDS, layer_stats  # noqa: E402
+from fibgraph.tracking import FiberTracker as ViewTracker  # noqa: E402
+from importers.torch_analysis import FiberTracker, read_view, torch_mlp, torch_view  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -32,20 +32,25 @@ def _mlp(seed=0, widths=(6, 8, 7, 3), act=nn.ReLU):
     return nn.Sequential(*mods[:-1])
 
 
-# ------------------------------------------------------------------ converter
-def test_converter_mlp_matches_the_module():
+# ------------------------------------------------------------------ the torch view
+def test_torch_view_mlp_matches_the_module():
     m = _mlp(act=nn.Tanh)
-    net = network_from_torch(m)
-    assert net.input_units == 6 and [ly.n_out for ly in net.layers] == [8, 7, 3]
-    assert [ly.name for ly in net.layers] == ["0.weight", "2.weight", "4.weight"]
-    assert [ly.is_output for ly in net.layers] == [False, False, True]
-    assert not net.layers[0].homogeneous and net.layers[0].activation == "Tanh"
-    np.testing.assert_array_equal(net.layers[1].weight[:, :, 0], m[2].weight.detach().double().numpy())
-    np.testing.assert_array_equal(net.layers[1].bias, m[2].bias.detach().double().numpy())
-    assert network_from_torch(_mlp()).layers[0].homogeneous
+    view = torch_view(m)                        # input read off the first Linear
+    assert [ly.name for ly in view.layers] == ["0.weight", "2.weight", "4.weight"]
+    assert [ly.units for ly in view.layers] == [8, 7, 3]
+    assert [ly.output for ly in view.layers] == [False, False, True]
+    # the edge weights into layer 2's units are the module's weight and bias
+    g = view.graph
+    dense = [b for b in g.blocks if b.dense and np.isin(b.dst, view.layers[1].nodes).all()]
+    assert len(dense) == 1
+    np.testing.assert_allclose(dense[0].weight[:, :, 0], m[2].weight.detach().double().numpy(), rtol=1e-6)
+    bias = [b for b in g.blocks if not b.dense and np.isin(b.dst, view.layers[1].nodes).all()]
+    np.testing.assert_allclose(bias[0].values[np.argsort(bias[0].rows), 0], m[2].bias.detach().double().numpy(),
+                               rtol=1e-6)
+    assert m.training                           # the export put it in eval mode and back
 
 
-def test_converter_cnn_layout_and_batchnorm_fold():
+def test_torch_view_cnn_names_and_batchnorm_fold():
     torch.manual_seed(0)
     cnn = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
                         nn.Sequential(nn.Conv2d(4, 3, 3, padding=1), nn.Tanh()), nn.Flatten(),
@@ -55,39 +60,24 @@ def test_converter_cnn_layout_and_batchnorm_fold():
         cnn[1].running_var.uniform_(0.5, 2)
         cnn[1].weight.uniform_(0.5, 2)
     cnn.eval()
-    net = network_from_torch(cnn)
-    assert net.input_units == 2
-    assert [ly.kind for ly in net.layers] == ["conv", "conv", "dense", "dense"]
-    assert [ly.weight.shape for ly in net.layers] == [(4, 2, 9), (3, 4, 9), (5, 3, 9), (2, 5, 1)]
-    assert net.layers[1].name == "4.0.weight"
-    assert net.layers[0].homogeneous and not net.layers[1].homogeneous
-    # folded BN: the layer's pre-activation equals BN(conv(x)) (per channel, at every position)
-    x = torch.randn(3, 2, 8, 8)
-    with torch.no_grad():
-        ref = cnn[1](cnn[0](x)).double().numpy()
-    ly = net.layers[0]
-    patches = nn.functional.unfold(x.double(), 3)                       # (N, 2*9, positions)
-    z = np.einsum("ok,nkp->nop", ly.weight.reshape(4, -1), patches.numpy()) + ly.bias[None, :, None]
-    np.testing.assert_allclose(z.reshape(ref.shape), ref, atol=1e-5)
-    # dense after flatten: feature (c, p) belongs to unit c (torch flattens channel-major)
-    W = cnn[6].weight.detach().double().numpy()
-    np.testing.assert_array_equal(net.layers[2].weight[:, 1, :], W[:, 9:18])
+    view = torch_view(cnn)                      # an 8 x 8 input found by trying sizes
+    # the exporter folds the BatchNorm into the first conv; the layer keeps the conv's name
+    assert [ly.name for ly in view.layers] == ["0.weight", "4.0.weight", "6.weight", "8.weight"]
+    assert [ly.kind for ly in view.layers] == ["Conv", "Conv", "Gemm", "Gemm"]
+    assert [ly.units for ly in view.layers] == [4, 3, 5, 2]
+    kernel = [b for b in view.graph.blocks if b.dense and np.isin(b.dst, view.layers[0].nodes).all()][0]
+    assert kernel.weight.shape == (4, 2, 9)
+    # folded BN: the edge weights are the conv's kernels scaled per channel by gamma / sqrt(var + eps)
+    scale = (cnn[1].weight / torch.sqrt(cnn[1].running_var + cnn[1].eps)).detach().double().numpy()
+    W = cnn[0].weight.detach().double().numpy().reshape(4, 2, 9) * scale[:, None, None]
+    np.testing.assert_allclose(kernel.weight, W, rtol=1e-5, atol=1e-6)
+    # dense after flatten: the edge from channel c carries the 3 x 3 positions of its columns
+    lin = [b for b in view.graph.blocks if b.dense and np.isin(b.dst, view.layers[2].nodes).all()][0]
+    assert lin.weight.shape == (5, 3, 9)
+    np.testing.assert_allclose(lin.weight[:, 1, :], cnn[6].weight.detach().double().numpy()[:, 9:18], rtol=1e-6)
 
 
-@pytest.mark.parametrize("model, needle", [
-    (nn.Sequential(nn.Linear(3, 4), nn.LSTM(4, 4)), "LSTM"),
-    (nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.ReLU()), "groups=2"),
-    (nn.Sequential(nn.Conv2d(1, 2, 3), nn.Linear(6, 2)), "not flattened"),
-    (nn.Sequential(nn.Linear(3, 4), nn.Softmax(dim=1), nn.Linear(4, 2)), "Softmax"),
-    (nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(5, 2)), "5 features"),
-    (nn.Sequential(nn.ReLU()), "no Linear"),
-])
-def test_converter_refuses_what_it_cannot_map(model, needle):
-    with pytest.raises(InputError, match=needle):
-        network_from_torch(model)
-
-
-def test_converter_refuses_custom_modules():
+def test_torch_view_reads_any_model_the_hypergraph_reads():
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
@@ -96,8 +86,12 @@ def test_converter_refuses_custom_modules():
         def forward(self, x):
             return self.a(x) + x
 
-    with pytest.raises(InputError, match="nn.Sequential"):
-        network_from_torch(Net())
+    view = torch_view(Net())
+    assert [(ly.name, ly.output) for ly in view.layers] == [("a.weight", True)]
+    with pytest.raises(InputError, match="input_shape"):
+        torch_view(nn.Sequential(nn.ReLU()))
+    with pytest.raises(InputError, match="cannot read"):
+        read_view(3.5)
 
 
 # -------------------------------------------------------------------- tracker
@@ -157,38 +151,99 @@ def test_tracker_during_training_sees_the_cover_persist_and_fibers_coarsen():
     assert [r["coarsens_previous"] for r in tr.rows[2:]] == [True] * 10
 
 
-def test_tracker_takes_a_network_and_rejects_bad_settings():
-    net = network_from_torch(_mlp())
+def test_tracker_takes_a_view_and_rejects_bad_settings(tmp_path):
+    view = torch_view(_mlp())
     tr = FiberTracker(eps=0.05, symmetries="fibration")
-    assert len(tr(net, 0)) == 2
+    assert len(tr(view, 0)) == 2
+    # the format-free tracker reads views only; an ONNX file through the torch-side reader
+    assert [r["layer_name"] for r in ViewTracker(eps=0, symmetries="fibration")(view, 0)] == ["0.weight", "2.weight"]
+    with pytest.raises(InputError, match="LayerView"):
+        ViewTracker()(_mlp(), 0)
+    from helpers import mlp_onnx, save
+
+    rng = np.random.default_rng(0)
+    path = save(mlp_onnx([rng.normal(size=(4, 3)), rng.normal(size=(2, 4))], [np.zeros(4), np.zeros(2)]),
+                tmp_path / "m.onnx")
+    assert [r["layer_name"] for r in FiberTracker(eps=0, symmetries="fibration")(str(path), 0)] == ["W1"]
     with pytest.raises(InputError, match="unknown symmetry"):
         FiberTracker(symmetries=("fibrations",))
     with pytest.raises(InputError, match="eps"):
         FiberTracker(eps=(0, 2.5))
-    with pytest.raises(InputError, match="nn.Sequential"):
-        FiberTracker()(nn.Linear(3, 3), 0)
+    with pytest.raises(InputError, match="cannot read"):
+        FiberTracker()([nn.Linear(3, 3)], 0)
     with pytest.raises(InputError, match="nothing recorded"):
         FiberTracker().plot("x.png")
 
 
-def test_converter_agrees_with_the_onnx_importer(tmp_path):
-    """The same model read from torch and from its ONNX export gives the same Network."""
-    import warnings
+def test_tracker_on_a_hand_built_graph():
+    """fibgraph.tracking needs no importer: a LayerView of a WeightedDigraph built by hand."""
+    from fibgraph.graph import Block, WeightedDigraph
+    from fibgraph.layerview import LayerView, ViewLayer
 
-    from importers.onnx_in import import_onnx
+    rng = np.random.default_rng(2)
+    W1, W2 = rng.normal(size=(3, 2)), rng.normal(size=(1, 3))
+    W1[2] = W1[0]                              # units 0 and 2 of the hidden layer: one fiber
+    g = WeightedDigraph(n=6, blocks=[Block([0, 1], [2, 3, 4], W1), Block([2, 3, 4], [5], W2)],
+                        initial=[0, 1, 2, 2, 2, 3], levels=[np.array([0, 1]), np.array([2, 3, 4]), np.array([5])])
+    view = LayerView(g, [ViewLayer("W1", "dense", [2, 3, 4]), ViewLayer("W2", "dense", [5], output=True)])
+    tr = ViewTracker(eps=0, symmetries=("fibration",))
+    (row,) = tr(view, 0)
+    assert (row["layer_name"], row["classes"], row["largest_class"]) == ("W1", 2, 2)
+    np.testing.assert_array_equal(tr.labels[(0, 1, "fibration", 0.0)], [0, 1, 0])
+
+
+def test_torch_view_agrees_with_the_exported_file(tmp_path):
+    """The same model read from torch (in-memory export) and from an ONNX file written
+    by torch.onnx.export: the same weight layers, graph and partitions."""
+    import warnings
 
     torch.manual_seed(1)
     cnn = nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 3, 3, padding=1),
                         nn.Tanh(), nn.Flatten(), nn.Linear(27, 5), nn.ReLU(), nn.Linear(5, 2)).eval()
+    with torch.no_grad():                  # a planted fiber: conv channels 0 and 1 equal
+        cnn[0].weight[1] = cnn[0].weight[0]
+        cnn[0].bias[1] = cnn[0].bias[0]
     path = str(tmp_path / "cnn.onnx")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(cnn, (torch.zeros(1, 2, 8, 8),), path, dynamo=False, opset_version=17,
                           input_names=["x"], output_names=["y"])
-    a, b = network_from_torch(cnn), import_onnx(path).network
-    assert a.input_units == b.input_units
-    for la, lb in zip(a.layers, b.layers):
-        assert (la.kind, la.weight.shape, la.homogeneous, la.is_output) == \
-            (lb.kind, lb.weight.shape, lb.homogeneous, lb.is_output)
-        np.testing.assert_allclose(la.weight, lb.weight, rtol=1e-6)
-        np.testing.assert_allclose(la.bias, lb.bias, rtol=1e-6)
+    a, b = torch_view(cnn, torch.zeros(1, 2, 8, 8)), read_view(path)
+    assert [(ly.name, ly.kind, ly.units, ly.output) for ly in a.layers] == \
+        [(ly.name, ly.kind, ly.units, ly.output) for ly in b.layers]
+    assert a.graph.n == b.graph.n
+    la, lb = a.colour("fibration"), b.colour("fibration")
+    for k in range(4):
+        np.testing.assert_array_equal(a.layer_labels(la, k), b.layer_labels(lb, k))
+    np.testing.assert_array_equal(a.layer_labels(la, 0), [0, 0, 1, 2])
+
+
+def test_tracker_reads_an_lstm_and_a_transformer():
+    """Models beyond chains (planted fibers, tests/planted_nets.py): layers named by the torch
+    parameters the exported weights come from; the planted fibers are the fibers at eps = 0.
+    With eps > 0 the covering runs the opfibration clustering on the LSTM's cyclic level
+    (it raised a broadcasting error in the engine before)."""
+    from fibgraph.partition import canonical
+    from planted_nets import example_input, planted_lstm, planted_transformer
+
+    def labels_of(fibers, n):
+        lab = np.empty(n, dtype=np.int64)
+        for k, f in enumerate(fibers):
+            lab[f] = k
+        return canonical(lab)
+
+    lstm, info = planted_lstm(seed=0)
+    tr = FiberTracker(eps=(0, 0.1), symmetries=("fibration", "covering"), example=example_input(info))
+    rows = tr(lstm, 0)
+    assert {r["layer_name"] for r in rows} == {"rnn.weight_ih_l0 + rnn.weight_hh_l0"}
+    assert len(rows) == 4 and all(r["units"] == 6 for r in rows)
+    np.testing.assert_array_equal(tr.labels[(0, 1, "fibration", 0.0)], labels_of(info["fibers"]["rnn.hidden"], 6))
+
+    tf, info = planted_transformer(seed=0)
+    tr = FiberTracker(eps=0, symmetries="fibration", example=example_input(info))
+    rows = {r["layer_name"]: r for r in tr(tf, 0)}
+    assert list(rows) == ["inp.weight", "enc.self_attn.in_proj_weight", "enc.self_attn.out_proj.weight",
+                          "enc.linear1.weight", "enc.linear2.weight"]
+    assert rows["enc.linear1.weight"]["units"] == info["dim_feedforward"]
+    np.testing.assert_array_equal(tr.labels[(0, 4, "fibration", 0.0)],
+                                  labels_of(info["fibers"]["ff.linear1"], info["dim_feedforward"]))

@@ -24,13 +24,25 @@ def _check_out(inputs, out):
 
 
 def _load(path):
-    from importers.onnx_in import import_onnx
+    """The :class:`~fibgraph.layerview.LayerView` of an ONNX model (hypergraph import)."""
+    from importers.dag_units import layer_view
+    from importers.onnx_dag import import_dag
 
     if not os.path.isfile(path):
         raise InputError(f"{path}: no such file")
-    if not path.lower().endswith(".onnx"):
+    if not os.fspath(path).lower().endswith(".onnx"):
         raise InputError(f"{path}: expected an .onnx model")
-    return import_onnx(path)
+    return layer_view(import_dag(path), name=os.path.basename(os.fspath(path)))
+
+
+def _criterion(eps, linkage, metric, rtol):
+    import math
+
+    from ..refine import make_criterion
+
+    if not math.isfinite(eps) or eps < 0 or eps >= 2:
+        raise InputError(f"--eps: eps must be in [0, 2) (0 = exact fibers), got {eps}")
+    return make_criterion(eps, linkage, metric, True, rtol)
 
 
 def _yn(b):
@@ -51,19 +63,19 @@ def _yn(b):
                    "needed for independently trained models.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Write the comparison here.")
 def compare(model_a, model_b, symmetry, eps, linkage, metric, rtol, align, json_out):
-    """Compare the symmetries of two ONNX models of the same architecture, layer by layer:
-    adjusted Rand index and variation of information of the partitions, refinement, counts."""
-    from importers.api import atomic_write_json, make_criteria
-
-    from ..compare import compare_networks
+    """Compare the symmetries of two ONNX models of the same architecture, weight layer by
+    weight layer: adjusted Rand index and variation of information of the partitions,
+    refinement, counts."""
+    from ..compare import compare_views
+    from ..fileio import write_json_atomic
     from ..report import console
     from rich.table import Table
 
     _check_out([model_a, model_b], json_out)
-    ra, rb = _load(model_a), _load(model_b)
-    crit = make_criteria(ra.network, eps, None, linkage, metric, True, rtol)
-    res = compare_networks(ra.network, rb.network, symmetry, crit, align=align,
-                           names=(os.path.basename(model_a), os.path.basename(model_b)))
+    crit = _criterion(eps, linkage, metric, rtol)
+    va, vb = _load(model_a), _load(model_b)
+    res = compare_views(va, vb, symmetry, crit, align=align,
+                        names=(os.path.basename(model_a), os.path.basename(model_b)))
     res.update({"model_a": os.fspath(model_a), "model_b": os.fspath(model_b),
                 "criterion": {"eps": eps, **({"linkage": linkage, "metric": metric} if eps else {"rtol": rtol})}})
     t = Table(title=f"{os.path.basename(model_a)} (A) vs {os.path.basename(model_b)} (B): {symmetry}, eps={eps:g}"
@@ -85,7 +97,7 @@ def compare(model_a, model_b, symmetry, eps, linkage, metric, rtol, align, json_
                   f"mean VI {sum(r['vi'] for r in hidden) / max(1, len(hidden)):.3f} nats "
                   "(VI = 0 iff equal; units compared by index" + (" after alignment)" if align else ")"))
     if json_out:
-        atomic_write_json(json_out, res)
+        write_json_atomic(json_out, res)
 
 
 @click.command("symmetry-metrics")
@@ -107,12 +119,13 @@ def symmetry_metrics_cmd(model, thresholds, normalise, warn_threshold, warn_frac
     double rotation per attention head (attention found in the graph: score MatMul ->
     Softmax -> MatMul with V, traced back to the Q/K projections) and for Q/K weight
     pairs recognised by name."""
-    from importers.api import atomic_write_json
+    from importers.dag_units import find_qk_pairs
     from importers.onnx_attention import attention_metrics, linear_weights
     from importers.onnx_load import load_onnx
 
+    from ..fileio import write_json_atomic
     from ..report import console
-    from ..symmetry_metrics import DEFAULT_THRESHOLDS, double_rotation_deltas, find_qk_pairs, symmetry_metrics
+    from ..symmetry_metrics import DEFAULT_THRESHOLDS, double_rotation_deltas
     from rich.table import Table
 
     _check_out([model], json_out)
@@ -145,32 +158,19 @@ def symmetry_metrics_cmd(model, thresholds, normalise, warn_threshold, warn_frac
                     "n_dosb": {key: int(d.size - (d < t).sum()) for key, t in zip(keys, thresholds)},
                     "min_delta": float(d.min()) if d.size else None,
                     "median_delta": float(np.median(d)) if d.size else None})
-    try:
-        res = _load(model)
-        rep = symmetry_metrics(res.network, thresholds, normalise, warn_threshold, warn_fraction)
-    except InputError as e:
-        # the chain importer refuses (Transformer, LSTM, branching CNN): rows from the hypergraph
-        err = e
-        rep, dag_why = _dag_symmetry_metrics(model, thresholds, normalise, warn_threshold, warn_fraction)
-        if rep is None and not att:
-            raise
-    else:
-        err = None
-    if err is not None and rep is None:
-        e = err
+    rep, dag_why = _dag_symmetry_metrics(model, thresholds, normalise, warn_threshold, warn_fraction,
+                                         onnx_model)
+    if rep is None:
+        if not att:
+            raise InputError(f"{model}: {dag_why}")
         measured = am["weights"] | {x for p in qk for x in p[:2]}
         skipped = [w for w in linear_weights(onnx_model) if w not in measured]
-        why = str(e)
-        if why.startswith(os.fspath(model) + ": "):
-            why = why[len(os.fspath(model)) + 2:]
         if skipped:
             names = ", ".join(skipped[:6]) + (f", ... ({len(skipped) - 6} more)" if len(skipped) > 6 else "")
             msg = (f"dense-layer metrics skipped for {len(skipped)} weight layer{'s' * (len(skipped) != 1)} "
-                   f"({names}): the feed-forward importer refuses the model: {why}")
+                   f"({names}): the hypergraph importer refuses the model: {dag_why}")
         else:
-            msg = f"dense-layer metrics skipped: {why}"
-        if dag_why:
-            msg += f"; the hypergraph importer too: {dag_why}"
+            msg = f"dense-layer metrics skipped: {dag_why}"
         rep = {"layers": [], "summary": {}, "warnings": [msg]}
     rep["warnings"].extend(am["warnings"])
     rep["attention"] = att
@@ -199,9 +199,8 @@ def symmetry_metrics_cmd(model, thresholds, normalise, warn_threshold, warn_frac
                   f"{r['spectral_norm']:.3g}", f"{r['stable_rank']:.2f}")
     if rep["layers"]:
         console.print(t)
-        if rep.get("graph") == "hypergraph":
-            console.print("(layers from the hypergraph importer: unit vector = incoming rows, bias, outgoing "
-                          "columns of every dense reader of the nodes tied to the unit)")
+        console.print("(layers from the hypergraph importer: unit vector = incoming rows, bias, outgoing "
+                      "columns of every dense reader of the nodes tied to the unit)")
         s = rep["summary"]
         console.print(f"summary: {s['hidden_units']} hidden units; N_dos "
                       + ", ".join(f"{v} (<{k})" for k, v in s["n_dos"].items())
@@ -224,20 +223,20 @@ def symmetry_metrics_cmd(model, thresholds, normalise, warn_threshold, warn_frac
     for w in rep["warnings"]:
         console.print(f"warning: {w}")
     if json_out:
-        atomic_write_json(json_out, rep)
+        write_json_atomic(json_out, rep)
 
 
-def _dag_symmetry_metrics(path, thresholds, normalise, warn_threshold, warn_fraction):
-    """(report, None): permutation rows from the hypergraph importer for a model
-    the chain importer refuses (:mod:`importers.dag_units`); (None, why) when
-    that importer refuses too or finds no weight layer."""
+def _dag_symmetry_metrics(path, thresholds, normalise, warn_threshold, warn_fraction, onnx_model=None):
+    """(report, None): permutation rows from the hypergraph importer
+    (:mod:`importers.dag_units`); (None, why) when that importer refuses the
+    model or finds no weight layer."""
     from importers.dag_units import dag_layers
     from importers.onnx_dag import import_dag
 
     from ..symmetry_metrics import symmetry_metrics_units
 
     try:
-        imp = import_dag(path)
+        imp = import_dag(path) if onnx_model is None else import_dag(onnx_model, label=os.fspath(path))
     except InputError as e:
         why = str(e)
         return None, why[len(os.fspath(path)) + 2:] if why.startswith(os.fspath(path) + ": ") else why
