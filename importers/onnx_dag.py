@@ -21,7 +21,9 @@ Nodes and edges (the hypergraph as a :class:`WeightedDigraph`):
   (bias, BatchNorm, PRelu, LayerNorm's gamma/beta) are edges from a constant
   node, so units of a fiber must share them;
 - unary ops, scalar constants and ops along positional axes keep the nodes
-  (they act alike on every unit);
+  (they act alike on every unit); a cut (Gather/Slice/Split) of q, k or v out
+  of a packed projection's (..., 3, d) view is also recorded (``packed``) when
+  an integer probe shows it equals a slice of the projection's output;
 - a sum over a unit axis (ReduceMean/ReduceSum, LayerNorm's statistics, a
   MatMul of two streams contracting a unit axis) is a node reading all of
   them; max/min reductions likewise (they depend on the set of values only);

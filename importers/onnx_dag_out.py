@@ -19,7 +19,14 @@ Rewrites, for kept positions ``q`` each standing for a group ``G(q)``:
   softmax's denominator, q.k over head dims): weighted by the group sizes
   ``m``, so that the compressed model sums what the original summed;
 - LSTM/GRU: ``hidden_size`` = number of hidden groups, gate blocks
-  compressed with the hidden grouping, ``R`` by rows and columns.
+  compressed with the hidden grouping, ``R`` by rows and columns;
+- q.k: a kept head dim standing for ``m`` (q colour, k colour) equal products
+  has its q row (and q's bias) multiplied by ``m`` when nothing but the score
+  reads q (else a Mul before the score); the scores' original 1/sqrt(d_k)
+  stays (computed shapes report the original sizes);
+- a packed projection (torch's ``in_proj``: q, k, v as one MatMul, reshaped to
+  (..., 3, d) and cut) is read as Slices of its output, so q, k and v keep
+  their own sizes; only the heads of each keep equal sizes.
 """
 from __future__ import annotations
 

@@ -243,3 +243,53 @@ def test_outputs_equal_elsewhere(cases, name, kind):
         assert y_base.shape == y_torch.shape == (b, t, D)
         assert np.max(np.abs(y_base - y_orig)) <= TOL * scale, (b, t)
         assert np.max(np.abs(y_base - y_torch)) <= TOL * scale, (b, t)
+
+
+# ------------------------------------------- the multiplicity: folded or a Mul
+class _SeparateQKV(torch.nn.Module):
+    """One head with separate q, k, v Linears; ``reads_q``: q is also added to
+    the attention output, so the score is not q's only reader."""
+
+    def __init__(self, reads_q, d=8):
+        super().__init__()
+        self.q, self.k, self.v, self.o = (torch.nn.Linear(d, d) for _ in range(4))
+        self.reads_q = reads_q
+        self.eval()
+
+    def forward(self, x):
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        a = torch.softmax(q @ k.transpose(-1, -2) / 8 ** 0.5, dim=-1) @ v
+        return self.o(a + q if self.reads_q else a)
+
+
+@pytest.mark.parametrize("reads_q", [False, True], ids=["score-only", "q-read-elsewhere"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_multiplicity_folded_into_w_q_or_a_mul(reads_q, kind, tmp_path):
+    """q, k, v rows repeat along one map (3 classes of sizes 2, 3, 3): q.k keeps 3
+    dims.  When only the score reads q, the multiplicities go into W_Q and its
+    bias (no new constant: the hand count); when q has another reader they
+    cannot (that reader needs q itself) and a Mul before the score carries
+    them (3 more parameters).  Both exact."""
+    rng = np.random.default_rng(5)
+    net = _SeparateQKV(reads_q)
+    cols = [0, 0, 1, 1, 1, 2, 2, 2]
+    with torch.no_grad():
+        for lin in (net.q, net.k, net.v):
+            R = rng.standard_normal((3, 9))[cols]
+            lin.weight.copy_(torch.tensor(R[:, :8]))
+            lin.bias.copy_(torch.tensor(R[:, 8]))
+    src = pn.export_one(net, torch.randn(2, SEQ, 8), tmp_path / f"qkv_{kind}.onnx", dynamo=kind == "dynamo")
+    dst = tmp_path / "base.onnx"
+    report = compress_dag_model(src, dst, eps=0.0, verify=True)
+    v = report["verify"]
+    assert v["max_abs_diff"] <= TOL * max(1.0, v["max_abs_output"]), v
+    extra = report["params_before"] - 4 * 72                 # the exporter's scale constant
+    assert 0 <= extra <= 2
+    base = 3 * 3 * 9 + (8 * 3 + 8) + extra                   # q, k, v: 3 rows; o: 3 columns
+    muls = [n for n in onnx.load(str(dst)).graph.node if n.name.startswith("fib_mult")]
+    assert report["params_after"] == base + (3 if reads_q else 0), report["params_after"]
+    assert len(muls) == (1 if reads_q else 0)
+    x = np.random.default_rng(7).standard_normal((4, SEQ, 8)).astype(np.float32)
+    with torch.no_grad():
+        y_torch = net(torch.from_numpy(x)).numpy()
+    assert np.max(np.abs(_run(str(dst), x)[0] - y_torch)) <= TOL * max(1.0, float(np.max(np.abs(y_torch))))
