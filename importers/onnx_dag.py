@@ -21,7 +21,9 @@ Nodes and edges (the hypergraph as a :class:`WeightedDigraph`):
   (bias, BatchNorm, PRelu, LayerNorm's gamma/beta) are edges from a constant
   node, so units of a fiber must share them;
 - unary ops, scalar constants and ops along positional axes keep the nodes
-  (they act alike on every unit);
+  (they act alike on every unit); a cut (Gather/Slice/Split) of q, k or v out
+  of a packed projection's (..., 3, d) view is also recorded (``packed``) when
+  an integer probe shows it equals a slice of the projection's output;
 - a sum over a unit axis (ReduceMean/ReduceSum, LayerNorm's statistics, a
   MatMul of two streams contracting a unit axis) is a node reading all of
   them; max/min reductions likewise (they depend on the set of values only);
@@ -547,7 +549,75 @@ class _Builder:
                     raise _Barrier("mixes constants into the units")
                 raise _Barrier("moves no units")
             self.layout[o] = _collapse(r)
+        if node.op_type in ("Gather", "Slice", "Split") and len(_unit_axes_of(self.layout[node.input[0]])) > 1:
+            self._packed_cut(node)
         return "shape"
+
+    # a packed projection (attention's in_proj: q, k, v as one MatMul) cut into parts
+    PACK_OPS = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Flatten")
+
+    def _packed_cut(self, node):
+        """An output of a Gather/Slice/Split with ONE unit axis, cut from a tensor
+        with several (torch's packed in_proj reshaped to (..., 3, d) and Gathered),
+        that equals a contiguous slice of an earlier tensor with one unit axis
+        (reached back through Reshape/Transpose/Squeeze/Unsqueeze) is recorded
+        as ``packed``: the writer reads it as a Slice of that tensor, so q, k and
+        v keep their own sizes instead of equal ones.  The equality is checked
+        on an integer probe of the source's concrete shape (every position and
+        unit labelled), not assumed from the op pattern."""
+        from onnx.reference import ReferenceEvaluator
+
+        producer = {o: n for n in self.model.graph.node for o in n.output if o}
+        chain, region, t = [node], [], node.input[0]
+        for _ in range(16):
+            ua = _unit_axes_of(self.layout[t])
+            if len(ua) <= 1:
+                break
+            p = producer.get(t)
+            if p is None or p.op_type not in self.PACK_OPS or not p.name or \
+                    any(self.kind(x) == "stream" for x in p.input[1:]):
+                return
+            region.append(t)
+            chain.insert(0, p)
+            t = p.input[0]
+        src = t
+        ua = _unit_axes_of(self.layout[src])
+        if len(ua) != 1 or len(region) == 0 or not node.name or src not in self.shapes:
+            return
+        u = ua[0]
+        shape = self.shapes[src]
+        inits, seen = [], {src}
+        for n in chain:
+            for x in n.input:
+                if x and x not in seen:
+                    seen.add(x)
+                    v = self.values.get(x, self.consts.get(x))
+                    if v is None:
+                        return
+                    inits.append(onnx.numpy_helper.from_array(np.asarray(v), x))
+        outs = [o for o in node.output if o and o in self.layout and len(_unit_axes_of(self.layout[o])) == 1]
+        if not outs:
+            return
+        gi = [onnx.helper.make_tensor_value_info(src, onnx.TensorProto.INT64, None)]
+        go = [onnx.helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None) for o in outs]
+        gm = onnx.helper.make_model(onnx.helper.make_graph(list(chain), "packed", gi, go, initializer=inits),
+                                    opset_imports=self.model.opset_import)
+        P = np.arange(int(np.prod(shape)), dtype=np.int64).reshape(shape)
+        try:
+            res = ReferenceEvaluator(gm).run(None, {src: P})
+        except Exception:
+            return
+        for o, Y in zip(outs, res):
+            Y = np.asarray(Y)
+            if Y.ndim != P.ndim or Y.size == 0 or _unit_axes_of(self.layout[o]) != [u]:
+                continue
+            a = int(np.unravel_index(int(Y.reshape(-1)[0]), P.shape)[u])
+            b = a + Y.shape[u]
+            if b > P.shape[u] or not np.array_equal(Y, np.take(P, np.arange(a, b), axis=u)):
+                continue
+            self.records.append({"kind": "packed", "node": node.name, "output": o, "source": src, "axis": u,
+                                 "start": a, "end": b, "region": list(region),
+                                 "chain": [n.name for n in chain]})
 
     def pool(self, node, name, kinds):
         x = node.input[0]

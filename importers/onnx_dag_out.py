@@ -19,7 +19,14 @@ Rewrites, for kept positions ``q`` each standing for a group ``G(q)``:
   softmax's denominator, q.k over head dims): weighted by the group sizes
   ``m``, so that the compressed model sums what the original summed;
 - LSTM/GRU: ``hidden_size`` = number of hidden groups, gate blocks
-  compressed with the hidden grouping, ``R`` by rows and columns.
+  compressed with the hidden grouping, ``R`` by rows and columns;
+- q.k: a kept head dim standing for ``m`` (q colour, k colour) equal products
+  has its q row (and q's bias) multiplied by ``m`` when nothing but the score
+  reads q (else a Mul before the score); the scores' original 1/sqrt(d_k)
+  stays (computed shapes report the original sizes);
+- a packed projection (torch's ``in_proj``: q, k, v as one MatMul, reshaped to
+  (..., 3, d) and cut) is read as Slices of its output, so q, k and v keep
+  their own sizes; only the heads of each keep equal sizes.
 """
 from __future__ import annotations
 
@@ -40,6 +47,50 @@ def _unit_axes(ids):
 def _nodes_along(ids, axis):
     """The node ids along ``axis`` of a layout, at index 0 of its other axes."""
     return np.moveaxis(ids, axis, 0).reshape(ids.shape[axis], -1)[:, 0]
+
+
+def _packed(imp):
+    """The ``packed`` records (a packed projection cut into q, k, v: see
+    ``onnx_dag._Builder._packed_cut``) the writer rewrites as Slices of their
+    source, and the tensors between (``region``: units on several axes) that
+    the rewrite leaves unread, so their cells need not keep equal sizes.  A
+    record is used only when every reader of its region is part of such a
+    chain (no Shape, no other op reads the packed layout)."""
+    recs = [r for r in imp.records if r["kind"] == "packed"]
+    if not recs:
+        return [], set()
+    consumers = {}
+    for n in imp.model.graph.node:
+        for x in n.input:
+            if x:
+                consumers.setdefault(x, []).append(n)
+    graph_out = {o.name for o in imp.model.graph.output}
+    while True:
+        region = {t for r in recs for t in r["region"]}
+        outs = {r["output"] for r in recs}
+        bad = {t for t in region if t in graph_out or any(
+            o and o not in region and o not in outs and (o in consumers or o in graph_out)
+            for n in consumers.get(t, []) for o in n.output)}
+        keep = [r for r in recs if not bad & set(r["region"])]
+        if len(keep) == len(recs):
+            return recs, region
+        recs = keep
+
+
+def _readers(blocks, nodes):
+    """(block, its destination nodes) for every edge block that reads ``nodes``."""
+    out = []
+    for b in blocks:
+        mask = np.isin(b.src, nodes)
+        if not mask.any():
+            continue
+        if b.weight is not None:
+            dst = b.dst[np.any(b.weight[:, mask] != 0, axis=tuple(range(1, b.weight.ndim)))]
+        else:
+            dst = b.dst[b.rows[mask[b.cols]]]
+        if dst.size:
+            out.append((b, dst))
+    return out
 
 
 def dag_groups(imp, labels, keep_pref=None):
@@ -132,10 +183,14 @@ def _group_columns(imp, labels, keep_pref=None, split=True):
     count = np.bincount(col, minlength=n_col)
     uniq_key = np.where(unique, np.arange(n_col), -1)
     gid_col = canonical(np.stack([h1.view(np.int64), h2.view(np.int64), count, uniq_key], 1))
-    # equal cell sizes: split groups (largest first) in cells that keep fewer
+    # equal cell sizes: split groups (largest first) in cells that keep fewer;
+    # a packed projection's (..., 3, d) view is read as three Slices instead
+    packed_region = _packed(imp)[1]
     for _ in range(n_col + 1 if split else 0):
         changed = False
         for t, ids in multi.items():
+            if t in packed_region:
+                continue
             ua = _unit_axes(ids)
             last = ua[-1]
             rows = np.moveaxis(ids, last, -1).reshape(-1, ids.shape[last])
@@ -318,6 +373,8 @@ class _Writer:
             | {t.name for t in g.initializer} | {v.name for v in list(g.input) + list(g.output) + list(g.value_info)}
         self.written = {}
         self.new_nodes = {}          # node name -> list of (before|after, nodes)
+        self.pending_packed = []
+        self._fold_plan()
 
     def axis(self, tname):
         return _Axis(self.imp.layouts[tname], self.gid, self.kept, self.prune)
@@ -393,6 +450,9 @@ class _Writer:
         W = W.astype(np.float64)
         a = rec["attrs"]
         Rm = ax_out.mean_matrix()
+        fold = self._row_factor(rec["output"], ax_out)          # q.k multiplicities folded into W_Q
+        if fold is not None:
+            Rm = sp.diags(fold) @ Rm
         C = ax_in.sum_matrix()
 
         def rows_cols(M):          # M (n_out, n_in, ...) -> compressed
@@ -417,10 +477,14 @@ class _Writer:
             Wh = rows_cols(W)
         self.put(node, slot, Wh, W.astype(dt))
         bslot = 2 if op in ("Gemm", "Conv", "ConvTranspose") else None
-        if bslot is not None and len(node.input) > 2 and node.input[2]:
+        if bslot is not None and len(node.input) > 2 and node.input[2] and not ax_out.identity:
             b = self.value(node.input[2])
             if b.size > 1:
-                self.put(node, 2, ax_out.mean_along(b, 0 if b.shape[0] == ax_out.L else b.ndim - 1), b)
+                bax = 0 if b.shape[0] == ax_out.L else b.ndim - 1
+                bh = ax_out.mean_along(b, bax)
+                if fold is not None:
+                    bh = bh * fold.reshape([-1 if j == bax else 1 for j in range(b.ndim)])
+                self.put(node, 2, bh, b)
 
     def embedding(self, rec):
         k, node = self.node(rec)
@@ -444,7 +508,11 @@ class _Writer:
                 a = ax.axis - (rank - c.ndim)
                 if a < 0 or c.shape[a] == 1:
                     continue
-                self.put(node, slot, ax.mean_along(c, a), c)
+                ch = ax.mean_along(c, a)
+                fold = self._row_factor(rec["output"], ax) if rec["node"] in self.fold_adds else None
+                if fold is not None:                   # the bias of a folded q projection
+                    ch = ch * fold.reshape([-1 if j == a else 1 for j in range(c.ndim)])
+                self.put(node, slot, ch, c)
 
     def depthwise(self, rec):
         k, node = self.node(rec)
@@ -539,10 +607,111 @@ class _Writer:
             out.append([cnt[int(x)] for x in g[self.kept[r]]])
         return np.array(out, dtype=np.float64)
 
+    def _fold_plan(self):
+        """Where q.k's multiplicities go into q's projection (DESIGN.md 6:
+        "multiplicity folded into W_Q") instead of a Mul: the score's first
+        operand is, up to layout ops and constant scalings, a linear layer's
+        output or that plus a bias (Add of a constant), node for node, and
+        nothing else reads those nodes.  Sets ``row_scale`` (per node: the
+        factor of its row, bias included), ``fold_adds`` (bias Adds to scale)
+        and ``folded`` (contractions that need no Mul)."""
+        imp = self.imp
+        self.row_scale = np.ones(imp.graph.n)
+        self.fold_adds, self.folded = set(), set()
+        contracts = [r for r in imp.records if r["kind"] == "contract"]
+        if self.prune or not contracts:
+            return
+        lin_space = {r["space"]: r for r in imp.records if r["kind"] == "linear"}
+        adds = [r for r in imp.records if r["kind"] == "elementwise" and r["op"] == "Add"
+                and len(r["streams"]) == 1 and r["output"] in imp.layouts]
+        producer = {o: n for n in imp.model.graph.node for o in n.output if o}
+        for rec in contracts:
+            A = rec["inputs"][0]
+            ids = imp.layouts[A]
+            L = ids.shape[-1]
+            if L == 1:
+                continue
+            rows = ids.reshape(-1, L)
+            m = self.multiplicities(rows)
+            if np.all(m == 1):
+                continue
+            kn = np.concatenate([r[self.kept[r]] for r in rows])
+            km = m.reshape(-1)
+            na = np.unique(ids)
+            first = {}
+            if any(first.setdefault(int(a), b) != b for a, b in zip(kn, km)):
+                continue                               # a node with two multiplicities
+            if any(b.name != f"{rec['node']}:a" for b, _ in _readers(imp.graph.blocks, na)):
+                continue
+            sp_ = np.unique(imp.space_of[na])
+            if sp_.size != 1:
+                continue
+            sp_ = int(sp_[0])
+            scale = [(kn, km)]
+            if sp_ in lin_space:
+                target, add = lin_space[sp_]["output"], None
+            else:
+                add = next((r for r in adds if imp.space_of[imp.layouts[r["output"]].reshape(-1)[0]] == sp_), None)
+                if add is None:
+                    continue
+                out_ids = imp.layouts[add["output"]]
+                in_ids = imp.layouts.get(add["streams"][0])
+                if in_ids is None or in_ids.ndim != out_ids.ndim:
+                    continue
+                pairs = np.unique(np.stack([out_ids.reshape(-1), np.broadcast_to(in_ids, out_ids.shape).reshape(-1)],
+                                           1), axis=0)
+                lin = {int(a): int(b) for a, b in pairs}
+                if len(lin) != pairs.shape[0] or len(set(lin.values())) != len(lin):
+                    continue                           # not node for node
+                src = np.array([lin[int(a)] for a in na])
+                sps = np.unique(imp.space_of[src])
+                if sps.size != 1 or int(sps[0]) not in lin_space or \
+                        lin_space[int(sps[0])]["output"] != add["streams"][0]:
+                    continue
+                if any(not np.isin(d, na).all() for _, d in _readers(imp.graph.blocks, src)):
+                    continue
+                target = add["output"]
+                scale.append((np.array([lin[int(a)] for a in kn]), km))
+            # the tensor path target -> A: layout ops and constant scalings only
+            t, ok = A, True
+            for _ in range(64):
+                if t == target:
+                    break
+                n = producer.get(t)
+                dyn = [x for x in (n.input if n is not None else []) if x in imp.layouts]
+                if n is None or len(dyn) != 1:
+                    ok = False
+                    break
+                if n.op_type in ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Gather", "Slice",
+                                 "Split", "Identity", "Cast", "Dropout") and n.input[0] == dyn[0]:
+                    t = dyn[0]
+                elif n.op_type in ("Mul", "Div") and (n.op_type == "Mul" or n.input[0] == dyn[0]):
+                    t = dyn[0]
+                else:
+                    ok = False
+                    break
+            if not ok or t != target:
+                continue
+            for nodes, f in scale:
+                self.row_scale[nodes] *= f
+            if add is not None:
+                self.fold_adds.add(add["node"])
+            self.folded.add(rec["node"])
+
+    def _row_factor(self, tname, ax):
+        """The fold factors of the kept positions of ``tname``'s axis (None: all 1)."""
+        if ax.axis is None or not self.folded:
+            return None
+        f = self.row_scale[_nodes_along(self.imp.layouts[tname], ax.axis)[ax.keep_pos]]
+        return None if np.all(f == 1) else f
+
     def contract(self, rec):
         """q.k over a unit axis: the kept position of a group of ``m`` head dims
         stands for ``m`` equal products, so A is scaled by ``m`` (0 nowhere:
-        every kept position is a real group)."""
+        every kept position is a real group): folded into q's projection
+        where :meth:`_fold_plan` allows, else a Mul."""
+        if rec["node"] in self.folded:
+            return
         k, node = self.node(rec)
         A = rec["inputs"][0]
         ids = self.imp.layouts[A]
@@ -573,6 +742,36 @@ class _Writer:
             t = self.tmp(rec["q"])
             node.input[0] = t
             self.insert(k, [helper.make_node("Mul", [rec["q"], self.const(mt)], [t], name=self.tmp("fib_mult"))])
+
+    def packed(self, rec):
+        """Collected; written by :meth:`packed_cuts` after :meth:`cuts`."""
+        self.pending_packed.append(rec)
+
+    def packed_cuts(self):
+        """A cut of a packed projection (q, k or v of torch's in_proj) becomes a
+        Slice of its source along the unit axis, in kept positions: q, k and v
+        each keep their own size.  The old reshape/transpose chain is left
+        unread and dropped by :meth:`finish`."""
+        valid = {(r["node"], r["output"]) for r in _packed(self.imp)[0]}
+        for rec in self.pending_packed:
+            if (rec["node"], rec["output"]) not in valid:
+                continue
+            src, u = rec["source"], rec["axis"]
+            kept = self._kept_along(src, u)
+            if kept.all():
+                continue
+            cs = np.cumsum(np.concatenate([[0], kept.astype(np.int64)]))
+            a, b = int(cs[rec["start"]]), int(cs[rec["end"]])
+            k, node = self.node(rec)
+            out = rec["output"]
+            node.output[list(node.output).index(out)] = self.tmp(out)
+            if self.imp.opset < 10:
+                sl = helper.make_node("Slice", [src], [out], starts=[a], ends=[b], axes=[u],
+                                      name=self.tmp("fib_packed"))
+            else:
+                sl = helper.make_node("Slice", [src, self.const([a], np.int64), self.const([b], np.int64),
+                                                self.const([u], np.int64)], [out], name=self.tmp("fib_packed"))
+            self.insert(k + 1, [sl])
 
     def layernorm(self, rec):
         k, node = self.node(rec)
@@ -863,5 +1062,6 @@ def write_dag_base(imp, labels, mode="merge", keep_pref=None, groups=None):
     for rec in imp.records:
         getattr(w, rec["kind"])(rec)
     w.cuts()
+    w.packed_cuts()
     w.shapes()
     return w.finish(), gid, kept, why

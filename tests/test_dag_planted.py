@@ -6,8 +6,8 @@ residual Add whose two writers carry different partitions.
 * ``compress_model(eps=0, verify=True)``: exact (verify and an independent
   onnxruntime run at batch 5, against the original file and against torch),
   smaller, and the report's fibers EQUAL the planted partitions (as sets of
-  frozensets); attention's packed in_proj keeps 3 * nhead * max_h max(#(q, k)
-  pairs, #v classes) rows.
+  frozensets); attention's packed in_proj keeps nhead * (2 * max_h #(q, k)
+  pairs + max_h #v classes) rows (q, k and v are cut from it at their own sizes).
 * The residual Add breaks fibers by the AND rule: the Add's nodes are coloured
   by the meet, both writers keep len(meet) rows and the written rows are the
   meet's representatives.
@@ -174,11 +174,13 @@ def test_in_proj_kept_rows(store, name, kind):
     layer = _entry(report, _initializers(store.path(name, kind)), model.enc.self_attn.in_proj_weight)
     nh, hd, d = info["nhead"], info["head_dim"], info["d_model"]
     v_classes = [len({info["maps"]["v"][h * hd + j] for j in range(hd)}) for h in range(nh)]
-    per_head = max(max(len(info["qk_pairs"][h]), v_classes[h]) for h in range(nh))
+    # heads keep equal sizes; q and k keep the (q, k) pair classes, v its own classes
+    qk, v = max(len(p) for p in info["qk_pairs"]), max(v_classes)
+    rows = nh * (2 * qk + v)
     assert layer["nodes_before"] == 3 * d
-    assert layer["nodes_after"] == 3 * nh * per_head, (layer["nodes_after"], info["qk_pairs"], v_classes)
+    assert layer["nodes_after"] == rows, (layer["nodes_after"], info["qk_pairs"], v_classes)
     # the written in_proj weight has that many output columns
-    written = [a for a in _initializers(out).values() if a.ndim == 2 and a.shape[1] == 3 * nh * per_head]
+    written = [a for a in _initializers(out).values() if a.ndim == 2 and a.shape[1] == rows]
     assert written, "no written weight with the kept in_proj width"
 
 
