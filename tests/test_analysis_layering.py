@@ -14,7 +14,7 @@ from helpers import ROOT
 
 CORE = ["fibgraph/compare.py", "fibgraph/tracking.py", "fibgraph/activity.py", "fibgraph/theorems.py",
         "fibgraph/symmetry_metrics.py", "fibgraph/layerview.py"]
-GLUE = ["fibgraph/cli_analysis.py", "importers/dag_units.py", "importers/torch_analysis.py"]
+GLUE = ["fibgraph/cli/analysis.py", "importers/dag_units.py", "importers/torch_analysis.py"]
 TESTS = ["tests/test_compare.py", "tests/test_tracking.py", "tests/test_theorems.py",
          "tests/test_symmetry_metrics.py", "tests/test_symmetry_dag.py", "tests/test_analysis_layering.py"]
 CHAIN = {"fibgraph.network", "importers.torch_net", "importers.onnx_in"}
