@@ -190,6 +190,10 @@ def run_sweep(models, settings, scheduler=None, workers=2, data=None, on_done=No
     (the workers are spawned processes)."""
     import pandas as pd
 
+    if linkage not in ("complete", "average"):
+        raise InputError(f"--linkage must be complete or average, got {linkage!r}")
+    if metric not in ("cosine", "euclidean"):
+        raise InputError(f"--metric must be cosine or euclidean, got {metric!r}")
     models = _check_models(models)
     settings = _check_settings(settings)
     data = check_data(data)
@@ -211,10 +215,10 @@ def run_sweep(models, settings, scheduler=None, workers=2, data=None, on_done=No
             else:
                 todo.append((mi, si))
     if todo:
-        from distributed import as_completed
-
         run = uuid.uuid4().hex[:8]
         with _client(scheduler, workers) as client:
+            from distributed import as_completed
+
             futures = {}
             for mi, si in todo:
                 sym, eps = settings[si]

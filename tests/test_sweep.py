@@ -157,6 +157,10 @@ def test_cli_writes_table_stdout_and_plots(models, cluster, tmp_path, capsys):
         r = _rows(df, ckpt, "fibration", 0.0)
         assert np.allclose(r["accuracy"], ref["accuracy"], atol=1 / 450 + 1e-12)
         assert np.allclose(r["loss"], ref["loss"], rtol=1e-4)
+    # ... and what is scored is the compressed model: at eps 0.1 the digits base (47 of 106 units) differs
+    d1 = _rows(df, "digits_mlp", "fibration", 0.1)
+    assert (d1["params_after"] < d1["params_before"]).all()
+    assert not np.isclose(d1["loss"].iloc[0], _rows(df, "digits_mlp", "fibration", 0.0)["loss"].iloc[0], rtol=1e-6)
     assert list(_rows(df, "step_10", "fibration", 0.0)["nodes_after"]) == PLANTED_COUNTS
     # stdout: a header and one tab-separated line per (model, setting)
     lines = so.splitlines()
@@ -171,8 +175,13 @@ def test_cli_writes_table_stdout_and_plots(models, cluster, tmp_path, capsys):
     assert _png_size(plots / "checkpoints-fibration-eps0.png") == (1280, 800)   # 6.4 x 4 in at 200 dpi
     root = ElementTree.parse(plots / "step_2-fibration-eps.svg").getroot()
     assert root.tag.endswith("svg")
+    # --quiet: nothing on stderr, the same stdout; the table is replaced
+    rc, so, err = cli(capsys, "sweep", models["step_2"], "--eps", "0", "--scheduler", cluster, "-o", out, "--quiet")
+    assert rc == 0 and err == "" and len(so.splitlines()) == 2
+    assert list(pd.read_csv(out)["nodes_after"]) == PLANTED_COUNTS
 
 
+@pytest.mark.slow          # a second cluster: spawning a worker and importing onnx there takes a while
 def test_owned_local_cluster_closes_its_processes(models):
     """scheduler=None (the CLI's default): run_sweep starts a LocalCluster and closes it."""
     before = _children()
@@ -228,6 +237,8 @@ def test_api_checks():
         run_sweep([DIGITS], [("fibration", -0.1)])
     with pytest.raises(InputError):
         run_sweep([DIGITS], [("nonsense", 0.0)])
+    with pytest.raises(InputError):
+        run_sweep([DIGITS], [("fibration", 0.0)], linkage="single")
 
 
 def test_parquet_round_trip(tmp_path):
