@@ -11,6 +11,8 @@ Reshape and the like):
   against a constant (a one-hot made by comparison with an iota): below the depth;
 - an attention mask (an input named like ``*mask*``, or a tensor only read by
   the ops of a mask: ``1 - m``, ``m * x``, ``Where(m, ...)``, comparisons): ones;
+- a scalar the model tests with ``Equal`` against a constant (a sample rate):
+  that constant;
 - bytes (``uint8``/``int8``) otherwise: their whole range; other integers: ``[0, 2)``.
 
 Booleans are a mask (all true) by name or use, random bits otherwise.
@@ -54,8 +56,8 @@ class InputSpec:
     name: str
     dtype: np.dtype
     dims: list                      # per axis: an int, a symbolic name, or None
-    kind: str                       # normal, uniform, ones, bits
-    high: int = 0                   # uniform: values in [0, high)
+    kind: str                       # normal, uniform, ones, bits, value
+    high: int = 0                   # uniform: values in [0, high); value: the value
     why: str = ""                   # what bounded it
     uses: list = field(default_factory=list)
 
@@ -193,6 +195,17 @@ def _bound(uses, consts, prod, dims_of):
     return best
 
 
+def _tested_value(uses, consts, prod):
+    """A value the model tests the input for (``Equal`` with a constant scalar:
+    a sample rate, a mode flag), or None."""
+    for node, k, t in uses:
+        if node.op_type == "Equal":
+            other = _const_array(node.input[1 - k], consts, prod)
+            if other is not None and other.size == 1 and other.dtype.kind in "iu":
+                return int(other.reshape(-1)[0]), f"compared with {node.input[1 - k]!r}"
+    return None
+
+
 def input_specs(model) -> dict:
     """``{input name: InputSpec}`` for every graph input that is not an initializer."""
     g = model.graph
@@ -232,8 +245,11 @@ def input_specs(model) -> dict:
                 b = None
             named = bool(_MASK_NAME.search(vi.name))
             used = bool(uses) and len(dims) > 0 and all(n.op_type in _MASK_OPS for n, _, _ in uses)
+            tested = _tested_value(uses, consts, prod) if b is None and dt.kind in "iu" else None
             if b is not None:
                 sp.kind, sp.high, sp.why = "uniform", b[0], b[1]
+            elif tested is not None and not named:
+                sp.kind, sp.high, sp.why = "value", tested[0], tested[1]
             elif named or used and (dt.kind == "b" or dt.itemsize > 1):
                 sp.kind, sp.why = "ones", "a mask"
             elif dt.kind == "b":
@@ -279,6 +295,8 @@ def _draw(sp, shape, rng):
         return np.ones(shape, dtype=sp.dtype)
     if sp.kind == "bits":
         return rng.integers(0, 2, size=shape).astype(sp.dtype)
+    if sp.kind == "value":
+        return np.full(shape, sp.high, dtype=sp.dtype)
     return rng.integers(0, sp.high, size=shape).astype(sp.dtype)
 
 
@@ -305,11 +323,13 @@ def _say(sp, shape=None):
         s = "ones"
     elif sp.kind == "bits":
         s = "random bits"
+    elif sp.kind == "value":
+        s = f"{sp.dtype.name} {sp.high}"
     else:
         s = f"{sp.dtype.name} uniform in [0, {sp.high})"
     if shape is not None:
         s += f", shape {list(shape)}"
-    return s + (f" ({sp.why})" if sp.kind == "uniform" and sp.why else "")
+    return s + (f" ({sp.why})" if sp.kind in ("uniform", "value") and sp.why else "")
 
 
 def describe(feeds, specs=None, given=()) -> dict:
