@@ -207,6 +207,30 @@ def test_gather_over_50_rows_gets_ids_below_50():
     assert all(np.array_equal(f[k], g[k]) for k in f)
 
 
+def test_a_scalar_compared_with_a_constant_is_fed_that_constant():
+    """``rate`` (int64 scalar) picks a branch by ``Equal(rate, 16000)``: fed 16000
+    (a sample rate); an unbounded ``k`` gets [0, 2)."""
+    from importers.feeds import describe, make_feeds
+
+    nodes = [helper.make_node("Equal", ["rate", "sr16"], ["is16"]),
+             helper.make_node("Where", ["is16", "x", "zero"], ["y0"]),
+             helper.make_node("Cast", ["k"], ["kf"], to=TensorProto.FLOAT),
+             helper.make_node("Add", ["y0", "kf"], ["y"])]
+    g = helper.make_graph(nodes, "sr", [helper.make_tensor_value_info("rate", TensorProto.INT64, []),
+                                        helper.make_tensor_value_info("k", TensorProto.INT64, []),
+                                        helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+                          [numpy_helper.from_array(np.array(16000, np.int64), "sr16"),
+                           numpy_helper.from_array(np.zeros(3, np.float32), "zero")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    f = make_feeds(m, n=2, seed=0)
+    assert f["rate"].shape == () and int(f["rate"]) == 16000
+    assert f["k"].shape == () and 0 <= int(f["k"]) < 2
+    y = _ort(m, f)[0]
+    np.testing.assert_allclose(y, f["x"] + float(f["k"]), rtol=1e-6)      # the branch that uses x
+    assert describe(f)["rate"] == "int64 16000, shape [] (compared with 'sr16')"
+
+
 def test_gather_over_50_rows_bound_is_used_by_the_probe():
     from importers.onnx_dag import probe_model
 
