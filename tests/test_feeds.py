@@ -153,6 +153,15 @@ def test_bert_feeds_are_token_ids_in_the_vocabulary_and_ones_masks(bert):
         assert mask.shape == ids.shape and np.all(mask == 1)
         _ort(bert, feeds)                                            # valid for the model
     assert probe_model(m)[0]["input_ids"].shape[0] == 1              # the probe: batch 1
+    # a mask not named like one is still read as one (1 - m, comparisons, And)
+    for vi in m.graph.input:
+        if vi.name == "attention_mask":
+            vi.name = "keep"
+    for node in m.graph.node:
+        for k, x in enumerate(node.input):
+            if x == "attention_mask":
+                node.input[k] = "keep"
+    assert input_specs(m)["keep"].kind == "ones"
 
 
 def test_bert_compresses_and_verify_names_what_was_fed(bert, tmp_path):
