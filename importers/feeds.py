@@ -32,7 +32,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-__all__ = ["InputSpec", "input_specs", "make_feeds", "describe", "Drawn", "SEQ", "SIZE", "short_error"]
+__all__ = ["SEQ", "SIZE", "Drawn", "InputSpec", "describe", "input_specs", "make_feeds", "short_error"]
 
 SEQ = 8            # default length of a symbolic sequence dim of an integer input
 SIZE = 32          # default size of another symbolic dim (a float input's)
@@ -46,7 +46,7 @@ _MASK_OPS = {"Sub", "Mul", "Where", "Not", "Equal", "And", "Or", "Less", "Greate
              "GreaterOrEqual"}
 # ops whose data input (0) keeps its values (a selection of them)
 _SELECT = {"Gather", "GatherElements", "GatherND"}
-_MASK_NAME = re.compile(r"mask", re.I)
+_MASK_NAME = re.compile(r"mask", re.IGNORECASE)
 
 
 @dataclass
@@ -244,7 +244,8 @@ def input_specs(model) -> dict:
             else:
                 b = None
             named = bool(_MASK_NAME.search(vi.name))
-            used = bool(uses) and len(dims) > 0 and all(n.op_type in _MASK_OPS for n, _, _ in uses)
+            used = bool(uses) and len(dims) > 0 and all(
+                n.op_type in _MASK_OPS and (n.op_type != "Where" or k == 0) for n, k, _ in uses)
             tested = _tested_value(uses, consts, prod) if b is None and dt.kind in "iu" else None
             if b is not None:
                 sp.kind, sp.high, sp.why = "uniform", b[0], b[1]

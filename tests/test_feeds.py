@@ -9,10 +9,10 @@ import warnings
 import numpy as np
 import onnx
 import pytest
+from helpers import ROOT, cli, read_json
 from onnx import TensorProto, helper, numpy_helper
 
 from fibgraph.errors import InputError
-from helpers import ROOT, assert_one_line_error, cli, read_json
 
 VOCAB, SEQ = 1000, 8
 MODEL_DIGITS = os.path.join(ROOT, "fibgraph", "data", "digits_mlp.onnx")
@@ -243,7 +243,7 @@ def test_a_scalar_compared_with_a_constant_is_fed_that_constant():
 def test_gather_over_50_rows_bound_is_used_by_the_probe():
     from importers.onnx_dag import probe_model
 
-    feeds, values = probe_model(_gather_model(50))
+    feeds, _ = probe_model(_gather_model(50))
     assert feeds["tok"].shape == (1, 5) and 0 <= feeds["tok"].min() and feeds["tok"].max() < 50
     assert np.any(feeds["tok"] != 0)
     assert np.all(feeds["keep"] == 1)
@@ -405,15 +405,15 @@ def test_compare_methods_fold_without_sklearn(monkeypatch, tmp_path, capsys):
     _no_sklearn(monkeypatch)
     data = DATA_DIGITS
     js = tmp_path / "c.json"
-    rc, out, err = cli(capsys, "compare-methods", MODEL_DIGITS, "--data", data, "--eps", "0.3",
-                       "--methods", "fold", "--json", js)
+    rc, _, err = cli(capsys, "compare-methods", MODEL_DIGITS, "--data", data, "--eps", "0.3",
+                     "--methods", "fold", "--json", js)
     assert rc == 0, err
     rows = read_json(js)["rows"]
     fold = [r for r in rows if r["method"] == "fold"]
     fib = [r for r in rows if r["method"] == "fibration"]
     assert len(fold) == 1 and fold[0]["nodes"] == fib[0]["nodes"] and 0 <= fold[0]["accuracy"] <= 1
     # deterministic: the same run gives the same accuracy
-    rc, out, err = cli(capsys, "compare-methods", MODEL_DIGITS, "--data", data, "--eps", "0.3",
-                       "--methods", "fold", "--json", tmp_path / "d.json")
+    rc, _, err = cli(capsys, "compare-methods", MODEL_DIGITS, "--data", data, "--eps", "0.3",
+                     "--methods", "fold", "--json", tmp_path / "d.json")
     assert rc == 0, err
     assert [r for r in read_json(tmp_path / "d.json")["rows"] if r["method"] == "fold"] == fold
