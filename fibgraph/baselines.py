@@ -145,7 +145,10 @@ def partition_base(net: Network, level_labels: list, level_scales: list | None =
 
 
 def _kmeans(X, k, seed):
-    from sklearn.cluster import KMeans
+    """k-means labels of the rows of ``X`` (scipy's ``kmeans2``: k-means++
+    seeding from ``seed``, then Lloyd steps until no label moves; deterministic
+    for a seed)."""
+    from scipy.cluster.vq import kmeans2
 
     n = X.shape[0]
     if k >= n:
@@ -154,9 +157,18 @@ def _kmeans(X, k, seed):
         return np.zeros(n, dtype=np.int64)
     import warnings
 
+    X = np.asarray(X, dtype=np.float64)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")   # "fewer distinct clusters": fixed below
-        lab = KMeans(n_clusters=k, n_init=1, random_state=seed).fit_predict(X)
+        warnings.simplefilter("ignore")   # "one of the clusters is empty": fixed below
+        try:
+            C, lab = kmeans2(X, k, iter=1, minit="++", missing="warn", rng=np.random.default_rng(seed))
+        except TypeError:                 # scipy < 1.15 names it seed
+            C, lab = kmeans2(X, k, iter=1, minit="++", missing="warn", seed=np.random.default_rng(seed))
+        for _ in range(300):              # Lloyd steps until no label moves
+            C2, lab2 = kmeans2(X, C, iter=1, minit="matrix", missing="warn")
+            if np.array_equal(lab2, lab):
+                break
+            C, lab = C2, lab2
     lab = canonical(lab)
     # identical points can leave fewer than k clusters: split the largest ones
     nxt = int(lab.max()) + 1

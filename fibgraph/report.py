@@ -47,6 +47,13 @@ def print_colour_report(report):
                       f"(covers {b['params']:,} parameters, {b['share']:.1%})")
     if "verify" in report:
         v = report["verify"]
-        console.print(f"verify: max |output difference| = {v['max_abs_diff']:.3g} on {v['inputs']}")
+        fed = v["inputs"]
+        if isinstance(fed, dict):
+            fed = "; ".join(f"{k}: {d}" for k, d in fed.items())
+            if "draws" in v:
+                fed += f" ({v['draws']} draws, seed {v['seed']})"
+            elif "seed" in v:
+                fed += f" (seed {v['seed']})"
+        console.print(f"verify: max |output difference| = {v['max_abs_diff']:.3g} on {fed}", markup=False)
     if "output" in report:
         console.print(f"wrote {report['output']}")

@@ -22,6 +22,7 @@ from fibgraph.fileio import write_atomic, write_json_atomic
 from fibgraph.network import colour_network, compress_network
 from fibgraph.refine import DEFAULT_RTOL, Tolerance, make_criterion
 
+from .feeds import short_error
 from .onnx_in import import_onnx
 from .onnx_load import float_tensors, load_onnx
 from .onnx_out import write_base_onnx
@@ -230,7 +231,7 @@ def check_loads(m2):
         ort.InferenceSession(m2.SerializeToString(), so, providers=["CPUExecutionProvider"])
     except Exception as e:                 # a writer bug, never the user's input
         raise RuntimeError("the written base model does not load in onnxruntime "
-                           f"({str(e).splitlines()[0][:200]}); nothing was written") from None
+                           f"({short_error(e)}); nothing was written") from None
 
 
 def compress_model(path, out, symmetry="fibration", eps=0.0, eps_file=None, linkage="average",
@@ -310,7 +311,7 @@ def session(model, device="cpu"):
         opts.log_severity_level = 3  # errors only
         sess = ort.InferenceSession(data, sess_options=opts, providers=providers)
     except Exception as e:
-        raise InputError(f"onnxruntime cannot load the model: {str(e).splitlines()[0][:300]}") from None
+        raise InputError(f"onnxruntime cannot load the model: {short_error(e)}") from None
     if isinstance(model, onnx.ModelProto):
         # old IR versions list initializers among the inputs: feed only the real one
         inits = {t.name for t in model.graph.initializer}
@@ -325,8 +326,7 @@ def _run(sess, names, feeds):
     try:
         return sess.run(names, feeds)
     except Exception as e:
-        raise InputError(f"onnxruntime could not run the model on these inputs: "
-                         f"{str(e).splitlines()[0][:300]}") from None
+        raise InputError(f"onnxruntime could not run the model on these inputs: {short_error(e)}") from None
 
 
 def load_data(path, need_y=False):
@@ -370,9 +370,17 @@ def _inputs_for(sess, data=None, n=64, seed=0):
 
 def verify_models(a, b, data=None, seed=0, n=64):
     """Run both models on the same inputs; the largest absolute difference of
-    every floating output (random standard-normal inputs unless ``data``)."""
+    every floating output (inputs from :func:`importers.feeds.make_feeds`:
+    floats standard normal, integers in the range they index; or ``data``)."""
+    from .feeds import describe, make_feeds
+
     sa, sb = session(a), session(b)
-    feeds = _inputs_for(sa, data, n, seed)
+    if data is None and isinstance(a, onnx.ModelProto):
+        names = {i.name for i in sa.get_inputs()}
+        drawn = make_feeds(a, n=n, seed=seed)
+        feeds = {k: v for k, v in drawn.items() if k in names}
+    else:
+        feeds = _inputs_for(sa, data, n, seed)
     ra, rb = _run(sa, None, feeds), _run(sb, None, feeds)
     diffs = []
     for p, q in zip(ra, rb):
@@ -381,10 +389,16 @@ def verify_models(a, b, data=None, seed=0, n=64):
             diffs.append(float(np.max(np.abs(p.astype(np.float64) - q.astype(np.float64)))) if p.size else 0.0)
         elif p.dtype.kind in "iub":
             diffs.append(float(np.mean(p != q)))
-    nb = int(next(iter(feeds.values())).shape[0])
-    src = "data" if data is not None else f"random normal inputs (n={nb}, seed={seed})"
-    return {"max_abs_diff": max(diffs) if diffs else 0.0, "inputs": src,
-            "n": int(next(iter(feeds.values())).shape[0])}
+    first = next(iter(feeds.values()))
+    nb = int(first.shape[0]) if first.ndim else 1
+    out = {"max_abs_diff": max(diffs) if diffs else 0.0, "n": nb}
+    if data is not None:
+        out["inputs"] = "data"
+    elif isinstance(a, onnx.ModelProto):
+        out["inputs"], out["seed"] = describe(feeds, drawn.specs), seed
+    else:
+        out["inputs"], out["seed"] = {k: f"normal(0,1), shape {list(v.shape)}" for k, v in feeds.items()}, seed
+    return out
 
 
 def _prob_kind(model, out_name):

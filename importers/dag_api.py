@@ -205,23 +205,39 @@ def color_dag_model(path, symmetry="fibration", eps=0.0, eps_table=None, linkage
     return report, imp, col
 
 
-def _feeds_like(imp, seed, data=None):
-    rng = np.random.default_rng(seed)
-    feeds = {}
-    for k, v in imp.feeds.items():
-        v = np.asarray(v)
-        feeds[k] = rng.standard_normal(v.shape).astype(v.dtype) if v.dtype.kind == "f" else v
+def _feeds_like(imp, seed, data=None, specs=None):
+    """Inputs shaped like the probe's, drawn anew (:func:`importers.feeds.make_feeds`):
+    floats standard normal, integers in the range they index, masks ones; the
+    integer inputs of a probe the user gave keep their values.  A :class:`Drawn`
+    whose ``given`` names the inputs kept."""
+    from .feeds import Drawn, input_specs, make_feeds
+
+    specs = input_specs(imp.model) if specs is None else specs
+    shapes = {k: np.shape(v) for k, v in imp.feeds.items()}
+    feeds = make_feeds(imp.model, seed=seed, shapes=shapes, specs=specs)
+    feeds.given = set()
+    if not isinstance(imp.feeds, Drawn):      # the user's probe: keep its non-float inputs
+        for k, v in imp.feeds.items():
+            v = np.asarray(v)
+            if v.dtype.kind != "f" or k not in feeds:
+                feeds[k] = v
+                feeds.given.add(k)
     if data is not None:
         from .api import data_feeds
 
-        feeds.update(data_feeds(data, imp.model))
+        got = data_feeds(data, imp.model)
+        feeds.update(got)
+        feeds.given |= set(got)
     return feeds
 
 
 def verify_dag(a, b, imp, data=None, seed=0, repeats=3):
     """Largest absolute output difference of models ``a`` and ``b`` on ``repeats``
-    random inputs shaped like the probe's (or on ``data``)."""
+    made-up inputs shaped like the probe's (or on ``data``); ``inputs`` in the
+    result says what was fed to each input."""
     import onnxruntime as ort
+
+    from .feeds import describe, input_specs, short_error
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
@@ -230,19 +246,23 @@ def verify_dag(a, b, imp, data=None, seed=0, repeats=3):
     names = [i.name for i in sa.get_inputs()]
     diff, scale = 0.0, 0.0
     runs = 1 if data is not None else repeats
+    specs = input_specs(imp.model)
     for r in range(runs):
-        feeds = {k: v for k, v in _feeds_like(imp, seed + r, data).items() if k in names}
+        drawn = _feeds_like(imp, seed + r, data, specs)
+        feeds = {k: v for k, v in drawn.items() if k in names}
         try:
             ra, rb = sa.run(None, feeds), sb.run(None, feeds)
         except Exception as e:
-            raise InputError(f"verification run failed: {str(e).splitlines()[0][:200]}") from None
+            raise InputError(f"verification run failed: {short_error(e)}") from None
         for p, q in zip(ra, rb):
             p, q = np.asarray(p, dtype=np.float64), np.asarray(q, dtype=np.float64)
             if p.size:
                 diff = max(diff, float(np.max(np.abs(p - q))))
                 scale = max(scale, float(np.max(np.abs(p))))
-    src = "data" if data is not None else f"random normal inputs shaped like the probe's ({runs} draws, seed {seed})"
-    return {"max_abs_diff": diff, "max_abs_output": scale, "inputs": src}
+    if data is not None:
+        return {"max_abs_diff": diff, "max_abs_output": scale, "inputs": "data"}
+    return {"max_abs_diff": diff, "max_abs_output": scale, "inputs": describe(feeds, specs, drawn.given),
+            "draws": runs, "seed": seed}
 
 
 def compress_dag_model(path, out, symmetry="fibration", eps=0.0, eps_table=None, linkage="average",

@@ -453,7 +453,9 @@ def _evaluate(G, names):
             return _Values(G, {**feeds, **dict(zip(names, ReferenceEvaluator(m).run(names, feeds)))})
         except Exception as e:                          # noqa: BLE001
             errors.append(str(e).splitlines()[0] if str(e) else type(e).__name__)
-    raise _Fail(f"cannot run the model on a made-up input to learn its shapes ({errors[0][:160]})")
+    from .feeds import short_error
+
+    raise _Fail(f"cannot run the model on a made-up input to learn its shapes ({short_error(errors[0])})")
 
 
 def projection_weights(proj, G, vals):

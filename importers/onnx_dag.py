@@ -49,6 +49,7 @@ from onnx import numpy_helper
 from fibgraph.errors import InputError
 from fibgraph.graph import Block, WeightedDigraph
 
+from .feeds import describe, input_specs, short_error
 from .onnx_load import load_onnx
 
 __all__ = ["DagImport", "import_dag", "probe_model", "sample_feeds", "DAG_OPS"]
@@ -89,31 +90,15 @@ def _etype(*parts) -> int:
 
 
 # ------------------------------------------------------------------ probing
-def sample_feeds(model, seed=0, sizes=None):
-    """Inputs for one probe run: batch 1, other unknown dims from ``sizes``
-    (tried in turn by :func:`probe_model`), floats standard normal, integers 0."""
-    rng = np.random.default_rng(seed)
-    init = {t.name for t in model.graph.initializer}
-    feeds = {}
-    size = 32 if sizes is None else sizes
-    for vi in model.graph.input:
-        if vi.name in init:
-            continue
-        t = vi.type.tensor_type
-        dims = []
-        for k, d in enumerate(t.shape.dim):
-            if d.HasField("dim_value") and d.dim_value > 0:
-                dims.append(int(d.dim_value))
-            else:
-                dims.append(1 if k == 0 else size)
-        np_t = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)
-        if np_t.kind == "f":
-            feeds[vi.name] = rng.standard_normal(dims).astype(np_t)
-        elif np_t.kind == "b":
-            feeds[vi.name] = np.zeros(dims, dtype=bool)
-        else:
-            feeds[vi.name] = np.zeros(dims, dtype=np_t)
-    return feeds
+def sample_feeds(model, seed=0, sizes=None, specs=None):
+    """Inputs for one probe run (:func:`importers.feeds.make_feeds`): batch 1,
+    floats standard normal, integers in the range they index (token ids below
+    the embedding's rows, masks ones); other unknown dims a sequence of 8 for
+    integer inputs and 32 for floats, or all ``sizes`` (tried in turn by
+    :func:`probe_model`)."""
+    from .feeds import make_feeds
+
+    return make_feeds(model, n=1, seed=seed, size=sizes, specs=specs)
 
 
 def probe_model(model, feeds=None):
@@ -135,9 +120,19 @@ def probe_model(model, feeds=None):
     try:
         sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
     except Exception as e:
-        raise InputError(f"onnxruntime cannot load the model: {str(e).splitlines()[0][:200]}") from None
+        raise InputError(f"onnxruntime cannot load the model: {short_error(e)}") from None
     names = [o.name for o in sess.get_outputs()]
-    tries = [feeds] if feeds is not None else [sample_feeds(model, sizes=s) for s in (32, 64, 128, 320, 16, 8, 4, 2, 1)]
+    if feeds is not None:
+        tries = [feeds]
+    else:                      # the defaults, then every unknown dim at one size
+        specs = input_specs(model)
+        tries, seen = [], set()
+        for s in (None, 32, 64, 128, 320, 16, 8, 4, 2, 1):
+            f = sample_feeds(model, sizes=s, specs=specs)
+            key = tuple(v.shape for v in f.values())
+            if key not in seen:
+                seen.add(key)
+                tries.append(f)
     err = None
     for f in tries:
         try:
@@ -146,12 +141,14 @@ def probe_model(model, feeds=None):
             vals.update(f)
             return f, vals
         except Exception as e:  # the size did not fit the model; try the next
-            err = e
-    why = str(err).splitlines()[0][:160]
+            err = e if err is None else err
+    why = short_error(err)
     if feeds is not None:
         shapes = ", ".join(f"{k} {list(np.shape(v))}" for k, v in feeds.items())
         raise InputError(f"the model does not run on the given data ({shapes}): {why}") from None
-    raise InputError(f"cannot run the model once to learn its shapes ({why}); "
+    fed = "; ".join(f"{k}: {v}" for k, v in describe(tries[0]).items())
+    raise InputError(f"cannot run the model once to learn its shapes on made-up inputs ({fed}; "
+                     f"other sizes for the unknown dims failed too): {why}; "
                      "give sample inputs with --data (an .npz with one array per input name)") from None
 
 
@@ -537,7 +534,7 @@ class _Builder:
         try:
             res = ReferenceEvaluator(gm).run(None, feeds)
         except Exception as e:
-            raise _Barrier(f"cannot follow units through {node.op_type} ({str(e).splitlines()[0][:80]})")
+            raise _Barrier(f"cannot follow units through {node.op_type} ({short_error(e, 200)})")
         for o, r in zip(node.output, res):
             if not o:
                 continue
