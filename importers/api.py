@@ -118,6 +118,11 @@ def data_feeds(data, model):
     else:
         raise InputError(f"{data}: needs an array per model input ({', '.join(vi.name for vi in inputs)}), "
                          "or x for a model with one input")
+    for vi in inputs:
+        v = np.asarray(pick[vi.name])
+        if v.ndim > 0 and v.shape[0] == 0:
+            name = vi.name if vi.name in arrays else "x"
+            raise InputError(f"{data}: {name!r} is empty")
     return {vi.name: np.asarray(pick[vi.name]).astype(
         onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)) for vi in inputs}
 

@@ -796,7 +796,8 @@ class _Builder:
         other_unit = [k for k in range(ids.ndim) if k != ax and ids.shape[k] > 1]
         if np.any(~np.isfinite(W)):
             raise InputError(f"{self.label}: node {name!r} ({op}): weight {B!r} holds NaN or Inf")
-        if ids.shape[ax] == 1:
+        one_unit = ids.size == 1 and self.shapes[xi][ax] == 1      # one feature: (N, 1) @ W (1, n)
+        if ids.shape[ax] == 1 and not one_unit:
             # the weight mixes positions (time, space): the same map for every unit
             self.layout[node.output[0]] = ids
             return "positional"
@@ -902,13 +903,18 @@ class _Builder:
             sid = len(self.spaces) - 1
             src, Wd = _dedupe_cols(Wu.reshape(c_out, cin.size, K), cin)
             self.dense(src, s.ids, Wd, node.input[1])
-        elif Wu.shape[1] == 1 and group == cin.size and c_out == cin.size:
-            # depthwise: channel c -> channel c with its own kernel: a per-unit op
-            s = self.new_space(c_out, "per-unit", name)
+        elif op == "Conv" and cin.size % group == 0 and c_out % group == 0 and Wu.shape[1] == cin.size // group:
+            # grouped (depthwise: one input channel per group, any multiplier): a
+            # layer whose output channel o reads the input channels of its group,
+            # as a sparse block (no edge between groups); the writer keeps the
+            # grouping where the base allows it (see onnx_dag_out._Writer.linear)
+            s = self.new_space(c_out, "linear", name, weight=node.input[1])
             sid = len(self.spaces) - 1
-            self.sparse(cin, s.ids, Wu.reshape(c_out, K), _etype("depthwise", op, repr(sorted(a.items()))),
-                        node.input[1])
-            self.joins.append((cin, s.ids))
+            gi, go = cin.size // group, c_out // group
+            rows = np.repeat(np.arange(c_out), gi)
+            cols = (rows // go) * gi + np.tile(np.arange(gi), c_out)
+            self.blocks.append(Block(src=cin, dst=s.ids, rows=rows, cols=cols,
+                                     values=Wu.reshape(c_out * gi, K), name=node.input[1]))
         else:
             raise _Barrier(f"grouped {op} (group={group})")
         if bias is not None:

@@ -340,6 +340,7 @@ class _Writer:
             | {t.name for t in g.initializer} | {v.name for v in list(g.input) + list(g.output) + list(g.value_info)}
         self.written = {}
         self.new_nodes = {}          # node name -> list of (before|after, nodes)
+        self.own = set()             # names of nodes the writer added that read base positions
 
     def axis(self, tname, scaled=False):
         return _Axis(self.imp.layouts[tname], self.gid, self.kept, self.prune,
@@ -418,7 +419,10 @@ class _Writer:
             M3 = C @ M3
             return M3.reshape(ax_in.L_hat, ax_out.L_hat, *sh[2:]).swapaxes(0, 1)
 
-        if op in ("Conv",):
+        group = int(a.get("group", 1))
+        if op == "Conv" and group > 1:
+            self.grouped_conv(k, node, W, dt, group, Rm, C, rows_cols)
+        elif op in ("Conv",):
             Wh = rows_cols(W)
         elif op == "ConvTranspose":
             Wh = np.moveaxis(rows_cols(np.moveaxis(W, 0, 1)), 0, 1)
@@ -430,7 +434,8 @@ class _Writer:
             Wh = rows_cols(W.T).T
         else:                                            # MatMul A @ x: A (N, K)
             Wh = rows_cols(W)
-        self.put(node, slot, Wh, W.astype(dt))
+        if not (op == "Conv" and group > 1):
+            self.put(node, slot, Wh, W.astype(dt))
         bslot = 2 if op in ("Gemm", "Conv", "ConvTranspose") else None
         if bslot is not None and len(node.input) > 2 and node.input[2]:
             b = self.value(node.input[2])
@@ -438,6 +443,43 @@ class _Writer:
                 if b.size == 1 and ax_out.L > 1:        # a scalar bias: one per unit once rescaled
                     b = np.broadcast_to(b.reshape(-1), (ax_out.L,)).astype(b.dtype)
                 self.put(node, 2, ax_out.mean_along(b, 0 if b.shape[0] == ax_out.L else b.ndim - 1, scaled=True), b)
+
+    def grouped_conv(self, k, node, W, dt, group, Rm, C, rows_cols):
+        """A grouped Conv (depthwise with any multiplier): the base of its dense,
+        block-diagonal form.  Where every base output channel reads one base
+        input channel ``j(o)`` (the chain importer's rule), it stays depthwise:
+        ``group`` = output channels, preceded by a Gather of the channels ``j``
+        when they are not simply ``0..n-1``; otherwise a dense Conv (group 1)."""
+        c_out, gi = W.shape[:2]
+        c_in = gi * group
+        go = c_out // group
+        full = np.zeros((c_out, c_in) + W.shape[2:])
+        mask = np.zeros((c_out, c_in))
+        for g in range(group):
+            full[g * go:(g + 1) * go, g * gi:(g + 1) * gi] = W[g * go:(g + 1) * go]
+            mask[g * go:(g + 1) * go, g * gi:(g + 1) * gi] = 1.0
+        Wh = rows_cols(full)
+        support = (abs(Rm) @ mask @ abs(C).T) > 0                   # structural: (out_hat, in_hat)
+        n_out, n_in = support.shape
+        reads = support.sum(axis=1)
+        for at in node.attribute:
+            if at.name == "group":
+                at.i = 1
+        if np.any(reads > 1):
+            self.put(node, 1, Wh, W.astype(dt))
+            return
+        j = np.where(reads == 1, support.argmax(axis=1), 0)
+        self.put(node, 1, Wh[np.arange(n_out), j][:, None], W.astype(dt))
+        for at in node.attribute:
+            if at.name == "group":
+                at.i = n_out
+        if n_in != n_out or not np.array_equal(j, np.arange(n_out)):
+            t = self.tmp(node.input[0])
+            g = helper.make_node("Gather", [node.input[0], self.const(j.astype(np.int64), np.int64)], [t],
+                                 axis=1, name=self.tmp("fib_gather"))
+            node.input[0] = t
+            self.own.add(g.name)                  # already in base positions: cuts() leaves it
+            self.insert(k, [g])
 
     def embedding(self, rec):
         k, node = self.node(rec)
@@ -715,7 +757,8 @@ class _Writer:
         indices in kept positions (a merged position reads its group's kept one)."""
         for node in list(self.g.node):
             op = node.op_type
-            if op not in ("Split", "Slice", "Gather") or not node.input or node.input[0] not in self.imp.layouts:
+            if op not in ("Split", "Slice", "Gather") or not node.input or node.input[0] not in self.imp.layouts \
+                    or node.name in self.own:
                 continue
             x = node.input[0]
             sh = self._shrunk(x)
