@@ -322,8 +322,9 @@ class _Axis:
 
 
 class _Writer:
-    def __init__(self, imp, gid, kept, prune=False, scales=None):
+    def __init__(self, imp, gid, kept, prune=False, scales=None, labels=None):
         self.imp = imp
+        self.labels = None if prune else labels
         self.gid, self.kept = gid, kept
         self.prune = prune
         self.scales = None if scales is None or prune else _column_scales(imp, scales)
@@ -421,7 +422,7 @@ class _Writer:
 
         group = int(a.get("group", 1))
         if op == "Conv" and group > 1:
-            self.grouped_conv(k, node, W, dt, group, Rm, C, rows_cols)
+            self.grouped_conv(k, node, W, dt, group, rows_cols, ax_in)
         elif op in ("Conv",):
             Wh = rows_cols(W)
         elif op == "ConvTranspose":
@@ -444,23 +445,39 @@ class _Writer:
                     b = np.broadcast_to(b.reshape(-1), (ax_out.L,)).astype(b.dtype)
                 self.put(node, 2, ax_out.mean_along(b, 0 if b.shape[0] == ax_out.L else b.ndim - 1, scaled=True), b)
 
-    def grouped_conv(self, k, node, W, dt, group, Rm, C, rows_cols):
+    def grouped_conv(self, k, node, W, dt, group, rows_cols, ax_in):
         """A grouped Conv (depthwise with any multiplier): the base of its dense,
         block-diagonal form.  Where every base output channel reads one base
         input channel ``j(o)`` (the chain importer's rule), it stays depthwise:
         ``group`` = output channels, preceded by a Gather of the channels ``j``
-        when they are not simply ``0..n-1``; otherwise a dense Conv (group 1)."""
+        when they are not simply ``0..n-1``; otherwise a dense Conv (group 1).
+        Base input channels of one colour carry equal (base) values, so a row
+        reading several of them reads the first with their kernels summed: an
+        input family split finer than its colours (a residual stream's meet)
+        does not turn a depthwise conv dense."""
         c_out, gi = W.shape[:2]
         c_in = gi * group
         go = c_out // group
         full = np.zeros((c_out, c_in) + W.shape[2:])
-        mask = np.zeros((c_out, c_in))
         for g in range(group):
             full[g * go:(g + 1) * go, g * gi:(g + 1) * gi] = W[g * go:(g + 1) * go]
-            mask[g * go:(g + 1) * go, g * gi:(g + 1) * gi] = 1.0
         Wh = rows_cols(full)
-        support = (abs(Rm) @ mask @ abs(C).T) > 0                   # structural: (out_hat, in_hat)
+        # the base input channels a base output reads: a kernel within float
+        # rounding of zero (the engine's eps = 0 tolerance) reads none
+        from fibgraph.refine import DEFAULT_RTOL
+
+        mag = np.abs(Wh).reshape(Wh.shape[0], Wh.shape[1], -1).max(axis=2)
+        support = mag > DEFAULT_RTOL * (float(mag.max()) if mag.size else 0.0)
         n_out, n_in = support.shape
+        if self.labels is not None and ax_in.axis is not None:
+            ids_in = _nodes_along(self.imp.layouts[node.input[0]], ax_in.axis)
+            colour = np.asarray(self.labels)[ids_in[ax_in.keep_pos]]
+            for o in np.flatnonzero(support.sum(axis=1) > 1):
+                q = np.flatnonzero(support[o])
+                if np.all(colour[q] == colour[q[0]]):
+                    Wh[o, q[0]] = Wh[o, q].sum(axis=0)
+                    Wh[o, q[1:]] = 0
+                    support[o, q[1:]] = False
         reads = support.sum(axis=1)
         for at in node.attribute:
             if at.name == "group":
@@ -930,7 +947,7 @@ def write_dag_base(imp, labels, mode="merge", keep_pref=None, groups=None, scale
     if mode not in ("merge", "prune"):
         raise ValueError(f"mode must be 'merge' or 'prune', got {mode!r}")
     gid, kept, why = groups if groups is not None else dag_groups(imp, labels, keep_pref)
-    w = _Writer(imp, gid, kept, prune=mode == "prune", scales=scales)
+    w = _Writer(imp, gid, kept, prune=mode == "prune", scales=scales, labels=labels)
     for rec in imp.records:
         getattr(w, rec["kind"])(rec)
     w.cuts()
