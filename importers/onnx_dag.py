@@ -903,11 +903,11 @@ class _Builder:
             sid = len(self.spaces) - 1
             src, Wd = _dedupe_cols(Wu.reshape(c_out, cin.size, K), cin)
             self.dense(src, s.ids, Wd, node.input[1])
-        elif op == "Conv" and cin.size % group == 0 and c_out % group == 0 and Wu.shape[1] == cin.size // group:
-            # grouped (depthwise: one input channel per group, any multiplier): a
-            # layer whose output channel o reads the input channels of its group,
-            # as a sparse block (no edge between groups); the writer keeps the
-            # grouping where the base allows it (see onnx_dag_out._Writer.linear)
+        elif op == "Conv" and group == cin.size and c_out % group == 0 and Wu.shape[1] == 1:
+            # depthwise (one input channel per group, any multiplier): a layer
+            # whose output channel o reads input channel o // multiplier, as a
+            # sparse block; the writer keeps it depthwise where the base allows
+            # it (see onnx_dag_out._Writer.grouped_conv)
             s = self.new_space(c_out, "linear", name, weight=node.input[1])
             sid = len(self.spaces) - 1
             gi, go = cin.size // group, c_out // group

@@ -479,12 +479,19 @@ class _Writer:
                     Wh[o, q[1:]] = 0
                     support[o, q[1:]] = False
         reads = support.sum(axis=1)
-        for at in node.attribute:
-            if at.name == "group":
-                at.i = 1
         if np.any(reads > 1):
-            self.put(node, 1, Wh, W.astype(dt))
-            return
+            if Wh.size <= W.size:             # a dense Conv (group 1) no larger than the original
+                for at in node.attribute:
+                    if at.name == "group":
+                        at.i = 1
+                self.put(node, 1, Wh, W.astype(dt))
+                return
+            # quasi-fibers (eps > 0) mixing input colours: each base output reads
+            # the input it reads most (exact fibers never get here)
+            best = np.where(support, mag, -1.0).argmax(axis=1)
+            support = np.zeros_like(support)
+            support[np.arange(n_out), best] = True
+            reads = support.sum(axis=1)
         j = np.where(reads == 1, support.argmax(axis=1), 0)
         self.put(node, 1, Wh[np.arange(n_out), j][:, None], W.astype(dt))
         for at in node.attribute:
