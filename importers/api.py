@@ -1,9 +1,12 @@
 """The whole job on an ONNX model: import, colour, compress, write, verify, evaluate.
 
+Every model is read by the hypergraph importer (:mod:`importers.onnx_dag`)
+and coloured, compressed and written by :mod:`importers.dag_api`.
+
 This is the Python API behind the CLI::
 
     from importers.api import color_model, compress_model, evaluate
-    report = color_model("model.onnx", symmetry="fibration", eps=0.1)
+    report, imp, col = color_model("model.onnx", symmetry="fibration", eps=0.1)
     report = compress_model("model.onnx", "small.onnx", eps=0.0, verify=True)
     scores = evaluate("small.onnx", "test.npz")
 """
@@ -12,20 +15,16 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 
 import numpy as np
 import onnx
 
 from fibgraph.errors import InputError
 from fibgraph.fileio import write_atomic, write_json_atomic
-from fibgraph.network import colour_network, compress_network
-from fibgraph.refine import DEFAULT_RTOL, Tolerance, make_criterion
+from fibgraph.refine import DEFAULT_RTOL, make_criterion
 
 from .feeds import short_error
-from .onnx_in import import_onnx
 from .onnx_load import float_tensors, load_onnx
-from .onnx_out import write_base_onnx
 
 __all__ = ["make_criteria", "criteria_from_table", "read_eps_table", "color_model", "compress_model", "evaluate", "verify_models",
            "atomic_write_bytes", "atomic_write_json", "COMPRESS_SYMMETRIES"]
@@ -43,16 +42,16 @@ def _check_eps(eps, where="--eps"):
     return eps
 
 
-def make_criteria(network, eps=0.0, eps_file=None, linkage="average", metric="cosine",
+def make_criteria(names, eps=0.0, eps_file=None, linkage="average", metric="cosine",
                   rescale=True, rtol=DEFAULT_RTOL):
     """Criterion per layer: ``eps`` for all, overridden per layer by ``eps_file``
-    (JSON ``{"<weight name>": eps, ...}``; the key ``"*"`` sets the default)."""
-    if linkage not in ("complete", "average"):
-        raise InputError(f"--linkage must be complete or average, got {linkage!r}")
-    if metric not in ("cosine", "euclidean"):
-        raise InputError(f"--metric must be cosine or euclidean, got {metric!r}")
-    eps = _check_eps(eps)
-    table = {} if eps_file is None else read_eps_table(eps_file, [ly.name for ly in network.layers])
+    (JSON ``{"<weight name>": eps, ...}``; the key ``"*"`` sets the default).
+    ``names``: the model's layer (weight) names, or an object with ``layers``
+    (each with a ``name``)."""
+    eps = _check_options(eps, linkage, metric)
+    if hasattr(names, "layers"):
+        names = [ly.name for ly in names.layers]
+    table = {} if eps_file is None else read_eps_table(eps_file, list(names))
     return criteria_from_table(table, eps, linkage, metric, rescale, rtol, where=eps_file)
 
 
@@ -91,44 +90,16 @@ def count_params(model) -> int:
     return int(sum(n for _, n in float_tensors(model)))
 
 
-def _layer_reports(col, base=None):
-    out = []
-    for l, ly in enumerate(col.network.layers):
-        fibers = col.layer_fibers(l)
-        nodes_after = ly.n_out if ly.is_output else len(fibers)
-        if base is not None:
-            nodes_after = base.layers[l].n_out
-        rec = {"weight": ly.name, "kind": ly.kind, "nodes_before": ly.n_out,
-               "nodes_after": nodes_after, "fibers": fibers,
-               "activation": ly.activation or "identity", "homogeneous": bool(ly.homogeneous),
-               "output_layer": bool(ly.is_output)}
-        info = col.info.get(ly.name)
-        crit = col.criterion.get(ly.name, col.criterion.get(None)) if isinstance(col.criterion, dict) else col.criterion
-        if isinstance(crit, Tolerance):
-            rec["criterion"] = info or {"eps": crit.eps, "linkage": crit.linkage, "metric": crit.metric}
-        else:
-            rec["criterion"] = {"eps": 0.0, "exact": True, "rtol": getattr(crit, "rtol", DEFAULT_RTOL)}
-        out.append(rec)
-    return out
-
-
-def _partition_json(col):
-    g = col.graph
-    return {g.node_label(i): int(c) for i, c in enumerate(col.labels)}
-
-
 def import_any(path, data=None):
-    """``(ImportResult, None)`` when the feed-forward chain importer maps the
-    model, else ``(None, DagImport)`` from the hypergraph importer (branches,
-    residual streams, attention, LSTM/GRU, LayerNorm, barriers).  ``data``
-    (an .npz with x) gives the hypergraph importer its probe input."""
+    """``(None, DagImport)``: every ONNX model is read by the hypergraph
+    importer (branches, residual streams, attention, LSTM/GRU, LayerNorm,
+    barriers; a feed-forward chain is the simplest such graph).  ``data`` (an
+    .npz with x, or ``(x, y)``) gives it its probe input.  The first element
+    is kept for callers that unpack two values."""
     from .onnx_dag import import_dag
 
     model = load_onnx(path)
-    try:
-        return import_onnx(model, os.fspath(path)), None
-    except InputError:
-        return None, import_dag(model, feeds=probe_feeds(data, model), label=os.fspath(path))
+    return None, import_dag(model, feeds=probe_feeds(data, model), label=os.fspath(path))
 
 
 def data_feeds(data, model):
@@ -148,6 +119,11 @@ def data_feeds(data, model):
     else:
         raise InputError(f"{data}: needs an array per model input ({', '.join(vi.name for vi in inputs)}), "
                          "or x for a model with one input")
+    for vi in inputs:
+        v = np.asarray(pick[vi.name])
+        if v.ndim > 0 and v.shape[0] == 0:
+            name = vi.name if vi.name in arrays else "x"
+            raise InputError(f"{data}: {name!r} is empty")
     return {vi.name: np.asarray(pick[vi.name]).astype(
         onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)) for vi in inputs}
 
@@ -187,37 +163,24 @@ def _dag_eps_table(imp, eps_file):
 
 def color_model(path, symmetry="fibration", eps=0.0, eps_file=None, linkage="average",
                 metric="cosine", rescale=True, rtol=DEFAULT_RTOL, imported=None, data=None):
-    """Colour an ONNX model; returns the report dict (see README).  ``data``
-    (.npz) gives the hypergraph importer its probe inputs."""
-    t0 = time.perf_counter()
-    if imported is None:
-        imported, dag = import_any(path, data)
-        if dag is not None:
-            from .dag_api import color_dag_model
+    """Colour an ONNX model; returns ``(report, DagImport, DagColouring)`` (see
+    README and :mod:`importers.dag_api`).  ``data`` (.npz) gives the
+    hypergraph importer its probe inputs; ``imported``: a DagImport of the
+    model made before."""
+    from .dag_api import color_dag_model
 
-            _check_eps(eps)
-            return color_dag_model(path, symmetry, eps, _dag_eps_table(dag, eps_file), linkage, metric, rtol,
-                                   imp=dag)
-    res = imported
-    crit = make_criteria(res.network, eps, eps_file, linkage, metric, rescale, rtol)
-    col = colour_network(res.network, symmetry, crit)
-    t1 = time.perf_counter()
-    report = {"model": os.fspath(path), "symmetry": symmetry,
-              "params_before": count_params(res.model)}
-    if symmetry in COMPRESS_SYMMETRIES:
-        base, _ = compress_network(col)
-        m2 = write_base_onnx(res.model, base, check=False)
-        report["params_after"] = count_params(m2)
-        layers = _layer_reports(col, base)
-    else:
-        report["params_after"] = report["params_before"]
-        layers = _layer_reports(col)
-    report["layers"] = layers
-    report["nodes"] = int(col.graph.n)
-    report["colors"] = int(col.labels.max() + 1) if col.labels.size else 0
-    report["partition"] = _partition_json(col)
-    report["seconds"] = {"colour": round(t1 - t0, 4)}
-    return report, res, col
+    eps = _check_options(eps, linkage, metric)
+    dag = imported if imported is not None else import_any(path, data)[1]
+    return color_dag_model(path, symmetry, eps, _dag_eps_table(dag, eps_file), linkage, metric, rtol,
+                           imp=dag, rescale=rescale)
+
+
+def _check_options(eps, linkage, metric):
+    if linkage not in ("complete", "average"):
+        raise InputError(f"--linkage must be complete or average, got {linkage!r}")
+    if metric not in ("cosine", "euclidean"):
+        raise InputError(f"--metric must be cosine or euclidean, got {metric!r}")
+    return _check_eps(eps)
 
 
 def check_loads(m2):
@@ -242,29 +205,12 @@ def compress_model(path, out, symmetry="fibration", eps=0.0, eps_file=None, link
         raise InputError(f"--symmetry {symmetry}: only in-balanced colourings ({', '.join(COMPRESS_SYMMETRIES)}) "
                          "preserve the function; opfibers do not")
     _check_out_path(path, out)
-    t0 = time.perf_counter()
-    res, dag = import_any(path, data)
-    if dag is not None:
-        from .dag_api import compress_dag_model
+    from .dag_api import compress_dag_model
 
-        _check_eps(eps)
-        return compress_dag_model(path, out, symmetry, eps, _dag_eps_table(dag, eps_file), linkage, metric, rtol,
-                                  verify=verify, data=data, seed=seed, imp=dag)
-    crit = make_criteria(res.network, eps, eps_file, linkage, metric, rescale, rtol)
-    col = colour_network(res.network, symmetry, crit)
-    t1 = time.perf_counter()
-    base, _ = compress_network(col)
-    m2 = write_base_onnx(res.model, base, check=True)
-    check_loads(m2)
-    t2 = time.perf_counter()
-    report = {"model": os.fspath(path), "output": os.fspath(out), "symmetry": symmetry,
-              "params_before": count_params(res.model), "params_after": count_params(m2),
-              "layers": _layer_reports(col, base)}
-    if verify or data is not None:
-        report["verify"] = verify_models(res.model, m2, data=data, seed=seed)
-    atomic_write_bytes(out, m2.SerializeToString())
-    report["seconds"] = {"colour": round(t1 - t0, 4), "compress_write": round(t2 - t1, 4)}
-    return report
+    eps = _check_options(eps, linkage, metric)
+    _, dag = import_any(path, data)
+    return compress_dag_model(path, out, symmetry, eps, _dag_eps_table(dag, eps_file), linkage, metric, rtol,
+                              verify=verify, data=data, seed=seed, imp=dag, rescale=rescale)
 
 
 def _check_out_path(inp, out):

@@ -262,8 +262,9 @@ def compare_dag_methods(model, imp, data, xy, eps_list, eps_files=(), linkage="a
         points.append((f"eps-file {os.path.basename(p)}", table, 0.0, table))
     kept_whole = set()
     for label, eps_report, eps, table in points:
-        col = colour_dag(imp, "fibration", eps, table, linkage, metric)
-        m_fib, _, kept, why = write_dag_base(imp, col.labels)
+        # as reported (importers.compare): the magnitude-aware distance, no rescaling merge
+        col = colour_dag(imp, "fibration", eps, table, linkage, "euclidean", rescale=False)
+        m_fib, _, kept, why = write_dag_base(imp, col.labels, scales=col.scales)
         kept_whole.update(w for w in why if w)
         counts = dm.class_counts(kept)
         nodes = dm.entry_counts(kept)

@@ -1,7 +1,6 @@
 """The whole job on any ONNX DAG (branches, residual streams, attention,
 LSTM/GRU, LayerNorm): import as a hypergraph, colour with the one engine,
-write the base, verify.  :mod:`importers.api` falls back to this path when the
-feed-forward chain importer refuses a model.
+write the base, verify.  :mod:`importers.api` reads every model this way.
 
 Criteria: eps = 0 is exact up to float rounding.  With eps > 0 the
 quasi-fibration clustering (the paper's Algorithm 1) runs on every node set:
@@ -9,8 +8,14 @@ the weights' (linear layers, embeddings, recurrent units; an eps file sets
 them per weight, and a bias add or per-channel scale right after a layer takes
 its layer's eps) and the sums, products and norms between them (the default
 eps), so that a residual stream's LayerNorm gamma/beta cluster like its
-writers.  No node here licenses the rescaling merge, so cosine is replaced by
-the magnitude-aware distance (the report says so per layer).
+writers.  The rescaling merge (``relu(s z) = s relu(z)``) applies to the node
+sets the importer marks positively homogeneous (a layer whose values reach
+the next layers only through ReLU-family activations, pooling and reshapes,
+possibly after a bias add; see ``onnx_dag._homogeneous_spaces``): there
+``--metric cosine`` clusters rows by angle and the writer folds each node's
+scale into the base (rows divided by it, the next layer's columns multiplied
+by it).  Elsewhere cosine is not exact and is replaced by the magnitude-aware
+distance; the report says per layer which metric ran and whether it rescaled.
 
 Recurrent units cluster jointly: the gates, cell and hidden node of one
 LSTM/GRU unit share a cyclic level and are tied (``imp.graph.tie``, the joins
@@ -53,6 +58,7 @@ class DagColouring:
     info: dict
     base: tuple = None        # (model, groups, kept, why) once written
     groups: tuple = None      # dag_groups(imp, labels) once computed
+    scales: np.ndarray = None  # per node: the rescaling merge's scale (1 where none)
 
 
 def weight_entries(imp):
@@ -86,14 +92,14 @@ def tied_spaces(imp):
                                 directed=False)[1]
 
 
-def _criteria(imp, eps, table, linkage, metric, rtol):
+def _criteria(imp, eps, table, linkage, metric, rtol, rescale=True):
     from .api import criteria_from_table
 
     names = [w for w, _, _, _ in weight_entries(imp)]
     unknown = sorted(k for k in table if k != "*" and k not in set(names))
     if unknown:
         raise InputError(f"eps file: layers not in the model: {', '.join(unknown)} (layers: {', '.join(names)})")
-    by_weight = criteria_from_table(table, eps, linkage, metric, True, rtol)
+    by_weight = criteria_from_table(table, eps, linkage, metric, rescale, rtol)
     # node sets of sums, products and norms take the default criterion: with eps > 0
     # a residual stream's LayerNorm gamma/beta and Add nodes cluster like its writers
     crit = {None: by_weight[None]}
@@ -126,11 +132,11 @@ def _criteria(imp, eps, table, linkage, metric, rtol):
 
 
 def colour_dag(imp, symmetry="fibration", eps=0.0, eps_table=None, linkage="average", metric="cosine",
-               rtol=DEFAULT_RTOL) -> DagColouring:
+               rtol=DEFAULT_RTOL, rescale=True) -> DagColouring:
     """Colour the hypergraph of ``imp`` (see the module doc for the criteria)."""
-    crit = _criteria(imp, eps, eps_table or {}, linkage, metric, rtol)
+    crit = _criteria(imp, eps, eps_table or {}, linkage, metric, rtol, rescale)
     r = colour(imp.graph, symmetry, crit)
-    return DagColouring(imp.graph, r.labels, symmetry, {"criteria": crit, **r.info})
+    return DagColouring(imp.graph, r.labels, symmetry, {"criteria": crit, **r.info}, scales=r.scales)
 
 
 def _layers(imp, col, gid=None, kept=None, why=None):
@@ -148,16 +154,20 @@ def _layers(imp, col, gid=None, kept=None, why=None):
         c = crit.get(spaces[0], crit[None])
         is_out = bool(out_nodes[ids].all())
         rec = {"weight": w, "op": op, "nodes_before": int(ids.size), "fibers": [list(map(int, f)) for f in fibers],
-               "output_layer": is_out}
+               "output_layer": is_out, "homogeneous": bool(ids.size) and bool(imp.graph.homogeneous[ids].all())}
         if imp.keep[ids].all() and not is_out:
             rec["kept_whole"] = "its units feed a barrier"
         if gid is not None and len(fibers) != len(colour_classes):
             rec["colour_classes"] = [list(map(int, f)) for f in colour_classes]
         if isinstance(c, Tolerance):
-            rec["criterion"] = {"eps": c.eps, "linkage": c.linkage, "metric": "euclidean",
-                                "requested_metric": c.metric, "rescale": False}
             level_info = col.info.get(spaces[0])
-            joint = level_info.get("joint") if isinstance(level_info, dict) else None
+            level_info = level_info if isinstance(level_info, dict) else {}
+            homog = bool(imp.graph.homogeneous[ids].all()) if ids.size else False
+            rec["criterion"] = {"eps": c.eps, "linkage": c.linkage,
+                                "metric": level_info.get("metric", c.metric if homog else "euclidean"),
+                                "requested_metric": c.metric,
+                                "rescale": bool(level_info.get("rescale", False))}
+            joint = level_info.get("joint")
             if joint and joint["node_sets"]:     # a recurrent unit's node sets clustered as one
                 rec["criterion"]["joint"] = joint["node_sets"]
         else:
@@ -182,17 +192,17 @@ def _barriers(imp, total):
 
 
 def color_dag_model(path, symmetry="fibration", eps=0.0, eps_table=None, linkage="average", metric="cosine",
-                    rtol=DEFAULT_RTOL, imp=None, feeds=None):
+                    rtol=DEFAULT_RTOL, imp=None, feeds=None, rescale=True):
     from .api import COMPRESS_SYMMETRIES, count_params
 
     t0 = time.perf_counter()
     imp = imp or import_dag(path, feeds=feeds)
-    col = colour_dag(imp, symmetry, eps, eps_table, linkage, metric, rtol)
+    col = colour_dag(imp, symmetry, eps, eps_table, linkage, metric, rtol, rescale)
     t1 = time.perf_counter()
     total = count_params(imp.model)
     report = {"model": os.fspath(path), "symmetry": symmetry, "graph": "hypergraph", "params_before": total}
     if symmetry in COMPRESS_SYMMETRIES:
-        m2, gid, kept, why = col.base = write_dag_base(imp, col.labels)
+        m2, gid, kept, why = col.base = write_dag_base(imp, col.labels, scales=col.scales)
         report["params_after"] = count_params(m2)
         report["layers"] = _layers(imp, col, gid, kept, why)
     else:
@@ -266,11 +276,13 @@ def verify_dag(a, b, imp, data=None, seed=0, repeats=3):
 
 
 def compress_dag_model(path, out, symmetry="fibration", eps=0.0, eps_table=None, linkage="average",
-                       metric="cosine", rtol=DEFAULT_RTOL, verify=False, data=None, seed=0, imp=None):
+                       metric="cosine", rtol=DEFAULT_RTOL, verify=False, data=None, seed=0, imp=None,
+                       rescale=True):
     from .api import atomic_write_bytes, check_loads
 
     t0 = time.perf_counter()
-    report, imp, col = color_dag_model(path, symmetry, eps, eps_table, linkage, metric, rtol, imp=imp)
+    report, imp, col = color_dag_model(path, symmetry, eps, eps_table, linkage, metric, rtol, imp=imp,
+                                       rescale=rescale)
     m2 = col.base[0]                         # written once, by color_dag_model
     try:
         onnx.checker.check_model(m2)

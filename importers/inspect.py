@@ -5,10 +5,7 @@ from rich.table import Table
 
 from fibgraph.report import console
 
-from fibgraph.errors import InputError
-
 from .api import count_params
-from .onnx_in import SUPPORTED_OPS, import_onnx
 from .onnx_load import float_tensors, load_onnx
 
 __all__ = ["inspect_model", "op_census"]
@@ -19,6 +16,8 @@ def op_census(model, barrier_nodes=None):
     parameters it reads (initializers and Constant tensors).  With
     ``barrier_nodes`` (the hypergraph importer's barriers), an op type is
     supported unless one of its nodes is a barrier."""
+    if barrier_nodes is None:                     # the chain importer's op list (kept for its users)
+        from .onnx_in import SUPPORTED_OPS
     sizes = dict(float_tensors(model))
     total = sum(sizes.values()) or 1
     rows = {}
@@ -60,41 +59,8 @@ def _census_table(path, census):
 
 
 def inspect_model(path):
-    model = load_onnx(path)
-    try:
-        res = import_onnx(model, str(path))
-    except InputError as chain_error:
-        return inspect_dag(path, model, str(chain_error))
-    census = op_census(model)
-    _census_table(path, census)
-    net = res.network
-    m = res.model
-    opset = {o.domain or "ai.onnx": o.version for o in m.opset_import}
-    total = count_params(m)
-    console.print(f"[bold]{path}[/bold]  producer: {m.producer_name or '?'} {m.producer_version}  "
-                  f"opset: {opset.get('ai.onnx', '?')}  IR: {m.ir_version}")
-    console.print(f"input: {res.input_name}  outputs: {', '.join(res.output_names)}  "
-                  f"input units: {net.input_units}")
-    t = Table(title="layers", title_justify="left")
-    for c in ("#", "weight", "op", "kind", "units in -> out", "positions/kernel", "params", "then",
-              "homogeneous"):
-        t.add_column(c)
-    for l, ly in enumerate(net.layers):
-        t.add_row(str(l), ly.name, ly.meta.get("op", ""), ly.kind, f"{ly.n_in} -> {ly.n_out}",
-                  str(ly.weight.shape[2]), f"{ly.weight.size + ly.bias.size:,}",
-                  (ly.activation or "identity") + (" (output)" if ly.is_output else ""),
-                  "yes" if ly.homogeneous else "no")
-    console.print(t)
-    _print_roles(res.ops)
-    console.print(f"parameters: {total:,} (floating-point initializers and Constant tensors: "
-                  f"{len(float_tensors(m))})  -  supported: yes, every node is mapped")
-    return {"model": str(path), "input": res.input_name, "op_types": census, "outputs": res.output_names,
-            "input_units": net.input_units, "params": total, "supported": True,
-            "layers": [{"weight": ly.name, "op": ly.meta.get("op"), "kind": ly.kind,
-                        "units_in": ly.n_in, "units_out": ly.n_out, "params": int(ly.weight.size + ly.bias.size),
-                        "activation": ly.activation or "identity", "homogeneous": bool(ly.homogeneous),
-                        "output_layer": bool(ly.is_output)} for ly in net.layers],
-            "ops": [{"node": n, "op": o, "role": r} for n, o, r in res.ops]}
+    """Inspect a model: every model is read by the hypergraph importer."""
+    return inspect_dag(path, load_onnx(path))
 
 
 def inspect_dag(path, model, chain_error=""):
@@ -110,16 +76,18 @@ def inspect_dag(path, model, chain_error=""):
     opset = {o.domain or "ai.onnx": o.version for o in model.opset_import}
     console.print(f"[bold]{path}[/bold]  producer: {model.producer_name or '?'} {model.producer_version}  "
                   f"opset: {opset.get('ai.onnx', '?')}  IR: {model.ir_version}")
-    console.print(f"read as a hypergraph (not a feed-forward chain: {chain_error.split(': ', 1)[-1]})")
+    console.print("read as a hypergraph" + (f" ({chain_error.split(': ', 1)[-1]})" if chain_error else ""))
     console.print(f"inputs: {', '.join(imp.inputs)}  outputs: {', '.join(imp.outputs)}  "
                   f"nodes: {imp.graph.n:,}  edge blocks: {len(imp.graph.blocks):,}")
     t = Table(title="compressible weights", title_justify="left")
-    for c in ("weight", "op", "units"):
+    for c in ("weight", "op", "units", "homogeneous"):
         t.add_column(c)
     layers = []
+    homog = imp.graph.homogeneous
     for w, op, ids, _ in weight_entries(imp):
-        t.add_row(w, op, str(ids.size))
-        layers.append({"weight": w, "op": op, "units_out": int(ids.size)})
+        h = bool(ids.size) and bool(homog[ids].all())
+        t.add_row(w, op, str(ids.size), "yes" if h else "no")
+        layers.append({"weight": w, "op": op, "units_out": int(ids.size), "homogeneous": h})
     console.print(t)
     for b in imp.barriers:
         console.print(f"barrier: {b['op']} at node {b['node']!r}: {b['why']} "

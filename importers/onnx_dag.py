@@ -875,7 +875,8 @@ class _Builder:
         other_unit = [k for k in range(ids.ndim) if k != ax and ids.shape[k] > 1]
         if np.any(~np.isfinite(W)):
             raise InputError(f"{self.label}: node {name!r} ({op}): weight {B!r} holds NaN or Inf")
-        if ids.shape[ax] == 1:
+        one_unit = ids.size == 1 and self.shapes[xi][ax] == 1      # one feature: (N, 1) @ W (1, n)
+        if ids.shape[ax] == 1 and not one_unit:
             # the weight mixes positions (time, space): the same map for every unit
             self.layout[node.output[0]] = ids
             return "positional"
@@ -981,13 +982,18 @@ class _Builder:
             sid = len(self.spaces) - 1
             src, Wd = _dedupe_cols(Wu.reshape(c_out, cin.size, K), cin)
             self.dense(src, s.ids, Wd, node.input[1])
-        elif Wu.shape[1] == 1 and group == cin.size and c_out == cin.size:
-            # depthwise: channel c -> channel c with its own kernel: a per-unit op
-            s = self.new_space(c_out, "per-unit", name)
+        elif op == "Conv" and group == cin.size and c_out % group == 0 and Wu.shape[1] == 1:
+            # depthwise (one input channel per group, any multiplier): a layer
+            # whose output channel o reads input channel o // multiplier, as a
+            # sparse block; the writer keeps it depthwise where the base allows
+            # it (see onnx_dag_out._Writer.grouped_conv)
+            s = self.new_space(c_out, "linear", name, weight=node.input[1])
             sid = len(self.spaces) - 1
-            self.sparse(cin, s.ids, Wu.reshape(c_out, K), _etype("depthwise", op, repr(sorted(a.items()))),
-                        node.input[1])
-            self.joins.append((cin, s.ids))
+            gi, go = cin.size // group, c_out // group
+            rows = np.repeat(np.arange(c_out), gi)
+            cols = (rows // go) * gi + np.tile(np.arange(gi), c_out)
+            self.blocks.append(Block(src=cin, dst=s.ids, rows=rows, cols=cols,
+                                     values=Wu.reshape(c_out * gi, K), name=node.input[1]))
         else:
             raise _Barrier(f"grouped {op} (group={group})")
         if bias is not None:
@@ -1242,6 +1248,113 @@ def _ties(joins, node_level, space_of, n):
     return tie
 
 
+#: unary ops through which a node's value stays positively homogeneous
+#: (f(s z) = s f(z) for s > 0): the ReLU family, identities, sign flips
+HOMOGENEOUS_UNARY = {"Relu", "LeakyRelu", "Identity", "Dropout", "Neg", "Abs"}
+#: pooling and reductions along positional axes: positively homogeneous in the values
+HOMOGENEOUS_POOL = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "GlobalLpPool",
+                    "Resize", "Upsample", "ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin"}
+
+
+def _homogeneous_use(b, node, role, x):
+    """How ``node`` uses the stream tensor ``x`` for the rescaling merge:
+    ``'pass'`` (the values go on through a positively homogeneous op: the same
+    nodes, or moved), ``'linear'`` (a linear layer reads them: its columns take
+    the scales), ``'affine'`` (a bias add: a node set of its own reading them
+    with weight 1 plus a constant, positively homogeneous jointly with that
+    constant), ``'ignore'`` (only the shape is read) or ``'block'``."""
+    op = node.op_type
+    streams = [y for y in node.input if y in b.layout]
+    if role in ("shape",) and op in META:
+        return "ignore"
+    if role == "barrier":
+        return "block"
+    if role == "layer" and op in LINEAR:
+        rec = next((r for r in b.records if r["kind"] == "linear" and r.get("output") == node.output[0]), None)
+        return "linear" if rec is not None and rec.get("input") == x and len(streams) == 1 else "block"
+    if role == "positional":                   # a constant weight mixing positions: linear
+        return "pass"
+    if role == "shape" and op in MOVE:
+        return "pass"
+    if role == "pool":
+        if op == "Pad":
+            a = _attrs(node)
+            mode = a.get("mode", b"constant")
+            mode = mode.decode() if isinstance(mode, bytes) else mode
+            value = node.input[2] if len(node.input) > 2 and node.input[2] else None
+            v = 0.0 if value is None else float(np.asarray(b.values.get(value, 0)).reshape(-1)[0])
+            return "pass" if mode != "constant" or v == 0.0 else "block"
+        return "pass" if op in HOMOGENEOUS_POOL else "block"
+    if role == "activation":
+        if op in HOMOGENEOUS_UNARY:
+            return "pass"
+        if op in ("Cast", "CastLike"):
+            v = b.values.get(node.output[0])
+            return "pass" if v is not None and np.asarray(v).dtype.kind == "f" else "block"
+        # a constant factor (scalar, or one that varies along positions only): linear
+        if op in ("Mul", "Div") and len(streams) == 1 and (op == "Mul" or node.input[0] == x) and \
+                all(y == x or y in b.consts for y in node.input):
+            return "pass"
+        return "block"
+    if role == "per-unit" and op in ("Add", "Sub") and len(streams) == 1:
+        return "affine"
+    return "block"
+
+
+def _homogeneous_spaces(b):
+    """Node sets whose values reach every consumer through positively
+    homogeneous ops only (DESIGN.md section 4): a linear layer (MatMul, Gemm,
+    Conv with a constant weight; its bias is an edge of its rows) whose values
+    go, through ReLU-family activations, pooling, reshapes and constant
+    factors, only into linear layers, graph outputs or a bias add (an Add/Sub
+    of a per-unit constant, itself a node set: ``z + c`` is positively
+    homogeneous jointly with ``c``, so the bias add must be such a set too and
+    the rescaling merge divides ``c`` by the scale).  A bias add qualifies when
+    every operand node comes from such a set.  Anything else (sigmoid, tanh,
+    GELU, a norm, a residual sum, a product, a per-channel scale, BatchNorm,
+    a barrier, a reduction over units) blocks.  Returns space indices."""
+    roles = [r for _, _, r in b.ops]
+    space_of = np.asarray(b.space_of, dtype=np.int64)
+
+    def spaces(t):
+        ids = np.asarray(b.layout[t]).reshape(-1)
+        return set(np.unique(space_of[ids[ids >= 0]]).tolist())
+
+    capable = {rec["space"] for rec in b.records if rec["kind"] == "linear" and "weight" in rec}
+    bad, children, parents = set(), {}, {}
+    k = 0
+    for node in b.model.graph.node:
+        if node.op_type == "Constant":
+            continue
+        role = roles[k] if k < len(roles) else "barrier"
+        k += 1
+        for x in dict.fromkeys(y for y in node.input if y in b.layout):
+            use = _homogeneous_use(b, node, role, x)
+            if use in ("pass", "linear", "ignore"):
+                continue
+            src = spaces(x)
+            if use == "affine" and node.output[0] in b.layout:
+                tgt = spaces(node.output[0]) - src
+                if len(tgt) == 1:
+                    t = next(iter(tgt))
+                    capable.add(t)
+                    parents.setdefault(t, set()).update(src)
+                    for s_ in src:
+                        children.setdefault(s_, set()).add(t)
+                    continue
+            bad |= src
+    hom = capable - bad
+    changed = True
+    while changed:
+        changed = False
+        for s_ in sorted(hom):
+            if not children.get(s_, set()) <= hom or not parents.get(s_, set()) <= hom:
+                hom.discard(s_)
+                changed = True
+    return hom
+
+
+
 def import_dag(path_or_model, feeds=None, label=None) -> DagImport:
     """Import any ONNX model as a hypergraph (see the module doc)."""
     if isinstance(path_or_model, onnx.ModelProto):
@@ -1284,6 +1397,9 @@ def import_dag(path_or_model, feeds=None, label=None) -> DagImport:
     g = WeightedDigraph(n=n, blocks=b.blocks, levels=levels, initial=initial, layer=space_of, index=idx,
                         kind=kinds, layer_names=[s.name for s in b.spaces], cyclic=cyclic)
     g.levels = levels
+    # the rescaling merge: node sets that are positively homogeneous up to the next linear layers
+    for sid in _homogeneous_spaces(b):
+        g.homogeneous[b.spaces[sid].ids] = True
     # with eps > 0 the node sets of a recurrent unit are clustered jointly
     g.tie = _ties(b.joins, node_level, space_of, n)
     # the engine reads per-level names through layer ids; keep one name per level

@@ -13,6 +13,14 @@ Rewrites, for kept positions ``q`` each standing for a group ``G(q)``:
 - linear weights: ``W_hat[r, q] = mean_{i in G(r)} sum_{k in G(q)} W[i, k]``
   (rows: the mean over the output fiber, the papers' sum is wrong for
   biases; columns: the sum over the input group); biases the mean;
+- the rescaling merge (``scales``, DESIGN.md section 4): a node ``i`` with
+  scale ``s_i`` carries ``s_i`` times its base node's value, so its row and
+  bias enter the base divided by ``s_i`` (the mean of normalised rows) and
+  the next layer's columns are summed with the factors ``s_k``:
+  ``W_hat[r, q] = mean_{i in G(r)} (1/s_i) sum_{k in G(q)} s_k W[i, k]``.
+  One scale per column (the nodes a bias add ties to its layer's): the
+  scale of the column's last node set, the one the next layer reads; a bias
+  add's constant is divided by it like a bias;
 - per-unit constants (bias adds, PRelu, LayerNorm's gamma/beta): the mean
   over the group; BatchNorm: the group's mean affine map (``channel_norm``);
 - sums over a unit axis (ReduceMean/ReduceSum, LayerNorm's statistics,
@@ -308,7 +316,7 @@ class _Axis:
     members are dropped, not merged): ``sum_matrix`` and ``mean_matrix`` select
     the kept positions and every multiplicity ``m`` is 1."""
 
-    def __init__(self, ids, gid, kept, prune=False):
+    def __init__(self, ids, gid, kept, prune=False, scale=None):
         ua = _unit_axes(ids)
         self.axis = ua[0] if ua else None
         self.prune = prune
@@ -317,9 +325,14 @@ class _Axis:
             self.target = np.zeros(1, np.int64)
             self.keep_pos = np.zeros(1, np.int64)
             self.m = np.ones(1)
+            self.s = np.ones(1) if scale is None else np.asarray(scale, np.float64)[np.asarray(ids).reshape(-1)[:1]]
             self.identity = True
+            self.scaled = bool(np.any(self.s != 1))
             return
         nodes = _nodes_along(ids, self.axis)
+        # per position: the rescaling merge's scale of its node (1 where none)
+        self.s = np.ones(nodes.size) if scale is None or prune else np.asarray(scale, np.float64)[nodes]
+        self.scaled = bool(np.any(self.s != 1))
         self.L = nodes.size
         g = gid[nodes]
         # occurrence index of each position among positions of the same node
@@ -337,28 +350,39 @@ class _Axis:
                   np.bincount(self.target, minlength=self.L_hat).astype(np.float64))
         self.identity = self.L_hat == self.L
 
-    def sum_matrix(self):
-        """(L_hat, L) indicator: columns of a group add up (prune: only the kept one)."""
+    def sum_matrix(self, scaled=False):
+        """(L_hat, L) indicator: columns of a group add up (prune: only the kept one);
+        ``scaled``: column ``p`` enters times its node's scale ``s_p``."""
         if self.prune:
             return sp.csr_matrix((np.ones(self.L_hat), (np.arange(self.L_hat), self.keep_pos)),
                                  shape=(self.L_hat, self.L))
-        return sp.csr_matrix((np.ones(self.L), (self.target, np.arange(self.L))), shape=(self.L_hat, self.L))
+        v = self.s if scaled else np.ones(self.L)
+        return sp.csr_matrix((v, (self.target, np.arange(self.L))), shape=(self.L_hat, self.L))
 
-    def mean_matrix(self):
+    def mean_matrix(self, scaled=False):
+        """(L_hat, L): the mean over each group; ``scaled``: of the rows divided
+        by their nodes' scales (the rescaling merge's base row)."""
+        if scaled and not self.prune:
+            S = sp.csr_matrix((1.0 / self.s, (self.target, np.arange(self.L))), shape=(self.L_hat, self.L))
+            return sp.diags(1.0 / self.m) @ S
         return sp.diags(1.0 / self.m) @ self.sum_matrix()
 
-    def mean_along(self, v, axis):
-        """``v`` with its ``axis`` (of length L) replaced by the mean over each group."""
+    def mean_along(self, v, axis, scaled=False):
+        """``v`` with its ``axis`` (of length L) replaced by the mean over each group
+        (``scaled``: of ``v`` divided by the scales)."""
         vh = np.moveaxis(np.asarray(v, dtype=np.float64), axis, 0)
         sh = vh.shape
-        return np.moveaxis((self.mean_matrix() @ vh.reshape(sh[0], -1)).reshape((self.L_hat,) + sh[1:]), 0, axis)
+        return np.moveaxis((self.mean_matrix(scaled) @ vh.reshape(sh[0], -1)).reshape((self.L_hat,) + sh[1:]),
+                           0, axis)
 
 
 class _Writer:
-    def __init__(self, imp, gid, kept, prune=False):
+    def __init__(self, imp, gid, kept, prune=False, scales=None, labels=None):
         self.imp = imp
+        self.labels = None if prune else labels
         self.gid, self.kept = gid, kept
         self.prune = prune
+        self.scales = None if scales is None or prune else _column_scales(imp, scales)
         self.m = onnx.ModelProto()
         self.m.CopyFrom(imp.model)
         self.g = self.m.graph
@@ -373,11 +397,13 @@ class _Writer:
             | {t.name for t in g.initializer} | {v.name for v in list(g.input) + list(g.output) + list(g.value_info)}
         self.written = {}
         self.new_nodes = {}          # node name -> list of (before|after, nodes)
+        self.own = set()             # names of nodes the writer added that read base positions
         self.pending_packed = []
         self._fold_plan()
 
-    def axis(self, tname):
-        return _Axis(self.imp.layouts[tname], self.gid, self.kept, self.prune)
+    def axis(self, tname, scaled=False):
+        return _Axis(self.imp.layouts[tname], self.gid, self.kept, self.prune,
+                     self.scales if scaled else None)
 
     def node(self, rec):
         """(position, node) of the record's ONNX node in the model being written:
@@ -438,9 +464,9 @@ class _Writer:
     # ---- per record
     def linear(self, rec):
         k, node = self.node(rec)
-        ax_in = self.axis(rec["input"])
-        ax_out = self.axis(rec["output"])
-        if ax_in.identity and ax_out.identity:
+        ax_in = self.axis(rec["input"], scaled=True)
+        ax_out = self.axis(rec["output"], scaled=True)
+        if ax_in.identity and ax_out.identity and not (ax_in.scaled or ax_out.scaled):
             return
         op = rec["op"]
         wname = node.input[1] if op != "MatMul" or rec["x_axis"] == -1 else node.input[0]
@@ -449,11 +475,11 @@ class _Writer:
         dt = W.dtype
         W = W.astype(np.float64)
         a = rec["attrs"]
-        Rm = ax_out.mean_matrix()
+        Rm = ax_out.mean_matrix(scaled=True)
         fold = self._row_factor(rec["output"], ax_out)          # q.k multiplicities folded into W_Q
         if fold is not None:
             Rm = sp.diags(fold) @ Rm
-        C = ax_in.sum_matrix()
+        C = ax_in.sum_matrix(scaled=True)
 
         def rows_cols(M):          # M (n_out, n_in, ...) -> compressed
             sh = M.shape
@@ -463,7 +489,10 @@ class _Writer:
             M3 = C @ M3
             return M3.reshape(ax_in.L_hat, ax_out.L_hat, *sh[2:]).swapaxes(0, 1)
 
-        if op in ("Conv",):
+        group = int(a.get("group", 1))
+        if op == "Conv" and group > 1:
+            self.grouped_conv(k, node, W, dt, group, rows_cols, ax_in)
+        elif op in ("Conv",):
             Wh = rows_cols(W)
         elif op == "ConvTranspose":
             Wh = np.moveaxis(rows_cols(np.moveaxis(W, 0, 1)), 0, 1)
@@ -475,16 +504,79 @@ class _Writer:
             Wh = rows_cols(W.T).T
         else:                                            # MatMul A @ x: A (N, K)
             Wh = rows_cols(W)
-        self.put(node, slot, Wh, W.astype(dt))
+        if not (op == "Conv" and group > 1):
+            self.put(node, slot, Wh, W.astype(dt))
         bslot = 2 if op in ("Gemm", "Conv", "ConvTranspose") else None
-        if bslot is not None and len(node.input) > 2 and node.input[2] and not ax_out.identity:
+        if bslot is not None and len(node.input) > 2 and node.input[2] and not (ax_out.identity and not ax_out.scaled):
             b = self.value(node.input[2])
-            if b.size > 1:
+            if b.size > 1 or ax_out.scaled:
+                if b.size == 1 and ax_out.L > 1:        # a scalar bias: one per unit once rescaled
+                    b = np.broadcast_to(b.reshape(-1), (ax_out.L,)).astype(b.dtype)
                 bax = 0 if b.shape[0] == ax_out.L else b.ndim - 1
-                bh = ax_out.mean_along(b, bax)
+                bh = ax_out.mean_along(b, bax, scaled=True)
                 if fold is not None:
                     bh = bh * fold.reshape([-1 if j == bax else 1 for j in range(b.ndim)])
                 self.put(node, 2, bh, b)
+
+    def grouped_conv(self, k, node, W, dt, group, rows_cols, ax_in):
+        """A grouped Conv (depthwise with any multiplier): the base of its dense,
+        block-diagonal form.  Where every base output channel reads one base
+        input channel ``j(o)`` (the chain importer's rule), it stays depthwise:
+        ``group`` = output channels, preceded by a Gather of the channels ``j``
+        when they are not simply ``0..n-1``; otherwise a dense Conv (group 1).
+        Base input channels of one colour carry equal (base) values, so a row
+        reading several of them reads the first with their kernels summed: an
+        input family split finer than its colours (a residual stream's meet)
+        does not turn a depthwise conv dense."""
+        c_out, gi = W.shape[:2]
+        c_in = gi * group
+        go = c_out // group
+        full = np.zeros((c_out, c_in) + W.shape[2:])
+        for g in range(group):
+            full[g * go:(g + 1) * go, g * gi:(g + 1) * gi] = W[g * go:(g + 1) * go]
+        Wh = rows_cols(full)
+        # the base input channels a base output reads: a kernel within float
+        # rounding of zero (the engine's eps = 0 tolerance) reads none
+        from fibgraph.refine import DEFAULT_RTOL
+
+        mag = np.abs(Wh).reshape(Wh.shape[0], Wh.shape[1], -1).max(axis=2)
+        support = mag > DEFAULT_RTOL * (float(mag.max()) if mag.size else 0.0)
+        n_out, n_in = support.shape
+        if self.labels is not None and ax_in.axis is not None:
+            ids_in = _nodes_along(self.imp.layouts[node.input[0]], ax_in.axis)
+            colour = np.asarray(self.labels)[ids_in[ax_in.keep_pos]]
+            for o in np.flatnonzero(support.sum(axis=1) > 1):
+                q = np.flatnonzero(support[o])
+                if np.all(colour[q] == colour[q[0]]):
+                    Wh[o, q[0]] = Wh[o, q].sum(axis=0)
+                    Wh[o, q[1:]] = 0
+                    support[o, q[1:]] = False
+        reads = support.sum(axis=1)
+        if np.any(reads > 1):
+            if Wh.size <= W.size:             # a dense Conv (group 1) no larger than the original
+                for at in node.attribute:
+                    if at.name == "group":
+                        at.i = 1
+                self.put(node, 1, Wh, W.astype(dt))
+                return
+            # quasi-fibers (eps > 0) mixing input colours: each base output reads
+            # the input it reads most (exact fibers never get here)
+            best = np.where(support, mag, -1.0).argmax(axis=1)
+            support = np.zeros_like(support)
+            support[np.arange(n_out), best] = True
+            reads = support.sum(axis=1)
+        j = np.where(reads == 1, support.argmax(axis=1), 0)
+        self.put(node, 1, Wh[np.arange(n_out), j][:, None], W.astype(dt))
+        for at in node.attribute:
+            if at.name == "group":
+                at.i = n_out
+        if n_in != n_out or not np.array_equal(j, np.arange(n_out)):
+            t = self.tmp(node.input[0])
+            g = helper.make_node("Gather", [node.input[0], self.const(j.astype(np.int64), np.int64)], [t],
+                                 axis=1, name=self.tmp("fib_gather"))
+            node.input[0] = t
+            self.own.add(g.name)                  # already in base positions: cuts() leaves it
+            self.insert(k, [g])
 
     def embedding(self, rec):
         k, node = self.node(rec)
@@ -496,8 +588,9 @@ class _Writer:
 
     def elementwise(self, rec):
         k, node = self.node(rec)
-        ax = self.axis(rec["output"])
-        if ax.identity:
+        # a bias add after a rescaled layer: its constant is divided by the scales
+        ax = self.axis(rec["output"], scaled=rec["op"] in ("Add", "Sub"))
+        if ax.identity and not ax.scaled:
             return
         rank = len(self.imp.shapes[rec["output"]])
         for slot, x in enumerate(node.input):
@@ -508,7 +601,7 @@ class _Writer:
                 a = ax.axis - (rank - c.ndim)
                 if a < 0 or c.shape[a] == 1:
                     continue
-                ch = ax.mean_along(c, a)
+                ch = ax.mean_along(c, a, scaled=ax.scaled)
                 fold = self._row_factor(rec["output"], ax) if rec["node"] in self.fold_adds else None
                 if fold is not None:                   # the bias of a folded q projection
                     ch = ch * fold.reshape([-1 if j == a else 1 for j in range(c.ndim)])
@@ -917,7 +1010,8 @@ class _Writer:
         indices in kept positions (a merged position reads its group's kept one)."""
         for node in list(self.g.node):
             op = node.op_type
-            if op not in ("Split", "Slice", "Gather") or not node.input or node.input[0] not in self.imp.layouts:
+            if op not in ("Split", "Slice", "Gather") or not node.input or node.input[0] not in self.imp.layouts \
+                    or node.name in self.own:
                 continue
             x = node.input[0]
             sh = self._shrunk(x)
@@ -1044,7 +1138,36 @@ class _Writer:
         return self.m
 
 
-def write_dag_base(imp, labels, mode="merge", keep_pref=None, groups=None):
+def _column_scales(imp, scales):
+    """Per node: the rescaling merge's scale of its column (the nodes joins tie
+    position by position: a layer and the bias add after it).  A column takes
+    the scale of its LAST node set (the largest space index: the one the next
+    layer reads); columns with no scale are 1.  Only node sets the importer
+    marks homogeneous carry scales, and a column holding one holds only such
+    sets (see ``onnx_dag._homogeneous_spaces``), so for exact fibers every
+    node set of a column is scaled alike and any choice is exact."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    scales = np.asarray(scales, dtype=np.float64)
+    n = imp.graph.n
+    if n == 0 or np.all(scales == 1):
+        return None
+    if imp.joins:
+        a = np.concatenate([np.asarray(p, dtype=np.int64).reshape(-1) for p, _ in imp.joins])
+        b = np.concatenate([np.asarray(q, dtype=np.int64).reshape(-1) for _, q in imp.joins])
+    else:
+        a = b = np.zeros(0, np.int64)
+    _, comp = connected_components(coo_matrix((np.ones(a.size), (a, b)), shape=(n, n)), directed=False)
+    order = np.lexsort((np.arange(n), imp.space_of, comp))        # last of each column: its head
+    last = np.ones(n, dtype=bool)
+    last[:-1] = comp[order][1:] != comp[order][:-1]
+    head = np.empty(int(comp.max()) + 1, dtype=np.int64)
+    head[comp[order][last]] = order[last]
+    return scales[head[comp]]
+
+
+def write_dag_base(imp, labels, mode="merge", keep_pref=None, groups=None, scales=None):
     """The compressed ONNX model of ``imp`` under the colouring ``labels``;
     returns ``(model, gid, kept, why)``.
 
@@ -1054,11 +1177,13 @@ def write_dag_base(imp, labels, mode="merge", keep_pref=None, groups=None):
     each group (the one with the largest ``keep_pref``, per node) keeps its
     rows as they are, the input columns of the other members are dropped, and
     every multiplicity is 1 (LayerNorm, means and softmax over the kept units).
-    ``groups``: ``dag_groups(imp, labels, keep_pref)`` when the caller has it."""
+    ``groups``: ``dag_groups(imp, labels, keep_pref)`` when the caller has it.
+    ``scales``: per node, the rescaling merge's scales (``Refinement.scales``;
+    None: all 1)."""
     if mode not in ("merge", "prune"):
         raise ValueError(f"mode must be 'merge' or 'prune', got {mode!r}")
     gid, kept, why = groups if groups is not None else dag_groups(imp, labels, keep_pref)
-    w = _Writer(imp, gid, kept, prune=mode == "prune")
+    w = _Writer(imp, gid, kept, prune=mode == "prune", scales=scales, labels=labels)
     for rec in imp.records:
         getattr(w, rec["kind"])(rec)
     w.cuts()

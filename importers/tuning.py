@@ -4,7 +4,9 @@
 (the hypergraph path: residual streams, LSTM/GRU, attention, LayerNorm)
 import a model once and compress it for any ``{layer weight name: eps}``
 (layers not named: eps = 0, exact fibers) to a ``ModelProto`` without writing
-files; :func:`make_compressor` picks the one that reads the model.  :func:`tune_model` runs
+files; :func:`make_compressor` returns a :class:`DagCompressor` (every model
+is read by the hypergraph importer; :class:`ModelCompressor` stays for the
+chain tools that still use it).  :func:`tune_model` runs
 :func:`fibgraph.tune.greedy_eps` with the loss = mean cross-entropy of the
 compressed model on calibration data (onnxruntime), and returns a report
 whose ``eps`` table is exactly what ``color``/``compress --eps-file`` read
@@ -23,15 +25,12 @@ import numpy as np
 import onnx
 
 from fibgraph.errors import InputError
-from fibgraph.network import colour_network, compress_network
 from fibgraph.refine import DEFAULT_RTOL
 from fibgraph.tune import EPS_MAX, greedy_eps
 
 from .api import count_params, criteria_from_table, evaluate, load_data, probe_feeds
 from .onnx_dag import import_dag
-from .onnx_in import import_onnx
 from .onnx_load import load_onnx
-from .onnx_out import write_base_onnx
 
 __all__ = ["ModelCompressor", "DagCompressor", "make_compressor", "tune_model", "criteria_for"]
 
@@ -49,6 +48,8 @@ class ModelCompressor:
 
     def __init__(self, model, linkage="average", metric="cosine", rescale=True,
                  symmetry="fibration", rtol=DEFAULT_RTOL, imported=None):
+        from .onnx_in import import_onnx
+
         _check_options(linkage, metric)
         self.res = imported or import_onnx(model)
         self.model = self.res.model
@@ -64,16 +65,22 @@ class ModelCompressor:
         return [ly.name for ly in self.network.layers if not ly.is_output]
 
     def colouring(self, eps_by_layer):
+        from fibgraph.network import colour_network
+
         crit = criteria_for(eps_by_layer, self.linkage, self.metric, self.rescale, self.rtol)
         return colour_network(self.network, self.symmetry, crit)
 
     def base(self, eps_by_layer):
         """(base Network, colouring) for ``eps_by_layer``."""
+        from fibgraph.network import compress_network
+
         col = self.colouring(eps_by_layer)
         return compress_network(col)[0], col
 
     def compressed(self, eps_by_layer, check=False):
         """(ModelProto, base Network, colouring)."""
+        from .onnx_out import write_base_onnx
+
         base, col = self.base(eps_by_layer)
         return write_base_onnx(self.model, base, check=check), base, col
 
@@ -84,6 +91,10 @@ class ModelCompressor:
         return h.hexdigest()
 
     def write(self, col):
+        from fibgraph.network import compress_network
+
+        from .onnx_out import write_base_onnx
+
         return write_base_onnx(self.model, compress_network(col)[0], check=False)
 
     def layer_rows(self, eps_by_layer, base):
@@ -102,9 +113,10 @@ class DagCompressor:
     A tunable layer is a compressible weight whose units are not the model's
     output and not kept whole (they feed a barrier).  Weights that share node
     sets (W and R of one LSTM/GRU) are one layer, named by the first; the eps
-    file gives the tuned eps to all of them.  As in ``compress``, no node of
-    the hypergraph licenses the rescaling merge, and cosine is replaced by the
-    magnitude-aware distance (see :mod:`importers.dag_api`)."""
+    file gives the tuned eps to all of them.  As in ``compress``, the
+    rescaling merge applies to the node sets the importer marks positively
+    homogeneous; elsewhere cosine is replaced by the magnitude-aware distance
+    (see :mod:`importers.dag_api`)."""
 
     graph = "hypergraph"
 
@@ -147,10 +159,13 @@ class DagCompressor:
             self.ties[w] = [w]
             self._entries.append((w, ids, bool(out_nodes[ids].all()), bool(self.imp.keep[ids].all())))
         self.notes = []
-        if rescale:
-            self.notes.append("no rescaling merge on the hypergraph")
-        if metric == "cosine":
-            self.notes.append("cosine replaced by the magnitude-aware distance on the hypergraph")
+        homog = self.imp.graph.homogeneous
+        tun = [ids for w, ids, is_out, whole in self._entries if not is_out and not whole]
+        if tun and metric == "cosine" and not all(bool(homog[ids].all()) for ids in tun):
+            self.notes.append("cosine replaced by the magnitude-aware distance where the activation "
+                              "is not positively homogeneous")
+        if tun and rescale and metric == "cosine" and not any(bool(homog[ids].all()) for ids in tun):
+            self.notes.append("no layer licenses the rescaling merge (no positively homogeneous activation)")
 
     @property
     def tunable(self):
@@ -163,7 +178,7 @@ class DagCompressor:
         from .dag_api import colour_dag
 
         return colour_dag(self.imp, self.symmetry, 0.0, self.table(eps_by_layer), self.linkage, self.metric,
-                          self.rtol)
+                          self.rtol, self.rescale)
 
     def key(self, col):
         """A hash of the writer's groups (colourings with the same base meet
@@ -174,12 +189,14 @@ class DagCompressor:
         gid, kept, _ = col.groups
         h = hashlib.sha1(np.ascontiguousarray(gid, dtype=np.int64).tobytes())
         h.update(np.packbits(kept).tobytes())
+        if col.scales is not None and np.any(col.scales != 1):
+            h.update(np.round(np.ascontiguousarray(col.scales, dtype=np.float64), 12).tobytes())
         return h.hexdigest()
 
     def write(self, col):
         from .onnx_dag_out import write_dag_base
 
-        col.base = write_dag_base(self.imp, col.labels, groups=col.groups)
+        col.base = write_dag_base(self.imp, col.labels, groups=col.groups, scales=col.scales)
         return col.base[0]
 
     def compressed(self, eps_by_layer, check=False):
@@ -218,17 +235,13 @@ def _check_options(linkage, metric):
 
 
 def make_compressor(model, linkage="average", metric="cosine", rescale=True, rtol=DEFAULT_RTOL, data=None):
-    """:class:`ModelCompressor` when the feed-forward chain importer reads the
-    model, else :class:`DagCompressor` (probed on the first sample of ``data``)."""
+    """:class:`DagCompressor` of the model (the hypergraph importer, probed on
+    the first sample of ``data``)."""
     _check_options(linkage, metric)
     label = os.fspath(model) if isinstance(model, (str, os.PathLike)) else "model"
     m = load_onnx(model) if isinstance(model, (str, os.PathLike)) else model
-    try:
-        res = import_onnx(m, label)
-    except InputError:
-        imp = import_dag(m, feeds=probe_feeds(data, m), label=label)
-        return DagCompressor(m, linkage, metric, rescale, rtol=rtol, imported=imp)
-    return ModelCompressor(m, linkage, metric, rescale, rtol=rtol, imported=res)
+    imp = import_dag(m, feeds=probe_feeds(data, m), label=label)
+    return DagCompressor(m, linkage, metric, rescale, rtol=rtol, imported=imp)
 
 
 def tune_model(model, data, tau=0.01, steps=10, linkage="average", metric="cosine", rescale=True,

@@ -277,9 +277,15 @@ def io_signature(model):
 
 
 def initializer(model, name):
+    """The initializer ``name`` of ``model``, or the one a compressed base
+    wrote in its place (the hypergraph writer names a rewritten tensor
+    ``<name>__base<k>``; a Constant node's value likewise)."""
     for t in model.graph.initializer:
         if t.name == name:
             return numpy_helper.to_array(t)
+    renamed = [t for t in model.graph.initializer if t.name.startswith(f"{name}__base")]
+    if len(renamed) == 1:
+        return numpy_helper.to_array(renamed[0])
     raise KeyError(name)
 
 

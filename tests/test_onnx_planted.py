@@ -101,9 +101,11 @@ def test_hand_built_planted_fibers_recovered_and_compressed(capsys, tmp_path, pl
     ("gemm", np.float32, True), ("matmul", np.float32, True), ("matmul_rev", np.float32, False),
     ("gemm", np.float64, False), ("matmul", np.float64, False), ("gemm_ab", np.float64, True)])
 def test_other_encodings(capsys, tmp_path, planted, form, dtype, constants):
-    """Weights as Constant nodes (parameters counted, written back as
-    Constants), Add(bias, product), float64 models (dtype preserved)."""
+    """Weights as Constant nodes (parameters counted, the compressed weights
+    written in their place), Add(bias, product), float64 models (dtype
+    preserved)."""
     import onnx
+    from onnx import numpy_helper
 
     path = save(mlp_onnx(planted.Ws, planted.bs, form=form, dtype=dtype, constants=constants),
                 tmp_path / "m.onnx")
@@ -113,15 +115,22 @@ def test_other_encodings(capsys, tmp_path, planted, form, dtype, constants):
     a, b = onnx.load(path), onnx.load(small)
     assert io_signature(a) == io_signature(b)
     onnx.checker.check_model(b, full_check=True)
-    consts = {n.output[0]: n for n in b.graph.node if n.op_type == "Constant"}
-    inits = {t.name for t in b.graph.initializer}
-    for l in range(3):
-        assert (f"W{l + 1}" in consts) == constants and (f"W{l + 1}" in inits) != constants
-    if constants:
-        from onnx import numpy_helper
-
-        W1 = numpy_helper.to_array(consts["W1"].attribute[0].t)
-        assert W1.shape in ((4, N_IN), (N_IN, 4)) and W1.dtype == dtype
+    consts = {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in b.graph.node if n.op_type == "Constant"}
+    inits = {t.name: numpy_helper.to_array(t) for t in b.graph.initializer}
+    tensors = {**inits, **consts}
+    # the weight each linear node reads now: the compressed one, same dtype;
+    # the original (uncompressed) Constant weights are gone
+    linear = [n for n in b.graph.node if n.op_type in ("Gemm", "MatMul")]
+    assert len(linear) == 3
+    n_units = [len(f) for f in planted.fibers()]
+    fan_in = [N_IN] + n_units[:-1]
+    for l, node in enumerate(linear):
+        W = tensors[node.input[1]] if node.input[1] in tensors else tensors[node.input[0]]
+        assert W.dtype == dtype
+        assert sorted(W.shape) == sorted((n_units[l], fan_in[l]))
+    for l in range(2):
+        assert f"W{l + 1}" not in consts or consts[f"W{l + 1}"].size == n_units[l] * fan_in[l]
+    assert report["params_after"] == sum(v.size for v in tensors.values() if v.dtype.kind == "f")
 
 
 @pytest.mark.parametrize("form", ["gemm", "matmul"])
@@ -156,12 +165,16 @@ def test_base_weights_and_bias_mean_formula(capsys, tmp_path, planted, hand_mode
 def test_bias_only_difference_does_not_merge_at_eps0_in_api(planted, hand_models):
     from importers.api import color_model
 
-    _, res, col = color_model(hand_models["gemm"], eps=0.0)
-    f0, f1 = col.layer_fibers(0), col.layer_fibers(1)
+    rep, imp, col = color_model(hand_models["gemm"], eps=0.0)
+    f0, f1 = rep["layers"][0]["fibers"], rep["layers"][1]["fibers"]
     assert [2] in f0 and [5] in f0
     assert [4] in f1 and [5, 6] in f1
-    assert [ly.name for ly in res.network.layers] == ["W1", "W2", "W3"]
-    assert res.network.layers[-1].is_output
+    assert [ly["weight"] for ly in rep["layers"]] == ["W1", "W2", "W3"]
+    assert [ly["output_layer"] for ly in rep["layers"]] == [False, False, True]
+    # the colouring itself, not only the report: rows 2 and 5 of W1 are equal, their biases not
+    sp = {s.weight: s for s in imp.spaces if s.kind == "linear"}
+    lab = col.labels[sp["W1"].ids]
+    assert lab[2] != lab[5] and lab[0] == lab[1] and lab[3] == lab[4]
 
 
 @pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
