@@ -98,12 +98,13 @@ def test_attention_op_opset23(tmp_path, qk_shared):
     assert not rep["barriers"]
     assert rep["verify"]["max_abs_diff"] <= TOL * max(1.0, rep["verify"]["max_abs_output"])
     H = info["nhead"]
-    per_head = max(max(len(p) for p in info["qk_pairs"]),
-                   max(len({info["maps"]["v"][h * info["head_dim"] + j] for j in range(info["head_dim"])})
-                       for h in range(H)))
+    pairs = max(len(p) for p in info["qk_pairs"])
+    v_fibers = max(len({info["maps"]["v"][h * info["head_dim"] + j] for j in range(info["head_dim"])})
+                   for h in range(H))
     in_proj = max(rep["layers"], key=lambda ly: ly["nodes_before"])
     assert in_proj["nodes_before"] == 3 * info["d_model"]
-    assert in_proj["nodes_after"] == 3 * H * per_head
+    # q and k keep one dim per (q colour, k colour) pair, v its fibers; heads equal by exact splitting
+    assert in_proj["nodes_after"] == H * (2 * pairs + v_fibers)
     # the original 1/sqrt(head dim) is written into the op, not recomputed from the new size
     att = next(n for n in onnx.load(str(out)).graph.node if n.op_type == "Attention")
     scale = [onnx.helper.get_attribute_value(a) for a in att.attribute if a.name == "scale"]

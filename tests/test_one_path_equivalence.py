@@ -139,7 +139,7 @@ def test_torch_cnn_export(tmp_path):
 
 # ------------------------------------------------- bundled model, sklearn
 def test_bundled_digits_mlp_every_demo_eps():
-    from fibgraph.demo import EPS_GRID, bundled_model
+    from fibgraph.cli.demo import EPS_GRID, bundled_model
 
     for eps in EPS_GRID:
         _same(bundled_model(), eps, "cosine")
