@@ -9,8 +9,7 @@ dispatch on attribute names).
 
 Example::
 
-    >>> r = LinearRecord(node="fc1", op="Gemm", input="x", output="h", weight="W1", space=3,
-    ...                  D=1, x_axis=-1, attrs={})
+    >>> r = LinearRecord(node="fc1", op="Gemm", input="x", output="h", weight="W1", space=3)
     >>> r.kind
     <Kind.LINEAR: 'linear'>
 """
@@ -21,7 +20,7 @@ from enum import Enum
 
 __all__ = ["Kind", "Record", "LinearRecord", "EmbeddingRecord", "ElementwiseRecord", "ReduceRecord",
            "SoftmaxRecord", "ContractRecord", "AttentionRecord", "ChannelNormRecord", "LayerNormRecord",
-           "RecurrentRecord", "WEIGHT_KINDS", "SINGLE_AXIS_KINDS"]
+           "RecurrentRecord", "PackedRecord", "record_from_dict", "WEIGHT_KINDS", "SINGLE_AXIS_KINDS"]
 
 
 class Kind(str, Enum):
@@ -37,19 +36,22 @@ class Kind(str, Enum):
     ATTENTION = "attention"        # the ONNX Attention op (opset 23)
     CHANNEL_NORM = "channel_norm"  # BatchNormalization / InstanceNormalization
     LAYERNORM = "layernorm"        # LayerNormalization
+    PACKED = "packed"              # q, k or v cut out of a packed projection (torch's in_proj)
     RECURRENT = "recurrent"        # LSTM / GRU
 
 
-@dataclass(frozen=True)
+@dataclass
 class Record:
-    """Common fields: the ONNX node's name."""
+    """Common fields: the ONNX node's name and its position in the graph
+    (``index``: the writer finds nodes by it, since names may be empty or repeated)."""
 
     node: str
+    index: int | None = None
 
     kind = None   # set per subclass (a class attribute, not a field)
 
 
-@dataclass(frozen=True)
+@dataclass
 class LinearRecord(Record):
     """A linear op: ``weight`` (initializer or Constant name) maps ``input`` to
     ``output``; its output units are node set ``space``; ``D`` positions per
@@ -71,7 +73,7 @@ class LinearRecord(Record):
         return Kind.DEPTHWISE if self.depthwise else Kind.LINEAR
 
 
-@dataclass(frozen=True)
+@dataclass
 class EmbeddingRecord(Record):
     """``Gather(weight, ids)``: the table's rows are node set ``space``."""
 
@@ -82,7 +84,7 @@ class EmbeddingRecord(Record):
     kind = Kind.EMBEDDING
 
 
-@dataclass(frozen=True)
+@dataclass
 class ElementwiseRecord(Record):
     """An element-wise op of the ``streams`` and per-unit constants ``consts``."""
 
@@ -93,7 +95,7 @@ class ElementwiseRecord(Record):
     kind = Kind.ELEMENTWISE
 
 
-@dataclass(frozen=True)
+@dataclass
 class ReduceRecord(Record):
     """A reduction over unit ``axes``; ``mode`` is 'mean', 'sum', 'ReduceMax' or 'ReduceMin'."""
 
@@ -105,7 +107,7 @@ class ReduceRecord(Record):
     kind = Kind.REDUCE
 
 
-@dataclass(frozen=True)
+@dataclass
 class SoftmaxRecord(Record):
     """Softmax or LogSoftmax over the unit ``axis``."""
 
@@ -116,7 +118,7 @@ class SoftmaxRecord(Record):
     kind = Kind.SOFTMAX
 
 
-@dataclass(frozen=True)
+@dataclass
 class ContractRecord(Record):
     """``MatMul(A, B)`` of two streams contracting ``A``'s ``a_axis`` with ``B``'s ``b_axis``."""
 
@@ -127,7 +129,7 @@ class ContractRecord(Record):
     kind = Kind.CONTRACT
 
 
-@dataclass(frozen=True)
+@dataclass
 class AttentionRecord(Record):
     """The ONNX Attention op: query tensor ``q``, the layout ``heads`` of its
     (head, head dim) units, head size ``dh``; ``four``: 4-d (B, H, S, dh) inputs."""
@@ -139,17 +141,20 @@ class AttentionRecord(Record):
     kind = Kind.ATTENTION
 
 
-@dataclass(frozen=True)
+@dataclass
 class ChannelNormRecord(Record):
-    """BatchNormalization / InstanceNormalization on ``input``."""
+    """BatchNormalization / InstanceNormalization on ``input``; ``training``: the
+    batch statistics are used (training-mode BatchNormalization)."""
 
     op: str = ""
     input: str = ""
     output: str = ""
+    training: bool = False
+    epsilon: float = 1e-5
     kind = Kind.CHANNEL_NORM
 
 
-@dataclass(frozen=True)
+@dataclass
 class LayerNormRecord(Record):
     """LayerNormalization over ``axes``."""
 
@@ -159,7 +164,7 @@ class LayerNormRecord(Record):
     kind = Kind.LAYERNORM
 
 
-@dataclass(frozen=True)
+@dataclass
 class RecurrentRecord(Record):
     """An LSTM/GRU op: weights ``W``, ``R``, ``B`` (and peepholes ``P``), initial
     states ``h0``/``c0``; ``spaces`` are its node sets, ``hidden`` the hidden
@@ -181,6 +186,40 @@ class RecurrentRecord(Record):
     layout: int = 0
     outputs: tuple = ()
     kind = Kind.RECURRENT
+
+
+@dataclass
+class PackedRecord(Record):
+    """``output`` equals the contiguous slice ``[start, end)`` along ``axis`` of the
+    packed projection output ``source`` (``region``: the cut's element region;
+    ``chain``: the layout ops between them, dead once the cut is a Slice)."""
+
+    output: str = ""
+    source: str = ""
+    axis: int = -1
+    start: int = 0
+    end: int = 0
+    region: tuple = ()
+    chain: tuple = ()
+    kind = Kind.PACKED
+
+
+_BY_KIND = {"linear": LinearRecord, "depthwise": LinearRecord, "embedding": EmbeddingRecord,
+            "elementwise": ElementwiseRecord, "reduce": ReduceRecord, "softmax": SoftmaxRecord,
+            "contract": ContractRecord, "attention": AttentionRecord, "channel_norm": ChannelNormRecord,
+            "layernorm": LayerNormRecord, "recurrent": RecurrentRecord, "packed": PackedRecord}
+
+
+def record_from_dict(d):
+    """A typed record from the importer's old dict form (``{"kind": ..., field: value}``);
+    a record passes through unchanged."""
+    if isinstance(d, Record):
+        return d
+    d = dict(d)
+    kind = d.pop("kind")
+    if kind == "depthwise":
+        d["depthwise"] = True
+    return _BY_KIND[kind](**d)
 
 
 #: records whose weight is a compressible layer of the report and the eps file
