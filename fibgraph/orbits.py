@@ -118,7 +118,7 @@ def _twin_classes(n, node_col, src, dst, ecol):
     multiset of (in-neighbour, edge colour) and (out-neighbour, edge colour)
     among the other nodes (so twins are not adjacent).  Any permutation inside
     a twin class is an automorphism.  Two independent 64-bit multiset hashes."""
-    from .refine import _GOLD, _M1, _M2, _mix
+    from .hashing import GOLD as _GOLD, M1 as _M1, M2 as _M2, mix as _mix
     from .sigsparse import group_rows
 
     h = []

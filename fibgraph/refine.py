@@ -71,6 +71,7 @@ import scipy.sparse as sp
 
 from .cluster import LINKAGES, METRICS, threshold_clusters
 from .graph import WeightedDigraph
+from .hashing import GOLD as _GOLD, M1 as _M1, M2 as _M2, mix
 from .partition import canonical
 
 __all__ = ["Exact", "Tolerance", "Refinement", "refine", "DEFAULT_RTOL"]
@@ -123,17 +124,7 @@ class Refinement:
 
 
 # ---------------------------------------------------------------- hashing
-_M1 = np.uint64(0xBF58476D1CE4E5B9)
-_M2 = np.uint64(0x94D049BB133111EB)
-_GOLD = np.uint64(0x9E3779B97F4A7C15)
-
-
-def _mix(x):
-    """splitmix64 finaliser, vectorised on uint64 arrays (wraps modulo 2**64)."""
-    x = np.asarray(x, dtype=np.uint64) + _GOLD
-    x = (x ^ (x >> np.uint64(30))) * _M1
-    x = (x ^ (x >> np.uint64(27))) * _M2
-    return x ^ (x >> np.uint64(31))
+_mix = mix
 
 
 def _key(colour, d, etype=None):

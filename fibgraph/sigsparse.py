@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .refine import _GOLD, _M1, _M2, _mix
+from .hashing import GOLD as _GOLD, M1 as _M1, M2 as _M2, mix as _mix
 
 __all__ = ["quantise", "group_in_order", "group_sorted", "value_labels", "hash_entries", "sparse_hash", "group_rows"]
 

@@ -125,7 +125,7 @@ def _group_columns(imp, labels, keep_pref=None, split=True):
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
-    from fibgraph.refine import _mix
+    from fibgraph.hashing import mix as _mix
 
     n = imp.graph.n
     space_of = imp.space_of
