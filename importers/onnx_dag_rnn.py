@@ -10,6 +10,11 @@ All of one direction's nodes form one *cyclic* level, refined to a fixed point:
 the hidden partition is the colouring's fixed point, and the gates of unit
 ``j`` are forced into the hidden unit's class by the AND factors, so the base
 keeps the same number of units per gate.
+
+The input must carry its ``input_size`` units on the feature axis, and a
+streamed initial state its ``hidden_size`` units on the hidden axis: anything
+else (a layout the importer tries that puts the model input's units on
+another axis, one node from a barrier's output) makes the op a barrier.
 """
 from __future__ import annotations
 
@@ -45,6 +50,13 @@ def map_recurrent(b, node, name, a, kinds):
     xid = b.layout[X]
     if xid.ndim != 3 or xid.shape[0] != 1 or xid.shape[1] != 1:
         raise _Barrier(f"{op} input whose units are not on the feature axis")
+    if W.ndim != 3 or R.shape != (dirs, G * H, H) or W.shape[1] != G * H:
+        raise _Barrier(f"{op} weights of shapes {W.shape}, {R.shape} for hidden_size {H}")
+    if xid.shape[2] != W.shape[2]:
+        # the feature axis is positional here (one node: a layout that puts the
+        # model input's units elsewhere, a barrier's output); the op weighs each
+        # feature on its own, so it cannot act alike along that axis
+        raise _Barrier(f"{op} input has {xid.shape[2]} unit(s) on its feature axis, not {W.shape[2]}")
     xcols = xid.reshape(-1)
     h0n, c0n = ins[5], (ins[6] if op == "LSTM" else "")
     Pn = ins[7] if op == "LSTM" else ""
@@ -62,7 +74,10 @@ def map_recurrent(b, node, name, a, kinds):
             return
         if tname in b.layout:
             sid = b.layout[tname]                # (dirs, batch, H) or (batch, dirs, H)
-            sid = np.broadcast_to(sid, (dirs, 1, H) if layout == 0 else (1, dirs, H))
+            want = (dirs, 1, H) if layout == 0 else (1, dirs, H)
+            if sid.ndim != 3 or sid.shape[2] != H or any(s not in (1, w) for s, w in zip(sid.shape, want)):
+                raise _Barrier(f"{op} initial state {tname!r} whose units are not on its hidden axis")
+            sid = np.broadcast_to(sid, want)
             src = sid[d, 0] if layout == 0 else sid[0, d]
             b.sparse(src, dst_ids, np.ones(H), _etype(tag, what), f"{name}:{what}{d}")
         else:
