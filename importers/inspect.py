@@ -5,32 +5,28 @@ from rich.table import Table
 
 from fibgraph.report import console
 
-from fibgraph.errors import InputError
-
 from .api import count_params
-from .onnx_in import SUPPORTED_OPS, import_onnx
 from .onnx_load import float_tensors, load_onnx
 
 __all__ = ["inspect_model", "op_census"]
 
 
-def op_census(model, barrier_nodes=None):
+def op_census(model, barrier_nodes=()):
     """Per op type: node count, whether fibgraph maps it, floating-point
-    parameters it reads (initializers and Constant tensors).  With
-    ``barrier_nodes`` (the hypergraph importer's barriers), an op type is
-    supported unless one of its nodes is a barrier."""
+    parameters it reads (initializers and Constant tensors).  An op type is
+    supported unless one of its nodes is in ``barrier_nodes`` (the
+    hypergraph importer's barriers)."""
+    barrier_nodes = set(barrier_nodes or ())
     sizes = dict(float_tensors(model))
     total = sum(sizes.values()) or 1
     rows = {}
     for i, node in enumerate(model.graph.node):
         if node.op_type == "Constant":
             continue
-        r = rows.setdefault(node.op_type, {"op": node.op_type, "count": 0, "params": 0,
-                                           "supported": node.op_type in SUPPORTED_OPS if barrier_nodes is None
-                                           else True,
+        r = rows.setdefault(node.op_type, {"op": node.op_type, "count": 0, "params": 0, "supported": True,
                                            "nodes": []})
         r["count"] += 1
-        if barrier_nodes is not None and (node.name or f"{node.op_type}_{i}") in barrier_nodes:
+        if (node.name or f"{node.op_type}_{i}") in barrier_nodes:
             r["supported"] = False
         r["params"] += sum(sizes.get(x, 0) for x in node.input)
         if len(r["nodes"]) < 3:
@@ -60,44 +56,11 @@ def _census_table(path, census):
 
 
 def inspect_model(path):
-    model = load_onnx(path)
-    try:
-        res = import_onnx(model, str(path))
-    except InputError as chain_error:
-        return inspect_dag(path, model, str(chain_error))
-    census = op_census(model)
-    _census_table(path, census)
-    net = res.network
-    m = res.model
-    opset = {o.domain or "ai.onnx": o.version for o in m.opset_import}
-    total = count_params(m)
-    console.print(f"[bold]{path}[/bold]  producer: {m.producer_name or '?'} {m.producer_version}  "
-                  f"opset: {opset.get('ai.onnx', '?')}  IR: {m.ir_version}")
-    console.print(f"input: {res.input_name}  outputs: {', '.join(res.output_names)}  "
-                  f"input units: {net.input_units}")
-    t = Table(title="layers", title_justify="left")
-    for c in ("#", "weight", "op", "kind", "units in -> out", "positions/kernel", "params", "then",
-              "homogeneous"):
-        t.add_column(c)
-    for l, ly in enumerate(net.layers):
-        t.add_row(str(l), ly.name, ly.meta.get("op", ""), ly.kind, f"{ly.n_in} -> {ly.n_out}",
-                  str(ly.weight.shape[2]), f"{ly.weight.size + ly.bias.size:,}",
-                  (ly.activation or "identity") + (" (output)" if ly.is_output else ""),
-                  "yes" if ly.homogeneous else "no")
-    console.print(t)
-    _print_roles(res.ops)
-    console.print(f"parameters: {total:,} (floating-point initializers and Constant tensors: "
-                  f"{len(float_tensors(m))})  -  supported: yes, every node is mapped")
-    return {"model": str(path), "input": res.input_name, "op_types": census, "outputs": res.output_names,
-            "input_units": net.input_units, "params": total, "supported": True,
-            "layers": [{"weight": ly.name, "op": ly.meta.get("op"), "kind": ly.kind,
-                        "units_in": ly.n_in, "units_out": ly.n_out, "params": int(ly.weight.size + ly.bias.size),
-                        "activation": ly.activation or "identity", "homogeneous": bool(ly.homogeneous),
-                        "output_layer": bool(ly.is_output)} for ly in net.layers],
-            "ops": [{"node": n, "op": o, "role": r} for n, o, r in res.ops]}
+    """Print and return what the hypergraph importer makes of the model at ``path``."""
+    return inspect_dag(path, load_onnx(path))
 
 
-def inspect_dag(path, model, chain_error=""):
+def inspect_dag(path, model):
     """Inspect a model through the hypergraph importer: its op census (barrier
     ops unsupported), compressible weights, barriers and their share."""
     from .dag_api import weight_entries
@@ -110,7 +73,7 @@ def inspect_dag(path, model, chain_error=""):
     opset = {o.domain or "ai.onnx": o.version for o in model.opset_import}
     console.print(f"[bold]{path}[/bold]  producer: {model.producer_name or '?'} {model.producer_version}  "
                   f"opset: {opset.get('ai.onnx', '?')}  IR: {model.ir_version}")
-    console.print(f"read as a hypergraph (not a feed-forward chain: {chain_error.split(': ', 1)[-1]})")
+    console.print("read as a hypergraph")
     console.print(f"inputs: {', '.join(imp.inputs)}  outputs: {', '.join(imp.outputs)}  "
                   f"nodes: {imp.graph.n:,}  edge blocks: {len(imp.graph.blocks):,}")
     t = Table(title="compressible weights", title_justify="left")
