@@ -156,6 +156,21 @@ def test_what_cannot_be_rebuilt_is_refused():
         compress_module(_duplicated_mlp(0), {"9.weight": 0.1})
 
 
+def test_import_torch_reads_the_module_as_a_hypergraph(tmp_path):
+    from importers.dag_api import colour_dag, weight_entries
+    from importers.onnx_dag import DagImport
+    from importers.torch_export import import_torch
+
+    m = _duplicated_mlp(3)
+    keep = tmp_path / "m.onnx"
+    imp = import_torch(m, torch.zeros(2, 64), keep=str(keep))
+    assert isinstance(imp, DagImport) and keep.exists()
+    ents = weight_entries(imp)
+    assert [(w, ids.size) for w, _, ids, _ in ents] == [("0.weight", 24), ("2.weight", 16), ("4.weight", 10)]
+    col = colour_dag(imp, "fibration")
+    assert np.unique(col.labels[ents[0][2]]).size == 8            # the planted copies: 8 fibers of 3
+
+
 def test_module_from_onnx_round_trip_keeps_weights():
     m = _duplicated_mlp(2)
     again = module_from_onnx(export_model(m, torch.zeros(1, 64)), m)
