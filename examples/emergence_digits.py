@@ -15,10 +15,8 @@ and covers at eps = 0 (exact up to float rounding), 0.05, 0.1 and 0.2
   panel per symmetry, top row with weight decay, bottom row without;
 
 and prints the final hierarchy per layer (strict covers, covers, fibers,
-opfibers; automorphism orbits only when ``fibgraph.orbits`` is available), read
-from the trained model's hypergraph (:func:`importers.torch_export.import_torch`,
-:func:`importers.dag_api.colour_dag`: at eps > 0 the magnitude-aware distance,
-no rescaling merge), and the activity view (do the weight fibers lie inside activity synchrony
+opfibers; automorphism orbits only when ``fibgraph.orbits`` is available) and
+the activity view (do the weight fibers lie inside activity synchrony
 clusters?).
 
 What to expect (measured, seed 0, one thread): exact fibers (eps = 0) never
@@ -52,11 +50,11 @@ from sklearn.model_selection import train_test_split  # noqa: E402
 from torch import nn  # noqa: E402
 
 from fibgraph.activity import activity_report  # noqa: E402
+from fibgraph.network import colour_network  # noqa: E402
 from fibgraph.partition import num_classes  # noqa: E402
-from fibgraph.refine import Tolerance  # noqa: E402
+from fibgraph.refine import Exact, Tolerance  # noqa: E402
 from fibgraph.tracking import SYMMETRY_NOUN, FiberTracker  # noqa: E402
-from importers.dag_api import colour_dag, weight_entries  # noqa: E402
-from importers.torch_export import import_torch  # noqa: E402
+from importers.torch_net import network_from_torch  # noqa: E402
 
 EPS = (0.0, 0.05, 0.1, 0.2)
 try:
@@ -107,16 +105,16 @@ def run(weight_decay, epochs, seed, data, eps=EPS):
 
 
 def hierarchy(model, eps):
-    """Counts per hidden layer: (orbits), strict covers, covers, fibers, opfibers,
-    on the model's hypergraph."""
-    imp = import_torch(model, torch.zeros(1, model[0].in_features))
+    """Counts per hidden layer: (orbits), strict covers, covers, fibers, opfibers."""
+    net = network_from_torch(model)
+    crit = Exact() if eps == 0 else Tolerance(eps)
     levels = ["covering-strict", "covering", "fibration", "opfibration"]
     if HAVE_ORBITS and eps == 0:
         levels.insert(0, "automorphism")
-    cols = {s: colour_dag(imp, s, eps) for s in levels}
+    cols = {s: colour_network(net, s, crit) for s in levels}
     rows = []
-    for l, (_, _, ids, _) in enumerate(weight_entries(imp)[:-1]):
-        rows.append((l + 1, int(ids.size), {s: num_classes(cols[s].labels[ids]) for s in levels}))
+    for l, ly in enumerate(net.layers[:-1]):
+        rows.append((l + 1, ly.n_out, {s: num_classes(cols[s].level_labels(l + 1)) for s in levels}))
     return levels, rows
 
 
