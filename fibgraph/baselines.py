@@ -48,21 +48,31 @@ def prune_scores(rows: np.ndarray, method: str, rng=None) -> np.ndarray:
 
 def kmeans_labels(X: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
     """Canonical labels of a k-means partition of the rows of ``X`` into exactly
-    ``k`` clusters (seeded; identical points that leave fewer clusters are
-    split, largest cluster first)."""
-    from sklearn.cluster import KMeans
+    ``k`` clusters (scipy's ``kmeans2``: k-means++ seeding from ``seed``, then
+    Lloyd steps until no label moves; deterministic for a seed).  Identical
+    points that leave fewer than ``k`` clusters are split, largest cluster
+    first."""
+    from scipy.cluster.vq import kmeans2
 
     X = np.asarray(X, dtype=np.float64)
     n = X.shape[0]
-    if not (1 <= k):
+    if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     if k >= n:
         return np.arange(n)
     if k == 1:
         return np.zeros(n, dtype=np.int64)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")   # "fewer distinct clusters": fixed below
-        lab = KMeans(n_clusters=k, n_init=1, random_state=seed).fit_predict(X)
+        warnings.simplefilter("ignore")   # "one of the clusters is empty": fixed below
+        try:
+            C, lab = kmeans2(X, k, iter=1, minit="++", missing="warn", rng=np.random.default_rng(seed))
+        except TypeError:                 # scipy < 1.15 names it seed
+            C, lab = kmeans2(X, k, iter=1, minit="++", missing="warn", seed=np.random.default_rng(seed))
+        for _ in range(300):              # Lloyd steps until no label moves
+            C2, lab2 = kmeans2(X, C, iter=1, minit="matrix", missing="warn")
+            if np.array_equal(lab2, lab):
+                break
+            C, lab = C2, lab2
     lab = canonical(lab)
     nxt = int(lab.max()) + 1
     while nxt < k:

@@ -11,22 +11,25 @@ from .onnx_load import float_tensors, load_onnx
 __all__ = ["inspect_model", "op_census"]
 
 
-def op_census(model, barrier_nodes=()):
+def op_census(model, barrier_nodes=None):
     """Per op type: node count, whether fibgraph maps it, floating-point
-    parameters it reads (initializers and Constant tensors).  An op type is
-    supported unless one of its nodes is in ``barrier_nodes`` (the
-    hypergraph importer's barriers)."""
-    barrier_nodes = set(barrier_nodes or ())
+    parameters it reads (initializers and Constant tensors).  With
+    ``barrier_nodes`` (the hypergraph importer's barriers), an op type is
+    supported unless one of its nodes is a barrier."""
+    if barrier_nodes is None:                     # the chain importer's op list (kept for its users)
+        from .onnx_in import SUPPORTED_OPS
     sizes = dict(float_tensors(model))
     total = sum(sizes.values()) or 1
     rows = {}
     for i, node in enumerate(model.graph.node):
         if node.op_type == "Constant":
             continue
-        r = rows.setdefault(node.op_type, {"op": node.op_type, "count": 0, "params": 0, "supported": True,
+        r = rows.setdefault(node.op_type, {"op": node.op_type, "count": 0, "params": 0,
+                                           "supported": node.op_type in SUPPORTED_OPS if barrier_nodes is None
+                                           else True,
                                            "nodes": []})
         r["count"] += 1
-        if (node.name or f"{node.op_type}_{i}") in barrier_nodes:
+        if barrier_nodes is not None and (node.name or f"{node.op_type}_{i}") in barrier_nodes:
             r["supported"] = False
         r["params"] += sum(sizes.get(x, 0) for x in node.input)
         if len(r["nodes"]) < 3:
@@ -56,11 +59,11 @@ def _census_table(path, census):
 
 
 def inspect_model(path):
-    """Print and return what the hypergraph importer makes of the model at ``path``."""
+    """Inspect a model: every model is read by the hypergraph importer."""
     return inspect_dag(path, load_onnx(path))
 
 
-def inspect_dag(path, model):
+def inspect_dag(path, model, chain_error=""):
     """Inspect a model through the hypergraph importer: its op census (barrier
     ops unsupported), compressible weights, barriers and their share."""
     from .dag_api import weight_entries
@@ -73,7 +76,7 @@ def inspect_dag(path, model):
     opset = {o.domain or "ai.onnx": o.version for o in model.opset_import}
     console.print(f"[bold]{path}[/bold]  producer: {model.producer_name or '?'} {model.producer_version}  "
                   f"opset: {opset.get('ai.onnx', '?')}  IR: {model.ir_version}")
-    console.print("read as a hypergraph")
+    console.print("read as a hypergraph" + (f" ({chain_error.split(': ', 1)[-1]})" if chain_error else ""))
     console.print(f"inputs: {', '.join(imp.inputs)}  outputs: {', '.join(imp.outputs)}  "
                   f"nodes: {imp.graph.n:,}  edge blocks: {len(imp.graph.blocks):,}")
     t = Table(title="compressible weights", title_justify="left")

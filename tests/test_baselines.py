@@ -10,15 +10,13 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-pytest.importorskip("sklearn")
-
-from fibgraph.baselines import METHODS, kmeans_labels, prune_scores  # noqa: E402
-from fibgraph.partition import canonical  # noqa: E402
-from helpers import _init, assert_one_line_error, cli, finish, mlp_onnx, read_json, run_onnx, save  # noqa: E402
-from importers.compare_dag import DagMethods  # noqa: E402
-from importers.dag_api import colour_dag  # noqa: E402
-from importers.onnx_dag import import_dag  # noqa: E402
-from importers.onnx_dag_out import write_dag_base  # noqa: E402
+from fibgraph.baselines import METHODS, kmeans_labels, prune_scores
+from fibgraph.partition import canonical
+from helpers import _init, assert_one_line_error, cli, finish, mlp_onnx, read_json, run_onnx, save
+from importers.compare_dag import DagMethods
+from importers.dag_api import colour_dag
+from importers.onnx_dag import import_dag
+from importers.onnx_dag_out import write_dag_base
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = os.path.join(ROOT, "fibgraph", "data", "digits_mlp.onnx")
