@@ -61,7 +61,7 @@ def main(argv=None):
     clock = timer()
     os.makedirs(OUT, exist_ok=True)
     xtr, xte, ytr, yte = digits_split(args.seed)
-    configs = CONFIGS if not args.quick else [CONFIGS[1]]
+    configs = CONFIGS if not args.quick else [CONFIGS[0], CONFIGS[3]]
     grid = GRID if not args.quick else QUICK_GRID
     out = {"setting": {"data": "scikit-learn digits, stratified 75/25 split (1,347 / 450)",
                        "optimizer": f"Adam lr 1e-3 batch 64, {args.epochs} epochs", "seed": args.seed,
