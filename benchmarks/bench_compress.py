@@ -8,17 +8,20 @@ Two parts (``--part a``, ``--part b`` or ``--part all``, the default):
     eps = 0 and each ``--eps``.  Per case, each implementation runs in a FRESH
     subprocess (so ``ru_maxrss`` is that case's own peak):
 
-    - ``fibgraph``: ``import_onnx(model)`` (model parsed from bytes in memory),
-      ``colour_network(net, 'fibration', criterion)``, ``compress_network``,
-      ``write_base_onnx`` + ``SerializeToString`` (the criterion is built by
-      ``importers.api.make_criteria`` exactly as ``compress_model`` does);
-    - ``alg1``: the same import, then the paper's Algorithm 1 done plainly,
-      layer by layer: aggregate ``W`` by the previous layer's colours (times
-      the previous layer's rescaling-merge scales, as fibgraph does), append
-      the bias column, ``fibgraph.cluster.algorithm1`` (pdist on the full
-      ``n x n`` distance matrix, scipy linkage, cut at eps).  Hidden layers
-      only; the output layer keeps its units in both.  At eps = 0 Algorithm 1
-      is cut at ``--ref-eps0`` (default 1e-9: "equal up to rounding").
+    - ``fibgraph``: the hypergraph path: ``import_dag(model)`` (model parsed
+      from bytes in memory), ``colour_dag(imp, 'fibration', eps)``, the
+      writer's groups (``dag_groups``: "compress"), ``write_dag_base`` +
+      ``SerializeToString``;
+    - ``alg1``: the weights read from the model's initializers, then the
+      paper's Algorithm 1 done plainly, layer by layer: aggregate ``W`` by the
+      previous layer's colours, append the bias column,
+      ``fibgraph.cluster.algorithm1`` (pdist on the full ``n x n`` distance
+      matrix, scipy linkage, cut at eps).  Both run the magnitude-aware
+      euclidean distance without the rescaling merge (part (a) ignores
+      ``--metric`` and ``--no-rescale``).  Hidden layers only; the
+      output layer keeps its units in both.  At eps = 0 Algorithm 1 is cut at
+      ``--ref-eps0`` (default 1e-6: "equal up to float32 rounding" for the
+      euclidean distance, which is linear in the difference).
 
     The partitions of every level are compared (canonical labels, so equal
     partitions are equal arrays) and the speedup is alg1 clustering time over
@@ -198,35 +201,24 @@ def _top(prof, n):
             for k, v in rows]
 
 
-def algorithm1_network(net, eps, linkage="average", metric="cosine", rescale=True, eps0=1e-9):
-    """The paper's Algorithm 1, plainly: per hidden layer aggregate by the previous
-    colours (with scales), append the bias, cluster the full distance matrix."""
+def algorithm1_layers(layers, n_in, eps, linkage="average", eps0=1e-6):
+    """The paper's Algorithm 1, plainly, with the hypergraph path's distance
+    (magnitude-aware euclidean, no rescaling merge): per hidden layer aggregate
+    ``W`` by the previous colours, append the bias, cluster the full distance
+    matrix.  ``layers``: ``[(W (n_out, n_in), b), ...]``."""
     import scipy.sparse as sp
 
     from fibgraph.cluster import algorithm1
 
-    labels = [np.arange(net.input_units)]
-    scales = np.ones(net.input_units)
-    for ly in net.layers:
-        if ly.is_output:
-            labels.append(np.arange(ly.n_out))
+    labels = [np.arange(n_in)]
+    for l, (W, b) in enumerate(layers):
+        if l == len(layers) - 1:
+            labels.append(np.arange(W.shape[0]))
             break
         prev = labels[-1]
-        C = sp.csr_matrix((scales, (np.arange(prev.size), prev)), shape=(prev.size, prev.max() + 1))
-        W = np.asarray(ly.weight[:, :, 0], dtype=np.float64)
-        X = np.hstack([np.asarray(C.T @ W.T).T, np.asarray(ly.bias, np.float64)[:, None]])
-        use_metric = metric if (metric == "euclidean" or ly.homogeneous) else "euclidean"
-        lab = algorithm1(X, eps if eps > 0 else eps0, linkage, use_metric)
-        new_scales = np.ones(ly.n_out)
-        if rescale and eps > 0 and use_metric == "cosine":
-            norms = np.linalg.norm(X, axis=1)
-            for c in np.unique(lab):
-                m = lab == c
-                mean = norms[m].mean()
-                if m.sum() > 1 and mean > 0:
-                    new_scales[m] = np.where(norms[m] > 0, norms[m] / mean, 1.0)
-        labels.append(lab)
-        scales = new_scales
+        C = sp.csr_matrix((np.ones(prev.size), (np.arange(prev.size), prev)), shape=(prev.size, prev.max() + 1))
+        X = np.hstack([np.asarray(C.T @ np.asarray(W, np.float64).T).T, np.asarray(b, np.float64)[:, None]])
+        labels.append(algorithm1(X, eps if eps > 0 else eps0, linkage, "euclidean"))
     return labels
 
 
@@ -251,24 +243,30 @@ def worker(spec):
         res["peak_total_mib"] = _maxrss_mib()
         return res
 
-    from fibgraph.network import colour_network, compress_network
-    from importers.api import make_criteria
-    from importers.onnx_in import import_onnx
-    from importers.onnx_out import write_base_onnx
+    from onnx import numpy_helper
+
+    from fibgraph.partition import canonical
+    from importers.dag_api import colour_dag, weight_entries
+    from importers.onnx_dag import import_dag
+    from importers.onnx_dag_out import dag_groups, write_dag_base
 
     with open(spec["model"], "rb") as f:
         data = f.read()
     t = time.perf_counter()
     model = onnx.load_model_from_string(data)
     del data
-    imp = import_onnx(model)
+    if spec["impl"] == "fibgraph":
+        imp = import_dag(model)
+    else:
+        inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+        layers = [(inits[f"W{l}"], inits[f"b{l}"]) for l in range(sum(1 for k in inits if k.startswith("W")))]
+        n_in = int(layers[0][0].shape[1])
+        del model
     res["t_import"] = time.perf_counter() - t
-    net = imp.network
     res["rss_after_import_mib"] = _rss_kib() / 1024.0
     res["peak_import_mib"] = _maxrss_mib()
     res["peak_reset"] = _reset_peak()
     if spec["impl"] == "fibgraph":
-        crit = make_criteria(net, spec["eps"], None, spec["linkage"], spec["metric"], spec["rescale"])
         prof = None
         if spec.get("profile"):
             import cProfile
@@ -276,26 +274,27 @@ def worker(spec):
             prof = cProfile.Profile()
             prof.enable()
         t = time.perf_counter()
-        col = colour_network(net, "fibration", crit)
+        # the distance plain Algorithm 1 runs too (no rescaling merge)
+        col = colour_dag(imp, "fibration", spec["eps"], linkage=spec["linkage"], metric="euclidean")
         res["t_cluster"] = time.perf_counter() - t
         if prof is not None:
             prof.disable()
             res["profile"] = _top(prof, spec["profile"])
         res["peak_stage_mib"] = _maxrss_mib()
         t = time.perf_counter()
-        base, _ = compress_network(col)
+        groups = dag_groups(imp, col.labels)
         res["t_compress"] = time.perf_counter() - t
         t = time.perf_counter()
-        m2 = write_base_onnx(imp.model, base, check=False)
+        m2 = write_dag_base(imp, col.labels, groups=groups)[0]
         nbytes = len(m2.SerializeToString())
         res["t_write"] = time.perf_counter() - t
         res["bytes_out"] = nbytes
-        labels = [col.level_labels(l) for l in range(len(net.layers) + 1)]
-        res["units_after"] = [int(b.n_out) for b in base.layers]
+        ents = weight_entries(imp)
+        labels = [canonical(col.labels[imp.spaces[0].ids])] + [canonical(col.labels[ids]) for _, _, ids, _ in ents]
+        res["units_after"] = [int(groups[1][ids].sum()) for _, _, ids, _ in ents]
     else:
         t = time.perf_counter()
-        labels = algorithm1_network(net, spec["eps"], spec["linkage"], spec["metric"], spec["rescale"],
-                                    spec["ref_eps0"])
+        labels = algorithm1_layers(layers, n_in, spec["eps"], spec["linkage"], spec["ref_eps0"])
         res["t_cluster"] = time.perf_counter() - t
         res["peak_stage_mib"] = _maxrss_mib()
     res["n_colours"] = [int(l.max()) + 1 for l in labels]
@@ -465,7 +464,8 @@ def markdown(meta, rows_a, rows_b):
            f"{meta['machine']['python']}, numpy {meta['machine']['numpy']}, scipy {meta['machine']['scipy']}, "
            f"BLAS {'; '.join(meta['machine']['blas'])}.",
            f"Command: `{meta['command']}`. Settings: linkage {meta['args']['linkage']}, metric "
-           f"{meta['args']['metric']}, rescale {not meta['args']['no_rescale']}, seed {meta['args']['seed']}; "
+           f"(a) magnitude-aware euclidean, no rescaling merge, (b) {meta['args']['metric']}, "
+           f"seed {meta['args']['seed']}; "
            f"Algorithm 1 at eps=0 cut at {meta['args']['ref_eps0']:g}. Every case in a fresh subprocess; "
            f"times are wall-clock seconds (median of {meta['args']['repeat']} run(s)), memory is ru_maxrss (MiB).", ""]
     if rows_a:
@@ -519,9 +519,10 @@ def main(argv=None):
                     default=[784, 4096, 4096, 4096, 10], help="part (b) widths, comma-separated")
     ap.add_argument("--eps", type=float, nargs="*", default=[0.1], help="tolerances besides eps=0")
     ap.add_argument("--linkage", default="average", choices=["average", "complete"])
-    ap.add_argument("--metric", default="cosine", choices=["cosine", "euclidean"])
-    ap.add_argument("--no-rescale", action="store_true")
-    ap.add_argument("--ref-eps0", type=float, default=1e-9, help="Algorithm 1 cut used for eps=0")
+    ap.add_argument("--metric", default="cosine", choices=["cosine", "euclidean"],
+                    help="part (b) only; part (a) compares on the magnitude-aware euclidean distance")
+    ap.add_argument("--no-rescale", action="store_true", help="ignored (part (a) has no rescaling merge)")
+    ap.add_argument("--ref-eps0", type=float, default=1e-6, help="Algorithm 1 cut used for eps=0")
     ap.add_argument("--ref-max-width", type=int, default=4096,
                     help="skip Algorithm 1 above this width (n=8192 takes ~4 min per eps on 2 cores)")
     ap.add_argument("--repeat", type=int, default=1,

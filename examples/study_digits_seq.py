@@ -89,7 +89,7 @@ def keep_top(scores, c):
 
 
 def baselines_lstm(m, H_new, test, tmp, seeds=3):
-    from fibgraph.baselines import _kmeans
+    from fibgraph.baselines import kmeans_labels
 
     H = m.lstm.hidden_size
     out = {}
@@ -103,13 +103,13 @@ def baselines_lstm(m, H_new, test, tmp, seeds=3):
     Win = lstm_in_weights(m)
     out["l2"] = torch_eval(lstm_subset(m, keep_top(np.linalg.norm(Win, axis=1), H_new)), test, tmp, "b")
     out["l1"] = torch_eval(lstm_subset(m, keep_top(np.abs(Win).sum(1), H_new)), test, tmp, "b")
-    lab = _kmeans(lstm_fold_features(m).astype(np.float64), H_new, 0)
+    lab = kmeans_labels(lstm_fold_features(m).astype(np.float64), H_new, 0)
     out["fold"] = torch_eval(lstm_merge(m, lab), test, tmp, "b")
     return out
 
 
 def baselines_tf(m, ff_new, test, tmp, seeds=3):
-    from fibgraph.baselines import _kmeans
+    from fibgraph.baselines import kmeans_labels
 
     L = len(m.layers)
     ff = [ly.linear1.out_features for ly in m.layers]
@@ -126,7 +126,7 @@ def baselines_tf(m, ff_new, test, tmp, seeds=3):
                                             for l in range(L)]), test, tmp, "b")
     out["l1"] = torch_eval(tf_ff_subset(m, [keep_top(np.abs(ff_in_weights(m, l)).sum(1), ff_new[l])
                                             for l in range(L)]), test, tmp, "b")
-    labs = [_kmeans(ff_fold_features(m, l).astype(np.float64), ff_new[l], 0) for l in range(L)]
+    labs = [kmeans_labels(ff_fold_features(m, l).astype(np.float64), ff_new[l], 0) for l in range(L)]
     out["fold"] = torch_eval(tf_ff_merge(m, labs), test, tmp, "b")
     return out
 

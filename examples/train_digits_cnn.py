@@ -104,13 +104,14 @@ def main(argv=None):
     paths = export_both(model, args.out)
 
     from importers.api import compress_model, count_params, evaluate
-    from importers.onnx_in import import_onnx
+    from importers.dag_api import weight_entries
+    from importers.onnx_dag import import_dag
 
     for kind, p in paths.items():
-        res = import_onnx(p)
-        ops = sorted({n.op_type for n in res.model.graph.node})
-        print(f"[{kind}] {p}: {count_params(res.model)} params, ops {', '.join(ops)}; "
-              f"fibgraph layers: {', '.join(f'{ly.name}({ly.kind} {ly.n_in}->{ly.n_out})' for ly in res.network.layers)}")
+        imp = import_dag(p)
+        ops = sorted({n.op_type for n in imp.model.graph.node})
+        print(f"[{kind}] {p}: {count_params(imp.model)} params, ops {', '.join(ops)}; "
+              f"fibgraph weights: {', '.join(f'{w}({op}, {ids.size} units)' for w, op, ids, _ in weight_entries(imp))}")
         ev = evaluate(p, npz)
         print(f"[{kind}] onnxruntime test accuracy {ev['accuracy']:.4f}")
         for eps in (0.0, 0.3, 0.5):

@@ -8,17 +8,48 @@ check data is ``<= (1 + rho) * L0``, ``L0`` the ORIGINAL model's loss there;
 the loop stops at the first rejected round, when over-compression no longer
 shrinks the model (that round's model is kept), or after ``max_iters``.
 
-The caller supplies the model operations (torch modules in
-:mod:`importers.torch_base`, ONNX models in :mod:`importers.retune_onnx`).
+The caller supplies the model operations (ONNX models in
+:mod:`importers.retune_onnx`; torch modules are exported to ONNX and rebuilt
+by :mod:`importers.torch_base`).  Both return one :class:`RetuneResult`.
 """
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from typing import Callable
 
 from .tune import EPS_MAX
 
-__all__ = ["over_eps", "compress_retune_loop"]
+__all__ = ["over_eps", "compress_retune_loop", "RetuneResult"]
+
+
+@dataclass
+class RetuneResult:
+    """The outcome of Algorithm 2, whatever the model format.
+
+    ``model``: the returned model in the caller's format (an ONNX
+    ``ModelProto`` for an ONNX model, a torch module of the base's shapes for a
+    torch module): the last accepted model compressed once more with its
+    loss-preserving greedy eps; ``module``: a torch module computing it (the
+    rebuilt module itself, or the ONNX graph run by torch); ``onnx``: it as an
+    ONNX model; ``eps``: that last greedy eps (an eps file);
+    ``loss0``/``accuracy0``/``params0``: the original's, on the check data;
+    ``loss``/``accuracy``/``params``: the returned model's; ``history``: one
+    dict per round (see :func:`compress_retune_loop`); ``stopped``: why the
+    loop ended."""
+
+    model: object
+    module: object
+    onnx: object
+    eps: dict
+    loss0: float
+    accuracy0: float
+    params0: int
+    loss: float
+    accuracy: float
+    params: int
+    history: list = field(default_factory=list)
+    stopped: str = ""
 
 
 def over_eps(eps: dict, q: float, floor: float = 0.0) -> dict:

@@ -1,8 +1,11 @@
-"""Importers and writers: ONNX in, ONNX out, torch -> ONNX convenience.
+"""Importers and writers: ONNX in (as a weighted hypergraph), ONNX out (the
+base model), torch -> ONNX convenience.
 
 Data flows one way: importer -> graph -> symmetry -> base -> writer.
 """
-from .onnx_in import SUPPORTED_OPS, import_onnx, load_onnx
-from .onnx_out import write_base_onnx
+from .dag_api import color_dag_model, colour_dag, compress_dag_model
+from .onnx_dag import import_dag
+from .onnx_dag_out import write_dag_base
+from .onnx_load import load_onnx
 
-__all__ = ["SUPPORTED_OPS", "import_onnx", "load_onnx", "write_base_onnx"]
+__all__ = ["import_dag", "load_onnx", "colour_dag", "write_dag_base", "color_dag_model", "compress_dag_model"]

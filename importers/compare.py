@@ -1,16 +1,13 @@
 """Fibration compression against pruning and folding at equal node counts.
 
 For each tolerance (or eps file) the fibration base of the model fixes the
-number of units per layer; every baseline of :mod:`fibgraph.baselines` is
-then built with exactly those counts, written back to ONNX in memory and
-evaluated (accuracy, mean cross-entropy) with onnxruntime.  Equal node counts
-give equal parameter counts for dense and conv layers, so the rows of one
-point differ only in which function the smaller network computes.
-
-Models the feed-forward chain importer refuses (residual streams, LSTM/GRU,
-attention, LayerNorm) go through the hypergraph path,
-:mod:`importers.compare_dag`: the same points and methods, chosen per column
-class of the hypergraph at exactly the fibration base's node counts.
+number of kept units of every column class of its hypergraph (a layer's
+units, an LSTM's units, a residual stream's features, a head's dims); every
+baseline (random, L2 and L1 pruning, k-means folding) then keeps exactly as
+many units of each class, is written back to ONNX in memory and evaluated
+(accuracy, mean cross-entropy) with onnxruntime.  Every model goes through
+the hypergraph path: :mod:`importers.compare_dag` does the work; this module
+is the public entry and the plot.
 """
 from __future__ import annotations
 
@@ -19,14 +16,11 @@ import os
 import numpy as np
 import onnx
 
-from fibgraph.baselines import METHODS, baseline, node_counts
+from fibgraph.baselines import METHODS
 from fibgraph.errors import InputError
 
-from .api import _check_eps, count_params, evaluate, load_data, read_eps_table
-from .onnx_in import import_onnx
+from .api import load_data
 from .onnx_load import load_onnx
-from .onnx_out import write_base_onnx
-from .tuning import ModelCompressor
 
 __all__ = ["compare_methods", "plot_comparison", "DEFAULT_EPS", "METHOD_LABELS"]
 
@@ -37,23 +31,21 @@ METHOD_LABELS = {"fibration": "fibration (quasi-fibers)", "random": "random prun
                  "fold": "folding (k-means, data-free)"}
 
 
-def _read_eps_file(path, names):
-    """Per-layer eps of the tunable layers ``names`` from an eps file."""
-    table = read_eps_table(path, names)
-    out = {}
-    default = table.get("*")
-    for n in names:
-        if table.get(n, default) is not None:
-            out[n] = _check_eps(table.get(n, default), f"{path}[{n!r}]")
-    return out
-
-
 def compare_methods(model, data, eps_list=DEFAULT_EPS, eps_files=(), linkage="average",
-                    metric="cosine", rescale=True, methods=METHODS, seed=0, on_point=None,
-                    compressor=None):
+                    metric="cosine", rescale=True, methods=METHODS, seed=0, on_point=None, imp=None):
     """Rows ``{method, point, eps, nodes, params, params_kept, accuracy, loss}``
     for the original model, every fibration point and every baseline at the
-    fibration point's node counts.  ``data``: npz path or ``(x, y)``."""
+    fibration point's node counts (``nodes``: kept units per weight, in the
+    order of ``result["layers"]``).  ``model``: ONNX path or ``ModelProto``;
+    ``data``: npz path or ``(x, y)``; ``imp``: the model's
+    :class:`~importers.onnx_dag.DagImport` when the caller has it.  As
+    everywhere on the hypergraph path, there is no rescaling merge and eps > 0
+    clusters with the magnitude-aware distance (``rescale`` is accepted and
+    reported as not applied)."""
+    from .api import probe_feeds
+    from .compare_dag import compare_dag_methods
+    from .onnx_dag import import_dag
+
     for m in methods:
         if m not in METHODS:
             raise InputError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
@@ -61,66 +53,20 @@ def compare_methods(model, data, eps_list=DEFAULT_EPS, eps_files=(), linkage="av
         if not np.isfinite(e) or not (0 <= e < 2):
             raise InputError(f"--eps: each eps must be in [0, 2), got {e}")
     xy = load_data(data, need_y=True) if not isinstance(data, tuple) else data
-    mc = compressor
-    if mc is None:
-        res, imp = _import(model, data)
-        if imp is not None:
-            from .compare_dag import compare_dag_methods
-
-            out = compare_dag_methods(model, imp, data, xy, eps_list, eps_files, linkage, metric,
-                                      methods, seed, on_point)
-            return {"model": _name(model), "data": _name(data), "n": int(xy[0].shape[0]), "linkage": linkage,
-                    "metric": "euclidean" if any(e > 0 for e in eps_list) or eps_files else metric,
-                    "requested_metric": metric, "rescale": False, "seed": seed, **out}
-        mc = ModelCompressor(model, linkage, metric, rescale, imported=res)
-    names = mc.tunable
-    p0 = mc.params_before
-    r0 = evaluate(mc.model, xy)
-    rows = [{"method": "original", "point": "original", "eps": None,
-             "nodes": node_counts(mc.network), "params": p0, "params_kept": 1.0,
-             "accuracy": r0["accuracy"], "loss": r0["loss"]}]
-    points = [(f"eps={e:g}", float(e), {n: float(e) for n in names}) for e in eps_list]
-    for p in eps_files:
-        table = _read_eps_file(p, names)
-        points.append((f"eps-file {os.path.basename(p)}", table, table))
-    for label, eps_report, eps in points:
-        base, _ = mc.base(eps)
-        counts = node_counts(base)
-        variants = [("fibration", base)] + [(m, None) for m in methods]
-        for meth, b in variants:
-            if b is None:
-                b = baseline(mc.network, meth, counts, seed=seed)
-            assert node_counts(b) == counts
-            m2 = write_base_onnx(mc.model, b, check=False)
-            r = evaluate(m2, xy)
-            pk = count_params(m2)
-            rows.append({"method": meth, "point": label, "eps": eps_report, "nodes": counts,
-                         "params": pk, "params_kept": pk / p0,
-                         "accuracy": r["accuracy"], "loss": r["loss"]})
-            if on_point is not None:
-                on_point(rows[-1])
-    return {"model": _name(model), "data": _name(data), "graph": "chain",
-            "n": int(xy[0].shape[0]), "linkage": linkage, "metric": metric, "rescale": bool(rescale),
-            "seed": seed, "params_before": p0, "rows": rows}
+    if imp is None:
+        label = os.fspath(model) if isinstance(model, (str, os.PathLike)) else None
+        m = load_onnx(model) if label is not None else model
+        imp = import_dag(m, feeds=probe_feeds(data, m), label=label)
+    out = compare_dag_methods(model, imp, data, xy, eps_list, eps_files, linkage, metric, methods, seed, on_point)
+    return {"model": _name(model), "data": _name(data), "n": int(xy[0].shape[0]), "linkage": linkage,
+            "metric": "euclidean" if any(e > 0 for e in eps_list) or eps_files else metric,
+            "requested_metric": metric, "rescale": False, "seed": seed, **out}
 
 
 def _name(x):
     if isinstance(x, (str, os.PathLike)):
         return os.fspath(x)
     return "<ModelProto>" if isinstance(x, onnx.ModelProto) else "<arrays>"
-
-
-def _import(model, data):
-    """``(ImportResult, None)`` for a feed-forward chain, else ``(None, DagImport)``."""
-    from .api import probe_feeds
-    from .onnx_dag import import_dag
-
-    label = os.fspath(model) if isinstance(model, (str, os.PathLike)) else None
-    m = load_onnx(model) if label is not None else model
-    try:
-        return import_onnx(m, label), None
-    except InputError:
-        return None, import_dag(m, feeds=probe_feeds(data, m), label=label)
 
 
 def plot_comparison(result, path, title=None, ax=None):

@@ -36,7 +36,7 @@ import os
 
 import numpy as np
 
-from fibgraph.baselines import METHODS, PRUNING, _kmeans
+from fibgraph.baselines import METHODS, PRUNING, kmeans_labels, prune_scores
 from fibgraph.errors import InputError
 from fibgraph.partition import canonical
 
@@ -142,6 +142,10 @@ class DagMethods:
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
         counts = np.asarray(counts, dtype=np.int64)
+        if counts.shape != self.cls_size.shape:
+            raise ValueError(f"need one count per column class ({self.n_cls}), got {counts.size}")
+        if (counts < 1).any():
+            raise ValueError(f"column class {int(np.argmax(counts < 1))}: fewer than 1 kept column")
         group = np.arange(self.n_col, dtype=np.int64)
         pref = np.zeros(self.n_col)
         shrink = [int(c) for c in np.flatnonzero(counts < self.cls_size)]
@@ -160,14 +164,10 @@ class DagMethods:
             if method == "fold":
                 f = feats[u]
                 X = np.hstack([f["in"], f["const"], f["out"]])
-                lab = _kmeans(X, k, seed) if X.shape[1] else np.minimum(np.arange(cols.size), k - 1)
+                lab = kmeans_labels(X, k, seed) if X.shape[1] else np.minimum(np.arange(cols.size), k - 1)
                 group[cols] = cols[np.unique(lab, return_index=True)[1]][lab]   # a member names the cluster
                 continue
-            if method == "random":
-                score = rng.random(cols.size)
-            else:
-                R = feats[u]["in"]
-                score = np.linalg.norm(R, axis=1) if method == "l2" else np.abs(R).sum(axis=1)
+            score = prune_scores(np.zeros((cols.size, 0)) if method == "random" else feats[u]["in"], method, rng)
             keep = np.sort(np.argsort(-score, kind="stable")[:k])
             pref[cols[keep]] = 1.0
             # dropped columns vanish: they join the group of the first kept one

@@ -1,9 +1,10 @@
 """Compress-retune (the compression paper's Algorithm 2) for any model fibgraph
-compresses: feed-forward chains and the hypergraph path (residual streams,
-LSTM/GRU, attention, LayerNorm), given as ONNX or as a torch module.
+compresses (MLPs, CNNs, residual streams, LSTM/GRU, attention, LayerNorm),
+given as ONNX or as a torch module.
 
 Each round: the greedy per-layer eps of the current model (Algorithm 3,
-:func:`importers.tuning.tune_model`, loss-preserving within ``tau`` on the
+:func:`importers.tuning.tune_model` with the hypergraph path's
+:class:`importers.tuning.DagCompressor`, loss-preserving within ``tau`` on the
 calibration data), over-compressed with ``eps * q``; the base ONNX model is
 turned into a torch module of the base's shapes
 (:class:`importers.onnx.to_torch.OnnxModule`: every float weight a parameter, no
@@ -13,7 +14,9 @@ graph with the retuned values).  The round is accepted when the loss on
 ``check`` stays within ``(1 + rho)`` of the ORIGINAL model's; the run stops at
 the first rejected round, when over-compression no longer shrinks the model,
 or after ``max_iters``.  The result is the last accepted model compressed
-once more, loss-preservingly (greedy eps at ``tau``).
+once more, loss-preservingly (greedy eps at ``tau``).  The result is a
+:class:`fibgraph.retune.RetuneResult` (also what
+:func:`importers.torch_base.compress_retune` returns).
 
 Losses and accuracies are measured with onnxruntime on the ONNX models
 (:func:`importers.api.evaluate`), so every number is the one a user of the
@@ -21,38 +24,18 @@ written file gets.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import numpy as np
 import onnx
 
 from fibgraph.errors import InputError
-from fibgraph.retune import compress_retune_loop
+from fibgraph.retune import RetuneResult, compress_retune_loop
 
-from .api import count_params, evaluate
+from .api import count_params, evaluate, probe_feeds
+from .onnx_dag import import_dag
 from .onnx_load import load_onnx
-from .tuning import make_compressor, tune_model
+from .tuning import DagCompressor, tune_model
 
-__all__ = ["OnnxRetuneResult", "compress_retune_onnx"]
-
-
-@dataclass
-class OnnxRetuneResult:
-    """``model``: the returned ONNX model; ``module``: it as a torch module;
-    ``eps``: its last greedy eps (the eps file of the last accepted model);
-    ``loss0``/``params0``: the original's; ``history``: one dict per round."""
-
-    model: onnx.ModelProto
-    module: object
-    eps: dict
-    loss0: float
-    accuracy0: float
-    params0: int
-    loss: float
-    accuracy: float
-    params: int
-    history: list = field(default_factory=list)
-    stopped: str = ""
+__all__ = ["RetuneResult", "compress_retune_onnx"]
 
 
 def _as_xy(data):
@@ -66,23 +49,17 @@ def _to_model(model, example):
     if isinstance(model, onnx.ModelProto):
         return model
     if hasattr(model, "state_dict"):                  # a torch module: export it (legacy exporter)
-        import os
-        import tempfile
-
-        from .torch_export import export_torch
+        from .torch_export import export_model
 
         if example is None:
             raise InputError("a torch module needs an example input to be exported")
-        with tempfile.TemporaryDirectory() as d:
-            path = os.path.join(d, "model.onnx")
-            export_torch(model.eval(), example, path, dynamo=False, opset=17)
-            return load_onnx(path)
+        return export_model(model, example)
     return load_onnx(model)
 
 
 def compress_retune_onnx(model, train, val, check=None, cal=None, example=None, q=1.05, rho=0.05, tau=0.01,
                          steps=8, max_iters=10, linkage="average", metric="cosine", rescale=True,
-                         retune_kw=None, eps_floor=0.0, eps0=None, log=None) -> OnnxRetuneResult:
+                         retune_kw=None, eps_floor=0.0, eps0=None, log=None) -> RetuneResult:
     """Algorithm 2 on an ONNX model (path or ModelProto) or a torch module
     (exported with ``example``).
 
@@ -118,7 +95,8 @@ def compress_retune_onnx(model, train, val, check=None, cal=None, example=None, 
 
     def compressor(mp):
         if not last or last[0][0] is not mp:
-            last[:] = [(mp, make_compressor(mp, linkage, metric, rescale, data=cal))]
+            imp = import_dag(mp, feeds=probe_feeds(cal, mp))
+            last[:] = [(mp, DagCompressor(mp, linkage, metric, rescale, imported=imp))]
         return last[0][1]
 
     def greedy(mp):
@@ -148,6 +126,6 @@ def compress_retune_onnx(model, train, val, check=None, cal=None, example=None, 
     mc, eps = greedy(accepted)
     final = mc.compressed(eps, check=True)[0] if eps else accepted
     rf = evaluate(final, check)
-    return OnnxRetuneResult(model=final, module=OnnxModule(final), eps=eps, loss0=L0, accuracy0=r0["accuracy"],
-                            params0=P0, loss=rf["loss"], accuracy=rf["accuracy"], params=count_params(final),
-                            history=history, stopped=stopped)
+    return RetuneResult(model=final, module=OnnxModule(final), onnx=final, eps=eps, loss0=L0,
+                        accuracy0=r0["accuracy"], params0=P0, loss=rf["loss"], accuracy=rf["accuracy"],
+                        params=count_params(final), history=history, stopped=stopped)

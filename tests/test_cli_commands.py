@@ -20,7 +20,9 @@ def test_inspect_json(capsys, tmp_path, model):
     rc, so, err = cli(capsys, "inspect", model["path"], "--json", out)
     assert rc == 0, err
     r = read_json(out)
+    assert r["graph"] == "hypergraph"                 # one importer: the hypergraph's census
     assert [ly["weight"] for ly in r["layers"]] == ["W1", "W2"]
+    assert [ly["units_out"] for ly in r["layers"]] == [5, 3]
     assert r["params"] == model["planted"].params_before()
     assert "W1" in so
 

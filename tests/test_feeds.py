@@ -384,18 +384,18 @@ def _no_sklearn(monkeypatch):
 
 
 def test_kmeans_without_sklearn_recovers_planted_clusters(monkeypatch):
-    from fibgraph.baselines import _kmeans
+    from fibgraph.baselines import kmeans_labels
 
     _no_sklearn(monkeypatch)
     rng = np.random.default_rng(0)
     centres = rng.normal(0, 10, (5, 6))
     truth = rng.permutation(np.repeat(np.arange(5), 8))
     X = centres[truth] + rng.normal(0, 0.01, (truth.size, 6))
-    lab = _kmeans(X, 5, seed=0)
+    lab = kmeans_labels(X, 5, 0)
     # the same partition as the planted one
     pairs = {(int(a), int(b)) for a, b in zip(lab, truth)}
     assert len(pairs) == 5 and len(set(lab.tolist())) == 5
-    assert np.array_equal(lab, _kmeans(X, 5, seed=0))              # deterministic
+    assert np.array_equal(lab, kmeans_labels(X, 5, 0))              # deterministic
     # fewer distinct points than clusters: still k labels
     lab = _kmeans(np.zeros((6, 2)), 3, seed=1)
     assert sorted(set(lab.tolist())) == [0, 1, 2]

@@ -45,16 +45,28 @@ def skl(tmp_path_factory):
 
 
 def test_import_layers(skl):
-    from importers.onnx_in import import_onnx
+    from importers.dag_api import weight_entries
+    from importers.onnx_dag import import_dag
+    from importers.tuning import DagCompressor
 
-    res = import_onnx(skl["path"])
-    net = res.network
-    assert [ly.n_out for ly in net.layers] == [24, 16, 10]
-    assert net.input_units == 64
-    assert [ly.name for ly in net.layers] == ["coefficient", "coefficient1", "coefficient2"]
-    assert net.layers[-1].is_output and not net.layers[0].is_output
-    np.testing.assert_allclose(net.layers[0].weight[:, :, 0], skl["clf"].coefs_[0].T, rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(net.layers[0].bias, skl["clf"].intercepts_[0], rtol=1e-6, atol=1e-6)
+    imp = import_dag(skl["path"])
+    ents = weight_entries(imp)
+    assert [(w, ids.size) for w, _, ids, _ in ents] == [("coefficient", 24), ("coefficient1", 16), ("coefficient2", 10)]
+    assert imp.spaces[0].kind == "input" and imp.spaces[0].n == 64
+    assert [b["op"] for b in imp.barriers] == ["ArgMax"] and imp.barriers[0]["params"] == 0   # the label output
+    # the output layer keeps its units, whatever its eps
+    m2 = DagCompressor(skl["path"]).compressed({"coefficient2": 1.9})[0]
+    assert [o.shape for o in run_onnx(m2, skl["X"][:5])] == [(5,), (5, 10)]
+    # the first layer's edges: its weight matrix, and its bias on the Add's units
+    ids = ents[0][2]
+    blk = next(b for b in imp.graph.blocks if b.dense and np.array_equal(b.dst, ids))
+    np.testing.assert_array_equal(blk.src, imp.spaces[0].ids)
+    np.testing.assert_allclose(blk.weight[:, :, 0], skl["clf"].coefs_[0].T, rtol=1e-6, atol=1e-6)
+    add = next(b for b in imp.graph.blocks if not b.dense and np.array_equal(b.src, ids))
+    bias = next(b for b in imp.graph.blocks if not b.dense and np.array_equal(b.dst, add.dst) and b is not add)
+    v = np.zeros(ids.size)
+    np.add.at(v, bias.rows, np.asarray(bias.values)[:, 0])
+    np.testing.assert_allclose(v, skl["clf"].intercepts_[0], rtol=1e-6, atol=1e-6)
 
 
 def _compress(capsys, skl, tmp_path, *opts):

@@ -1,12 +1,18 @@
-"""Torch MLPs compressed to real smaller modules; compress-retune (Algorithm 2)."""
+"""Torch modules compressed to real smaller modules on the one (hypergraph)
+path: export to ONNX in memory, colour and compress, rebuild the module with
+the base's shapes; greedy eps (Algorithm 3) and compress-retune (Algorithm 2)
+on torch modules."""
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
-from importers.torch_base import (compress_module, compress_retune, module_from_base,  # noqa: E402
-                                  module_loss, n_params, network_from_mlp, retune, tune_module)
+from fibgraph.errors import InputError  # noqa: E402
+from fibgraph.retune import RetuneResult  # noqa: E402
+from importers.torch_base import (compress_module, compress_retune, module_from_onnx,  # noqa: E402
+                                  module_loss, n_params, retune, tune_module)
+from importers.torch_export import export_model  # noqa: E402
 
 
 def _duplicated_mlp(seed=0, scales=(1.0, 1.0, 1.0)):
@@ -37,25 +43,89 @@ def digits():
     return (x[tr], y[tr]), (x[va], y[va])
 
 
-@pytest.mark.parametrize("scales,eps", [((1.0, 1.0, 1.0), {}),                     # exact fibers
-                                        ((1.0, 2.0, 0.5), {"0.weight": 1e-9})])  # rescaling merge
-def test_exact_compression_gives_smaller_linear_shapes_and_the_same_function(scales, eps):
-    m = _duplicated_mlp(0, scales)
-    small, base, _ = compress_module(m, eps)
-    assert isinstance(small, nn.Sequential)
+def test_exact_compression_gives_smaller_linear_shapes_and_the_same_function():
+    m = _duplicated_mlp(0)
+    small, base, col = compress_module(m)
+    assert isinstance(small, nn.Sequential) and small is not m
     lin = [mod for mod in small if isinstance(mod, nn.Linear)]
     assert [tuple(li.weight.shape) for li in lin] == [(8, 64), (16, 8), (10, 16)]
     assert all(isinstance(small[i], nn.ReLU) for i in (1, 3))
     assert n_params(small) < n_params(m)
+    assert n_params(m) == 64 * 24 + 24 + 24 * 16 + 16 + 16 * 10 + 10          # the original is untouched
     x = torch.randn(50, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), m(x), rtol=1e-4, atol=1e-5)
+    # the base ONNX model has the module's shapes
+    shapes = {t.name.split("__base")[0]: tuple(t.dims) for t in base.graph.initializer}
+    assert {k: tuple(v.shape) for k, v in small.state_dict().items()} == shapes
+
+
+def test_scaled_copies_merge_exactly_when_the_path_rescales():
+    """Copies scaled by 2 and 0.5 are a fiber only through the rescaling merge
+    (relu(s z) = s relu(z): the outgoing weights take the factor).  Whether
+    the hypergraph path rescales is what its compressor reports; either way
+    the rebuilt module computes the original function."""
+    from importers.tuning import DagCompressor
+
+    m = _duplicated_mlp(0, (1.0, 2.0, 0.5))
+    rescales = "no rescaling merge on the hypergraph" not in DagCompressor(export_model(m, torch.zeros(1, 64))).notes
+    small, _, _ = compress_module(m, {"0.weight": 1e-9})
+    n = 8 if rescales else 24
+    assert [tuple(li.weight.shape) for li in small if isinstance(li, nn.Linear)] == [(n, 64), (16, n), (10, 16)]
+    x = torch.randn(20, 64)
     with torch.no_grad():
         torch.testing.assert_close(small(x), m(x), rtol=1e-4, atol=1e-5)
 
 
+def test_a_cnn_compresses_to_smaller_conv_layers():
+    torch.manual_seed(0)
+    cnn = nn.Sequential(nn.Conv2d(1, 6, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(),
+                        nn.Flatten(), nn.Linear(72, 4)).eval()
+    with torch.no_grad():
+        cnn[0].weight[3:] = cnn[0].weight[:3]
+        cnn[0].bias[3:] = cnn[0].bias[:3]
+    with pytest.raises(InputError, match="example="):
+        compress_module(cnn)
+    small, _, _ = compress_module(cnn, example=torch.zeros(2, 1, 8, 8))
+    assert [type(mod) for mod in small] == [type(mod) for mod in cnn]
+    assert tuple(small[0].weight.shape) == (3, 1, 3, 3) and tuple(small[3].weight.shape) == (8, 3, 3, 3)
+    assert small[3].padding == (1, 1)
+    x = torch.randn(5, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), cnn(x), rtol=1e-4, atol=1e-5)
+
+
+class _TwoLinear(nn.Module):
+    """A module with its own forward on (batch, T, features): exported as
+    MatMul with transposed weight copies (not named by the state dict)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(5, 6)
+        self.b = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_matmul_exports_with_transposed_weights_are_rebuilt():
+    torch.manual_seed(0)
+    t = _TwoLinear().eval()
+    with torch.no_grad():
+        t.a.weight[3:] = t.a.weight[:3]
+        t.a.bias[3:] = t.a.bias[:3]
+    ex = torch.zeros(1, 4, 5)
+    assert "MatMul" in [n.op_type for n in export_model(t, ex).graph.node]
+    small, _, _ = compress_module(t, example=ex)
+    assert isinstance(small, _TwoLinear)
+    assert tuple(small.a.weight.shape) == (3, 5) and tuple(small.b.weight.shape) == (3, 3)
+    x = torch.randn(2, 4, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), t(x), rtol=1e-4, atol=1e-5)
+
+
 def test_compressed_module_exports_to_onnx_and_runs(tmp_path):
     import onnxruntime as ort
-
-    from importers.onnx_in import import_onnx
 
     m = _duplicated_mlp(1)
     small, base, _ = compress_module(m, {"2.weight": 0.4})
@@ -70,28 +140,48 @@ def test_compressed_module_exports_to_onnx_and_runs(tmp_path):
     with torch.no_grad():
         want = small(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-    net = import_onnx(path).network
-    assert [ly.n_out for ly in net.layers] == [ly.n_out for ly in base.layers]
-    assert net.layers[0].n_out == 8 and net.layers[1].n_out < 16
+    # the base computes what the module computes
+    b = ort.InferenceSession(base.SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(b.run(None, {"x": x})[0], want, rtol=1e-5, atol=1e-5)
+    lin = [mod for mod in small if isinstance(mod, nn.Linear)]
+    assert lin[0].out_features == 8 and lin[1].out_features < 16
 
 
-def test_network_from_mlp_refuses_what_it_cannot_map():
-    from fibgraph.errors import InputError
+def test_what_cannot_be_rebuilt_is_refused():
+    # a base with nodes of its own (LayerNorm over merged units needs multiplicities)
+    m = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    with torch.no_grad():
+        m[0].weight[4:] = m[0].weight[:4]
+        m[0].bias[4:] = m[0].bias[:4]
+    with pytest.raises(InputError, match="OnnxModule"):
+        compress_module(m)
+    with pytest.raises(InputError, match="nn.Module"):
+        compress_module("model.onnx")
+    with pytest.raises(InputError, match="not in the model"):
+        compress_module(_duplicated_mlp(0), {"9.weight": 0.1})
 
-    with pytest.raises(InputError):
-        network_from_mlp(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)))
-    with pytest.raises(InputError):
-        network_from_mlp(nn.Linear(4, 2))
-    net = network_from_mlp(nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)))
-    assert [ly.name for ly in net.layers] == ["1.weight", "3.weight"]
-    assert not net.layers[0].homogeneous and net.layers[1].is_output
+
+def test_import_torch_reads_the_module_as_a_hypergraph(tmp_path):
+    from importers.dag_api import colour_dag, weight_entries
+    from importers.onnx_dag import DagImport
+    from importers.torch_export import import_torch
+
+    m = _duplicated_mlp(3)
+    keep = tmp_path / "m.onnx"
+    imp = import_torch(m, torch.zeros(2, 64), keep=str(keep))
+    assert isinstance(imp, DagImport) and keep.exists()
+    ents = weight_entries(imp)
+    assert [(w, ids.size) for w, _, ids, _ in ents] == [("0.weight", 24), ("2.weight", 16), ("4.weight", 10)]
+    col = colour_dag(imp, "fibration")
+    assert np.unique(col.labels[ents[0][2]]).size == 8            # the planted copies: 8 fibers of 3
 
 
-def test_module_from_base_round_trip_keeps_weights():
+def test_module_from_onnx_round_trip_keeps_weights():
     m = _duplicated_mlp(2)
-    net = network_from_mlp(m)
-    again = module_from_base(net, m)
-    for a, b in zip(m.parameters(), again.parameters()):
+    again = module_from_onnx(export_model(m, torch.zeros(1, 64)), m)
+    assert again is not m
+    for (na, a), (nb, b) in zip(m.named_parameters(), again.named_parameters()):
+        assert na == nb
         torch.testing.assert_close(a, b)
 
 
@@ -113,7 +203,9 @@ def test_compress_retune_returns_a_smaller_module_within_the_tolerances(digits, 
     rho, tau = 0.1, 0.02
     res = compress_retune(m, train, val, q=1.05, rho=rho, tau=tau, steps=5, max_iters=2,
                           retune_kw=dict(lr=1e-3, max_epochs=3, patience=1))
-    assert res.history and res.params < res.params0
+    assert isinstance(res, RetuneResult) and res.module is res.model
+    assert res.history and res.params < res.params0 == n_params(m)
+    assert res.params == n_params(res.model)
     lin = [mod for mod in res.model if isinstance(mod, nn.Linear)]
     assert lin[0].in_features == 64 and lin[-1].out_features == 10
     assert lin[0].out_features < 48 or lin[1].out_features < 48
@@ -121,7 +213,9 @@ def test_compress_retune_returns_a_smaller_module_within_the_tolerances(digits, 
         assert a.out_features == b.in_features
     # the returned model is an accepted model compressed within tau: loss bound
     assert res.loss <= (1 + rho) * (1 + tau) * res.loss0 + 1e-9
-    assert res.loss == pytest.approx(module_loss(res.model, val)[0])
+    assert res.loss == pytest.approx(module_loss(res.model, val)[0], rel=1e-5)
+    for h in res.history:
+        assert h["accepted"] == (h["loss_retuned"] <= (1 + rho) * res.loss0)
     path = str(tmp_path / "r.onnx")
     torch.onnx.export(res.model, (torch.zeros(1, 64),), path, dynamo=False, input_names=["x"],
                       output_names=["y"], dynamic_axes={"x": {0: "b"}, "y": {0: "b"}}, opset_version=17)
@@ -129,8 +223,11 @@ def test_compress_retune_returns_a_smaller_module_within_the_tolerances(digits, 
 
     x = val[0][:9]
     got = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    base = ort.InferenceSession(res.onnx.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     with torch.no_grad():
-        np.testing.assert_allclose(got, res.model(torch.from_numpy(x)).numpy(), rtol=1e-4, atol=1e-5)
+        want = res.model(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(base, want, rtol=1e-4, atol=1e-5)          # result.onnx is result.model
 
 
 def test_tune_module_respects_tau(digits):
@@ -139,5 +236,39 @@ def test_tune_module_respects_tau(digits):
     m = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
     retune(m, train, val, lr=1e-2, max_epochs=8, patience=2)
     r = tune_module(m, val, tau=0.01, steps=6)
+    assert set(r.eps) == {"0.weight"} and r.loss <= r.limit
     small, _, _ = compress_module(m, r.eps)
-    assert module_loss(small, val)[0] <= 1.01 * module_loss(m, val)[0] + 1e-9
+    assert module_loss(small, val)[0] <= 1.01 * module_loss(m, val)[0] + 1e-5
+    assert r.loss == pytest.approx(module_loss(small, val)[0], rel=1e-5)
+
+
+class _Residual(nn.Module):
+    """h = relu(fc1 x); out(h + back(relu(mid h))): a residual stream."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.mid, self.back, self.out = nn.Linear(6, 8), nn.Linear(8, 10), nn.Linear(10, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x))
+        return self.out(h + self.back(torch.relu(self.mid(h))))
+
+
+def test_a_residual_module_with_its_own_forward_is_rebuilt():
+    """The stream's writers (fc1, back) keep one partition: planted copies in
+    both merge, mid's copies merge; the rebuilt module computes the original."""
+    torch.manual_seed(0)
+    r = _Residual().eval()
+    with torch.no_grad():
+        for lin, k in ((r.fc1, 4), (r.back, 4), (r.mid, 5)):
+            lin.weight[k:2 * k] = lin.weight[:k]
+            lin.bias[k:2 * k] = lin.bias[:k]
+        r.mid.weight[:, 4:] = 0.0                # mid reads the stream's copies alike
+        r.back.weight[:, 5:] = 0.0               # back reads mid's copies alike
+    small, _, _ = compress_module(r)
+    assert isinstance(small, _Residual)
+    assert [tuple(getattr(small, n).weight.shape) for n in ("fc1", "mid", "back", "out")] == \
+        [(4, 6), (5, 4), (4, 5), (3, 4)]
+    x = torch.randn(7, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), r(x), rtol=1e-4, atol=1e-5)

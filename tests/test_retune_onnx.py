@@ -75,8 +75,13 @@ def test_rounds_keep_the_loss_test_and_the_model_shrinks(result):
 def test_the_result_is_a_smaller_onnx_model_and_a_torch_module_of_its_shapes(result, setting):
     import onnx
 
+    from fibgraph.retune import RetuneResult
     from importers.api import count_params, evaluate
+    from importers.torch_base import compress_retune
 
+    # one result type for ONNX models and torch modules (importers.torch_base.compress_retune)
+    assert type(result) is RetuneResult and compress_retune.__annotations__["return"] in ("RetuneResult", RetuneResult)
+    assert result.onnx is result.model
     onnx.checker.check_model(result.model, full_check=True)
     assert count_params(result.model) == result.params
     r = evaluate(result.model, setting["val"])
