@@ -8,8 +8,14 @@ their weight's name.  The bundled digits MLP (Gemm + ReLU) is also compared
 at every eps the demo prints with cosine: the rescaling merge of the
 hypergraph path gives the chain's partitions there too.
 
-This file compares against the chain modules on purpose; it goes when they go.
+The chain path is deleted; its results were recorded by this file (run with
+FIBGRAPH_RECORD_CHAIN=1 while the chain modules existed, commit "one path:
+the chain path's results recorded") into ``data/chain_reference.json``, keyed
+by test id and setting, and the hypergraph path is held to them.
 """
+import json
+import os
+
 import numpy as np
 import pytest
 
@@ -21,7 +27,34 @@ HIDDEN = [[0, 0, 1, 2, 2, 3], [0, 1, 1, 0, 2, 3, 3]]
 SAME_ROW = {0: {3: 1}, 1: {3: 2}}
 
 
+REF_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "chain_reference.json")
+RECORD = os.environ.get("FIBGRAPH_RECORD_CHAIN") == "1"
+_REF = {} if RECORD or not os.path.exists(REF_PATH) else json.load(open(REF_PATH))
+_CURRENT = {}
+
+
+@pytest.fixture(autouse=True)
+def _test_id(request):
+    _CURRENT["id"] = request.node.nodeid.split("::", 1)[1]
+    yield
+    if RECORD:
+        os.makedirs(os.path.dirname(REF_PATH), exist_ok=True)
+        with open(REF_PATH, "w") as f:
+            json.dump(_REF, f, indent=0, sort_keys=True)
+
+
 def _chain(path, eps=0.0, metric="cosine", linkage="average"):
+    """{weight: fibers}, params after, as the chain path gave them (recorded)."""
+    key = f"{_CURRENT['id']}|eps={eps}|{metric}|{linkage}"
+    if not RECORD:
+        ref = _REF[key]
+        return dict(ref["fibers"]), ref["params"]        # [weight, fibers] pairs, in layer order
+    fibers, params = _chain_run(path, eps, metric, linkage)
+    _REF[key] = {"fibers": [[w, f] for w, f in fibers.items()], "params": params}
+    return fibers, params
+
+
+def _chain_run(path, eps=0.0, metric="cosine", linkage="average"):
     """{weight: fibers}, params after, on the chain path."""
     from fibgraph.network import colour_network, compress_network
     from fibgraph.refine import make_criterion
