@@ -45,7 +45,7 @@ def _test_id(request):
 
 def _chain(path, eps=0.0, metric="cosine", linkage="average"):
     """{weight: fibers}, params after, as the chain path gave them (recorded)."""
-    key = f"{_CURRENT['id']}|eps={eps}|{metric}|{linkage}"
+    key = f"{_CURRENT['id']}|{os.path.basename(str(path))}|eps={eps}|{metric}|{linkage}"
     if not RECORD:
         ref = _REF[key]
         return dict(ref["fibers"]), ref["params"]        # [weight, fibers] pairs, in layer order
