@@ -215,15 +215,33 @@ def color_dag_model(path, symmetry="fibration", eps=0.0, eps_table=None, linkage
     return report, imp, col
 
 
-def _feeds_like(imp, seed, data=None, specs=None):
+def _free_batch(model):
+    """Names of the graph inputs that share one free batch axis: every input of
+    rank > 0 declares its first axis free, and with several inputs by one
+    symbolic name (``batch``); else none (the batch stays the probe's)."""
+    inits = {t.name for t in model.graph.initializer}
+    inputs = [vi for vi in model.graph.input if vi.name not in inits and len(vi.type.tensor_type.shape.dim) > 0]
+    firsts = [vi.type.tensor_type.shape.dim[0] for vi in inputs]
+    if not inputs or any(d.HasField("dim_value") and d.dim_value > 0 for d in firsts):
+        return set()
+    if len(inputs) > 1 and (len({d.dim_param for d in firsts}) != 1 or not firsts[0].dim_param):
+        return set()
+    return {vi.name for vi in inputs}
+
+
+def _feeds_like(imp, seed, data=None, specs=None, batch=None):
     """Inputs shaped like the probe's, drawn anew (:func:`importers.feeds.make_feeds`):
     floats standard normal, integers in the range they index, masks ones; the
-    integer inputs of a probe the user gave keep their values.  A :class:`Drawn`
-    whose ``given`` names the inputs kept."""
+    integer inputs of a probe the user gave keep their values.  With ``batch``,
+    inputs whose first axis is declared free and drawn (not given) get that
+    batch size.  A :class:`Drawn` whose ``given`` names the inputs kept."""
     from .feeds import Drawn, input_specs, make_feeds
 
     specs = input_specs(imp.model) if specs is None else specs
     shapes = {k: np.shape(v) for k, v in imp.feeds.items()}
+    if batch is not None and isinstance(imp.feeds, Drawn):
+        free = _free_batch(imp.model)
+        shapes = {k: ((batch,) + tuple(v[1:]) if k in free and len(v) else v) for k, v in shapes.items()}
     feeds = make_feeds(imp.model, seed=seed, shapes=shapes, specs=specs)
     feeds.given = set()
     if not isinstance(imp.feeds, Drawn):      # the user's probe: keep its non-float inputs
@@ -241,10 +259,11 @@ def _feeds_like(imp, seed, data=None, specs=None):
     return feeds
 
 
-def verify_dag(a, b, imp, data=None, seed=0, repeats=3):
+def verify_dag(a, b, imp, data=None, seed=0, repeats=3, batch=64):
     """Largest absolute output difference of models ``a`` and ``b`` on ``repeats``
-    made-up inputs shaped like the probe's (or on ``data``); ``inputs`` in the
-    result says what was fed to each input."""
+    made-up inputs shaped like the probe's, at ``batch`` samples where the
+    model's batch axis is free (or on ``data``); ``inputs`` in the result says
+    what was fed to each input."""
     import onnxruntime as ort
 
     from .feeds import describe, input_specs, short_error
@@ -258,12 +277,20 @@ def verify_dag(a, b, imp, data=None, seed=0, repeats=3):
     runs = 1 if data is not None else repeats
     specs = input_specs(imp.model)
     for r in range(runs):
-        drawn = _feeds_like(imp, seed + r, data, specs)
+        drawn = _feeds_like(imp, seed + r, data, specs, batch=batch)
         feeds = {k: v for k, v in drawn.items() if k in names}
         try:
             ra, rb = sa.run(None, feeds), sb.run(None, feeds)
         except Exception as e:
-            raise InputError(f"verification run failed: {short_error(e)}") from None
+            if batch is None or data is not None:
+                raise InputError(f"verification run failed: {short_error(e)}") from None
+            batch = None                  # the batch axis is not free after all: the probe's shapes
+            drawn = _feeds_like(imp, seed + r, data, specs)
+            feeds = {k: v for k, v in drawn.items() if k in names}
+            try:
+                ra, rb = sa.run(None, feeds), sb.run(None, feeds)
+            except Exception as e2:
+                raise InputError(f"verification run failed: {short_error(e2)}") from None
         for p, q in zip(ra, rb):
             p, q = np.asarray(p, dtype=np.float64), np.asarray(q, dtype=np.float64)
             if p.size:
@@ -271,8 +298,9 @@ def verify_dag(a, b, imp, data=None, seed=0, repeats=3):
                 scale = max(scale, float(np.max(np.abs(p))))
     if data is not None:
         return {"max_abs_diff": diff, "max_abs_output": scale, "inputs": "data"}
+    n = int(next((np.shape(v)[0] for v in feeds.values() if np.ndim(v)), 1))
     return {"max_abs_diff": diff, "max_abs_output": scale, "inputs": describe(feeds, specs, drawn.given),
-            "draws": runs, "seed": seed}
+            "draws": runs, "seed": seed, "n": n}
 
 
 def compress_dag_model(path, out, symmetry="fibration", eps=0.0, eps_table=None, linkage="average",

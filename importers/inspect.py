@@ -7,6 +7,7 @@ from fibgraph.report import console
 
 from .api import count_params
 from .onnx_load import float_tensors, load_onnx
+from .onnx_dag import DAG_OPS
 
 __all__ = ["inspect_model", "op_census"]
 
@@ -16,8 +17,6 @@ def op_census(model, barrier_nodes=None):
     parameters it reads (initializers and Constant tensors).  With
     ``barrier_nodes`` (the hypergraph importer's barriers), an op type is
     supported unless one of its nodes is a barrier."""
-    if barrier_nodes is None:                     # the chain importer's op list (kept for its users)
-        from .onnx_in import SUPPORTED_OPS
     sizes = dict(float_tensors(model))
     total = sum(sizes.values()) or 1
     rows = {}
@@ -25,7 +24,7 @@ def op_census(model, barrier_nodes=None):
         if node.op_type == "Constant":
             continue
         r = rows.setdefault(node.op_type, {"op": node.op_type, "count": 0, "params": 0,
-                                           "supported": node.op_type in SUPPORTED_OPS if barrier_nodes is None
+                                           "supported": node.op_type in DAG_OPS if barrier_nodes is None
                                            else True,
                                            "nodes": []})
         r["count"] += 1

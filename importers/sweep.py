@@ -115,14 +115,7 @@ def _error_text(e):
 
 def _base_model(imported, col):
     """The compressed ModelProto of a colouring from ``color_model`` (in memory)."""
-    base = getattr(col, "base", None)
-    if base is not None:                      # hypergraph path: written by color_dag_model
-        return base[0]
-    from fibgraph.network import compress_network
-
-    from .onnx_out import write_base_onnx
-
-    return write_base_onnx(imported.model, compress_network(col)[0], check=False)
+    return col.base[0]                        # written by color_dag_model
 
 
 def sweep_task(path, symmetry, eps, data=None, linkage="average", metric="cosine"):

@@ -1,12 +1,9 @@
 """Greedy per-layer eps (Algorithm 3) on an ONNX classifier, in memory.
 
-:class:`ModelCompressor` (feed-forward chains) and :class:`DagCompressor`
-(the hypergraph path: residual streams, LSTM/GRU, attention, LayerNorm)
-import a model once and compress it for any ``{layer weight name: eps}``
+:class:`DagCompressor` imports a model once (the hypergraph: any DAG of
+ops, residual streams, LSTM/GRU, attention, LayerNorm) and compresses it for any ``{layer weight name: eps}``
 (layers not named: eps = 0, exact fibers) to a ``ModelProto`` without writing
-files; :func:`make_compressor` returns a :class:`DagCompressor` (every model
-is read by the hypergraph importer; :class:`ModelCompressor` stays for the
-chain tools that still use it).  :func:`tune_model` runs
+files; :func:`make_compressor` builds one.  :func:`tune_model` runs
 :func:`fibgraph.tune.greedy_eps` with the loss = mean cross-entropy of the
 compressed model on calibration data (onnxruntime), and returns a report
 whose ``eps`` table is exactly what ``color``/``compress --eps-file`` read
@@ -32,79 +29,13 @@ from .api import count_params, criteria_from_table, evaluate, load_data, probe_f
 from .onnx_dag import import_dag
 from .onnx_load import load_onnx
 
-__all__ = ["ModelCompressor", "DagCompressor", "make_compressor", "tune_model", "criteria_for"]
+__all__ = ["DagCompressor", "make_compressor", "tune_model", "criteria_for"]
 
 
 def criteria_for(eps_by_layer, linkage="average", metric="cosine", rescale=True, rtol=DEFAULT_RTOL):
     """``{None: Exact, name: Tolerance(eps)}`` exactly as ``make_criteria`` builds
     them from an eps file (eps 0 -> exact)."""
     return criteria_from_table(eps_by_layer, 0.0, linkage, metric, rescale, rtol)
-
-
-class ModelCompressor:
-    """An imported feed-forward ONNX model compressed in memory for any per-layer eps."""
-
-    graph = "chain"
-
-    def __init__(self, model, linkage="average", metric="cosine", rescale=True,
-                 symmetry="fibration", rtol=DEFAULT_RTOL, imported=None):
-        from .onnx_in import import_onnx
-
-        _check_options(linkage, metric)
-        self.res = imported or import_onnx(model)
-        self.model = self.res.model
-        self.network = self.res.network
-        self.linkage, self.metric, self.rescale = linkage, metric, rescale
-        self.symmetry, self.rtol = symmetry, rtol
-        self.params_before = count_params(self.model)
-        self.notes = []
-
-    @property
-    def tunable(self):
-        """Names of the compressible (non-output) layers, in order."""
-        return [ly.name for ly in self.network.layers if not ly.is_output]
-
-    def colouring(self, eps_by_layer):
-        from fibgraph.network import colour_network
-
-        crit = criteria_for(eps_by_layer, self.linkage, self.metric, self.rescale, self.rtol)
-        return colour_network(self.network, self.symmetry, crit)
-
-    def base(self, eps_by_layer):
-        """(base Network, colouring) for ``eps_by_layer``."""
-        from fibgraph.network import compress_network
-
-        col = self.colouring(eps_by_layer)
-        return compress_network(col)[0], col
-
-    def compressed(self, eps_by_layer, check=False):
-        """(ModelProto, base Network, colouring)."""
-        from .onnx_out import write_base_onnx
-
-        base, col = self.base(eps_by_layer)
-        return write_base_onnx(self.model, base, check=check), base, col
-
-    def key(self, col):
-        """A hash of what the written model depends on (the fibers and scales)."""
-        h = hashlib.sha1(np.ascontiguousarray(col.labels, dtype=np.int64).tobytes())
-        h.update(np.round(np.ascontiguousarray(col.scales, dtype=np.float64), 12).tobytes())
-        return h.hexdigest()
-
-    def write(self, col):
-        from fibgraph.network import compress_network
-
-        from .onnx_out import write_base_onnx
-
-        return write_base_onnx(self.model, compress_network(col)[0], check=False)
-
-    def layer_rows(self, eps_by_layer, base):
-        return [{"weight": ly.name, "eps": eps_by_layer.get(ly.name, 0.0), "nodes_before": ly.n_out,
-                 "nodes_after": bl.n_out, "output_layer": bool(ly.is_output)}
-                for ly, bl in zip(self.network.layers, base.layers)]
-
-    def eps_file(self, eps_by_layer):
-        """The eps table ``color``/``compress --eps-file`` read."""
-        return {k: float(v) for k, v in eps_by_layer.items()}
 
 
 class DagCompressor:

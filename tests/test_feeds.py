@@ -172,9 +172,9 @@ def test_bert_compresses_and_verify_names_what_was_fed(bert, tmp_path):
     assert rep["graph"] == "hypergraph"
     v = rep["verify"]
     fed = v["inputs"]
-    assert fed["input_ids"] == (f"int64 uniform in [0, {VOCAB}), shape [1, {SEQ}] "
+    assert fed["input_ids"] == (f"int64 uniform in [0, {VOCAB}), shape [64, {SEQ}] "
                                 f"(the rows of '{_word_table(bert)}')"), fed
-    assert fed["attention_mask"] == f"ones, shape [1, {SEQ}]"
+    assert fed["attention_mask"] == f"ones, shape [64, {SEQ}]"
     assert v["draws"] == 3 and v["seed"] == 0
     assert v["max_abs_diff"] <= 1e-5 * max(1.0, v["max_abs_output"])
     # the base computes the same function on real-looking inputs with padding
@@ -249,7 +249,7 @@ def test_gather_over_50_rows_bound_is_used_by_the_probe():
     assert np.all(feeds["keep"] == 1)
 
 
-def test_chain_verify_names_its_inputs(tmp_path):
+def test_verify_names_its_inputs_at_batch_64(tmp_path):
     from importers.api import compress_model
 
     rep = compress_model(MODEL_DIGITS, str(tmp_path / "b.onnx"), eps=0.0, verify=True)
@@ -261,7 +261,7 @@ def test_chain_verify_names_its_inputs(tmp_path):
 def test_cli_verify_line_names_the_inputs(tmp_path, capsys):
     rc, out, err = cli(capsys, "compress", MODEL_DIGITS, "-o", tmp_path / "b.onnx", "--verify")
     assert rc == 0, err
-    assert "verify: max |output difference| = " in out and "normal(0,1), shape [64, 64] (seed 0)" in out
+    assert "verify: max |output difference| = " in out and "normal(0,1), shape [64, 64] (3 draws, seed 0)" in out
 
 
 def test_user_probe_keeps_its_integer_inputs():
@@ -397,7 +397,7 @@ def test_kmeans_without_sklearn_recovers_planted_clusters(monkeypatch):
     assert len(pairs) == 5 and len(set(lab.tolist())) == 5
     assert np.array_equal(lab, kmeans_labels(X, 5, 0))              # deterministic
     # fewer distinct points than clusters: still k labels
-    lab = _kmeans(np.zeros((6, 2)), 3, seed=1)
+    lab = kmeans_labels(np.zeros((6, 2)), 3, 1)
     assert sorted(set(lab.tolist())) == [0, 1, 2]
 
 
