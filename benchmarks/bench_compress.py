@@ -15,7 +15,7 @@ Two parts (``--part a``, ``--part b`` or ``--part all``, the default):
     - ``alg1``: the same import, then the paper's Algorithm 1 done plainly,
       layer by layer: aggregate ``W`` by the previous layer's colours (times
       the previous layer's rescaling-merge scales, as fibgraph does), append
-      the bias column, ``fibgraph.cluster.algorithm1`` (pdist on the full
+      the bias column, ``fibgraph.engine.cluster.algorithm1`` (pdist on the full
       ``n x n`` distance matrix, scipy linkage, cut at eps).  Hidden layers
       only; the output layer keeps its units in both.  At eps = 0 Algorithm 1
       is cut at ``--ref-eps0`` (default 1e-9: "equal up to rounding").
@@ -203,7 +203,7 @@ def algorithm1_network(net, eps, linkage="average", metric="cosine", rescale=Tru
     colours (with scales), append the bias, cluster the full distance matrix."""
     import scipy.sparse as sp
 
-    from fibgraph.cluster import algorithm1
+    from fibgraph.engine.cluster import algorithm1
 
     labels = [np.arange(net.input_units)]
     scales = np.ones(net.input_units)

@@ -19,7 +19,7 @@ import numpy as np
 from .base import aggregate
 from .graph import Block, WeightedDigraph
 from .partition import canonical, classes
-from .refine import Exact, Tolerance
+from .engine import Exact, Tolerance
 from .symmetry import colour
 
 __all__ = ["Layer", "Network", "NetworkColouring", "colour_network", "compress_network"]

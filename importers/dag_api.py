@@ -41,7 +41,7 @@ import onnx
 
 from fibgraph.errors import InputError
 from fibgraph.partition import canonical, classes
-from fibgraph.refine import DEFAULT_RTOL, Tolerance
+from fibgraph.engine import DEFAULT_RTOL, Tolerance
 from fibgraph.symmetry import colour
 
 from .onnx_dag import import_dag

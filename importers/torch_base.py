@@ -27,7 +27,7 @@ import numpy as np
 
 from fibgraph.errors import InputError
 from fibgraph.network import Layer, Network, colour_network, compress_network
-from fibgraph.refine import DEFAULT_RTOL
+from fibgraph.engine import DEFAULT_RTOL
 from fibgraph.tune import EPS_MAX, greedy_eps
 
 from .tuning import criteria_for
