@@ -15,7 +15,7 @@ Two parts (``--part a``, ``--part b`` or ``--part all``, the default):
     - ``alg1``: the weights read from the model's initializers, then the
       paper's Algorithm 1 done plainly, layer by layer: aggregate ``W`` by the
       previous layer's colours, append the bias column,
-      ``fibgraph.cluster.algorithm1`` (pdist on the full ``n x n`` distance
+      ``fibgraph.engine.cluster.algorithm1`` (pdist on the full ``n x n`` distance
       matrix, scipy linkage, cut at eps).  Both run the magnitude-aware
       euclidean distance without the rescaling merge (part (a) ignores
       ``--metric`` and ``--no-rescale``).  Hidden layers only; the
@@ -208,7 +208,7 @@ def algorithm1_layers(layers, n_in, eps, linkage="average", eps0=1e-6):
     matrix.  ``layers``: ``[(W (n_out, n_in), b), ...]``."""
     import scipy.sparse as sp
 
-    from fibgraph.cluster import algorithm1
+    from fibgraph.engine.cluster import algorithm1
 
     labels = [np.arange(n_in)]
     for l, (W, b) in enumerate(layers):

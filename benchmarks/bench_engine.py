@@ -128,7 +128,7 @@ def _peak_mb():
 
 def mem_child(m, kind, weights, seed, fiber):
     from fibgraph.graph import Block, WeightedDigraph
-    from fibgraph.refine import refine
+    from fibgraph.engine import refine
 
     n = max(2, m // 10)
     t0 = time.perf_counter()

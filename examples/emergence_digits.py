@@ -52,7 +52,7 @@ from sklearn.model_selection import train_test_split  # noqa: E402
 from torch import nn  # noqa: E402
 
 from fibgraph.partition import num_classes  # noqa: E402
-from fibgraph.refine import Exact, Tolerance  # noqa: E402
+from fibgraph.engine import Exact, Tolerance  # noqa: E402
 from fibgraph.tracking import SYMMETRY_NOUN  # noqa: E402
 from importers.torch_analysis import FiberTracker, activity_report, torch_view  # noqa: E402
 

@@ -108,7 +108,7 @@ class WeightedDigraph:
     that sit at the same position in several node sets (``layer``), e.g. the
     gates, cell and hidden node of one LSTM unit: under a tolerance criterion
     such a *column* is clustered as one item on the concatenation of its
-    nodes' rows (see :func:`fibgraph.refine.refine`); exact criteria ignore it.
+    nodes' rows (see :func:`fibgraph.engine.refine`); exact criteria ignore it.
     """
 
     n: int

@@ -34,7 +34,7 @@ import numpy as np
 from .errors import HierarchyViolation
 from .orbits import format_group_size
 from .partition import meet, num_classes, refines
-from .refine import Exact, refine
+from .engine import Exact, refine
 
 __all__ = ["HierarchyReport", "hierarchy", "LEVELS", "CHECKS"]
 

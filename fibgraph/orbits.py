@@ -119,7 +119,7 @@ def _twin_classes(n, node_col, src, dst, ecol):
     among the other nodes (so twins are not adjacent).  Any permutation inside
     a twin class is an automorphism.  Two independent 64-bit multiset hashes."""
     from .hashing import GOLD as _GOLD, M1 as _M1, M2 as _M2, mix as _mix
-    from .sigsparse import group_rows
+    from .engine.sparse import group_rows
 
     h = []
     loop = src == dst

@@ -15,7 +15,7 @@
 from __future__ import annotations
 
 from .partition import meet
-from .refine import Exact, refine
+from .engine import Exact, refine
 
 __all__ = ["SYMMETRIES", "fibration", "opfibration", "covering", "colour"]
 
@@ -69,7 +69,7 @@ def colour(graph, symmetry="fibration", criterion=None, initial=None):
         return covering(graph, criterion, initial, "strict")
     if symmetry == "automorphism":
         from .orbits import automorphism_orbits
-        from .refine import Refinement
+        from .engine import Refinement
         import numpy as np
 
         labels = automorphism_orbits(graph, initial=initial).labels

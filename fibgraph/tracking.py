@@ -36,7 +36,7 @@ import numpy as np
 from .errors import InputError
 from .layerview import LayerView
 from .partition import class_sizes, refines
-from .refine import Exact, Tolerance
+from .engine import Exact, Tolerance
 from .symmetry import SYMMETRIES
 
 __all__ = ["FiberTracker", "layer_stats", "FIELDS", "SYMMETRY_NOUN"]
@@ -84,7 +84,7 @@ class FiberTracker:
     Layers are numbered from 1 (the first weight layer), as in the other reports.
     ``rescale`` takes effect only on nodes the graph marks positively
     homogeneous (the hypergraph import marks none: eps > 0 then uses the
-    magnitude-aware distance, see :mod:`fibgraph.refine`).
+    magnitude-aware distance, see :mod:`fibgraph.engine.tolerance`).
     """
 
     def __init__(self, eps=(0.0, 0.05, 0.1), symmetries=("fibration", "opfibration", "covering"),

@@ -21,7 +21,7 @@ import onnx
 
 from fibgraph.errors import InputError
 from fibgraph.fileio import write_atomic, write_json_atomic
-from fibgraph.refine import DEFAULT_RTOL, make_criterion
+from fibgraph.engine import DEFAULT_RTOL, make_criterion
 
 from .feeds import short_error
 from .onnx_load import float_tensors, load_onnx

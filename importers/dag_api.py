@@ -22,7 +22,7 @@ LSTM/GRU unit share a cyclic level and are tied (``imp.graph.tie``, the joins
 inside one level), so with eps > 0 the engine clusters the units ONCE on the
 concatenation of all their node sets' rows (the distance of two units is the
 root mean square of their per-set magnitude-aware distances; see
-:mod:`fibgraph.refine`) and every gate set, the cell and the hidden state
+:mod:`fibgraph.engine`) and every gate set, the cell and the hidden state
 carry the same partition: the base keeps exactly that partition, not the meet
 of four slightly different ones.  Residual streams, bias adds and other joins
 across levels are not tied: a stream's writers read colours that the stream
@@ -41,7 +41,7 @@ import onnx
 
 from fibgraph.errors import InputError
 from fibgraph.partition import canonical, classes
-from fibgraph.refine import DEFAULT_RTOL, Tolerance
+from fibgraph.engine import DEFAULT_RTOL, Tolerance
 from fibgraph.symmetry import colour
 
 from .onnx_dag import import_dag

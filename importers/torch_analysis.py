@@ -46,7 +46,7 @@ from fibgraph import tracking
 from fibgraph.activity import fiber_activity_report
 from fibgraph.errors import InputError
 from fibgraph.layerview import LayerView
-from fibgraph.refine import Exact
+from fibgraph.engine import Exact
 from fibgraph.theorems import activity_sync, cover_state, error_sync, grouped_initial
 
 from .dag_units import layer_view

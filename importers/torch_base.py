@@ -38,7 +38,7 @@ from dataclasses import replace
 import numpy as np
 
 from fibgraph.errors import InputError
-from fibgraph.refine import DEFAULT_RTOL
+from fibgraph.engine import DEFAULT_RTOL
 from fibgraph.retune import RetuneResult
 from fibgraph.tune import EPS_MAX, TuneResult
 

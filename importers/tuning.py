@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 
 from fibgraph.errors import InputError
-from fibgraph.refine import DEFAULT_RTOL
+from fibgraph.engine import DEFAULT_RTOL
 from fibgraph.tune import EPS_MAX, greedy_eps
 
 from .api import count_params, criteria_from_table, evaluate, load_data, probe_feeds

@@ -1,4 +1,4 @@
-"""Threshold clustering (fibgraph/cluster.py): the per-component computation
+"""Threshold clustering (fibgraph/engine/cluster.py): the per-component computation
 equals the paper's Algorithm 1 run plainly; the neighbour components are the
 same whatever the block size (memory bound); a component too large for
 linkage is a clear error, not an out-of-memory kill."""
@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fibgraph import cluster
-from fibgraph.cluster import _neighbour_components, algorithm1, prepare_rows, threshold_clusters
+from fibgraph.engine import cluster
+from fibgraph.engine.cluster import _neighbour_components, algorithm1, prepare_rows, threshold_clusters
 from fibgraph.errors import InputError
 from fibgraph.partition import canonical
 

@@ -25,10 +25,10 @@ onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
 import planted_nets as pn  # noqa: E402
-from fibgraph.cluster import joint_rows, threshold_clusters  # noqa: E402
+from fibgraph.engine.cluster import joint_rows, threshold_clusters  # noqa: E402
 from fibgraph.graph import Block, WeightedDigraph  # noqa: E402
 from fibgraph.partition import canonical, classes  # noqa: E402
-from fibgraph.refine import Exact, Tolerance, refine  # noqa: E402
+from fibgraph.engine import Exact, Tolerance, refine  # noqa: E402
 from helpers import run_onnx  # noqa: E402
 from importers.api import compress_model  # noqa: E402
 from importers.dag_api import colour_dag  # noqa: E402

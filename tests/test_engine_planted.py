@@ -8,7 +8,7 @@ from fibgraph.graph import Block, WeightedDigraph
 from fibgraph.lift import lift
 from fibgraph.orbits import automorphism_orbits
 from fibgraph.partition import canonical, refines
-from fibgraph.refine import refine
+from fibgraph.engine import refine
 from fibgraph.trees import tree_certificates
 
 

@@ -13,7 +13,7 @@ from fibgraph.graph import WeightedDigraph
 from fibgraph.hierarchy import hierarchy
 from fibgraph.orbits import automorphism_orbits
 from fibgraph.partition import canonical, refines
-from fibgraph.refine import refine
+from fibgraph.engine import refine
 from fibgraph.trees import tree_certificates
 
 # ENGINE_EXAMPLES=2000 for a longer run

@@ -5,7 +5,7 @@ import pytest
 from fibgraph.graph import Block, WeightedDigraph
 from fibgraph.orbits import automorphism_orbits
 from fibgraph.partition import classes
-from fibgraph.refine import Exact, refine
+from fibgraph.engine import Exact, refine
 from fibgraph.trees import certifies, expand, input_tree_certificates, output_tree_certificates
 
 

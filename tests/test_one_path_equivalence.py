@@ -57,7 +57,7 @@ def _chain(path, eps=0.0, metric="cosine", linkage="average"):
 def _chain_run(path, eps=0.0, metric="cosine", linkage="average"):
     """{weight: fibers}, params after, on the chain path."""
     from fibgraph.network import colour_network, compress_network
-    from fibgraph.refine import make_criterion
+    from fibgraph.engine import make_criterion
     from importers.onnx_in import import_onnx
     from importers.onnx_out import write_base_onnx
 

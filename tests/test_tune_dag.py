@@ -131,7 +131,7 @@ def test_lstm_w_and_r_are_one_layer_and_the_eps_file_names_both(models, tmp_path
 def test_an_eps_entry_for_one_recurrent_weight_sets_the_layer(models):
     # W and R of one LSTM share their node sets: an entry for W alone must not
     # be overwritten by R's default (exact)
-    from fibgraph.refine import Tolerance
+    from fibgraph.engine import Tolerance
     from importers.dag_api import colour_dag, weight_entries
     from importers.onnx_dag import import_dag
 

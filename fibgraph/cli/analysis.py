@@ -38,7 +38,7 @@ def _load(path):
 def _criterion(eps, linkage, metric, rtol):
     import math
 
-    from ..refine import make_criterion
+    from ..engine import make_criterion
 
     if not math.isfinite(eps) or eps < 0 or eps >= 2:
         raise InputError(f"--eps: eps must be in [0, 2) (0 = exact fibers), got {eps}")

@@ -58,7 +58,7 @@ def color_graph_file(path, symmetry, eps=0.0, json_out=None, linkage="average", 
     """Colour the graph in ``path`` by ``symmetry`` (fibration, opfibration,
     opfibration-flavoured, covering, covering-strict, automorphism); see module doc."""
     from ..graphio import read_graph
-    from ..refine import DEFAULT_RTOL, make_criterion
+    from ..engine import DEFAULT_RTOL, make_criterion
     from ..symmetry import SYMMETRIES, colour
 
     path = os.fspath(path)

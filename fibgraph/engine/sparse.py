@@ -1,4 +1,5 @@
-"""Vectorised pieces of the exact refinement step (used by :mod:`fibgraph.refine`).
+"""Vectorised pieces of the exact refinement step (used by
+:mod:`fibgraph.engine.signatures`; docs/design.md section 3).
 
 The exact criterion compares per-colour weight sums ``s[i, key]`` (``key`` =
 colour of the other end, vector component, edge type).  Two nodes get the
@@ -39,7 +40,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .hashing import GOLD as _GOLD, M1 as _M1, M2 as _M2, mix as _mix
+from ..hashing import GOLD as _GOLD, M1 as _M1, M2 as _M2, mix as _mix
 
 __all__ = ["quantise", "group_in_order", "group_sorted", "value_labels", "hash_entries", "sparse_hash", "group_rows"]
 

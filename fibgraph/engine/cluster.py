@@ -23,8 +23,8 @@ from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial.distance import pdist
 
-from .errors import InputError
-from .partition import canonical
+from ..errors import InputError
+from ..partition import canonical
 
 __all__ = ["threshold_clusters", "joint_rows", "algorithm1", "prepare_rows", "METRICS", "LINKAGES"]
 

@@ -1,0 +1,314 @@
+"""Signatures and the exact split (docs/design.md section 3).
+
+Definitions.  A colouring ``c`` of the nodes is *in-balanced* (a fibration's
+fibers) iff for every two nodes ``i ~ j`` and every colour ``a``::
+
+    sum_{k: c(k) = a} W[i, k] == sum_{k: c(k) = a} W[j, k]
+
+(weights are vectors, edge categories are kept apart, bias edges come from a
+constant node of its own colour).  *Out-balanced* (opfibration) is the same on
+outgoing weights; *balanced both ways* is the strict covering.  The
+*signature* of a node is the vector of these per-colour sums: one entry per
+key ``(colour of the other end, weight component, edge type)``, each other
+end's weight multiplied by its scale (the rescaling merge, see
+:mod:`fibgraph.engine.tolerance`).
+
+:func:`split_exact` gives each node of a level the new colour ``(old colour,
+signature)`` under :class:`~fibgraph.engine.criteria.Exact`.  Each signature
+entry is compared with tolerance ``rtol * max(max|entry|, max|weight|)`` over
+the level (0 for integer weights); values are grouped by sorting and
+splitting at gaps larger than the tolerance (a chain of groups spanning more
+than the tolerance is cut at the grid ``floor(value / tol)``, so that
+chaining cannot merge values far apart), then rows are hashed (two
+independent 64-bit hashes, :mod:`fibgraph.hashing`) and numbered with
+:func:`fibgraph.engine.sparse.group_rows`.  Graphs whose blocks are all
+sparse take the fast path :func:`fibgraph.engine.sparse.sparse_hash` (one
+sparse product per round); dense blocks are hashed per column here (large
+blocks probed on a few columns first).
+
+:func:`signature_matrix` gives the signature rows themselves, with aligned
+columns, for the tolerance split.
+
+Example: two nodes fed by equal weights from one colour share a signature,
+a third fed twice as much does not::
+
+    >>> import numpy as np
+    >>> from fibgraph.graph import WeightedDigraph
+    >>> g = WeightedDigraph.from_edges([0, 0, 0], [1, 2, 3], [1.0, 1.0, 2.0])
+    >>> split_exact(g, np.arange(4), ["in"], np.array([0, 1, 1, 1]), np.ones(4), 1e-5)
+    array([0, 1, 1, 2])
+"""
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+
+from ..graph import WeightedDigraph
+from ..hashing import GOLD, M1, M2, mix
+from .sparse import group_rows, group_sorted, hash_entries, quantise, sparse_hash, value_labels
+
+__all__ = ["split_exact", "signature_matrix", "dense_rows"]
+
+
+def _key(colour, d, etype=None):
+    k = mix(mix(np.asarray(colour, dtype=np.int64).astype(np.uint64)) + np.asarray(d, dtype=np.uint64))
+    if etype is not None:
+        k = mix(k ^ mix(np.asarray(etype, dtype=np.int64).astype(np.uint64) + M1))
+    return k
+
+
+
+# ------------------------------------------------------- signature parts
+def _parts(graph: WeightedDigraph, nodes_mask, direction, colours, scales):
+    """Per-block aggregated signatures of the target nodes in ``nodes_mask``.
+
+    Yields dicts: dense parts ``{targets, A (n_t, K), keys (K,)}`` and sparse
+    parts ``{t, key, v}`` (global target ids, one entry per (target, key)).
+    """
+    for b in graph.blocks:
+        if direction == "in":
+            targets, others = b.dst, b.src
+        else:
+            targets, others = b.src, b.dst
+        sel = nodes_mask[targets]
+        if not sel.any():
+            continue
+        if b.dense:
+            if not sel.all():
+                raise ValueError(f"block {b.name!r} straddles a level")
+            W = b.weight if direction == "in" else b.weight.transpose(1, 0, 2)
+            n_t, n_o, D = W.shape
+            uc, inv = np.unique(colours[others], return_inverse=True)
+            s = scales[others]
+            if uc.size == n_o and np.all(s == 1):
+                A = np.empty((n_t, n_o, D), dtype=np.float64)
+                A[:, inv, :] = W
+            else:
+                # columns sorted by colour, then one segmented sum (float64)
+                order = np.argsort(inv, kind="stable")
+                Wo = np.take(W, order, axis=1).astype(np.float64, copy=False)
+                if not np.all(s == 1):
+                    Wo = Wo * s[order][None, :, None]
+                starts = np.flatnonzero(np.r_[True, inv[order][1:] != inv[order][:-1]])
+                A = np.add.reduceat(Wo, starts, axis=1)
+            keys = _key(np.repeat(uc, D), np.tile(np.arange(D), uc.size))
+            yield {"targets": targets, "A": A.reshape(n_t, uc.size * D), "keys": keys,
+                   "exact": b.exact}
+        else:
+            r, c = (b.rows, b.cols) if direction == "in" else (b.cols, b.rows)
+            t = targets[r]
+            keep = sel[r]
+            t, o = t[keep], others[c[keep]]
+            v = b.values[keep] * scales[o][:, None]
+            D = v.shape[1]
+            et = None if b.etype is None else np.repeat(b.etype[keep], D)
+            key = _key(np.repeat(colours[o], D), np.tile(np.arange(D), o.size), et)
+            yield {"t": np.repeat(t, D), "key": key, "v": v.reshape(-1), "exact": b.exact}
+
+
+def _dense_to_sparse(p):
+    n_t, K = p["A"].shape
+    return {"t": np.repeat(p["targets"], K), "key": np.tile(p["keys"], n_t),
+            "v": p["A"].reshape(-1), "exact": p["exact"]}
+
+
+def _sum_sparse(parts):
+    """Concatenate sparse parts and add entries with the same (target, key)."""
+    t = np.concatenate([p["t"] for p in parts])
+    key = np.concatenate([p["key"] for p in parts])
+    v = np.concatenate([p["v"] for p in parts])
+    exact = all(p["exact"] for p in parts)
+    if t.size == 0:
+        return {"t": t, "key": key, "v": v, "exact": exact}
+    order = np.lexsort((key, t))
+    t, key, v = t[order], key[order], v[order]
+    start = np.concatenate([[True], (t[1:] != t[:-1]) | (key[1:] != key[:-1])])
+    idx = np.flatnonzero(start)
+    return {"t": t[idx], "key": key[idx], "v": np.add.reduceat(v, idx), "exact": exact}
+
+
+def _merge_parts(parts):
+    """Dense parts stay dense when their keys are disjoint from every other part's."""
+    dense = [p for p in parts if "A" in p]
+    sparse = [p for p in parts if "A" not in p]
+    if len(dense) > 1 or sparse:
+        allkeys = [p["keys"] for p in dense] + [np.unique(p["key"]) for p in sparse]
+        cat = np.concatenate(allkeys) if allkeys else np.zeros(0, np.uint64)
+        u, cnt = np.unique(cat, return_counts=True)
+        shared = set(u[cnt > 1].tolist())
+        keep = []
+        for p in dense:
+            if shared and np.isin(p["keys"], list(shared)).any():
+                sparse.append(_dense_to_sparse(p))
+            else:
+                keep.append(p)
+        dense = keep
+    if sparse:
+        sparse = [_sum_sparse(sparse)]
+    return dense, sparse
+
+
+# ---------------------------------------------------------- quantising
+_PROBE_COLUMNS = 8
+_SINGLETON_SALT = np.uint64(0xD6E8FEB86659FD93)
+
+
+def _hash_dense(A, keys, tol):
+    """Hashes of the rows of a dense signature block: values grouped per column
+    (rule of :mod:`fibgraph.engine.sparse`), then ``(key, group)`` mixes summed per row.
+
+    Large blocks are first probed on a few columns: a row whose probe groups no
+    other row shares differs from every row in this block, so it gets a hash
+    of its own and only the remaining rows are grouped on every column.
+    """
+    n_t, K = A.shape
+    if n_t > 256 and K > 4 * _PROBE_COLUMNS:
+        cols = np.argsort(-A.var(axis=0), kind="stable")[:_PROBE_COLUMNS]
+        p1, p2 = _hash_dense_all(np.ascontiguousarray(A[:, cols]), keys[cols], tol)
+        probe = np.stack([p1.view(np.int64), p2.view(np.int64)], 1)
+        _, inv, cnt = np.unique(probe, axis=0, return_inverse=True, return_counts=True)
+        shared = cnt[inv.reshape(-1)] > 1
+        if not shared.all():
+            h1 = np.empty(n_t, np.uint64)
+            h2 = np.empty(n_t, np.uint64)
+            lone = np.flatnonzero(~shared)
+            h1[lone] = mix(lone.astype(np.uint64) + _SINGLETON_SALT)
+            h2[lone] = mix(lone.astype(np.uint64) ^ _SINGLETON_SALT)
+            rest = np.flatnonzero(shared)
+            if rest.size:
+                h1[rest], h2[rest] = _hash_dense_all(A[rest], keys, tol)
+            return h1, h2
+    return _hash_dense_all(A, keys, tol)
+
+
+def _hash_dense_all(A, keys, tol):
+    n_t, K = A.shape
+    if n_t == 0 or K == 0:
+        return np.zeros(n_t, np.uint64), np.zeros(n_t, np.uint64)
+    if tol > 0:
+        order = np.argsort(A, axis=0, kind="stable")          # per column
+        S = np.take_along_axis(A, order, axis=0)
+        small = np.diff(S, axis=0) <= tol
+        gap = np.vstack([np.ones((1, K), bool), ~small])
+        gid = np.cumsum(gap, axis=0) + np.arange(K)[None, :] * (n_t + 1)   # plain gap chaining
+        zero = np.zeros(K * (n_t + 1) + 1, bool)
+        zero[gid[np.abs(S) <= tol]] = True
+        lab_sorted = np.where(zero[gid], 0, gid)
+        del gap, gid, zero
+        # a chain can span more than tol only if it has 3+ values: regroup those
+        # columns with the grid rule (group_sorted equals gap chaining elsewhere)
+        cand = np.flatnonzero((small[:-1] & small[1:]).any(axis=0)) if n_t > 2 else []
+        del small
+        if len(cand):
+            sub = np.ascontiguousarray(S[:, cand].T).reshape(-1)
+            newkey = np.zeros(sub.size, bool)
+            newkey[::n_t] = True
+            g = group_sorted(sub, newkey, tol).reshape(len(cand), n_t).T
+            lab_sorted[:, cand] = np.where(g == 0, 0, g + K * (n_t + 1) + 1)
+        del S
+        L = np.empty((n_t, K), np.int64)
+        np.put_along_axis(L, order, lab_sorted, axis=0)
+    else:
+        L = value_labels(A)
+    Lu = L.view(np.uint64)
+    nz = L != 0
+    h1 = np.where(nz, mix(keys[None, :] + Lu * GOLD), np.uint64(0)).sum(axis=1, dtype=np.uint64)
+    h2 = np.where(nz, mix((keys[None, :] ^ M2) + Lu * M1), np.uint64(0)).sum(axis=1, dtype=np.uint64)
+    return h1, h2
+
+
+def _hash_sparse(t_local, key, v, tol, n_t):
+    if key.size == 0:
+        return np.zeros(n_t, np.uint64), np.zeros(n_t, np.uint64)
+    _, kcode = np.unique(key, return_inverse=True)
+    lab = quantise(kcode.reshape(-1), v, tol)
+    return hash_entries(key, lab, t_local, n_t)
+
+
+def _tol(values, exact, rtol, wscale=0.0):
+    """``rtol`` times the larger of the largest sum and the largest single weight
+    (sums that cancel to rounding residue must not shrink the tolerance)."""
+    if exact or values.size == 0:
+        return 0.0
+    return float(rtol * max(np.abs(values).max(), wscale))
+
+
+def _weight_scale(graph, mask, direction, scales):
+    """Largest |weight| (times the largest scale) over the blocks that feed ``mask``."""
+    m = 0.0
+    for b in graph.blocks:
+        targets = b.dst if direction == "in" else b.src
+        if not mask[targets].any():
+            continue
+        w = b.weight if b.dense else b.values
+        if w.size:                                   # no |w| temporary: max and -min
+            m = max(m, float(w.max()), -float(w.min()))
+    return m * (float(scales.max()) if scales.size else 1.0)
+
+
+# ------------------------------------------------------------- one split
+def split_exact(graph, nodes, directions, colours, scales, rtol):
+    """New local labels of ``nodes``: (old colour, signatures) up to rounding."""
+    mask = np.zeros(graph.n, dtype=bool)
+    mask[nodes] = True
+    local = np.full(graph.n, -1, dtype=np.int64)
+    local[nodes] = np.arange(nodes.size)
+    cols = [colours[nodes].astype(np.int64)]
+    for direction in directions:
+        wscale = _weight_scale(graph, mask, direction, scales)
+        fast = sparse_hash(graph, nodes, mask, local, direction, colours, scales, rtol, wscale)
+        if fast is not None:  # every block is sparse: one sparse product, no sort
+            cols += [fast[0], fast[1]]
+            continue
+        dense, sparse = _merge_parts(list(_parts(graph, mask, direction, colours, scales)))
+        h1 = np.zeros(nodes.size, np.uint64)
+        h2 = np.zeros(nodes.size, np.uint64)
+        for p in dense:
+            a, b = _hash_dense(p["A"], p["keys"], _tol(p["A"], p["exact"], rtol, wscale))
+            tl = local[p["targets"]]
+            h1[tl] += a
+            h2[tl] += b
+        for p in sparse:
+            a, b = _hash_sparse(local[p["t"]], p["key"], p["v"], _tol(p["v"], p["exact"], rtol, wscale),
+                                nodes.size)
+            h1 += a
+            h2 += b
+        cols += [h1, h2]
+    return group_rows(cols)
+
+
+def signature_matrix(graph, nodes, directions, colours, scales):
+    """Signature rows of ``nodes`` as a (sparse) matrix with aligned columns."""
+    mask = np.zeros(graph.n, dtype=bool)
+    mask[nodes] = True
+    local = np.full(graph.n, -1, dtype=np.int64)
+    local[nodes] = np.arange(nodes.size)
+    mats = []
+    exact = True
+    for direction in directions:
+        dense, sparse = _merge_parts(list(_parts(graph, mask, direction, colours, scales)))
+        for p in dense:
+            exact &= p["exact"]
+            tl = local[p["targets"]]
+            M = np.zeros((nodes.size, p["A"].shape[1]))
+            M[tl] = p["A"]
+            mats.append(sp.csr_matrix(M) if not np.array_equal(tl, np.arange(nodes.size)) else M)
+        for p in sparse:
+            exact &= p["exact"]
+            uk, kcol = np.unique(p["key"], return_inverse=True)
+            mats.append(sp.csr_matrix((p["v"], (local[p["t"]], kcol)), shape=(nodes.size, uk.size)))
+    if not mats:
+        return np.zeros((nodes.size, 0)), exact
+    if all(isinstance(m, np.ndarray) for m in mats):
+        return np.hstack(mats), exact
+    return sp.hstack([sp.csr_matrix(m) for m in mats]).tocsr(), exact
+
+
+def dense_rows(X, members):
+    """The rows ``members`` of a signature matrix as a dense array (of a sparse
+    matrix: only the columns those rows use)."""
+    rows = X[members]
+    if sp.issparse(rows):  # only the columns these rows use
+        rows = rows.tocsc()
+        rows = rows[:, np.flatnonzero(np.diff(rows.indptr))].toarray()
+    return rows
