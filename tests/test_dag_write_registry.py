@@ -6,12 +6,18 @@ being left unwritten; and the importer's dict records and their typed form
 write byte-identical bases."""
 import numpy as np
 import pytest
+from helpers import finish, run_onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from helpers import finish, run_onnx
 from importers.dag_api import colour_dag
 from importers.onnx import records as R
-from importers.onnx.records import Kind, LinearRecord, Record, record_from_dict, typed_records
+from importers.onnx.records import (
+    Kind,
+    LinearRecord,
+    Record,
+    record_from_dict,
+    typed_records,
+)
 from importers.onnx.write import RULES, Writer, write_dag_base
 from importers.onnx.write.registry import rule_for
 from importers.onnx_dag import import_dag
@@ -30,7 +36,7 @@ def _model(seed=0):
     W2[:, 2], b2[2] = W2[:, 0], b2[0]
     W3, b3 = rng.normal(0, 1, (3, 4)), rng.normal(0, 0.5, 3)
     inits = [numpy_helper.from_array(np.asarray(v, np.float32), k)
-             for k, v in dict(W1=W1, b1=b1, g=g, be=be, W2=W2, b2=b2, W3=W3, b3=b3).items()]
+             for k, v in {"W1": W1, "b1": b1, "g": g, "be": be, "W2": W2, "b2": b2, "W3": W3, "b3": b3}.items()]
     nodes = [helper.make_node("MatMul", ["x", "W1"], ["m1"], name="mm1"),
              helper.make_node("Add", ["m1", "b1"], ["z1"], name="add1"),
              helper.make_node("Relu", ["z1"], ["a1"], name="relu1"),
@@ -85,7 +91,9 @@ def test_dict_and_typed_records_write_identical_bases():
                 assert getattr(t, k) == v, (d["kind"], k)
     col = colour_dag(imp)
     base_d, gid, kept, _ = write_dag_base(imp, col.labels, scales=col.scales)
+    assert typed_records(imp) is typed_records(imp)               # converted once, cached on imp
     imp.records = [record_from_dict(d) for d in dicts]        # as the importer will emit them
+    assert all(t is r for t, r in zip(typed_records(imp), imp.records))    # typed records pass through
     base_t, gid_t, kept_t, _ = write_dag_base(imp, col.labels, scales=col.scales)
     assert base_d.SerializeToString() == base_t.SerializeToString()
     assert np.array_equal(gid, gid_t) and np.array_equal(kept, kept_t)
