@@ -4,8 +4,8 @@ The importer (:mod:`importers.onnx_dag`) turns each ONNX node it understands
 into graph nodes and edges, and leaves a record saying what that node was, so
 that the writer (:mod:`importers.onnx.write`) can rewrite it for the base.
 Records are small dataclasses; ``kind`` names the writer rule, and the
-writer looks its rule up in a table keyed by the record's type (no string
-dispatch on attribute names).
+writer looks its rule up in a table keyed by the record's kind
+(:mod:`importers.onnx.write.registry`; no string dispatch on attribute names).
 
 Example::
 
@@ -18,26 +18,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
-__all__ = [
-    "RECORD_TYPES",
-    "SINGLE_AXIS_KINDS",
-    "WEIGHT_KINDS",
-    "AttentionRecord",
-    "ChannelNormRecord",
-    "ContractRecord",
-    "ElementwiseRecord",
-    "EmbeddingRecord",
-    "Kind",
-    "LayerNormRecord",
-    "LinearRecord",
-    "PackedRecord",
-    "Record",
-    "RecurrentRecord",
-    "ReduceRecord",
-    "SoftmaxRecord",
-    "record_from_dict",
-    "typed_records",
-]
+__all__ = ["Kind", "Record", "LinearRecord", "EmbeddingRecord", "ElementwiseRecord", "ReduceRecord",
+           "SoftmaxRecord", "ContractRecord", "AttentionRecord", "ChannelNormRecord", "LayerNormRecord",
+           "RecurrentRecord", "PackedRecord", "record_from_dict", "WEIGHT_KINDS", "SINGLE_AXIS_KINDS",
+           "RECORD_TYPES", "typed_records"]
 
 
 class Kind(str, Enum):
