@@ -43,7 +43,7 @@ Per model, in a FRESH subprocess (so peaks are that model's own):
   (load, the onnxruntime probe run with every tensor exposed, building the
   hypergraph);
 - ``colour``: ``importers.dag_api.colour_dag(imp, 'fibration', eps=0)``;
-- ``write``: ``importers.onnx_dag_out.write_dag_base(imp, labels)`` +
+- ``write``: ``importers.onnx.write.write_dag_base(imp, labels)`` +
   ``SerializeToString``; ``check``: ``onnx.checker.check_model`` on it;
 - ``verify``: ``importers.dag_api.verify_dag(original, base, imp)`` (two
   onnxruntime sessions, 3 random inputs shaped like the probe's); beside it
@@ -367,7 +367,7 @@ def worker(spec):
     from importers.api import compress_model, count_params
     from importers.dag_api import colour_dag, verify_dag, weight_entries
     from importers.onnx_dag import import_dag
-    from importers.onnx_dag_out import write_dag_base
+    from importers.onnx.write import write_dag_base
 
     res = {"case": spec}
     feeds = None

@@ -7,7 +7,7 @@ position (a layer's units and its bias add, an LSTM unit's gates, cell and
 hidden state, one feature of a residual stream with all its writers and
 readers, a head dim's q and k).  Columns with the same structure (the same
 node sets and slots, the same attention cell, see
-:func:`importers.onnx_dag_out._group_columns`) form a *column class*; every
+:func:`importers.onnx.write.group_columns`) form a *column class*; every
 group of the writer lies inside one class.  For every class that the
 fibration base shrinks to ``k`` kept columns, each baseline chooses its own
 ``k`` columns of that class:
@@ -40,7 +40,7 @@ from fibgraph.baselines import METHODS, PRUNING, kmeans_labels, prune_scores
 from fibgraph.errors import InputError
 from fibgraph.partition import canonical
 
-from .onnx_dag_out import _group_columns, write_dag_base
+from .onnx.write import group_columns, write_dag_base
 
 __all__ = ["DagMethods", "compare_dag_methods"]
 
@@ -53,7 +53,7 @@ class DagMethods:
 
         self.imp = imp
         n = imp.graph.n
-        z = _group_columns(imp, np.zeros(n, dtype=np.int64), split=False)
+        z = group_columns(imp, np.zeros(n, dtype=np.int64), split=False)
         self.col = z["col"]
         self.slot = z["slot"]
         self.n_col = int(self.col.max()) + 1 if n else 0

@@ -44,8 +44,9 @@ from fibgraph.partition import canonical, classes
 from fibgraph.engine import DEFAULT_RTOL, Tolerance
 from fibgraph.symmetry import colour
 
+from .onnx.records import Kind, typed_records
+from .onnx.write import write_dag_base
 from .onnx_dag import import_dag
-from .onnx_dag_out import write_dag_base
 
 __all__ = ["DagColouring", "colour_dag", "tied_spaces", "color_dag_model", "compress_dag_model", "verify_dag", "weight_entries"]
 
@@ -64,16 +65,15 @@ class DagColouring:
 def weight_entries(imp):
     """The compressible weights: (weight name, op, node ids of its output units, node set names)."""
     out = []
-    for rec in imp.records:
-        k = rec["kind"]
-        if k in ("linear", "embedding"):
-            sp_ = imp.spaces[rec["space"]]
-            out.append((rec["weight"], rec.get("op", "Gather"), sp_.ids, [sp_.name]))
-        elif k == "recurrent":
-            ids = np.concatenate([imp.spaces[s].ids for s in rec["hidden"]])
-            names = [imp.spaces[s].name for s in rec["spaces"]]
-            for role in ("W", "R"):
-                out.append((rec[role], rec["op"], ids, names))
+    for rec in typed_records(imp):
+        if rec.kind in (Kind.LINEAR, Kind.EMBEDDING):
+            sp_ = imp.spaces[rec.space]
+            out.append((rec.weight, rec.op, sp_.ids, [sp_.name]))
+        elif rec.kind is Kind.RECURRENT:
+            ids = np.concatenate([imp.spaces[s].ids for s in rec.hidden])
+            names = [imp.spaces[s].name for s in rec.spaces]
+            for role in (rec.W, rec.R):
+                out.append((role, rec.op, ids, names))
     return out
 
 

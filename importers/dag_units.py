@@ -46,6 +46,8 @@ from onnx import numpy_helper
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
+from .onnx.records import Kind, typed_records
+
 __all__ = ["DagLayer", "tie_labels", "dag_layers", "output_mask", "layer_view", "find_qk_pairs"]
 
 
@@ -83,12 +85,11 @@ def output_mask(imp, lab=None) -> np.ndarray:
 def _weight_uses(imp):
     """(name, op, record) per weight-layer record: linear / embedding weights by
     name, an LSTM / GRU / RNN as ``"W + R"``."""
-    for rec in imp.records:
-        k = rec["kind"]
-        if k in ("linear", "embedding"):
-            yield rec["weight"], rec.get("op", "Gather"), rec
-        elif k == "recurrent":
-            yield f"{rec['W']} + {rec['R']}", rec["op"], rec
+    for rec in typed_records(imp):
+        if rec.kind in (Kind.LINEAR, Kind.EMBEDDING):
+            yield rec.weight, rec.op, rec
+        elif rec.kind is Kind.RECURRENT:
+            yield f"{rec.W} + {rec.R}", rec.op, rec
 
 
 def layer_view(imp, name="model"):
@@ -116,14 +117,14 @@ def layer_view(imp, name="model"):
 def _unit_nodes(imp, rec, lab):
     """(hidden / output node per unit, owner: unit index of the unit's own nodes, else -1)."""
     owner = np.full(imp.graph.n, -1, dtype=np.int64)
-    if rec["kind"] == "recurrent":
-        ids = np.concatenate([imp.spaces[s].ids for s in rec["hidden"]])
-        own_space = np.nonzero(np.isin(imp.space_of, np.asarray(rec["spaces"])))[0]
+    if rec.kind is Kind.RECURRENT:
+        ids = np.concatenate([imp.spaces[s].ids for s in rec.hidden])
+        own_space = np.nonzero(np.isin(imp.space_of, np.asarray(rec.spaces)))[0]
         lut = np.full(int(lab.max()) + 1, -1, dtype=np.int64)
         lut[lab[ids]] = np.arange(ids.size)
         owner[own_space] = lut[lab[own_space]]
     else:
-        ids = imp.spaces[rec["space"]].ids
+        ids = imp.spaces[rec.space].ids
     owner[ids] = np.arange(ids.size)
     return ids, owner
 

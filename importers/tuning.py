@@ -114,7 +114,7 @@ class DagCompressor:
     def key(self, col):
         """A hash of the writer's groups (colourings with the same base meet
         give the same model)."""
-        from .onnx_dag_out import dag_groups
+        from .onnx.write import dag_groups
 
         col.groups = dag_groups(self.imp, col.labels)      # kept for write()
         gid, kept, _ = col.groups
@@ -125,7 +125,7 @@ class DagCompressor:
         return h.hexdigest()
 
     def write(self, col):
-        from .onnx_dag_out import write_dag_base
+        from .onnx.write import write_dag_base
 
         col.base = write_dag_base(self.imp, col.labels, groups=col.groups, scales=col.scales)
         return col.base[0]

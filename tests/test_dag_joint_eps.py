@@ -33,7 +33,8 @@ from helpers import run_onnx  # noqa: E402
 from importers.api import compress_model  # noqa: E402
 from importers.dag_api import colour_dag  # noqa: E402
 from importers.onnx_dag import import_dag  # noqa: E402
-from importers.onnx_dag_out import write_dag_base  # noqa: E402
+from importers.onnx.records import Kind, typed_records  # noqa: E402
+from importers.onnx.write import write_dag_base  # noqa: E402
 
 EPS = 0.012
 VERIFY_TOL = 5e-2
@@ -67,7 +68,7 @@ def noisy(request, tmp_path_factory):
 
 
 def _rec(imp):
-    (rec,) = [r for r in imp.records if r["kind"] == "recurrent"]
+    (rec,) = [r for r in typed_records(imp) if r.kind is Kind.RECURRENT]
     return rec
 
 
@@ -96,7 +97,7 @@ def test_joint_eps_recovers_planted_fibers(noisy, linkage):
 
 def test_every_tied_set_has_the_same_partition(noisy):
     kind, _, info, _, _, imp = noisy
-    sets = [s for s in _rec(imp)["spaces"] if imp.spaces[s].kind != "const"]   # gates, cell, hidden, factors
+    sets = [s for s in _rec(imp).spaces if imp.spaces[s].kind != "const"]   # gates, cell, hidden, factors
     col = colour_dag(imp, "fibration", eps=EPS, linkage="complete")
     hidden = _as_set(info["fibers"]["rnn.hidden"])
     for s in sets:
@@ -110,7 +111,7 @@ def test_every_tied_set_has_the_same_partition(noisy):
 def test_without_ties_the_same_eps_does_not_recover(noisy):
     """What the engine did before: each node set clustered alone, the base keeps the meet."""
     kind, _, info, _, _, imp = noisy
-    hid = imp.spaces[_rec(imp)["hidden"][0]].ids
+    hid = imp.spaces[_rec(imp).hidden[0]].ids
     hidden = _as_set(info["fibers"]["rnn.hidden"])
     tie = imp.graph.tie
     try:

@@ -31,6 +31,7 @@ from onnx import numpy_helper  # noqa: E402
 import planted_nets as pn  # noqa: E402
 from helpers import cli, read_json, refines, run_onnx  # noqa: E402
 from importers.api import color_model, compress_model  # noqa: E402
+from importers.onnx.records import Kind, typed_records  # noqa: E402
 
 TOL = 1e-5
 KINDS = ("legacy", "dynamo")
@@ -247,7 +248,7 @@ def test_residual_break_add_coloured_by_meet(store, kind):
     carry their own partitions."""
     model, info = store.model("residual_breaks")
     _, imp, col = color_model(store.path("residual_breaks", kind), symmetry="fibration")
-    adds = [r for r in imp.records if r["kind"] == "elementwise" and r["op"] == "Add"]
+    adds = [r for r in typed_records(imp) if r.kind is Kind.ELEMENTWISE and r.op == "Add"]
     assert len(adds) == 1, adds
 
     def fibers_of_tensor(t):
@@ -255,14 +256,14 @@ def test_residual_break_add_coloured_by_meet(store, kind):
         assert ids.size == info["width"], (t, imp.layouts[t].shape)
         return pn.fibers_of(col.labels[ids])
 
-    assert _as_set(fibers_of_tensor(adds[0]["output"])) == _as_set(info["meet"])
-    lin = {r["weight"]: r for r in imp.records if r["kind"] == "linear"}
+    assert _as_set(fibers_of_tensor(adds[0].output)) == _as_set(info["meet"])
+    lin = {r.weight: r for r in typed_records(imp) if r.kind is Kind.LINEAR}
     inits = _initializers(store.path("residual_breaks", kind))
     for tm, planted in ((model.fc_a, info["partition_a"]), (model.fc_skip, info["partition_b"])):
         w = tm.weight.detach().numpy()
         name = [n for n in lin if np.array_equal(inits[n], w) or np.array_equal(inits[n], w.T)]
         assert len(name) == 1
-        assert _as_set(fibers_of_tensor(lin[name[0]]["output"])) == _as_set(planted)
+        assert _as_set(fibers_of_tensor(lin[name[0]].output)) == _as_set(planted)
 
 
 @pytest.mark.parametrize("kind", KINDS)

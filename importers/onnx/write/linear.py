@@ -1,0 +1,168 @@
+"""Writer rules for linear layers (docs/design.md section 5): MatMul, Gemm,
+Conv, ConvTranspose with a constant weight, grouped and depthwise convs, and
+embedding tables.
+
+For kept positions ``q`` each standing for a group ``G(q)``:
+``W_hat[r, q] = mean_{i in G(r)} sum_{k in G(q)} W[i, k]`` (rows: the mean
+over the output fiber, the papers' sum is wrong for biases; columns: the sum
+over the input group); biases the mean.  With the rescaling merge (scales
+``s``, DESIGN.md section 4): ``W_hat[r, q] = mean_{i in G(r)} (1/s_i)
+sum_{k in G(q)} s_k W[i, k]`` and biases divided by ``s_i`` before the mean.
+A q projection whose score sums ``m`` equal products per kept head dim has
+its rows (and bias) multiplied by ``m`` (:func:`.attention.row_factor`).
+"""
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+from onnx import helper
+
+from ..records import Kind
+from .attention import row_factor
+from .groups import nodes_along
+from .registry import writes
+
+
+@writes(Kind.LINEAR)
+def linear(w, rec):
+    k, node = w.node(rec)
+    ax_in = w.axis(rec.input, scaled=True)
+    ax_out = w.axis(rec.output, scaled=True)
+    if ax_in.identity and ax_out.identity and not (ax_in.scaled or ax_out.scaled):
+        return
+    op = rec.op
+    wname = node.input[1] if op != "MatMul" or rec.x_axis == -1 else node.input[0]
+    slot = 1 if wname == node.input[1] else 0
+    W = w.value(wname)
+    dt = W.dtype
+    W = W.astype(np.float64)
+    a = rec.attrs
+    Rm = ax_out.mean_matrix(scaled=True)
+    fold = row_factor(w, rec.output, ax_out)          # q.k multiplicities folded into W_Q
+    if fold is not None:
+        Rm = sp.diags(fold) @ Rm
+    C = ax_in.sum_matrix(scaled=True)
+
+    def rows_cols(M):          # M (n_out, n_in, ...) -> compressed
+        sh = M.shape
+        M2 = M.reshape(sh[0], -1)
+        M2 = Rm @ M2
+        M3 = M2.reshape(ax_out.L_hat, sh[1], -1).transpose(1, 0, 2).reshape(sh[1], -1)
+        M3 = C @ M3
+        return M3.reshape(ax_in.L_hat, ax_out.L_hat, *sh[2:]).swapaxes(0, 1)
+
+    group = int(a.get("group", 1))
+    if op == "Conv" and group > 1:
+        grouped_conv(w, k, node, W, dt, group, rows_cols, ax_in)
+    elif op in ("Conv",):
+        Wh = rows_cols(W)
+    elif op == "ConvTranspose":
+        Wh = np.moveaxis(rows_cols(np.moveaxis(W, 0, 1)), 0, 1)
+    elif op == "Gemm":
+        Wt = W if a.get("transB", 0) else W.T
+        Wh = rows_cols(Wt)
+        Wh = Wh if a.get("transB", 0) else Wh.T
+    elif slot == 1:                                  # MatMul x @ B: B (K, N)
+        Wh = rows_cols(W.T).T
+    else:                                            # MatMul A @ x: A (N, K)
+        Wh = rows_cols(W)
+    if not (op == "Conv" and group > 1):
+        w.put(node, slot, Wh, W.astype(dt))
+    bslot = 2 if op in ("Gemm", "Conv", "ConvTranspose") else None
+    if bslot is not None and len(node.input) > 2 and node.input[2] and not (ax_out.identity and not ax_out.scaled):
+        b = w.value(node.input[2])
+        if b.size > 1 or ax_out.scaled:
+            if b.size == 1 and ax_out.L > 1:        # a scalar bias: one per unit once rescaled
+                b = np.broadcast_to(b.reshape(-1), (ax_out.L,)).astype(b.dtype)
+            bax = 0 if b.shape[0] == ax_out.L else b.ndim - 1
+            bh = ax_out.mean_along(b, bax, scaled=True)
+            if fold is not None:
+                bh = bh * fold.reshape([-1 if j == bax else 1 for j in range(b.ndim)])
+            w.put(node, 2, bh, b)
+
+
+def grouped_conv(w, k, node, W, dt, group, rows_cols, ax_in):
+    """A grouped Conv (depthwise with any multiplier): the base of its dense,
+    block-diagonal form.  Where every base output channel reads one base
+    input channel ``j(o)`` (the chain importer's rule), it stays depthwise:
+    ``group`` = output channels, preceded by a Gather of the channels ``j``
+    when they are not simply ``0..n-1``; otherwise a dense Conv (group 1).
+    Base input channels of one colour carry equal (base) values, so a row
+    reading several of them reads the first with their kernels summed: an
+    input family split finer than its colours (a residual stream's meet)
+    does not turn a depthwise conv dense."""
+    c_out, gi = W.shape[:2]
+    c_in = gi * group
+    go = c_out // group
+    full = np.zeros((c_out, c_in) + W.shape[2:])
+    for g in range(group):
+        full[g * go:(g + 1) * go, g * gi:(g + 1) * gi] = W[g * go:(g + 1) * go]
+    Wh = rows_cols(full)
+    # the base input channels a base output reads: a kernel within float
+    # rounding of zero (the engine's eps = 0 tolerance) reads none
+    from fibgraph.refine import DEFAULT_RTOL
+
+    mag = np.abs(Wh).reshape(Wh.shape[0], Wh.shape[1], -1).max(axis=2)
+    support = mag > DEFAULT_RTOL * (float(mag.max()) if mag.size else 0.0)
+    n_out, n_in = support.shape
+    if w.labels is not None and ax_in.axis is not None:
+        ids_in = nodes_along(w.imp.layouts[node.input[0]], ax_in.axis)
+        colour = np.asarray(w.labels)[ids_in[ax_in.keep_pos]]
+        for o in np.flatnonzero(support.sum(axis=1) > 1):
+            q = np.flatnonzero(support[o])
+            if np.all(colour[q] == colour[q[0]]):
+                Wh[o, q[0]] = Wh[o, q].sum(axis=0)
+                Wh[o, q[1:]] = 0
+                support[o, q[1:]] = False
+    reads = support.sum(axis=1)
+    if np.any(reads > 1):
+        if Wh.size <= W.size:             # a dense Conv (group 1) no larger than the original
+            for at in node.attribute:
+                if at.name == "group":
+                    at.i = 1
+            w.put(node, 1, Wh, W.astype(dt))
+            return
+        # quasi-fibers (eps > 0) mixing input colours: each base output reads
+        # the input it reads most (exact fibers never get here)
+        best = np.where(support, mag, -1.0).argmax(axis=1)
+        support = np.zeros_like(support)
+        support[np.arange(n_out), best] = True
+        reads = support.sum(axis=1)
+    j = np.where(reads == 1, support.argmax(axis=1), 0)
+    w.put(node, 1, Wh[np.arange(n_out), j][:, None], W.astype(dt))
+    for at in node.attribute:
+        if at.name == "group":
+            at.i = n_out
+    if n_in != n_out or not np.array_equal(j, np.arange(n_out)):
+        t = w.tmp(node.input[0])
+        g = helper.make_node("Gather", [node.input[0], w.const(j.astype(np.int64), np.int64)], [t],
+                             axis=1, name=w.tmp("fib_gather"))
+        node.input[0] = t
+        w.own.add(g.name)                  # already in base positions: cuts() leaves it
+        w.insert(k, [g])
+
+
+@writes(Kind.DEPTHWISE)
+def depthwise(w, rec):
+    _, node = w.node(rec)
+    ax = w.axis(rec.output)
+    if ax.identity:
+        return
+    W = w.value(node.input[1])
+    w.put(node, 1, ax.mean_along(W, 0), W)
+    if len(node.input) > 2 and node.input[2]:
+        b = w.value(node.input[2])
+        w.put(node, 2, ax.mean_along(b, 0), b)
+    for at in node.attribute:
+        if at.name == "group":
+            at.i = ax.L_hat
+
+
+@writes(Kind.EMBEDDING)
+def embedding(w, rec):
+    _, node = w.node(rec)
+    ax = w.axis(rec.output)
+    if ax.identity:
+        return
+    T = w.value(node.input[0])
+    w.put(node, 0, (ax.mean_matrix() @ T.astype(np.float64).T).T, T)
