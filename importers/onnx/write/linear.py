@@ -100,7 +100,7 @@ def grouped_conv(w, k, node, W, dt, group, rows_cols, ax_in):
     Wh = rows_cols(full)
     # the base input channels a base output reads: a kernel within float
     # rounding of zero (the engine's eps = 0 tolerance) reads none
-    from fibgraph.refine import DEFAULT_RTOL
+    from fibgraph.engine import DEFAULT_RTOL
 
     mag = np.abs(Wh).reshape(Wh.shape[0], Wh.shape[1], -1).max(axis=2)
     support = mag > DEFAULT_RTOL * (float(mag.max()) if mag.size else 0.0)
