@@ -5,7 +5,7 @@ Data flows one way: importer -> graph -> symmetry -> base -> writer.
 """
 from .dag_api import color_dag_model, colour_dag, compress_dag_model
 from .onnx_dag import import_dag
-from .onnx_dag_out import write_dag_base
+from .onnx.write import write_dag_base
 from .onnx_load import load_onnx
 
 __all__ = ["import_dag", "load_onnx", "colour_dag", "write_dag_base", "color_dag_model", "compress_dag_model"]

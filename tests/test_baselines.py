@@ -16,7 +16,7 @@ from helpers import _init, assert_one_line_error, cli, finish, mlp_onnx, read_js
 from importers.compare_dag import DagMethods
 from importers.dag_api import colour_dag
 from importers.onnx_dag import import_dag
-from importers.onnx_dag_out import write_dag_base
+from importers.onnx.write import write_dag_base
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = os.path.join(ROOT, "fibgraph", "data", "digits_mlp.onnx")
