@@ -24,7 +24,7 @@ from fibgraph.errors import InputError
 
 from .api import _check_eps, count_params, evaluate, load_data, read_eps_table
 from .onnx_in import import_onnx
-from .onnx_load import load_onnx
+from .onnx.load import load_onnx
 from .onnx_out import write_base_onnx
 from .tuning import ModelCompressor
 
@@ -113,7 +113,7 @@ def _name(x):
 def _import(model, data):
     """``(ImportResult, None)`` for a feed-forward chain, else ``(None, DagImport)``."""
     from .api import probe_feeds
-    from .onnx_dag import import_dag
+    from .onnx.importer import import_dag
 
     label = os.fspath(model) if isinstance(model, (str, os.PathLike)) else None
     m = load_onnx(model) if label is not None else model

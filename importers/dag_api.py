@@ -44,7 +44,7 @@ from fibgraph.partition import canonical, classes
 from fibgraph.refine import DEFAULT_RTOL, Tolerance
 from fibgraph.symmetry import colour
 
-from .onnx_dag import import_dag
+from .onnx.importer import import_dag
 from .onnx_dag_out import write_dag_base
 
 __all__ = ["DagColouring", "colour_dag", "tied_spaces", "color_dag_model", "compress_dag_model", "verify_dag", "weight_entries"]
@@ -220,7 +220,7 @@ def _feeds_like(imp, seed, data=None, specs=None):
     floats standard normal, integers in the range they index, masks ones; the
     integer inputs of a probe the user gave keep their values.  A :class:`Drawn`
     whose ``given`` names the inputs kept."""
-    from .feeds import Drawn, input_specs, make_feeds
+    from .onnx.feeds import Drawn, input_specs, make_feeds
 
     specs = input_specs(imp.model) if specs is None else specs
     shapes = {k: np.shape(v) for k, v in imp.feeds.items()}
@@ -247,7 +247,7 @@ def verify_dag(a, b, imp, data=None, seed=0, repeats=3):
     result says what was fed to each input."""
     import onnxruntime as ort
 
-    from .feeds import describe, input_specs, short_error
+    from .onnx.feeds import describe, input_specs, short_error
 
     so = ort.SessionOptions()
     so.log_severity_level = 3

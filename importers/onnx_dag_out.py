@@ -1102,7 +1102,7 @@ class _Writer:
             k += 1
 
     def finish(self):
-        from .onnx_dag import _outer_refs
+        from .onnx.load import outer_refs as _outer_refs
 
         # nodes whose results nothing reads any more (a computed constant the
         # writer replaced by its shrunk value) go, then their initializers

@@ -18,7 +18,7 @@ from onnx import numpy_helper
 from fibgraph.errors import InputError
 from fibgraph.network import Layer, Network
 
-from .onnx_load import load_onnx
+from .onnx.load import load_onnx
 
 __all__ = ["SUPPORTED_OPS", "import_onnx", "load_onnx", "ImportResult"]
 

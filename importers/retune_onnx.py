@@ -30,7 +30,7 @@ from fibgraph.errors import InputError
 from fibgraph.retune import compress_retune_loop
 
 from .api import count_params, evaluate
-from .onnx_load import load_onnx
+from .onnx.load import load_onnx
 from .tuning import make_compressor, tune_model
 
 __all__ = ["OnnxRetuneResult", "compress_retune_onnx"]

@@ -50,7 +50,7 @@ from fibgraph.refine import Exact
 from fibgraph.theorems import activity_sync, cover_state, error_sync, grouped_initial
 
 from .dag_units import layer_view
-from .onnx_dag import DagImport, import_dag
+from .onnx.importer import DagImport, import_dag
 
 __all__ = ["example_input", "export_model", "torch_import", "torch_view", "read_view", "FiberTracker",
            "torch_activations", "activity_report", "torch_mlp", "forward_with_deltas", "check_activity_sync",

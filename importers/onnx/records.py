@@ -1,6 +1,6 @@
 """What the hypergraph importer hands the writer: one typed record per mapped ONNX node.
 
-The importer (:mod:`importers.onnx_dag`) turns each ONNX node it understands
+The importer (:mod:`importers.onnx.importer`) turns each ONNX node it understands
 into graph nodes and edges, and leaves a record saying what that node was, so
 that the writer (:mod:`importers.onnx_dag_out`) can rewrite it for the base.
 Records are small frozen dataclasses; ``kind`` names the writer rule, and the
@@ -49,6 +49,19 @@ class Record:
     index: int | None = None
 
     kind = None   # set per subclass (a class attribute, not a field)
+
+    # Transitional (issue 11): dict-style reads for consumers not yet switched to
+    # attribute access (``rec["kind"]`` is the kind's string value, ``rec.get(k, d)``).
+    # The lead removes these once the writer reads records by attribute.
+    def __getitem__(self, k):
+        return self.kind.value if k == "kind" else getattr(self, k)
+
+    def get(self, k, default=None):
+        """Transitional dict-style read: the field ``k``, or ``default`` if there is none."""
+        try:
+            return self[k]
+        except AttributeError:
+            return default
 
 
 @dataclass
