@@ -300,7 +300,7 @@ def live_params(model):
     import onnx
     from onnx import numpy_helper
 
-    from importers.onnx_load import FLOAT_TYPES
+    from importers.onnx.load import FLOAT_TYPES
 
     g = model.graph
     used = {x for n in g.node for x in n.input if x} | {o.name for o in g.output}
@@ -366,7 +366,7 @@ def worker(spec):
 
     from importers.api import compress_model, count_params
     from importers.dag_api import colour_dag, verify_dag, weight_entries
-    from importers.onnx_dag import import_dag
+    from importers.onnx.importer import import_dag
     from importers.onnx_dag_out import write_dag_base
 
     res = {"case": spec}

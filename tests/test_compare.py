@@ -15,7 +15,7 @@ from fibgraph.errors import InputError
 from fibgraph.partition import canonical
 from fibgraph.planted import planted_mlp
 from importers.dag_units import layer_view
-from importers.onnx_dag import import_dag
+from importers.onnx.importer import import_dag
 
 
 # ------------------------------------------------------------ ARI and VI

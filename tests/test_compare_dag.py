@@ -33,7 +33,7 @@ from fibgraph.baselines import METHODS  # noqa: E402
 from fibgraph.partition import canonical  # noqa: E402
 from importers.compare_dag import DagMethods  # noqa: E402
 from importers.dag_api import colour_dag  # noqa: E402
-from importers.onnx_dag import import_dag  # noqa: E402
+from importers.onnx.importer import import_dag  # noqa: E402
 from importers.onnx_dag_out import write_dag_base  # noqa: E402
 
 TOL = 1e-5

@@ -32,7 +32,7 @@ from fibgraph.refine import Exact, Tolerance, refine  # noqa: E402
 from helpers import run_onnx  # noqa: E402
 from importers.api import compress_model  # noqa: E402
 from importers.dag_api import colour_dag  # noqa: E402
-from importers.onnx_dag import import_dag  # noqa: E402
+from importers.onnx.importer import import_dag  # noqa: E402
 from importers.onnx_dag_out import write_dag_base  # noqa: E402
 
 EPS = 0.012

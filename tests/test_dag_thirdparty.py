@@ -188,7 +188,7 @@ def test_if_model_default_probe(name, tmp_path):
 @pytest.mark.parametrize("name", IF_MODELS)
 def test_if_model_compresses_with_sample_feeds(name, tmp_path):
     from importers.dag_api import compress_dag_model
-    from importers.onnx_dag import import_dag
+    from importers.onnx.importer import import_dag
 
     path = _path(name)
     feed = thirdparty.sample_input(path)
@@ -202,7 +202,7 @@ def test_if_model_compresses_with_sample_feeds(name, tmp_path):
 @pytest.mark.parametrize("name", IF_MODELS)
 def test_if_is_a_control_flow_barrier(name):
     from importers.dag_api import color_dag_model
-    from importers.onnx_dag import import_dag
+    from importers.onnx.importer import import_dag
 
     path = _path(name)
     rep, _, _ = color_dag_model(path, imp=import_dag(path, feeds=thirdparty.sample_input(path)))
@@ -406,7 +406,7 @@ def _if_model(outer_init):
 @pytest.mark.parametrize("outer_init", [False, True], ids=["stream", "stream+initializer"])
 def test_if_reading_outer_tensors_is_a_barrier(outer_init, tmp_path):
     from importers.dag_api import compress_dag_model
-    from importers.onnx_dag import import_dag
+    from importers.onnx.importer import import_dag
 
     path, out = str(tmp_path / "if.onnx"), str(tmp_path / "base.onnx")
     onnx.save(_if_model(outer_init), path)
