@@ -1,6 +1,6 @@
 """Benchmark the hypergraph path (import, colour, write, verify) on LSTM, attention, residual and branching models.
 
-The hypergraph path (importers/onnx_dag*.py, dag_api.py) handles the models
+The hypergraph path (importers/onnx/, dag_api.py) handles the models
 the feed-forward chain importer refuses: LSTM/GRU, attention, residual
 streams, branching CNNs.
 
@@ -39,7 +39,7 @@ Models:
 
 Per model, in a FRESH subprocess (so peaks are that model's own):
 
-- ``import``: ``importers.onnx_dag.import_dag(path, feeds)`` from the path
+- ``import``: ``importers.onnx.importer.import_dag(path, feeds)`` from the path
   (load, the onnxruntime probe run with every tensor exposed, building the
   hypergraph);
 - ``colour``: ``importers.dag_api.colour_dag(imp, 'fibration', eps=0)``;

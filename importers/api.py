@@ -1,6 +1,6 @@
 """The whole job on an ONNX model: import, colour, compress, write, verify, evaluate.
 
-Every model is read by the hypergraph importer (:mod:`importers.onnx_dag`)
+Every model is read by the hypergraph importer (:mod:`importers.onnx.importer`)
 and coloured, compressed and written by :mod:`importers.dag_api`.
 
 This is the Python API behind the CLI::
@@ -316,7 +316,7 @@ def _inputs_for(sess, data=None, n=64, seed=0):
 
 def verify_models(a, b, data=None, seed=0, n=64):
     """Run both models on the same inputs; the largest absolute difference of
-    every floating output (inputs from :func:`importers.feeds.make_feeds`:
+    every floating output (inputs from :func:`importers.onnx.feeds.make_feeds`:
     floats standard normal, integers in the range they index; or ``data``)."""
     from .onnx.feeds import describe, make_feeds
 

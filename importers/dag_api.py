@@ -11,7 +11,7 @@ eps), so that a residual stream's LayerNorm gamma/beta cluster like its
 writers.  The rescaling merge (``relu(s z) = s relu(z)``) applies to the node
 sets the importer marks positively homogeneous (a layer whose values reach
 the next layers only through ReLU-family activations, pooling and reshapes,
-possibly after a bias add; see ``onnx_dag._homogeneous_spaces``): there
+possibly after a bias add; see ``importers.onnx.importer._homogeneous_spaces``): there
 ``--metric cosine`` clusters rows by angle and the writer folds each node's
 scale into the base (rows divided by it, the next layer's columns multiplied
 by it).  Elsewhere cosine is not exact and is replaced by the magnitude-aware
@@ -216,7 +216,7 @@ def color_dag_model(path, symmetry="fibration", eps=0.0, eps_table=None, linkage
 
 
 def _feeds_like(imp, seed, data=None, specs=None):
-    """Inputs shaped like the probe's, drawn anew (:func:`importers.feeds.make_feeds`):
+    """Inputs shaped like the probe's, drawn anew (:func:`importers.onnx.feeds.make_feeds`):
     floats standard normal, integers in the range they index, masks ones; the
     integer inputs of a probe the user gave keep their values.  A :class:`Drawn`
     whose ``given`` names the inputs kept."""

@@ -1,4 +1,4 @@
-"""The weight layers of a hypergraph import (:func:`importers.onnx_dag.import_dag`)
+"""The weight layers of a hypergraph import (:func:`importers.onnx.importer.import_dag`)
 for the analysis modules: :func:`layer_view` (the format-free
 :class:`fibgraph.layerview.LayerView` read by compare, tracking, activity and
 theorem checks), :func:`dag_layers` (per-unit parameter vectors for the

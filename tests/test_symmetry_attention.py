@@ -1,4 +1,4 @@
-"""Attention found in exported ONNX graphs (importers/onnx_attention.py) and the
+"""Attention found in exported ONNX graphs (importers/onnx/attention_blocks.py) and the
 double-rotation rows of `fibgraph symmetry-metrics` on real torch Transformers."""
 from __future__ import annotations
 
