@@ -34,6 +34,7 @@ def unary(b, node, name, a, kinds):
 
 @rule(*sorted(SOFTMAX))
 def softmax(b, node, name, a, kinds):
+    """Along positional axes the same nodes; over a unit axis a denominator node per position."""
     x = node.input[0]
     ids = b.layout[x]
     ax = int(a.get("axis", -1))
@@ -56,6 +57,7 @@ def softmax(b, node, name, a, kinds):
 
 @rule(*sorted(ELEMWISE))
 def elementwise(b, node, name, a, kinds):
+    """Streams and constants combined element-wise: factor / per-unit nodes (the AND rule)."""
     op = node.op_type
     streams = [(k, x) for k, x in enumerate(node.input) if kinds[k] == "stream"]
     consts, infinite = [], []

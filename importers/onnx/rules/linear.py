@@ -23,6 +23,7 @@ LINEAR = MATMUL | CONV
 
 @rule(*sorted(MATMUL))
 def matmul(b, node, name, a, kinds):
+    """MatMul / Gemm with a constant weight (or of two streams: :func:`stream_matmul`)."""
     op = node.op_type
     A, B = node.input[0], node.input[1]
     if op == "MatMul" and kinds[0] == "stream" and kinds[1] == "stream":
@@ -93,6 +94,7 @@ def matmul(b, node, name, a, kinds):
 
 
 def stream_matmul(b, node, name, a, kinds):
+    """MatMul of two streams: factor nodes per (a, b) pair, a sum node per output element."""
     A, B = node.input
     ia, ib = b.layout[A], b.layout[B]
     if ia.ndim < 2 or ib.ndim < 2:
@@ -132,6 +134,7 @@ def stream_matmul(b, node, name, a, kinds):
 
 @rule(*sorted(CONV))
 def conv(b, node, name, a, kinds):
+    """Conv / ConvTranspose with a constant weight: one node per output channel (depthwise: sparse)."""
     op = node.op_type
     x = node.input[0]
     if kinds[1] != "const":

@@ -35,6 +35,7 @@ def shape_op(b, node, name, a, kinds):
 
 @rule(*sorted(MOVE))
 def move(b, node, name, a, kinds):
+    """Apply the op to the operands' id arrays with the reference evaluator."""
     from onnx.reference import ReferenceEvaluator
 
     ins, feeds = [], {}
@@ -148,6 +149,7 @@ def packed_cut(b, node):
 
 @rule(*sorted(POOL))
 def pool(b, node, name, a, kinds):
+    """Pooling, resizing and padding: the same nodes, if they act on positional axes only."""
     x = node.input[0]
     ids = b.layout[x]
     op = node.op_type

@@ -72,6 +72,7 @@ def channel_norm(b, node, name, a, kinds):
 
 @rule("LayerNormalization")
 def layernorm(b, node, name, a, kinds):
+    """LayerNormalization: statistics nodes over the normalised axes, then gamma and beta per unit."""
     x = node.input[0]
     ids = b.layout[x]
     ax = int(a.get("axis", -1))

@@ -13,6 +13,7 @@ REDUCE = {"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin"}
 
 @rule(*sorted(REDUCE))
 def reduce(b, node, name, a, kinds):
+    """A reduction: over unit axes a node per remaining position reads them all."""
     x = node.input[0]
     ids = b.layout[x]
     if len(node.input) > 1 and node.input[1]:
