@@ -7,8 +7,8 @@ to its rule (:mod:`.rules`, one table), and :func:`import_dag` assembles the
 graph; the writer reads the typed records (:mod:`.records`).
 
 Every stream tensor carries a *layout*: an int64 array of node ids over the
-tensor's axes, where an axis along which the ids vary is a *unit* axis (channels, features, gate units, heads x head dims) and
-an axis of size 1 in the layout is *positional* (batch, time, space: every
+tensor's axes, where an axis along which the ids vary is a *unit* axis
+(channels, features, gate units, heads x head dims) and an axis of size 1 in the layout is *positional* (batch, time, space: every
 unit is treated alike along it).  Layouts are found numerically: the model is
 run once in onnxruntime (batch 1) to learn every tensor's concrete shape and
 the values of computed shape tensors, and movement ops (Reshape, Transpose,
