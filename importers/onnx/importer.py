@@ -8,12 +8,13 @@ graph; the writer reads the typed records (:mod:`.records`).
 
 Every stream tensor carries a *layout*: an int64 array of node ids over the
 tensor's axes, where an axis along which the ids vary is a *unit* axis
-(channels, features, gate units, heads x head dims) and an axis of size 1 in the layout is *positional* (batch, time, space: every
-unit is treated alike along it).  Layouts are found numerically: the model is
-run once in onnxruntime (batch 1) to learn every tensor's concrete shape and
-the values of computed shape tensors, and movement ops (Reshape, Transpose,
-Gather, Slice, Concat, ...) are applied to the id arrays themselves with the
-ONNX reference evaluator, so no op's layout rule is guessed.
+(channels, features, gate units, heads x head dims) and an axis of size 1 in the
+layout is *positional* (batch, time, space: every unit is treated alike along
+it). Layouts are found numerically: the model is run once in onnxruntime (batch
+1) to learn every tensor's concrete shape and the values of computed shape
+tensors, and movement ops (Reshape, Transpose, Gather, Slice, Concat, ...) are
+applied to the id arrays themselves with the ONNX reference evaluator, so no
+op's layout rule is guessed.
 
 Nodes and edges (the hypergraph as a :class:`WeightedDigraph`):
 - a linear op with a constant weight (MatMul, Gemm, Conv, ConvTranspose) makes
