@@ -247,7 +247,7 @@ def worker(spec):
 
     from fibgraph.partition import canonical
     from importers.dag_api import colour_dag, weight_entries
-    from importers.onnx_dag import import_dag
+    from importers.onnx.importer import import_dag
     from importers.onnx.write import dag_groups, write_dag_base
 
     with open(spec["model"], "rb") as f:

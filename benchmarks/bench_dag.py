@@ -1,6 +1,6 @@
 """Benchmark the hypergraph path (import, colour, write, verify) on LSTM, attention, residual and branching models.
 
-The hypergraph path (importers/onnx_dag*.py, dag_api.py) handles the models
+The hypergraph path (importers/onnx/, dag_api.py) handles the models
 the feed-forward chain importer refuses: LSTM/GRU, attention, residual
 streams, branching CNNs.
 
@@ -39,7 +39,7 @@ Models:
 
 Per model, in a FRESH subprocess (so peaks are that model's own):
 
-- ``import``: ``importers.onnx_dag.import_dag(path, feeds)`` from the path
+- ``import``: ``importers.onnx.importer.import_dag(path, feeds)`` from the path
   (load, the onnxruntime probe run with every tensor exposed, building the
   hypergraph);
 - ``colour``: ``importers.dag_api.colour_dag(imp, 'fibration', eps=0)``;
@@ -300,7 +300,7 @@ def live_params(model):
     import onnx
     from onnx import numpy_helper
 
-    from importers.onnx_load import FLOAT_TYPES
+    from importers.onnx.load import FLOAT_TYPES
 
     g = model.graph
     used = {x for n in g.node for x in n.input if x} | {o.name for o in g.output}
@@ -366,7 +366,7 @@ def worker(spec):
 
     from importers.api import compress_model, count_params
     from importers.dag_api import colour_dag, verify_dag, weight_entries
-    from importers.onnx_dag import import_dag
+    from importers.onnx.importer import import_dag
     from importers.onnx.write import write_dag_base
 
     res = {"case": spec}

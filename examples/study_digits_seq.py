@@ -201,7 +201,7 @@ def study_tf_std(path, m, test, eps_grid, tmp, log):
     rows = [{"method": "original", **onnx_eval(path, test), "ff": ff0}]
     p0 = rows[0]["params"]
     rows[0]["params_kept"] = 1.0
-    from importers.onnx_dag import import_dag
+    from importers.onnx.importer import import_dag
 
     imp = import_dag(path)
     rep0 = compress_model(path, os.path.join(tmp, "fib.onnx"), eps=0.0)
@@ -247,7 +247,7 @@ def study_tf(path, m, test, eps_grid, tmp, log):
     rows = [{"method": "original", **onnx_eval(path, test), "ff": [ly.linear1.out_features for ly in m.layers]}]
     p0 = rows[0]["params"]
     rows[0]["params_kept"] = 1.0
-    from importers.onnx_dag import import_dag
+    from importers.onnx.importer import import_dag
 
     imp = import_dag(path)
     rep0 = compress_model(path, os.path.join(tmp, "fib.onnx"), eps=0.0)

@@ -105,7 +105,7 @@ def main(argv=None):
 
     from importers.api import compress_model, count_params, evaluate
     from importers.dag_api import weight_entries
-    from importers.onnx_dag import import_dag
+    from importers.onnx.importer import import_dag
 
     for kind, p in paths.items():
         imp = import_dag(p)

@@ -36,7 +36,7 @@ eigenvectors of ``W_Q^T W_Q`` (eigenvalues ``Lambda_Q``), ``A = U^T W_K^T W_K U`
 (:func:`double_rotation_dos`).  The symmetric states are the directions ``n``
 with ``W_Q n = W_K n = 0`` (both Gram values 0).  The count is invariant
 under a common orthogonal rotation of both matrices.  (Q/K weight pairs are
-found in the graph by ``importers.onnx_attention`` or by name by
+found in the graph by ``importers.onnx.attention_blocks`` or by name by
 ``importers.dag_units.find_qk_pairs``.)
 """
 from __future__ import annotations

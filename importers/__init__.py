@@ -4,8 +4,8 @@ base model), torch -> ONNX convenience.
 Data flows one way: importer -> graph -> symmetry -> base -> writer.
 """
 from .dag_api import color_dag_model, colour_dag, compress_dag_model
-from .onnx_dag import import_dag
+from .onnx.importer import import_dag
 from .onnx.write import write_dag_base
-from .onnx_load import load_onnx
+from .onnx.load import load_onnx
 
 __all__ = ["import_dag", "load_onnx", "colour_dag", "write_dag_base", "color_dag_model", "compress_dag_model"]

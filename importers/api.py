@@ -1,6 +1,6 @@
 """The whole job on an ONNX model: import, colour, compress, write, verify, evaluate.
 
-Every model is read by the hypergraph importer (:mod:`importers.onnx_dag`)
+Every model is read by the hypergraph importer (:mod:`importers.onnx.importer`)
 and coloured, compressed and written by :mod:`importers.dag_api`.
 
 This is the Python API behind the CLI::
@@ -23,8 +23,8 @@ from fibgraph.errors import InputError
 from fibgraph.fileio import write_atomic, write_json_atomic
 from fibgraph.engine import DEFAULT_RTOL, make_criterion
 
-from .feeds import short_error
-from .onnx_load import float_tensors, load_onnx
+from .onnx.feeds import short_error
+from .onnx.load import float_tensors, load_onnx
 
 __all__ = ["make_criteria", "criteria_from_table", "read_eps_table", "color_model", "compress_model", "evaluate", "verify_models",
            "atomic_write_bytes", "atomic_write_json", "COMPRESS_SYMMETRIES"]
@@ -96,7 +96,7 @@ def import_any(path, data=None):
     barriers; a feed-forward chain is the simplest such graph).  ``data`` (an
     .npz with x, or ``(x, y)``) gives it its probe input.  The first element
     is kept for callers that unpack two values."""
-    from .onnx_dag import import_dag
+    from .onnx.importer import import_dag
 
     model = load_onnx(path)
     return None, import_dag(model, feeds=probe_feeds(data, model), label=os.fspath(path))
@@ -316,9 +316,9 @@ def _inputs_for(sess, data=None, n=64, seed=0):
 
 def verify_models(a, b, data=None, seed=0, n=64):
     """Run both models on the same inputs; the largest absolute difference of
-    every floating output (inputs from :func:`importers.feeds.make_feeds`:
+    every floating output (inputs from :func:`importers.onnx.feeds.make_feeds`:
     floats standard normal, integers in the range they index; or ``data``)."""
-    from .feeds import describe, make_feeds
+    from .onnx.feeds import describe, make_feeds
 
     sa, sb = session(a), session(b)
     if data is None and isinstance(a, onnx.ModelProto):

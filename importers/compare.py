@@ -20,7 +20,7 @@ from fibgraph.baselines import METHODS
 from fibgraph.errors import InputError
 
 from .api import load_data
-from .onnx_load import load_onnx
+from .onnx.load import load_onnx
 
 __all__ = ["compare_methods", "plot_comparison", "DEFAULT_EPS", "METHOD_LABELS"]
 
@@ -38,13 +38,13 @@ def compare_methods(model, data, eps_list=DEFAULT_EPS, eps_files=(), linkage="av
     fibration point's node counts (``nodes``: kept units per weight, in the
     order of ``result["layers"]``).  ``model``: ONNX path or ``ModelProto``;
     ``data``: npz path or ``(x, y)``; ``imp``: the model's
-    :class:`~importers.onnx_dag.DagImport` when the caller has it.  As
+    :class:`~importers.onnx.importer.DagImport` when the caller has it.  As
     everywhere on the hypergraph path, there is no rescaling merge and eps > 0
     clusters with the magnitude-aware distance (``rescale`` is accepted and
     reported as not applied)."""
     from .api import probe_feeds
     from .compare_dag import compare_dag_methods
-    from .onnx_dag import import_dag
+    from .onnx.importer import import_dag
 
     for m in methods:
         if m not in METHODS:

@@ -243,7 +243,7 @@ def evaluate_any(model, data):
 def compare_dag_methods(model, imp, data, xy, eps_list, eps_files=(), linkage="average", metric="cosine",
                         methods=METHODS, seed=0, on_point=None):
     """The rows of :func:`importers.compare.compare_methods` for a model of the
-    hypergraph path (``imp`` its :class:`~importers.onnx_dag.DagImport`)."""
+    hypergraph path (``imp`` its :class:`~importers.onnx.importer.DagImport`)."""
     from .api import _check_eps, count_params, read_eps_table
     from .dag_api import colour_dag, weight_entries
 

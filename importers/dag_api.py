@@ -11,7 +11,7 @@ eps), so that a residual stream's LayerNorm gamma/beta cluster like its
 writers.  The rescaling merge (``relu(s z) = s relu(z)``) applies to the node
 sets the importer marks positively homogeneous (a layer whose values reach
 the next layers only through ReLU-family activations, pooling and reshapes,
-possibly after a bias add; see ``onnx_dag._homogeneous_spaces``): there
+possibly after a bias add; see ``importers.onnx.importer._homogeneous_spaces``): there
 ``--metric cosine`` clusters rows by angle and the writer folds each node's
 scale into the base (rows divided by it, the next layer's columns multiplied
 by it).  Elsewhere cosine is not exact and is replaced by the magnitude-aware
@@ -44,9 +44,9 @@ from fibgraph.partition import canonical, classes
 from fibgraph.engine import DEFAULT_RTOL, Tolerance
 from fibgraph.symmetry import colour
 
-from .onnx.records import Kind, typed_records
+from .onnx.records import Kind
 from .onnx.write import write_dag_base
-from .onnx_dag import import_dag
+from .onnx.importer import import_dag
 
 __all__ = ["DagColouring", "colour_dag", "tied_spaces", "color_dag_model", "compress_dag_model", "verify_dag", "weight_entries"]
 
@@ -65,7 +65,7 @@ class DagColouring:
 def weight_entries(imp):
     """The compressible weights: (weight name, op, node ids of its output units, node set names)."""
     out = []
-    for rec in typed_records(imp):
+    for rec in imp.records:
         if rec.kind in (Kind.LINEAR, Kind.EMBEDDING):
             sp_ = imp.spaces[rec.space]
             out.append((rec.weight, rec.op, sp_.ids, [sp_.name]))
@@ -230,12 +230,12 @@ def _free_batch(model):
 
 
 def _feeds_like(imp, seed, data=None, specs=None, batch=None):
-    """Inputs shaped like the probe's, drawn anew (:func:`importers.feeds.make_feeds`):
+    """Inputs shaped like the probe's, drawn anew (:func:`importers.onnx.feeds.make_feeds`):
     floats standard normal, integers in the range they index, masks ones; the
     integer inputs of a probe the user gave keep their values.  With ``batch``,
     inputs whose first axis is declared free and drawn (not given) get that
     batch size.  A :class:`Drawn` whose ``given`` names the inputs kept."""
-    from .feeds import Drawn, input_specs, make_feeds
+    from .onnx.feeds import Drawn, input_specs, make_feeds
 
     specs = input_specs(imp.model) if specs is None else specs
     shapes = {k: np.shape(v) for k, v in imp.feeds.items()}
@@ -266,7 +266,7 @@ def verify_dag(a, b, imp, data=None, seed=0, repeats=3, batch=64):
     what was fed to each input."""
     import onnxruntime as ort
 
-    from .feeds import describe, input_specs, short_error
+    from .onnx.feeds import describe, input_specs, short_error
 
     so = ort.SessionOptions()
     so.log_severity_level = 3

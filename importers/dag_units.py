@@ -1,4 +1,4 @@
-"""The weight layers of a hypergraph import (:func:`importers.onnx_dag.import_dag`)
+"""The weight layers of a hypergraph import (:func:`importers.onnx.importer.import_dag`)
 for the analysis modules: :func:`layer_view` (the format-free
 :class:`fibgraph.layerview.LayerView` read by compare, tracking, activity and
 theorem checks), :func:`dag_layers` (per-unit parameter vectors for the
@@ -46,7 +46,7 @@ from onnx import numpy_helper
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from .onnx.records import Kind, typed_records
+from .onnx.records import Kind
 
 __all__ = ["DagLayer", "tie_labels", "dag_layers", "output_mask", "layer_view", "find_qk_pairs"]
 
@@ -85,7 +85,7 @@ def output_mask(imp, lab=None) -> np.ndarray:
 def _weight_uses(imp):
     """(name, op, record) per weight-layer record: linear / embedding weights by
     name, an LSTM / GRU / RNN as ``"W + R"``."""
-    for rec in typed_records(imp):
+    for rec in imp.records:
         if rec.kind in (Kind.LINEAR, Kind.EMBEDDING):
             yield rec.weight, rec.op, rec
         elif rec.kind is Kind.RECURRENT:

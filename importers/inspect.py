@@ -6,8 +6,8 @@ from rich.table import Table
 from fibgraph.report import console
 
 from .api import count_params
-from .onnx_load import float_tensors, load_onnx
-from .onnx_dag import DAG_OPS
+from .onnx.load import float_tensors, load_onnx
+from .onnx.importer import DAG_OPS
 
 __all__ = ["inspect_model", "op_census"]
 
@@ -66,7 +66,7 @@ def inspect_dag(path, model, chain_error=""):
     """Inspect a model through the hypergraph importer: its op census (barrier
     ops unsupported), compressible weights, barriers and their share."""
     from .dag_api import weight_entries
-    from .onnx_dag import import_dag
+    from .onnx.importer import import_dag
 
     imp = import_dag(model, label=str(path))
     census = op_census(model, {b["node"] for b in imp.barriers})

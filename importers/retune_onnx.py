@@ -31,8 +31,8 @@ from fibgraph.errors import InputError
 from fibgraph.retune import RetuneResult, compress_retune_loop
 
 from .api import count_params, evaluate, probe_feeds
-from .onnx_dag import import_dag
-from .onnx_load import load_onnx
+from .onnx.importer import import_dag
+from .onnx.load import load_onnx
 from .tuning import DagCompressor, tune_model
 
 __all__ = ["RetuneResult", "compress_retune_onnx"]

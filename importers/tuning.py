@@ -26,8 +26,8 @@ from fibgraph.engine import DEFAULT_RTOL
 from fibgraph.tune import EPS_MAX, greedy_eps
 
 from .api import count_params, criteria_from_table, evaluate, load_data, probe_feeds
-from .onnx_dag import import_dag
-from .onnx_load import load_onnx
+from .onnx.importer import import_dag
+from .onnx.load import load_onnx
 
 __all__ = ["DagCompressor", "make_compressor", "tune_model", "criteria_for"]
 
@@ -54,7 +54,7 @@ class DagCompressor:
     def __init__(self, model, linkage="average", metric="cosine", rescale=True,
                  symmetry="fibration", rtol=DEFAULT_RTOL, imported=None, feeds=None):
         from .dag_api import tied_spaces, weight_entries
-        from .onnx_dag import import_dag
+        from .onnx.importer import import_dag
 
         _check_options(linkage, metric)
         if imported is None:

@@ -15,7 +15,7 @@ from fibgraph.partition import canonical
 from helpers import _init, assert_one_line_error, cli, finish, mlp_onnx, read_json, run_onnx, save
 from importers.compare_dag import DagMethods
 from importers.dag_api import colour_dag
-from importers.onnx_dag import import_dag
+from importers.onnx.importer import import_dag
 from importers.onnx.write import write_dag_base
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

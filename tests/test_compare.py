@@ -1,5 +1,5 @@
 """Partition scores, `fibgraph compare`, and the activity view (weight fibers vs synchrony clusters),
-all on the hypergraph import (a LayerView of importers.onnx_dag.import_dag)."""
+all on the hypergraph import (a LayerView of importers.onnx.importer.import_dag)."""
 from __future__ import annotations
 
 import numpy as np
@@ -15,7 +15,7 @@ from fibgraph.errors import InputError
 from fibgraph.partition import canonical
 from fibgraph.planted import planted_mlp
 from importers.dag_units import layer_view
-from importers.onnx_dag import import_dag
+from importers.onnx.importer import import_dag
 
 
 # ------------------------------------------------------------ ARI and VI

@@ -33,8 +33,8 @@ from fibgraph.baselines import METHODS  # noqa: E402
 from fibgraph.partition import canonical  # noqa: E402
 from importers.compare_dag import DagMethods  # noqa: E402
 from importers.dag_api import colour_dag  # noqa: E402
-from importers.onnx_dag import import_dag  # noqa: E402
-from importers.onnx.records import Kind, typed_records  # noqa: E402
+from importers.onnx.importer import import_dag  # noqa: E402
+from importers.onnx.records import Kind  # noqa: E402
 from importers.onnx.write import write_dag_base  # noqa: E402
 
 TOL = 1e-5
@@ -241,7 +241,7 @@ def test_prune_dead_unit_lstm(tmp_path):
     info = {"n_in": 5, "seq": 5}
     path = _export(m, torch.zeros(2, 5, 5), tmp_path / "lstm.onnx")
     imp = import_dag(path)
-    W = next(r.W for r in typed_records(imp) if r.kind is Kind.RECURRENT)
+    W = next(r.W for r in imp.records if r.kind is Kind.RECURRENT)
     d = _prune_dead(path, _x(info), W, j)
     assert d["l2"] < TOL and d["l1"] < TOL
     assert d["live"] > 1e-3

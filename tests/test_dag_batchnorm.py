@@ -30,7 +30,7 @@ ort = pytest.importorskip("onnxruntime")
 from onnx import TensorProto, helper, numpy_helper
 
 from importers.dag_api import color_dag_model, compress_dag_model
-from importers.onnx_dag import import_dag
+from importers.onnx.importer import import_dag
 
 RTOL = 1e-5
 BN_EPS = 1e-5

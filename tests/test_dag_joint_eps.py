@@ -32,8 +32,8 @@ from fibgraph.engine import Exact, Tolerance, refine  # noqa: E402
 from helpers import run_onnx  # noqa: E402
 from importers.api import compress_model  # noqa: E402
 from importers.dag_api import colour_dag  # noqa: E402
-from importers.onnx_dag import import_dag  # noqa: E402
-from importers.onnx.records import Kind, typed_records  # noqa: E402
+from importers.onnx.importer import import_dag  # noqa: E402
+from importers.onnx.records import Kind  # noqa: E402
 from importers.onnx.write import write_dag_base  # noqa: E402
 
 EPS = 0.012
@@ -68,7 +68,7 @@ def noisy(request, tmp_path_factory):
 
 
 def _rec(imp):
-    (rec,) = [r for r in typed_records(imp) if r.kind is Kind.RECURRENT]
+    (rec,) = [r for r in imp.records if r.kind is Kind.RECURRENT]
     return rec
 
 

@@ -1,4 +1,4 @@
-"""The hypergraph path (importers/onnx_dag*.py, dag_api.py) on torch models with
+"""The hypergraph path (importers/onnx/, dag_api.py) on torch models with
 PLANTED fibers (tests/planted_nets.py): LSTM, GRU, bidirectional LSTM, a
 Transformer encoder layer (q/k shared and not), a residual MLP, and a
 residual Add whose two writers carry different partitions.

@@ -188,7 +188,7 @@ def _as_set(fibers):
 
 def _rnn_records(imp):
     """The LSTM/GRU records: stacked layers are separate ONNX ops, in graph (= layer) order."""
-    return [r for r in imp.records if r["kind"] == "recurrent"]
+    return [r for r in imp.records if r.kind.value == "recurrent"]
 
 
 @pytest.mark.parametrize("name,kind", [(n, k) for n in CASES for k in KINDS])
@@ -202,14 +202,14 @@ def test_colour_recovers_every_layers_fibers(store, name, kind):
     assert len(recs) == len(fibers), [r["node"] for r in recs]
     H = model.rnn.hidden_size
     for li, (rec, planted) in enumerate(zip(recs, fibers)):
-        assert rec["op"] == CASES[name][0] and rec["dirs"] == len(planted) and rec["H"] == H
-        for d, sp in enumerate(rec["hidden"]):
+        assert rec.op == CASES[name][0] and rec.dirs == len(planted) and rec.H == H
+        for d, sp in enumerate(rec.hidden):
             got = pn.fibers_of(col.labels[imp.spaces[sp].ids])
             assert _as_set(got) == _as_set(planted[d]), (li, d, got, planted[d])
         # the report's W and R entries of this layer: its hidden units, all directions
         want = set().union(*[{frozenset(u + d * H for u in cl) for cl in planted[d]}
                              for d in range(len(planted))])
-        entries = [e for e in report["layers"] if e["weight"] in (rec["W"], rec["R"])]
+        entries = [e for e in report["layers"] if e["weight"] in (rec.W, rec.R)]
         assert len(entries) == 2, [e["weight"] for e in report["layers"]]
         for e in entries:
             # the colouring's classes are the planted fibers
@@ -276,7 +276,7 @@ def test_random_stacked_encoder_with_l2_norm(tmp_path, rnn, kind):
     recs = _rnn_records(imp)
     assert len(recs) == 3
     for rec in recs:                   # every layer mapped on the features-last layout, nothing merged
-        for sp in rec["hidden"]:
+        for sp in rec.hidden:
             assert np.unique(col.labels[imp.spaces[sp].ids]).size == 24
     out = tmp_path / "enc_base.onnx"
     r = compress_dag_model(str(path), out, eps=0.0, verify=True)
@@ -296,16 +296,19 @@ def test_other_input_layouts_make_stacked_layers_barriers(tmp_path, kind):
     stacked layers read inputs with too few units on their feature axis; every
     LSTM is then a barrier (it raised ValueError), and the features-last
     layout maps all three."""
-    from importers.onnx_dag import _Builder, probe_model
-    from importers.onnx_load import load_onnx
+    from importers.onnx.build import Builder
+    from importers.onnx.load import load_onnx
+    from importers.onnx.probe import probe_model
+    from importers.onnx.records import Kind
+    from importers.onnx.rules import lookup
 
     torch.manual_seed(6)
     model = Stacked("LSTM", 8, 3, 4, head="hn", n_in=6)
     m = load_onnx(export(model, tmp_path / "enc.onnx", kind == "dynamo", dynamic=False))
     probe = probe_model(m)
     for axis, mapped in (("last", 3), ("1", 0), ("none", 0)):
-        b = _Builder(m, "enc", probe=probe, input_axis=axis).run()
-        recs = [r for r in b.records if r["kind"] == "recurrent"]
+        b = Builder(m, "enc", lookup, probe=probe, input_axis=axis).run()
+        recs = [r for r in b.records if r.kind == Kind.RECURRENT]
         lstm_barriers = [x for x in b.barriers if x["op"] == "LSTM"]
         assert len(recs) == mapped and len(lstm_barriers) == 3 - mapped, (axis, b.barriers)
         if axis != "last":

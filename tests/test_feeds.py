@@ -136,8 +136,8 @@ def _gather_model(rows=50):
 
 # ------------------------------------------------------------------ (a) integer inputs
 def test_bert_feeds_are_token_ids_in_the_vocabulary_and_ones_masks(bert):
-    from importers.feeds import input_specs, make_feeds
-    from importers.onnx_dag import probe_model, sample_feeds
+    from importers.onnx.feeds import input_specs, make_feeds
+    from importers.onnx.probe import probe_model, sample_feeds
 
     m = onnx.load(bert)
     specs = input_specs(m)
@@ -194,7 +194,7 @@ def _word_table(path):
 
 
 def test_gather_over_50_rows_gets_ids_below_50():
-    from importers.feeds import describe, input_specs, make_feeds
+    from importers.onnx.feeds import describe, input_specs, make_feeds
 
     m = _gather_model(50)
     specs = input_specs(m)
@@ -219,7 +219,7 @@ def test_gather_over_50_rows_gets_ids_below_50():
 def test_a_scalar_compared_with_a_constant_is_fed_that_constant():
     """``rate`` (int64 scalar) picks a branch by ``Equal(rate, 16000)``: fed 16000
     (a sample rate); an unbounded ``k`` gets [0, 2)."""
-    from importers.feeds import describe, make_feeds
+    from importers.onnx.feeds import describe, make_feeds
 
     nodes = [helper.make_node("Equal", ["rate", "sr16"], ["is16"]),
              helper.make_node("Where", ["is16", "x", "zero"], ["y0"]),
@@ -241,7 +241,7 @@ def test_a_scalar_compared_with_a_constant_is_fed_that_constant():
 
 
 def test_gather_over_50_rows_bound_is_used_by_the_probe():
-    from importers.onnx_dag import probe_model
+    from importers.onnx.probe import probe_model
 
     feeds, _ = probe_model(_gather_model(50))
     assert feeds["tok"].shape == (1, 5) and 0 <= feeds["tok"].min() and feeds["tok"].max() < 50
@@ -268,7 +268,7 @@ def test_user_probe_keeps_its_integer_inputs():
     """A probe the user gave keeps its integer values in verify's draws (a
     sample rate, say), and the report says they were given."""
     from importers.dag_api import _feeds_like
-    from importers.onnx_dag import import_dag
+    from importers.onnx.importer import import_dag
 
     m = _gather_model(50)
     given = {"tok": np.full((1, 5), 42, np.int64), "keep": np.ones((1, 5), np.int64),
@@ -284,7 +284,7 @@ def test_user_probe_keeps_its_integer_inputs():
 
 # ------------------------------------------------------------------ (c) one-line errors
 def test_short_error_cuts_at_a_word_with_an_ellipsis():
-    from importers.feeds import short_error
+    from importers.onnx.feeds import short_error
 
     words = " ".join(f"word{k}" for k in range(200))
     s = short_error(RuntimeError(words + "\nsecond line"), 100)
@@ -301,7 +301,7 @@ def test_short_error_cuts_at_a_word_with_an_ellipsis():
 def _quoted_ok(msg, original):
     """``msg`` is one line and quotes ``original``'s first line (less its source
     file locations) whole, or cut after a whole word and marked with an ellipsis."""
-    from importers.feeds import _SRC
+    from importers.onnx.feeds import _SRC
 
     lines = [_SRC.sub("", ln).strip() for ln in original.strip().splitlines()]
     first = [ln for ln in lines if ln][0]
@@ -358,7 +358,7 @@ def test_onnxruntime_load_error_is_one_line_and_whole_words():
 def test_probe_failure_is_one_line_and_whole_words():
     """A model no made-up input runs (a Reshape to a fixed size 7 of an input
     with symbolic dims): one line, what was tried, --data asked for."""
-    from importers.onnx_dag import probe_model
+    from importers.onnx.probe import probe_model
 
     n1 = helper.make_node("Reshape", ["x", "shp"], ["r"])
     n2 = helper.make_node("MatMul", ["r", "W"], ["y"])

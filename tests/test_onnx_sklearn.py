@@ -46,7 +46,7 @@ def skl(tmp_path_factory):
 
 def test_import_layers(skl):
     from importers.dag_api import weight_entries
-    from importers.onnx_dag import import_dag
+    from importers.onnx.importer import import_dag
     from importers.tuning import DagCompressor
 
     imp = import_dag(skl["path"])

@@ -163,7 +163,7 @@ def test_what_cannot_be_rebuilt_is_refused():
 
 def test_import_torch_reads_the_module_as_a_hypergraph(tmp_path):
     from importers.dag_api import colour_dag, weight_entries
-    from importers.onnx_dag import DagImport
+    from importers.onnx.importer import DagImport
     from importers.torch_export import import_torch
 
     m = _duplicated_mlp(3)

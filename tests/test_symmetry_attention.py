@@ -1,4 +1,4 @@
-"""Attention found in exported ONNX graphs (importers/onnx_attention.py) and the
+"""Attention found in exported ONNX graphs (importers/onnx/attention_blocks.py) and the
 double-rotation rows of `fibgraph symmetry-metrics` on real torch Transformers."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from helpers import cli, finish, mlp_onnx, read_json, save, torch_export, wrap_module
 
-from importers.onnx_attention import attention_metrics, find_attention
+from importers.onnx.attention_blocks import attention_metrics, find_attention
 
 D, H, FF = 16, 2, 32
 DK = D // H

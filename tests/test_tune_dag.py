@@ -133,7 +133,7 @@ def test_an_eps_entry_for_one_recurrent_weight_sets_the_layer(models):
     # be overwritten by R's default (exact)
     from fibgraph.engine import Tolerance
     from importers.dag_api import colour_dag, weight_entries
-    from importers.onnx_dag import import_dag
+    from importers.onnx.importer import import_dag
 
     imp = import_dag(models["lstm"])
     w, _, _, spaces = next(e for e in weight_entries(imp) if e[1] == "LSTM")

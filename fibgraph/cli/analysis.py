@@ -26,7 +26,7 @@ def _check_out(inputs, out):
 def _load(path):
     """The :class:`~fibgraph.layerview.LayerView` of an ONNX model (hypergraph import)."""
     from importers.dag_units import layer_view
-    from importers.onnx_dag import import_dag
+    from importers.onnx.importer import import_dag
 
     if not os.path.isfile(path):
         raise InputError(f"{path}: no such file")
@@ -120,8 +120,8 @@ def symmetry_metrics_cmd(model, thresholds, normalise, warn_threshold, warn_frac
     Softmax -> MatMul with V, traced back to the Q/K projections) and for Q/K weight
     pairs recognised by name."""
     from importers.dag_units import find_qk_pairs
-    from importers.onnx_attention import attention_metrics, linear_weights
-    from importers.onnx_load import load_onnx
+    from importers.onnx.attention_blocks import attention_metrics, linear_weights
+    from importers.onnx.load import load_onnx
 
     from ..fileio import write_json_atomic
     from ..report import console
@@ -231,7 +231,7 @@ def _dag_symmetry_metrics(path, thresholds, normalise, warn_threshold, warn_frac
     (:mod:`importers.dag_units`); (None, why) when that importer refuses the
     model or finds no weight layer."""
     from importers.dag_units import dag_layers
-    from importers.onnx_dag import import_dag
+    from importers.onnx.importer import import_dag
 
     from ..symmetry_metrics import symmetry_metrics_units
 

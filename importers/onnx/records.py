@@ -1,6 +1,6 @@
 """What the hypergraph importer hands the writer: one typed record per mapped ONNX node.
 
-The importer (:mod:`importers.onnx_dag`) turns each ONNX node it understands
+The importer (:mod:`importers.onnx.importer`) turns each ONNX node it understands
 into graph nodes and edges, and leaves a record saying what that node was, so
 that the writer (:mod:`importers.onnx.write`) can rewrite it for the base.
 Records are small dataclasses; ``kind`` names the writer rule, and the
@@ -21,7 +21,7 @@ from enum import Enum
 __all__ = ["Kind", "Record", "LinearRecord", "EmbeddingRecord", "ElementwiseRecord", "ReduceRecord",
            "SoftmaxRecord", "ContractRecord", "AttentionRecord", "ChannelNormRecord", "LayerNormRecord",
            "RecurrentRecord", "PackedRecord", "record_from_dict", "WEIGHT_KINDS", "SINGLE_AXIS_KINDS",
-           "RECORD_TYPES", "typed_records"]
+           "RECORD_TYPES"]
 
 
 class Kind(str, Enum):
@@ -229,23 +229,6 @@ def record_from_dict(d):
     if cls is None:
         raise ValueError(f"unknown record kind {kind!r} (node {d.get('node')!r})")
     return cls(**d)
-
-
-def typed_records(imp):
-    """``imp.records`` as typed records: the ONE place where the importer's dict
-    records are converted (a transition shim: once the importer emits the
-    dataclasses, this returns ``imp.records`` as it is).  The list is cached on
-    ``imp`` while ``imp.records`` is the same list with the same length."""
-    src = imp.records
-    cached = getattr(imp, "_typed_records", None)
-    if cached is not None and cached[0] is src and cached[1] == len(src):
-        return cached[2]
-    typed = [record_from_dict(r) for r in src]
-    try:
-        object.__setattr__(imp, "_typed_records", (src, len(src), typed))
-    except (AttributeError, TypeError):
-        pass                                # an object without a __dict__: no cache
-    return typed
 
 
 #: records whose weight is a compressible layer of the report and the eps file

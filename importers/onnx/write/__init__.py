@@ -44,7 +44,6 @@ Rewrites, for kept positions ``q`` each standing for a group ``G(q)``:
 """
 from __future__ import annotations
 
-from ..records import typed_records
 from . import attention, elementwise, linear, norm, recurrent  # noqa: F401  (the rules register)
 from .groups import dag_groups, group_columns
 from .registry import RULES
@@ -68,7 +67,7 @@ def write_dag_base(imp, labels, mode="merge", keep_pref=None, groups=None, scale
     None: all 1)."""
     if mode not in ("merge", "prune"):
         raise ValueError(f"mode must be 'merge' or 'prune', got {mode!r}")
-    records = typed_records(imp)          # transition shim: the importer still emits dicts
+    records = imp.records
     gid, kept, why = groups if groups is not None else dag_groups(imp, labels, keep_pref)
     w = Writer(imp, gid, kept, prune=mode == "prune", scales=scales, labels=labels)
     for rec in records:

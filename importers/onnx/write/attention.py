@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 from onnx import helper
 
-from ..records import Kind, typed_records
+from ..records import Kind
 from .groups import nodes_along, packed_records, readers
 from .registry import writes
 
@@ -45,7 +45,7 @@ def plan_folds(w):
     imp = w.imp
     w.row_scale = np.ones(imp.graph.n)
     w.fold_adds, w.folded = set(), set()
-    records = typed_records(imp)
+    records = imp.records
     contracts = [r for r in records if r.kind is Kind.CONTRACT]
     if w.prune or not contracts:
         return

@@ -17,7 +17,7 @@ from onnx import helper
 
 from fibgraph.partition import canonical
 
-from ..records import SINGLE_AXIS_KINDS, Kind, typed_records
+from ..records import SINGLE_AXIS_KINDS, Kind
 
 __all__ = [
     "dag_groups",
@@ -42,12 +42,12 @@ def nodes_along(ids, axis):
 
 def packed_records(imp):
     """The ``packed`` records (a packed projection cut into q, k, v: see
-    ``onnx_dag._Builder._packed_cut``) the writer rewrites as Slices of their
+    ``importers.onnx.rules.movement.packed_cut``) the writer rewrites as Slices of their
     source, and the tensors between (``region``: units on several axes) that
     the rewrite leaves unread, so their cells need not keep equal sizes.  A
     record is used only when every reader of its region is part of such a
     chain (no Shape, no other op reads the packed layout)."""
-    recs = [r for r in typed_records(imp) if r.kind is Kind.PACKED]
+    recs = [r for r in imp.records if r.kind is Kind.PACKED]
     if not recs:
         return [], set()
     consumers = {}
@@ -132,7 +132,7 @@ def group_columns(imp, labels, keep_pref=None, split=True):
     multi = {t: ids for t, ids in imp.layouts.items() if len(unit_axes(ids)) > 1}
     # layouts the writer can only rewrite along one axis
     single_only = set()
-    for rec in typed_records(imp):
+    for rec in imp.records:
         if rec.kind in SINGLE_AXIS_KINDS:
             single_only.update(x for x in (getattr(rec, "input", None), getattr(rec, "output", None)) if x)
     for t in single_only & set(multi):

@@ -248,7 +248,7 @@ class Writer:
             k += 1
 
     def finish(self):
-        from ...onnx_dag import _outer_refs
+        from ..load import outer_refs as _outer_refs
 
         # nodes whose results nothing reads any more (a computed constant the
         # writer replaced by its shrunk value) go, then their initializers

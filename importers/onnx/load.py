@@ -10,7 +10,7 @@ from onnx import numpy_helper
 from fibgraph.errors import InputError
 from fibgraph.fileio import read_input
 
-__all__ = ["load_onnx", "tensor_value", "float_tensors"]
+__all__ = ["load_onnx", "tensor_value", "float_tensors", "graph_float_tensors", "outer_refs", "FLOAT_TYPES"]
 
 
 def _external_location(t):
@@ -75,11 +75,12 @@ def float_tensors(model):
     """(name, element count) of every floating-point initializer and Constant
     tensor, inside control-flow bodies (If/Loop/Scan subgraphs) too."""
     out = []
-    _float_tensors(model.graph, out)
+    graph_float_tensors(model.graph, out)
     return out
 
 
-def _float_tensors(graph, out):
+def graph_float_tensors(graph, out):
+    """Append (name, element count) of the float tensors of ``graph`` (and its subgraphs) to ``out``."""
     for t in graph.initializer:
         if t.data_type in FLOAT_TYPES:
             out.append((t.name, int(np.prod(t.dims)) if len(t.dims) else 1))
@@ -94,7 +95,29 @@ def _float_tensors(graph, out):
                     out.append((node.output[0], 1))
         for a in node.attribute:
             if a.type == onnx.AttributeProto.GRAPH:
-                _float_tensors(a.g, out)
+                graph_float_tensors(a.g, out)
             elif a.type == onnx.AttributeProto.GRAPHS:
                 for g in a.graphs:
-                    _float_tensors(g, out)
+                    graph_float_tensors(g, out)
+
+
+def outer_refs(node):
+    """Names a node's subgraphs (If/Loop/Scan bodies) read from the outer graph;
+    an empty set for a node without subgraphs."""
+    graphs = []
+    for at in node.attribute:
+        if at.type == onnx.AttributeProto.GRAPH:
+            graphs.append(at.g)
+        elif at.type == onnx.AttributeProto.GRAPHS:
+            graphs.extend(at.graphs)
+    refs = set()
+    for g in graphs:
+        local = {i.name for i in g.input} | {t.name for t in g.initializer}
+        for n in g.node:
+            for x in n.input:
+                if x and x not in local:
+                    refs.add(x)
+            refs |= {x for x in outer_refs(n) if x not in local}
+            local.update(o for o in n.output if o)
+        refs.update(o.name for o in g.output if o.name not in local)
+    return refs if graphs else set()

@@ -1,0 +1,73 @@
+"""One run of the model to learn its shapes: every intermediate tensor's value
+on sample inputs (batch 1), for the hypergraph importer's layouts."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from fibgraph.errors import InputError
+
+from .feeds import describe, input_specs, make_feeds, short_error
+
+__all__ = ["probe_model", "sample_feeds"]
+
+
+# ------------------------------------------------------------------ probing
+def sample_feeds(model, seed=0, sizes=None, specs=None):
+    """Inputs for one probe run (:func:`importers.onnx.feeds.make_feeds`): batch 1,
+    floats standard normal, integers in the range they index (token ids below
+    the embedding's rows, masks ones); other unknown dims a sequence of 8 for
+    integer inputs and 32 for floats, or all ``sizes`` (tried in turn by
+    :func:`probe_model`)."""
+    return make_feeds(model, n=1, seed=seed, size=sizes, specs=specs)
+
+
+def probe_model(model, feeds=None):
+    """Run ``model`` once with every intermediate tensor exposed; returns
+    ``(feeds, values)`` with the value of every tensor (initializers included)."""
+    import onnxruntime as ort
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    have = {o.name for o in m.graph.output}
+    for node in m.graph.node:
+        for o in node.output:
+            if o and o not in have:
+                m.graph.output.append(onnx.ValueInfoProto(name=o))
+                have.add(o)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 4          # a size that does not fit is tried quietly
+    try:
+        sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise InputError(f"onnxruntime cannot load the model: {short_error(e)}") from None
+    names = [o.name for o in sess.get_outputs()]
+    if feeds is not None:
+        tries = [feeds]
+    else:                      # the defaults, then every unknown dim at one size
+        specs = input_specs(model)
+        tries, seen = [], set()
+        for s in (None, 32, 64, 128, 320, 16, 8, 4, 2, 1):
+            f = sample_feeds(model, sizes=s, specs=specs)
+            key = tuple(v.shape for v in f.values())
+            if key not in seen:
+                seen.add(key)
+                tries.append(f)
+    err = None
+    for f in tries:
+        try:
+            out = sess.run(names, f)
+            vals = dict(zip(names, out))
+            vals.update(f)
+            return f, vals
+        except Exception as e:  # the size did not fit the model; try the next
+            err = e if err is None else err
+    why = short_error(err)
+    if feeds is not None:
+        shapes = ", ".join(f"{k} {list(np.shape(v))}" for k, v in feeds.items())
+        raise InputError(f"the model does not run on the given data ({shapes}): {why}") from None
+    fed = "; ".join(f"{k}: {v}" for k, v in describe(tries[0]).items())
+    raise InputError(f"cannot run the model once to learn its shapes on made-up inputs ({fed}; "
+                     f"other sizes for the unknown dims failed too): {why}; "
+                     "give sample inputs with --data (an .npz with one array per input name)") from None
