@@ -31,7 +31,7 @@ from onnx import numpy_helper  # noqa: E402
 import planted_nets as pn  # noqa: E402
 from helpers import cli, read_json, refines, run_onnx  # noqa: E402
 from importers.api import color_model, compress_model  # noqa: E402
-from importers.onnx.records import Kind, typed_records  # noqa: E402
+from importers.onnx.records import Kind  # noqa: E402
 
 TOL = 1e-5
 KINDS = ("legacy", "dynamo")
@@ -248,7 +248,7 @@ def test_residual_break_add_coloured_by_meet(store, kind):
     carry their own partitions."""
     model, info = store.model("residual_breaks")
     _, imp, col = color_model(store.path("residual_breaks", kind), symmetry="fibration")
-    adds = [r for r in typed_records(imp) if r.kind is Kind.ELEMENTWISE and r.op == "Add"]
+    adds = [r for r in imp.records if r.kind is Kind.ELEMENTWISE and r.op == "Add"]
     assert len(adds) == 1, adds
 
     def fibers_of_tensor(t):
@@ -257,7 +257,7 @@ def test_residual_break_add_coloured_by_meet(store, kind):
         return pn.fibers_of(col.labels[ids])
 
     assert _as_set(fibers_of_tensor(adds[0].output)) == _as_set(info["meet"])
-    lin = {r.weight: r for r in typed_records(imp) if r.kind is Kind.LINEAR}
+    lin = {r.weight: r for r in imp.records if r.kind is Kind.LINEAR}
     inits = _initializers(store.path("residual_breaks", kind))
     for tm, planted in ((model.fc_a, info["partition_a"]), (model.fc_skip, info["partition_b"])):
         w = tm.weight.detach().numpy()
