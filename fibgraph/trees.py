@@ -63,13 +63,18 @@ class TreeCertificates:
 
 
 def _plain_edges(graph: WeightedDigraph):
-    """Summed edges as Python lists: {(dst, src, etype): [w_1..w_D]} and exactness."""
+    """Summed edges as Python lists: {(dst, src, etype): [w_1..w_D]}, exactness,
+    and the largest magnitude of a single (unsummed) weight entry."""
     acc: dict = {}
     exact = True
+    wmax = 0.0
     for b in graph.blocks:
         exact = exact and bool(b.exact)
         s, d, v, et = b.coo()
-        s, d, v = s.tolist(), d.tolist(), np.asarray(v, np.float64).tolist()
+        v = np.asarray(v, np.float64)
+        if v.size:
+            wmax = max(wmax, float(np.max(np.abs(v))))
+        s, d, v = s.tolist(), d.tolist(), v.tolist()
         et = [None] * len(s) if et is None else et.tolist()
         for k in range(len(s)):
             key = (d[k], s[k], et[k])
@@ -82,7 +87,7 @@ def _plain_edges(graph: WeightedDigraph):
                         cur[j] += x
                     else:
                         cur.append(x)
-    return acc, exact
+    return acc, exact, wmax
 
 
 def _labels_of(values):
@@ -102,8 +107,9 @@ def tree_certificates(graph: WeightedDigraph, direction="in", depth=None,
     init = [int(x) for x in np.asarray(init).tolist()]
     if len(init) != n:
         raise ValueError(f"initial colouring has {len(init)} entries for {n} nodes")
-    acc, exact = _plain_edges(graph)
-    wmax = max((abs(x) for v in acc.values() for x in v), default=0.0)
+    acc, exact, wmax = _plain_edges(graph)
+    # the quantum is relative to the weights as given, not to their sums: parallel
+    # edges that cancel (0.9 - 0.3 - 0.6) leave float noise, which is no edge
     quantum = 1.0 if exact else (wmax * 1e-9 if wmax > 0 else 1.0)
 
     def q(vec):
@@ -114,6 +120,8 @@ def tree_certificates(graph: WeightedDigraph, direction="in", depth=None,
     ins = [[] for _ in range(n)]    # (other end, type, weight vector) per edge into i
     outs = [[] for _ in range(n)]
     for (d, s, et), v in acc.items():
+        if not any(q(v)):
+            continue                 # summed to zero (up to rounding): no edge
         ins[d].append((s, et, v))
         outs[s].append((d, et, v))
     sides = {"in": [ins], "out": [outs], "both": [ins, outs]}[direction]

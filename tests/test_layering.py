@@ -66,10 +66,13 @@ def load_tree(root: Path = ROOT, packages=PACKAGES) -> dict:
 
 
 def module_name(relpath: str) -> str:
-    """``fibgraph/refine.py`` -> ``fibgraph.refine``; ``a/b/__init__.py`` -> ``a.b``."""
+    """``fibgraph/graph.py`` -> ``fibgraph.graph``; ``a/b/__init__.py`` -> ``a.b``;
+    the folder ``importers/`` is installed as ``fibgraph.importers``."""
     parts = relpath[:-3].split("/")
     if parts[-1] == "__init__":
         parts = parts[:-1]
+    if parts and parts[0] == "importers":
+        parts = ["fibgraph"] + parts
     return ".".join(parts)
 
 
