@@ -28,7 +28,7 @@ Two parts (``--part a``, ``--part b`` or ``--part all``, the default):
     fibgraph colouring time (both after the same import).
 
 (b) ``e2e``: a synthetic ``784-4096-4096-4096-10`` MLP (same generator)
-    written to disk, then ``importers.api.compress_model(path, out, eps=...)``
+    written to disk, then ``fibgraph.importers.api.compress_model(path, out, eps=...)``
     (load, import, colour, compress, write with ONNX check) at eps = 0 and
     each ``--eps``, one fresh subprocess per eps.
 
@@ -229,7 +229,7 @@ def worker(spec):
     t0 = time.perf_counter()
     res = {"case": spec}
     if spec["kind"] == "e2e":
-        from importers.api import compress_model
+        from fibgraph.importers.api import compress_model
 
         base_rss = _rss_kib() / 1024.0
         t = time.perf_counter()
@@ -246,9 +246,9 @@ def worker(spec):
     from onnx import numpy_helper
 
     from fibgraph.partition import canonical
-    from importers.dag_api import colour_dag, weight_entries
-    from importers.onnx.importer import import_dag
-    from importers.onnx.write import dag_groups, write_dag_base
+    from fibgraph.importers.dag_api import colour_dag, weight_entries
+    from fibgraph.importers.onnx.importer import import_dag
+    from fibgraph.importers.onnx.write import dag_groups, write_dag_base
 
     with open(spec["model"], "rb") as f:
         data = f.read()

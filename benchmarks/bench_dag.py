@@ -39,18 +39,18 @@ Models:
 
 Per model, in a FRESH subprocess (so peaks are that model's own):
 
-- ``import``: ``importers.onnx.importer.import_dag(path, feeds)`` from the path
+- ``import``: ``fibgraph.importers.onnx.importer.import_dag(path, feeds)`` from the path
   (load, the onnxruntime probe run with every tensor exposed, building the
   hypergraph);
-- ``colour``: ``importers.dag_api.colour_dag(imp, 'fibration', eps=0)``;
-- ``write``: ``importers.onnx.write.write_dag_base(imp, labels)`` +
+- ``colour``: ``fibgraph.importers.dag_api.colour_dag(imp, 'fibration', eps=0)``;
+- ``write``: ``fibgraph.importers.onnx.write.write_dag_base(imp, labels)`` +
   ``SerializeToString``; ``check``: ``onnx.checker.check_model`` on it;
-- ``verify``: ``importers.dag_api.verify_dag(original, base, imp)`` (two
+- ``verify``: ``fibgraph.importers.dag_api.verify_dag(original, base, imp)`` (two
   onnxruntime sessions, 3 random inputs shaped like the probe's); beside it
   (untimed) "ort noise": the ORIGINAL model's largest output difference
   between onnxruntime with all graph optimisations and with none on the same
   inputs, the float rounding scale that max_abs_diff should be compared with;
-- ``e2e`` (unless ``--no-e2e``): ``importers.api.compress_model(path, out,
+- ``e2e`` (unless ``--no-e2e``): ``fibgraph.importers.api.compress_model(path, out,
   eps=0, verify=True)`` again from the file, the whole thing as the CLI runs
   it (the chain importer is tried first; the report says which path ran;
   it writes the base twice, in ``color_dag_model`` and again in
@@ -65,7 +65,7 @@ model included); ``peak`` is the largest of them.  tracemalloc is not used
 
 Units: output units of the compressible weights (linear / conv / embedding
 rows, LSTM/GRU hidden units, ``dag_api.weight_entries``), before and kept
-after.  Params: ``importers.api.count_params`` (float initializers and
+after.  Params: ``fibgraph.importers.api.count_params`` (float initializers and
 Constant tensors, the number ``compress_model`` reports) and "live" params:
 only tensors some node reads, ConstantOfShape outputs included.
 
@@ -300,7 +300,7 @@ def live_params(model):
     import onnx
     from onnx import numpy_helper
 
-    from importers.onnx.load import FLOAT_TYPES
+    from fibgraph.importers.onnx.load import FLOAT_TYPES
 
     g = model.graph
     used = {x for n in g.node for x in n.input if x} | {o.name for o in g.output}
@@ -340,7 +340,7 @@ def ort_noise(imp, repeats=3, seed=0):
     graph optimisations and with none, on the inputs ``verify_dag`` uses (a scale for max_abs_diff)."""
     import onnxruntime as ort
 
-    from importers.dag_api import _feeds_like
+    from fibgraph.importers.dag_api import _feeds_like
 
     def sess(level):
         so = ort.SessionOptions()
@@ -364,10 +364,10 @@ def worker(spec):
     """Run one model in this (fresh) process; returns a dict of measurements."""
     import onnx
 
-    from importers.api import compress_model, count_params
-    from importers.dag_api import colour_dag, verify_dag, weight_entries
-    from importers.onnx.importer import import_dag
-    from importers.onnx.write import write_dag_base
+    from fibgraph.importers.api import compress_model, count_params
+    from fibgraph.importers.dag_api import colour_dag, verify_dag, weight_entries
+    from fibgraph.importers.onnx.importer import import_dag
+    from fibgraph.importers.onnx.write import write_dag_base
 
     res = {"case": spec}
     feeds = None

@@ -143,8 +143,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     import onnxruntime as ort
 
-    from importers.api import count_params, evaluate
-    from importers.tuning import ModelCompressor
+    from fibgraph.importers.api import count_params, evaluate
+    from fibgraph.importers.tuning import ModelCompressor
 
     out = ensure_models()
     so = ort.SessionOptions()

@@ -4,7 +4,7 @@ Trains a 64-64-64-10 ReLU MLP on scikit-learn's ``load_digits`` (8x8 images,
 pixels scaled to [0, 1], stratified 75/25 split, seed 0) from scratch with
 mini-batch SGD (batch 32, lr 0.05, momentum 0.9) for 30 epochs, twice: with
 weight decay 5e-3 and without (the control).  After every epoch a
-``importers.torch_analysis.FiberTracker`` reads the model (its ONNX export,
+``fibgraph.importers.torch_analysis.FiberTracker`` reads the model (its ONNX export,
 in memory, as a hypergraph) and records, per hidden layer, the number of
 fibers, opfibers and covers at eps = 0 (exact up to float rounding), 0.05,
 0.1 and 0.2 (average linkage; the hypergraph marks no node positively
@@ -54,7 +54,7 @@ from torch import nn  # noqa: E402
 from fibgraph.partition import num_classes  # noqa: E402
 from fibgraph.engine import Exact, Tolerance  # noqa: E402
 from fibgraph.tracking import SYMMETRY_NOUN  # noqa: E402
-from importers.torch_analysis import FiberTracker, activity_report, torch_view  # noqa: E402
+from fibgraph.importers.torch_analysis import FiberTracker, activity_report, torch_view  # noqa: E402
 
 EPS = (0.0, 0.05, 0.1, 0.2)
 try:

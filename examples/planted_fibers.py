@@ -16,7 +16,7 @@ included).  This script builds a ReLU MLP in torch with such fibers planted:
 - units are shuffled inside each layer so fibers are not contiguous.
 
 It exports the model with torch's legacy ONNX exporter, runs
-``importers.api.compress_model(..., verify=True)`` at eps = 0 and checks that
+``fibgraph.importers.api.compress_model(..., verify=True)`` at eps = 0 and checks that
 (1) the fibers found equal the planted ones, (2) the compressed model has one
 unit per planted fiber and (3) it computes the same function (largest output
 difference on random inputs, about 1e-6 for float32).
@@ -46,7 +46,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fibgraph.partition import canonical  # noqa: E402
-from importers.api import compress_model, count_params  # noqa: E402
+from fibgraph.importers.api import compress_model, count_params  # noqa: E402
 
 
 def planted_layer(rng, prev_labels, sizes, scale=1.0):

@@ -109,7 +109,7 @@ def n_params(m):
 
 def export(m, path):
     """Legacy torch exporter (opset 17), dynamic batch, input x, output y."""
-    from importers.torch_export import export_torch
+    from fibgraph.importers.torch_export import export_torch
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

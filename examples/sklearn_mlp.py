@@ -39,7 +39,7 @@ def main(argv=None):
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.neural_network import MLPClassifier
 
-    from importers.api import compress_model, count_params, evaluate
+    from fibgraph.importers.api import compress_model, count_params, evaluate
 
     t0 = time.perf_counter()
     xtr, xte, ytr, yte = load_split(0)

@@ -11,10 +11,10 @@ Linear(32, 10).  Adam (LSTM lr 1e-2, Transformer lr 3e-3), batch 64, 30
 epochs, seed 0, 2 torch threads.  Exported with torch's legacy ONNX exporter
 (opset 17).
 
-Fibration: ``importers.api.compress_model(path, out, eps, linkage)`` (the
+Fibration: ``fibgraph.importers.api.compress_model(path, out, eps, linkage)`` (the
 hypergraph path; with eps > 0 its clustering is the magnitude-aware
 euclidean distance, recorded per weight in the report), evaluated with
-``importers.api.evaluate`` (onnxruntime) on the test split; parameters =
+``fibgraph.importers.api.evaluate`` (onnxruntime) on the test split; parameters =
 ``count_params`` of the written ONNX.  For the Transformer two fibration
 variants: "FF only" (eps on the two ``linear1`` weights, every other weight
 exact; the baselines compare to this one) and "all weights" (eps on every
@@ -73,7 +73,7 @@ def grid(lo, hi, step):
 def onnx_eval(path, test):
     import onnx
 
-    from importers.api import count_params, evaluate
+    from fibgraph.importers.api import count_params, evaluate
 
     r = evaluate(path, test)
     return {"accuracy": r["accuracy"], "loss": r["loss"], "params": count_params(onnx.load(path))}
@@ -134,7 +134,7 @@ def baselines_tf(m, ff_new, test, tmp, seeds=3):
 def logits_diff(torch_model, onnx_path, x):
     import torch
 
-    from importers.api import session
+    from fibgraph.importers.api import session
 
     sess = session(onnx_path)
     name = sess.get_inputs()[0].name
@@ -145,7 +145,7 @@ def logits_diff(torch_model, onnx_path, x):
 
 
 def study_lstm(path, m, test, eps_grid, tmp, log):
-    from importers.api import compress_model
+    from fibgraph.importers.api import compress_model
 
     rows = [{"method": "original", **onnx_eval(path, test), "hidden": m.lstm.hidden_size}]
     p0 = rows[0]["params"]
@@ -179,7 +179,7 @@ def norm_classes(imp, eps, link):
     """Colour classes of each LayerNorm output node set (32 units) in the engine's
     colouring at ``eps`` (what the next layers' rows are aggregated by; the writer
     keeps the meet over the residual stream instead)."""
-    from importers.dag_api import colour_dag
+    from fibgraph.importers.dag_api import colour_dag
 
     lab = colour_dag(imp, "fibration", eps=eps, linkage=link).labels
     return [int(np.unique(lab[s.ids]).size) for s in imp.spaces if s.kind == "norm"]
@@ -195,13 +195,13 @@ def study_tf_std(path, m, test, eps_grid, tmp, log):
     """The same Transformer built from ``nn.TransformerEncoderLayer`` (FF block as
     MatMul + Add): fibration only, 'FF only' (eps on the two linear1 weights,
     found as the weights with ``ff`` units) and 'all weights'."""
-    from importers.api import compress_model
+    from fibgraph.importers.api import compress_model
 
     ff0 = list(m.cfg["ff"])
     rows = [{"method": "original", **onnx_eval(path, test), "ff": ff0}]
     p0 = rows[0]["params"]
     rows[0]["params_kept"] = 1.0
-    from importers.onnx.importer import import_dag
+    from fibgraph.importers.onnx.importer import import_dag
 
     imp = import_dag(path)
     rep0 = compress_model(path, os.path.join(tmp, "fib.onnx"), eps=0.0)
@@ -242,12 +242,12 @@ def ff_names(rep):
 
 
 def study_tf(path, m, test, eps_grid, tmp, log):
-    from importers.api import compress_model
+    from fibgraph.importers.api import compress_model
 
     rows = [{"method": "original", **onnx_eval(path, test), "ff": [ly.linear1.out_features for ly in m.layers]}]
     p0 = rows[0]["params"]
     rows[0]["params_kept"] = 1.0
-    from importers.onnx.importer import import_dag
+    from fibgraph.importers.onnx.importer import import_dag
 
     imp = import_dag(path)
     rep0 = compress_model(path, os.path.join(tmp, "fib.onnx"), eps=0.0)

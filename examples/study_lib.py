@@ -5,7 +5,7 @@ digits.  Training with torch (Adam, cross-entropy), export with torch's
 legacy ONNX exporter, then everything else through fibgraph's hypergraph
 path: the fibration base at a grid of tolerances for each clustering setting,
 and the four baselines of :mod:`fibgraph.baselines` (chosen and written by
-:class:`importers.compare_dag.DagMethods`) at EXACTLY each fibration point's
+:class:`fibgraph.importers.compare_dag.DagMethods`) at EXACTLY each fibration point's
 unit counts, all evaluated with onnxruntime on the test split.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ OUT = os.path.join(ROOT, "examples", "out")
 FIG = os.path.join(ROOT, "benchmarks", "figures")
 
 #: the clustering settings of the studies: (linkage, metric, rescaling merge),
-#: handed to :class:`importers.tuning.DagCompressor` (whose report notes say
+#: handed to :class:`fibgraph.importers.tuning.DagCompressor` (whose report notes say
 #: where the hypergraph path replaces cosine or skips the rescaling merge)
 CONFIGS = [("complete", "cosine", False), ("complete", "cosine", True),
            ("average", "cosine", False), ("average", "cosine", True),
@@ -106,9 +106,9 @@ def sweep(model_path, test, eps_grid, configs=CONFIGS, methods=("random", "l2", 
     baseline at the same counts.  ``extra_points``: ``(label, config, eps
     dict)`` added as they are (e.g. greedy-tuned eps).  Random pruning is the
     mean over ``random_seeds`` seeds (``accuracy_seeds`` lists them)."""
-    from importers.api import count_params, evaluate
-    from importers.compare_dag import DagMethods
-    from importers.tuning import DagCompressor
+    from fibgraph.importers.api import count_params, evaluate
+    from fibgraph.importers.compare_dag import DagMethods
+    from fibgraph.importers.tuning import DagCompressor
 
     rows = []
     mc0 = DagCompressor(model_path)

@@ -81,7 +81,7 @@ def main(argv=None):
         models[name] = path
         print(f"trained {name}: {n} Adam steps -> {path} ({clock():.0f} s)", flush=True)
 
-    from importers.tuning import tune_model
+    from fibgraph.importers.tuning import tune_model
 
     configs = CONFIGS if not args.quick else [CONFIGS[0], CONFIGS[3]]
     grid = GRID if not args.quick else QUICK_GRID

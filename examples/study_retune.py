@@ -75,7 +75,7 @@ def main(argv=None):
     import torch
     from torch import nn
 
-    from importers.torch_base import compress_retune, module_loss, n_params, retune
+    from fibgraph.importers.torch_base import compress_retune, module_loss, n_params, retune
 
     torch.set_num_threads(1)
     clock = timer()

@@ -2,7 +2,7 @@
 compressible: the digits residual MLP, LSTM and Transformer of
 ``examples/study_tune_dag.py`` (run first if its models are missing).
 
-``importers.retune_onnx.compress_retune_onnx``: per round the greedy eps
+``fibgraph.importers.retune_onnx.compress_retune_onnx``: per round the greedy eps
 (Algorithm 3, tau 0.01 on the 200-image validation split, 6 bisection
 steps), over-compression with eps * q (a layer's eps at least
 ``--eps-floor``), retuning of the base as a torch module of the base's shapes
@@ -37,8 +37,8 @@ for p in (ROOT, HERE):
 from seq_models import digits_seq_split  # noqa: E402
 from study_tune_dag import SLUG  # noqa: E402
 
-from importers.api import count_params, evaluate  # noqa: E402
-from importers.retune_onnx import compress_retune_onnx  # noqa: E402
+from fibgraph.importers.api import count_params, evaluate  # noqa: E402
+from fibgraph.importers.retune_onnx import compress_retune_onnx  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 OUT = os.path.join(ROOT, "examples", "out")

@@ -9,11 +9,11 @@ sequences.  Stratified split (seed 0): 947 train / 200 validation (early
 stopping) / 200 check (the loss tests of Algorithms 2 and 3) / 450 test
 (reported).  Training: Adam lr 3e-3, batch 64, early stopping on the
 validation loss (patience 5, at most 80 epochs, best state restored;
-``importers.torch_base.retune``).
+``fibgraph.importers.torch_base.retune``).
 
 What is compressed: the feed-forward units only.  The fibers come from the
 hypergraph path: the torch model is exported (legacy exporter), and
-``importers.api.compress_model`` is run with an eps file that sets eps on the
+``fibgraph.importers.api.compress_model`` is run with an eps file that sets eps on the
 two ``linear1`` weights (complete linkage; every other weight exact); the
 report's fibers of each ``linear1`` are merged in torch (rows and bias
 averaged, linear2 columns summed: exactly the ONNX base; checked, max abs
@@ -79,7 +79,7 @@ class FFCompressor:
         self.calls = 0
 
     def __call__(self, m, eps_per_layer):
-        from importers.api import compress_model
+        from fibgraph.importers.api import compress_model
 
         self.calls += 1
         path = export(m, os.path.join(self.tmp, "cur.onnx"))
@@ -98,7 +98,7 @@ class FFCompressor:
 def logit_check(m_torch, onnx_path, x):
     import torch
 
-    from importers.api import session
+    from fibgraph.importers.api import session
 
     s = session(onnx_path)
     a = s.run(None, {s.get_inputs()[0].name: x.astype(np.float32)})[0]
@@ -148,7 +148,7 @@ def main(argv=None):
         return
     import torch
 
-    from importers.torch_base import module_loss, retune
+    from fibgraph.importers.torch_base import module_loss, retune
 
     torch.set_num_threads(2)
     clock = timer()

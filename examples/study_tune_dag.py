@@ -17,11 +17,11 @@ exported with torch's legacy ONNX exporter (opset 17):
   (4 heads, ReLU feed-forward 32 -> 64 -> 32), mean over steps, Linear(32, 10)
   (``seq_models.TfNet``).
 
-Tune: ``importers.tuning.tune_model(path, calibration, tau, steps=8,
+Tune: ``fibgraph.importers.tuning.tune_model(path, calibration, tau, steps=8,
 linkage)`` - exactly what ``fibgraph tune`` runs - for each tau; then the eps
-file is applied with ``importers.api.compress_model`` (what ``fibgraph
+file is applied with ``fibgraph.importers.api.compress_model`` (what ``fibgraph
 compress --eps-file`` runs) and the written model is evaluated on the test
-split with ``importers.api.evaluate`` (onnxruntime).  Parameters are
+split with ``fibgraph.importers.api.evaluate`` (onnxruntime).  Parameters are
 ``count_params`` of the ONNX files.  Seconds: the whole ``tune_model`` call on
 this machine.
 
@@ -52,9 +52,9 @@ for p in (ROOT, HERE):
 
 from seq_models import LSTMNet, TfNet, digits_seq_split, export, n_params  # noqa: E402
 
-from importers.api import compress_model, count_params, evaluate  # noqa: E402
-from importers.torch_base import retune  # noqa: E402
-from importers.tuning import tune_model  # noqa: E402
+from fibgraph.importers.api import compress_model, count_params, evaluate  # noqa: E402
+from fibgraph.importers.torch_base import retune  # noqa: E402
+from fibgraph.importers.tuning import tune_model  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 SLUG = {"residual MLP": "resmlp", "LSTM": "lstm", "Transformer": "transformer"}
@@ -108,7 +108,7 @@ def main(argv=None):
         tag = SLUG[name]
         path = os.path.join(tmp, f"tune_dag_{tag}.onnx")
         if flat:
-            from importers.torch_export import export_torch
+            from fibgraph.importers.torch_export import export_torch
 
             export_torch(m.eval(), torch.zeros(2, 64), path, dynamo=False, opset=17)
         else:

@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from fibgraph.planted import planted_mlp  # noqa: E402
-from importers.torch_analysis import (check_activity_sync, check_cover_persistence,  # noqa: E402
+from fibgraph.importers.torch_analysis import (check_activity_sync, check_cover_persistence,  # noqa: E402
                                       check_error_sync, torch_mlp)
 
 SIZES = [5, 6, 5, 3]

@@ -103,9 +103,9 @@ def main(argv=None):
     np.savez_compressed(npz, x=xte.astype(np.float32), y=yte.astype(np.int64))
     paths = export_both(model, args.out)
 
-    from importers.api import compress_model, count_params, evaluate
-    from importers.dag_api import weight_entries
-    from importers.onnx.importer import import_dag
+    from fibgraph.importers.api import compress_model, count_params, evaluate
+    from fibgraph.importers.dag_api import weight_entries
+    from fibgraph.importers.onnx.importer import import_dag
 
     for kind, p in paths.items():
         imp = import_dag(p)

@@ -13,8 +13,8 @@ inputs can be lower as well as higher).  This module measures these relations:
 
 - activities per weight layer come as ``(samples, units)`` arrays (a conv
   channel's activity over (sample, position) pairs); for torch modules
-  ``importers.torch_analysis.torch_activations`` collects them with forward
-  hooks and ``importers.torch_analysis.activity_report`` runs all of this;
+  ``fibgraph.importers.torch_analysis.torch_activations`` collects them with forward
+  hooks and ``fibgraph.importers.torch_analysis.activity_report`` runs all of this;
 - :func:`synchrony_clusters`: units clustered by correlation distance
   ``1 - corr`` with scipy's hierarchical clustering, cut at ``1 - threshold``
   (average linkage by default; ``complete`` bounds every in-cluster pair).

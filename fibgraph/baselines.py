@@ -1,7 +1,7 @@
 """Baselines for fibration compression at the SAME number of units, format-free.
 
 The methods (:data:`METHODS`) that ``compare-methods`` runs at exactly the
-fibration base's unit counts (:mod:`importers.compare_dag` chooses the units
+fibration base's unit counts (:mod:`fibgraph.importers.compare_dag` chooses the units
 on the hypergraph and writes the models):
 
 - pruning (:data:`PRUNING`; units removed, the survivors' weights untouched):

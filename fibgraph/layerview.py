@@ -15,8 +15,8 @@ A :class:`LayerView` is a :class:`~fibgraph.graph.WeightedDigraph` plus
   unit permutation from a layer to the nodes tied to it (``compare --align``)
   and to group output units (:func:`fibgraph.theorems.grouped_initial`).
 
-The importers build views (``importers.dag_units.layer_view`` from the
-hypergraph import, ``importers.torch_analysis`` from torch modules); nothing
+The importers build views (``fibgraph.importers.dag_units.layer_view`` from the
+hypergraph import, ``fibgraph.importers.torch_analysis`` from torch modules); nothing
 here reads a file format.
 """
 from __future__ import annotations

@@ -9,8 +9,8 @@ the loop stops at the first rejected round, when over-compression no longer
 shrinks the model (that round's model is kept), or after ``max_iters``.
 
 The caller supplies the model operations (ONNX models in
-:mod:`importers.retune_onnx`; torch modules are exported to ONNX and rebuilt
-by :mod:`importers.torch_base`).  Both return one :class:`RetuneResult`.
+:mod:`fibgraph.importers.retune_onnx`; torch modules are exported to ONNX and rebuilt
+by :mod:`fibgraph.importers.torch_base`).  Both return one :class:`RetuneResult`.
 """
 from __future__ import annotations
 

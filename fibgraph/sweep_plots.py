@@ -1,4 +1,4 @@
-"""Plots of a sweep table (:func:`importers.sweep.run_sweep`): pandas + matplotlib.
+"""Plots of a sweep table (:func:`fibgraph.importers.sweep.run_sweep`): pandas + matplotlib.
 
 Two kinds of figure, each written as SVG and as PNG (200 dpi), one font
 (DejaVu Sans, shipped with matplotlib), a legend with one entry per layer:

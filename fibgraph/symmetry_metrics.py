@@ -6,7 +6,7 @@ Each unit ``i`` of a weight layer is described by its concatenated weights
 ``u_i = (incoming weights (flattened over kernel/positions), bias, outgoing
 weights (the columns of every dense layer that reads the unit))``; the
 importers build these parts from the model's hypergraph
-(``importers.dag_units.dag_layers``) and :func:`symmetry_metrics_units`
+(``fibgraph.importers.dag_units.dag_layers``) and :func:`symmetry_metrics_units`
 takes them as arrays.  Swapping two units is a symmetry of the loss
 when ``u_i = u_j``; the distance of the parameters from the symmetric
 subspace (the projection averages the two units) is ``|u_i - u_j| / sqrt 2``.
@@ -36,8 +36,8 @@ eigenvectors of ``W_Q^T W_Q`` (eigenvalues ``Lambda_Q``), ``A = U^T W_K^T W_K U`
 (:func:`double_rotation_dos`).  The symmetric states are the directions ``n``
 with ``W_Q n = W_K n = 0`` (both Gram values 0).  The count is invariant
 under a common orthogonal rotation of both matrices.  (Q/K weight pairs are
-found in the graph by ``importers.onnx.attention_blocks`` or by name by
-``importers.dag_units.find_qk_pairs``.)
+found in the graph by ``fibgraph.importers.onnx.attention_blocks`` or by name by
+``fibgraph.importers.dag_units.find_qk_pairs``.)
 """
 from __future__ import annotations
 

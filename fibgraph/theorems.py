@@ -12,7 +12,7 @@
 The checks here take a :class:`~fibgraph.layerview.LayerView`, a colouring of
 its graph and per-layer arrays ``{weight name: (samples, units)}``; running
 a torch model (float64 activations, errors by autograd, training) is
-``importers.torch_analysis`` (``check_activity_sync``, ``check_error_sync``,
+``fibgraph.importers.torch_analysis`` (``check_activity_sync``, ``check_error_sync``,
 ``check_cover_persistence``, ``torch_mlp``).
 
 The exact setting of 2 and 3 (what they need, what they do not):

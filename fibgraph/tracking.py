@@ -2,7 +2,7 @@
 
 A plain callable, no framework::
 
-    from importers.torch_analysis import FiberTracker     # torch modules
+    from fibgraph.importers.torch_analysis import FiberTracker     # torch modules
     tracker = FiberTracker(eps=(0, 0.05, 0.1), symmetries=("fibration", "opfibration", "covering"))
     for epoch in range(epochs):
         train_one_epoch(model)
@@ -13,7 +13,7 @@ A plain callable, no framework::
 The tracker here is format-free: ``tracker(view, epoch)`` takes a
 :class:`~fibgraph.layerview.LayerView` (a weighted digraph with named weight
 layers), or anything its ``reader`` turns into one
-(``importers.torch_analysis.FiberTracker`` reads torch modules and ONNX
+(``fibgraph.importers.torch_analysis.FiberTracker`` reads torch modules and ONNX
 models through the hypergraph import), and colours it once per (symmetry,
 eps).  For every hidden weight layer it records the number of classes
 (fibers, opfibers or covers), the number of non-trivial classes (size >= 2),
@@ -122,7 +122,7 @@ class FiberTracker:
             return model
         if self.reader is None:
             raise InputError(f"FiberTracker reads a LayerView, got {type(model).__name__}; for torch modules "
-                             "and ONNX models use importers.torch_analysis.FiberTracker")
+                             "and ONNX models use fibgraph.importers.torch_analysis.FiberTracker")
         view = self.reader(model)
         if not isinstance(view, LayerView):
             raise TypeError(f"the tracker's reader returned {type(view).__name__}, not a LayerView")

@@ -1,11 +1,11 @@
 """The whole job on an ONNX model: import, colour, compress, write, verify, evaluate.
 
-Every model is read by the hypergraph importer (:mod:`importers.onnx.importer`)
-and coloured, compressed and written by :mod:`importers.dag_api`.
+Every model is read by the hypergraph importer (:mod:`fibgraph.importers.onnx.importer`)
+and coloured, compressed and written by :mod:`fibgraph.importers.dag_api`.
 
 This is the Python API behind the CLI::
 
-    from importers.api import color_model, compress_model, evaluate
+    from fibgraph.importers.api import color_model, compress_model, evaluate
     report, imp, col = color_model("model.onnx", symmetry="fibration", eps=0.1)
     report = compress_model("model.onnx", "small.onnx", eps=0.0, verify=True)
     scores = evaluate("small.onnx", "test.npz")
@@ -164,7 +164,7 @@ def _dag_eps_table(imp, eps_file):
 def color_model(path, symmetry="fibration", eps=0.0, eps_file=None, linkage="average",
                 metric="cosine", rescale=True, rtol=DEFAULT_RTOL, imported=None, data=None):
     """Colour an ONNX model; returns ``(report, DagImport, DagColouring)`` (see
-    README and :mod:`importers.dag_api`).  ``data`` (.npz) gives the
+    README and :mod:`fibgraph.importers.dag_api`).  ``data`` (.npz) gives the
     hypergraph importer its probe inputs; ``imported``: a DagImport of the
     model made before."""
     from .dag_api import color_dag_model
@@ -316,7 +316,7 @@ def _inputs_for(sess, data=None, n=64, seed=0):
 
 def verify_models(a, b, data=None, seed=0, n=64):
     """Run both models on the same inputs; the largest absolute difference of
-    every floating output (inputs from :func:`importers.onnx.feeds.make_feeds`:
+    every floating output (inputs from :func:`fibgraph.importers.onnx.feeds.make_feeds`:
     floats standard normal, integers in the range they index; or ``data``)."""
     from .onnx.feeds import describe, make_feeds
 

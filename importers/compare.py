@@ -6,7 +6,7 @@ units, an LSTM's units, a residual stream's features, a head's dims); every
 baseline (random, L2 and L1 pruning, k-means folding) then keeps exactly as
 many units of each class, is written back to ONNX in memory and evaluated
 (accuracy, mean cross-entropy) with onnxruntime.  Every model goes through
-the hypergraph path: :mod:`importers.compare_dag` does the work; this module
+the hypergraph path: :mod:`fibgraph.importers.compare_dag` does the work; this module
 is the public entry and the plot.
 """
 from __future__ import annotations
@@ -38,7 +38,7 @@ def compare_methods(model, data, eps_list=DEFAULT_EPS, eps_files=(), linkage="av
     fibration point's node counts (``nodes``: kept units per weight, in the
     order of ``result["layers"]``).  ``model``: ONNX path or ``ModelProto``;
     ``data``: npz path or ``(x, y)``; ``imp``: the model's
-    :class:`~importers.onnx.importer.DagImport` when the caller has it.  As
+    :class:`~fibgraph.importers.onnx.importer.DagImport` when the caller has it.  As
     everywhere on the hypergraph path, there is no rescaling merge and eps > 0
     clusters with the magnitude-aware distance (``rescale`` is accepted and
     reported as not applied)."""

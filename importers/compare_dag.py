@@ -7,7 +7,7 @@ position (a layer's units and its bias add, an LSTM unit's gates, cell and
 hidden state, one feature of a residual stream with all its writers and
 readers, a head dim's q and k).  Columns with the same structure (the same
 node sets and slots, the same attention cell, see
-:func:`importers.onnx.write.group_columns`) form a *column class*; every
+:func:`fibgraph.importers.onnx.write.group_columns`) form a *column class*; every
 group of the writer lies inside one class.  For every class that the
 fibration base shrinks to ``k`` kept columns, each baseline chooses its own
 ``k`` columns of that class:
@@ -209,7 +209,7 @@ def _feeds_eval(model, data, xy):
 
 
 def evaluate_any(model, data):
-    """:func:`importers.api.evaluate` for ``(x, y)``; for ``(feeds, y)`` (a model
+    """:func:`fibgraph.importers.api.evaluate` for ``(x, y)``; for ``(feeds, y)`` (a model
     with several inputs) the same scores with every input fed."""
     from .api import _prob_kind, _run, evaluate, session
 
@@ -242,8 +242,8 @@ def evaluate_any(model, data):
 
 def compare_dag_methods(model, imp, data, xy, eps_list, eps_files=(), linkage="average", metric="cosine",
                         methods=METHODS, seed=0, on_point=None):
-    """The rows of :func:`importers.compare.compare_methods` for a model of the
-    hypergraph path (``imp`` its :class:`~importers.onnx.importer.DagImport`)."""
+    """The rows of :func:`fibgraph.importers.compare.compare_methods` for a model of the
+    hypergraph path (``imp`` its :class:`~fibgraph.importers.onnx.importer.DagImport`)."""
     from .api import _check_eps, count_params, read_eps_table
     from .dag_api import colour_dag, weight_entries
 
@@ -262,7 +262,7 @@ def compare_dag_methods(model, imp, data, xy, eps_list, eps_files=(), linkage="a
         points.append((f"eps-file {os.path.basename(p)}", table, 0.0, table))
     kept_whole = set()
     for label, eps_report, eps, table in points:
-        # as reported (importers.compare): the magnitude-aware distance, no rescaling merge
+        # as reported (fibgraph.importers.compare): the magnitude-aware distance, no rescaling merge
         col = colour_dag(imp, "fibration", eps, table, linkage, "euclidean", rescale=False)
         m_fib, _, kept, why = write_dag_base(imp, col.labels, scales=col.scales)
         kept_whole.update(w for w in why if w)

@@ -1,6 +1,6 @@
 """The whole job on any ONNX DAG (branches, residual streams, attention,
 LSTM/GRU, LayerNorm): import as a hypergraph, colour with the one engine,
-write the base, verify.  :mod:`importers.api` reads every model this way.
+write the base, verify.  :mod:`fibgraph.importers.api` reads every model this way.
 
 Criteria: eps = 0 is exact up to float rounding.  With eps > 0 the
 quasi-fibration clustering (the paper's Algorithm 1) runs on every node set:
@@ -11,7 +11,7 @@ eps), so that a residual stream's LayerNorm gamma/beta cluster like its
 writers.  The rescaling merge (``relu(s z) = s relu(z)``) applies to the node
 sets the importer marks positively homogeneous (a layer whose values reach
 the next layers only through ReLU-family activations, pooling and reshapes,
-possibly after a bias add; see ``importers.onnx.importer._homogeneous_spaces``): there
+possibly after a bias add; see ``fibgraph.importers.onnx.importer._homogeneous_spaces``): there
 ``--metric cosine`` clusters rows by angle and the writer folds each node's
 scale into the base (rows divided by it, the next layer's columns multiplied
 by it).  Elsewhere cosine is not exact and is replaced by the magnitude-aware
@@ -230,7 +230,7 @@ def _free_batch(model):
 
 
 def _feeds_like(imp, seed, data=None, specs=None, batch=None):
-    """Inputs shaped like the probe's, drawn anew (:func:`importers.onnx.feeds.make_feeds`):
+    """Inputs shaped like the probe's, drawn anew (:func:`fibgraph.importers.onnx.feeds.make_feeds`):
     floats standard normal, integers in the range they index, masks ones; the
     integer inputs of a probe the user gave keep their values.  With ``batch``,
     inputs whose first axis is declared free and drawn (not given) get that

@@ -1,4 +1,4 @@
-"""The weight layers of a hypergraph import (:func:`importers.onnx.importer.import_dag`)
+"""The weight layers of a hypergraph import (:func:`fibgraph.importers.onnx.importer.import_dag`)
 for the analysis modules: :func:`layer_view` (the format-free
 :class:`fibgraph.layerview.LayerView` read by compare, tracking, activity and
 theorem checks), :func:`dag_layers` (per-unit parameter vectors for the
@@ -7,7 +7,7 @@ MLPs, CNNs, Transformers, LSTMs) and :func:`find_qk_pairs` (Q/K weights
 recognised by name).
 
 For every compressible weight (the records behind
-:func:`importers.dag_api.weight_entries`) one layer of units:
+:func:`fibgraph.importers.dag_api.weight_entries`) one layer of units:
 
 * a linear / conv / embedding weight: one unit per output node;
 * output layer: every unit is tied (joins) to a node of a graph output (the

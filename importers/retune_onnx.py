@@ -3,23 +3,23 @@ compresses (MLPs, CNNs, residual streams, LSTM/GRU, attention, LayerNorm),
 given as ONNX or as a torch module.
 
 Each round: the greedy per-layer eps of the current model (Algorithm 3,
-:func:`importers.tuning.tune_model` with the hypergraph path's
-:class:`importers.tuning.DagCompressor`, loss-preserving within ``tau`` on the
+:func:`fibgraph.importers.tuning.tune_model` with the hypergraph path's
+:class:`fibgraph.importers.tuning.DagCompressor`, loss-preserving within ``tau`` on the
 calibration data), over-compressed with ``eps * q``; the base ONNX model is
 turned into a torch module of the base's shapes
-(:class:`importers.onnx.to_torch.OnnxModule`: every float weight a parameter, no
+(:class:`fibgraph.importers.onnx.to_torch.OnnxModule`: every float weight a parameter, no
 masks), retuned with early stopping on ``val``
-(:func:`importers.torch_base.retune`) and written back to ONNX (the base's
+(:func:`fibgraph.importers.torch_base.retune`) and written back to ONNX (the base's
 graph with the retuned values).  The round is accepted when the loss on
 ``check`` stays within ``(1 + rho)`` of the ORIGINAL model's; the run stops at
 the first rejected round, when over-compression no longer shrinks the model,
 or after ``max_iters``.  The result is the last accepted model compressed
 once more, loss-preservingly (greedy eps at ``tau``).  The result is a
 :class:`fibgraph.retune.RetuneResult` (also what
-:func:`importers.torch_base.compress_retune` returns).
+:func:`fibgraph.importers.torch_base.compress_retune` returns).
 
 Losses and accuracies are measured with onnxruntime on the ONNX models
-(:func:`importers.api.evaluate`), so every number is the one a user of the
+(:func:`fibgraph.importers.api.evaluate`), so every number is the one a user of the
 written file gets.
 """
 from __future__ import annotations
@@ -69,7 +69,7 @@ def compress_retune_onnx(model, train, val, check=None, cal=None, example=None, 
     ``check``).  ``eps_floor``: the over-compression eps of a layer is at
     least this (0 = the paper).  ``eps0``: eps dict (or one float for every
     tunable layer) used instead of the greedy eps in the first round.  ``retune_kw``: keyword arguments of
-    :func:`importers.torch_base.retune` (lr, batch, max_epochs, patience,
+    :func:`fibgraph.importers.torch_base.retune` (lr, batch, max_epochs, patience,
     seed).  ``log(dict)`` receives each history entry.
     """
     import torch

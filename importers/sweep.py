@@ -1,15 +1,15 @@
 """Sweeps on Dask: every (model, symmetry, eps) coloured, compressed and scored.
 
-    from importers.sweep import run_sweep
+    from fibgraph.importers.sweep import run_sweep
     df = run_sweep(["run/step_2.onnx", "run/step_10.onnx"],
                    [("fibration", 0.0), ("fibration", 0.1)], workers=4, data="cal.npz")
 
 One Dask task per (model, setting) runs :func:`sweep_task` on a worker: it
 reads the model from its path (paths the workers share; no model bytes or
 weights go through the scheduler), colours it with
-:func:`importers.api.color_model` and, for an in-balanced symmetry with
+:func:`fibgraph.importers.api.color_model` and, for an in-balanced symmetry with
 ``data``, scores the base model built in memory (nothing is written) with
-:func:`importers.api.evaluate`.  It returns a small dict; a failing task
+:func:`fibgraph.importers.api.evaluate`.  It returns a small dict; a failing task
 returns its error instead, so the others finish.
 
 The result is one tidy :class:`pandas.DataFrame` (:data:`COLUMNS`), one row

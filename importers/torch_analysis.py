@@ -9,7 +9,7 @@ read:
 
 - :func:`torch_view`: export the module to ONNX in memory (torch's legacy
   exporter, eval mode, the module's training flag restored) and read it with
-  the hypergraph importer (:func:`importers.onnx.importer.import_dag`), so any
+  the hypergraph importer (:func:`fibgraph.importers.onnx.importer.import_dag`), so any
   model that importer reads works: ``nn.Sequential`` MLPs and CNNs,
   branches, residual sums, attention, LSTM/GRU.  Weight layers are named by
   their initializers, which the legacy exporter names after the torch
@@ -23,7 +23,7 @@ read:
   current parameter values into the cached ONNX graph (when every weight of
   the graph is a torch parameter or buffer as it is).
 - :func:`read_view`: a :class:`~fibgraph.layerview.LayerView` from a torch
-  module, an ONNX model or path, or a :class:`~importers.onnx.importer.DagImport`.
+  module, an ONNX model or path, or a :class:`~fibgraph.importers.onnx.importer.DagImport`.
 - :func:`torch_activations`: per weight layer, the activity of its units
   (forward hooks; see there for which tensor counts as the activity).
 - :class:`FiberTracker`, :func:`activity_report`, :func:`check_activity_sync`,

@@ -2,10 +2,10 @@
 compression paper's compress-retune procedure (Algorithm 2), on the one
 (hypergraph) path.
 
-A module is exported to ONNX in memory (:func:`importers.torch_export.export_model`:
+A module is exported to ONNX in memory (:func:`fibgraph.importers.torch_export.export_model`:
 legacy exporter, input ``x``, dynamic batch; parameters keep their state-dict
 names such as ``0.weight``), coloured and compressed by the hypergraph path
-(:class:`importers.tuning.DagCompressor`), and the base is rebuilt as a copy
+(:class:`fibgraph.importers.tuning.DagCompressor`), and the base is rebuilt as a copy
 of the module whose ``nn.Linear``/``nn.Conv*d`` layers have the base's shapes
 (:func:`module_from_onnx`).
 
@@ -18,7 +18,7 @@ of the module whose ``nn.Linear``/``nn.Conv*d`` layers have the base's shapes
 - :func:`tune_module`: Algorithm 3 (greedy eps) on a module.
 - :func:`retune`: training with early stopping on held-out data (best state
   restored); :func:`module_loss`, :func:`n_params`.
-- :func:`compress_retune`: Algorithm 2 (:func:`importers.retune_onnx.compress_retune_onnx`
+- :func:`compress_retune`: Algorithm 2 (:func:`fibgraph.importers.retune_onnx.compress_retune_onnx`
   on the module's export), returned as a module of the base's shapes in a
   :class:`fibgraph.retune.RetuneResult`.
 
@@ -27,7 +27,7 @@ or any graph of ``Linear``/``Conv`` layers and shape-preserving ops whose base
 has the same ONNX nodes as the export (an MLP, a CNN).  A base that needs
 nodes of its own (multiplicity constants of a residual stream's LayerNorm,
 for instance) is refused with the hint to use the ONNX model as it is
-(:class:`importers.onnx_torch.OnnxModule`, ``compress_retune_onnx``).
+(:class:`fibgraph.importers.onnx_torch.OnnxModule`, ``compress_retune_onnx``).
 """
 from __future__ import annotations
 
@@ -46,8 +46,8 @@ __all__ = ["compress_module", "module_from_onnx", "module_loss", "n_params", "tu
            "compress_retune", "RetuneResult"]
 
 _BASE_SUFFIX = re.compile(r"(__base\d+)+$")
-_REBUILD_HINT = ("use the base ONNX model as it is (importers.onnx_torch.OnnxModule, "
-                 "importers.retune_onnx.compress_retune_onnx)")
+_REBUILD_HINT = ("use the base ONNX model as it is (fibgraph.importers.onnx_torch.OnnxModule, "
+                 "fibgraph.importers.retune_onnx.compress_retune_onnx)")
 
 
 def _torch():
@@ -341,7 +341,7 @@ def retune(model, train, val, lr=1e-3, batch=100, max_epochs=50, patience=3, see
 def compress_retune(model, train, val, eps0=None, q=1.05, rho=0.05, tau=0.01, steps=8,
                     max_iters=10, linkage="average", metric="cosine", rescale=True, cal=None,
                     check=None, retune_kw=None, log=None, eps_floor=0.0, example=None) -> RetuneResult:
-    """Algorithm 2 on a torch module: :func:`importers.retune_onnx.compress_retune_onnx`
+    """Algorithm 2 on a torch module: :func:`fibgraph.importers.retune_onnx.compress_retune_onnx`
     on its export, the result rebuilt as a module of the base's shapes
     (``result.model``; ``result.onnx`` is the ONNX model, losses and
     accuracies are onnxruntime's on ``check``).

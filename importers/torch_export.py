@@ -5,7 +5,7 @@
 exporter needs onnxscript; external data is kept inline), with the batch axis
 dynamic; ``export_model`` does the same in memory (legacy exporter) and
 returns the ``ModelProto``; ``import_torch`` exports and imports the model
-as a hypergraph (:func:`importers.onnx.importer.import_dag`), probed with the
+as a hypergraph (:func:`fibgraph.importers.onnx.importer.import_dag`), probed with the
 example input.
 """
 from __future__ import annotations
@@ -89,7 +89,7 @@ def export_model(module, example_input, input_name="x", output_name="y", opset=1
 
 def import_torch(module, example_input, dynamo=False, keep=None):
     """Export ``module`` to ONNX and import it as a hypergraph
-    (:class:`importers.onnx.importer.DagImport`), probed with the first sample of
+    (:class:`fibgraph.importers.onnx.importer.DagImport`), probed with the first sample of
     ``example_input``; ``keep`` names a path to keep the file."""
     from .onnx.importer import import_dag
     from .onnx.load import load_onnx

@@ -47,7 +47,7 @@ class DagCompressor:
     file gives the tuned eps to all of them.  As in ``compress``, the
     rescaling merge applies to the node sets the importer marks positively
     homogeneous; elsewhere cosine is replaced by the magnitude-aware distance
-    (see :mod:`importers.dag_api`)."""
+    (see :mod:`fibgraph.importers.dag_api`)."""
 
     graph = "hypergraph"
 

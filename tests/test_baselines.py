@@ -13,10 +13,10 @@ from onnx import TensorProto, helper, numpy_helper
 from fibgraph.baselines import METHODS, kmeans_labels, prune_scores
 from fibgraph.partition import canonical
 from helpers import _init, assert_one_line_error, cli, finish, mlp_onnx, read_json, run_onnx, save
-from importers.compare_dag import DagMethods
-from importers.dag_api import colour_dag
-from importers.onnx.importer import import_dag
-from importers.onnx.write import write_dag_base
+from fibgraph.importers.compare_dag import DagMethods
+from fibgraph.importers.dag_api import colour_dag
+from fibgraph.importers.onnx.importer import import_dag
+from fibgraph.importers.onnx.write import write_dag_base
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = os.path.join(ROOT, "fibgraph", "data", "digits_mlp.onnx")
@@ -127,7 +127,7 @@ def test_norm_pruning_keeps_the_largest_input_weight_norms():
 
 @pytest.mark.parametrize("eps", [0.05, 0.3])
 def test_every_baseline_has_exactly_the_fibration_node_counts(eps):
-    from importers.api import count_params
+    from fibgraph.importers.api import count_params
 
     imp = import_dag(MODEL)
     dm = DagMethods(imp)

@@ -241,7 +241,7 @@ def test_external_data_refused_in_the_loader(bad):
     """The loader itself (used by every command) refuses the location."""
     model, _ = bad["ext_parent"]
     from fibgraph.errors import InputError
-    from importers.onnx.load import load_onnx
+    from fibgraph.importers.onnx.load import load_onnx
 
     with pytest.raises(InputError, match="outside"):
         load_onnx(model)

@@ -70,7 +70,7 @@ def test_eval_real_cli_json(tmp_path, files):
 
 
 def test_eval_with_api(files):
-    from importers.api import evaluate
+    from fibgraph.importers.api import evaluate
 
     a = evaluate(files["logits"], files["npz"])
     b = evaluate(files["softmax"], files["npz"])

@@ -1,5 +1,5 @@
 """Partition scores, `fibgraph compare`, and the activity view (weight fibers vs synchrony clusters),
-all on the hypergraph import (a LayerView of importers.onnx.importer.import_dag)."""
+all on the hypergraph import (a LayerView of fibgraph.importers.onnx.importer.import_dag)."""
 from __future__ import annotations
 
 import numpy as np
@@ -14,8 +14,8 @@ from fibgraph.compare import (adjusted_rand_index, align_units, compare_partitio
 from fibgraph.errors import InputError
 from fibgraph.partition import canonical
 from fibgraph.planted import planted_mlp
-from importers.dag_units import layer_view
-from importers.onnx.importer import import_dag
+from fibgraph.importers.dag_units import layer_view
+from fibgraph.importers.onnx.importer import import_dag
 
 
 # ------------------------------------------------------------ ARI and VI
@@ -274,7 +274,7 @@ def test_weight_fibers_refine_activity_clusters():
 
 def test_torch_activity_report_and_activations_match_numpy():
     torch = pytest.importorskip("torch")
-    from importers.torch_analysis import activity_report, torch_activations, torch_mlp
+    from fibgraph.importers.torch_analysis import activity_report, torch_activations, torch_mlp
 
     layers = planted_mlp(np.random.default_rng(6), SIZES, F, None)
     x = np.random.default_rng(7).normal(size=(50, 4))
@@ -303,7 +303,7 @@ def test_torch_activity_report_and_activations_match_numpy():
 def test_compare_a_residual_model_and_align_refuses_shared_units(capsys, tmp_path):
     """Any model the hypergraph reads: a residual block (the stream's writers share nodes)."""
     torch = pytest.importorskip("torch")
-    from importers.torch_analysis import export_model, torch_view
+    from fibgraph.importers.torch_analysis import export_model, torch_view
 
     class Res(torch.nn.Module):
         def __init__(self):
@@ -352,7 +352,7 @@ def test_align_a_permuted_cnn():
     torch = pytest.importorskip("torch")
     from torch import nn
 
-    from importers.torch_analysis import torch_view
+    from fibgraph.importers.torch_analysis import torch_view
 
     torch.manual_seed(1)
     cnn = nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 3, 3, padding=1),

@@ -31,11 +31,11 @@ from seq_models import TfNet  # noqa: E402
 
 from fibgraph.baselines import METHODS  # noqa: E402
 from fibgraph.partition import canonical  # noqa: E402
-from importers.compare_dag import DagMethods  # noqa: E402
-from importers.dag_api import colour_dag  # noqa: E402
-from importers.onnx.importer import import_dag  # noqa: E402
-from importers.onnx.records import Kind  # noqa: E402
-from importers.onnx.write import write_dag_base  # noqa: E402
+from fibgraph.importers.compare_dag import DagMethods  # noqa: E402
+from fibgraph.importers.dag_api import colour_dag  # noqa: E402
+from fibgraph.importers.onnx.importer import import_dag  # noqa: E402
+from fibgraph.importers.onnx.records import Kind  # noqa: E402
+from fibgraph.importers.onnx.write import write_dag_base  # noqa: E402
 
 TOL = 1e-5
 

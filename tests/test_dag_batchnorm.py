@@ -1,7 +1,7 @@
 """BatchNormalization left unfolded (Conv -> BatchNormalization -> Relu, as
 hand-built graphs, torch exports without constant folding or in training mode,
 and tf2onnx write it) on the hypergraph path (issue 11, item 7):
-``importers.dag_api.compress_dag_model`` / ``color_dag_model``.
+``fibgraph.importers.dag_api.compress_dag_model`` / ``color_dag_model``.
 
 * Planted channel fibers (identical filters, bias AND BatchNorm parameters)
   are recovered exactly; the base keeps one BatchNorm entry per fiber, passes
@@ -29,8 +29,8 @@ ort = pytest.importorskip("onnxruntime")
 
 from onnx import TensorProto, helper, numpy_helper
 
-from importers.dag_api import color_dag_model, compress_dag_model
-from importers.onnx.importer import import_dag
+from fibgraph.importers.dag_api import color_dag_model, compress_dag_model
+from fibgraph.importers.onnx.importer import import_dag
 
 RTOL = 1e-5
 BN_EPS = 1e-5

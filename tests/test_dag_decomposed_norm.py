@@ -63,7 +63,7 @@ def _fc1_fibers(report):
 
 @pytest.mark.parametrize("case", ["gamma equal on fibers", "gamma splits a fiber"])
 def test_gamma_of_a_written_out_layernorm_splits_and_shrinks(case, tmp_path):
-    from importers.api import compress_model
+    from fibgraph.importers.api import compress_model
 
     gamma = np.array([1.0, 2.0, 3.0, 1.0, 2.0, 4.0])
     want = FIBERS

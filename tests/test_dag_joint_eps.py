@@ -30,11 +30,11 @@ from fibgraph.graph import Block, WeightedDigraph  # noqa: E402
 from fibgraph.partition import canonical, classes  # noqa: E402
 from fibgraph.engine import Exact, Tolerance, refine  # noqa: E402
 from helpers import run_onnx  # noqa: E402
-from importers.api import compress_model  # noqa: E402
-from importers.dag_api import colour_dag  # noqa: E402
-from importers.onnx.importer import import_dag  # noqa: E402
-from importers.onnx.records import Kind  # noqa: E402
-from importers.onnx.write import write_dag_base  # noqa: E402
+from fibgraph.importers.api import compress_model  # noqa: E402
+from fibgraph.importers.dag_api import colour_dag  # noqa: E402
+from fibgraph.importers.onnx.importer import import_dag  # noqa: E402
+from fibgraph.importers.onnx.records import Kind  # noqa: E402
+from fibgraph.importers.onnx.write import write_dag_base  # noqa: E402
 
 EPS = 0.012
 VERIFY_TOL = 5e-2

@@ -1,5 +1,5 @@
 """Attention with torch's PACKED ``in_proj`` (issue 11, item 7) on the hypergraph
-path (``importers.dag_api.compress_dag_model``), both torch exporters.
+path (``fibgraph.importers.dag_api.compress_dag_model``), both torch exporters.
 
 A standard ``nn.TransformerEncoderLayer(d_model 16, nhead 2, dim_ff 6,
 batch_first)`` gets planted fibers in its attention: per head, the rows of
@@ -34,7 +34,7 @@ ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 import planted_nets as pn  # noqa: E402
-from importers.dag_api import compress_dag_model  # noqa: E402
+from fibgraph.importers.dag_api import compress_dag_model  # noqa: E402
 
 D, NH, HD, FF, SEQ = 16, 2, 8, 6, 5
 TOL = 1e-5

@@ -30,8 +30,8 @@ from onnx import numpy_helper  # noqa: E402
 
 import planted_nets as pn  # noqa: E402
 from helpers import cli, read_json, refines, run_onnx  # noqa: E402
-from importers.api import color_model, compress_model  # noqa: E402
-from importers.onnx.records import Kind  # noqa: E402
+from fibgraph.importers.api import color_model, compress_model  # noqa: E402
+from fibgraph.importers.onnx.records import Kind  # noqa: E402
 
 TOL = 1e-5
 KINDS = ("legacy", "dynamo")

@@ -83,8 +83,8 @@ def test_non_homogeneous_activation_uses_the_magnitude_aware_distance(capsys, tm
 
 # ------------------------------------------------------------ which sets
 def _homogeneous_weights(model):
-    from importers.dag_api import weight_entries
-    from importers.onnx.importer import import_dag
+    from fibgraph.importers.dag_api import weight_entries
+    from fibgraph.importers.onnx.importer import import_dag
 
     imp = import_dag(model)
     return {w: bool(imp.graph.homogeneous[ids].all()) for w, _, ids, _ in weight_entries(imp)}

@@ -8,7 +8,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from importers.api import compress_model
+from fibgraph.importers.api import compress_model
 
 F = np.array([0, 1, 0, 1])          # big unit -> base unit
 H, h, I, T, B = 4, 2, 3, 5, 2

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from importers.onnx import records as R
-from importers.onnx.importer import DAG_OPS, import_dag
-from importers.onnx.rules import RULES, lookup, rule
-from importers.onnx.rules import attention, elementwise, linear, movement, norm, recurrent, reduce
+from fibgraph.importers.onnx import records as R
+from fibgraph.importers.onnx.importer import DAG_OPS, import_dag
+from fibgraph.importers.onnx.rules import RULES, lookup, rule
+from fibgraph.importers.onnx.rules import attention, elementwise, linear, movement, norm, recurrent, reduce
 
 #: the op-type sets of the rule modules, each with the rule that handles it
 FAMILIES = {

@@ -41,7 +41,7 @@ from torch import nn  # noqa: E402
 
 import planted_nets as pn  # noqa: E402
 from helpers import run_onnx  # noqa: E402
-from importers.dag_api import color_dag_model, compress_dag_model  # noqa: E402
+from fibgraph.importers.dag_api import color_dag_model, compress_dag_model  # noqa: E402
 
 TOL = 1e-5
 KINDS = ("legacy", "dynamo")
@@ -296,11 +296,11 @@ def test_other_input_layouts_make_stacked_layers_barriers(tmp_path, kind):
     stacked layers read inputs with too few units on their feature axis; every
     LSTM is then a barrier (it raised ValueError), and the features-last
     layout maps all three."""
-    from importers.onnx.build import Builder
-    from importers.onnx.load import load_onnx
-    from importers.onnx.probe import probe_model
-    from importers.onnx.records import Kind
-    from importers.onnx.rules import lookup
+    from fibgraph.importers.onnx.build import Builder
+    from fibgraph.importers.onnx.load import load_onnx
+    from fibgraph.importers.onnx.probe import probe_model
+    from fibgraph.importers.onnx.records import Kind
+    from fibgraph.importers.onnx.rules import lookup
 
     torch.manual_seed(6)
     model = Stacked("LSTM", 8, 3, 4, head="hn", n_in=6)

@@ -42,7 +42,7 @@ from helpers import cli, read_json
 pytest.importorskip("onnxruntime")
 
 from fibgraph.errors import InputError  # noqa: E402
-from importers.api import compress_model  # noqa: E402
+from fibgraph.importers.api import compress_model  # noqa: E402
 
 REL = 1e-4                  # |diff| <= REL * max(1, max |output|)
 
@@ -187,8 +187,8 @@ def test_if_model_default_probe(name, tmp_path):
 
 @pytest.mark.parametrize("name", IF_MODELS)
 def test_if_model_compresses_with_sample_feeds(name, tmp_path):
-    from importers.dag_api import compress_dag_model
-    from importers.onnx.importer import import_dag
+    from fibgraph.importers.dag_api import compress_dag_model
+    from fibgraph.importers.onnx.importer import import_dag
 
     path = _path(name)
     feed = thirdparty.sample_input(path)
@@ -201,8 +201,8 @@ def test_if_model_compresses_with_sample_feeds(name, tmp_path):
 
 @pytest.mark.parametrize("name", IF_MODELS)
 def test_if_is_a_control_flow_barrier(name):
-    from importers.dag_api import color_dag_model
-    from importers.onnx.importer import import_dag
+    from fibgraph.importers.dag_api import color_dag_model
+    from fibgraph.importers.onnx.importer import import_dag
 
     path = _path(name)
     rep, _, _ = color_dag_model(path, imp=import_dag(path, feeds=thirdparty.sample_input(path)))
@@ -405,8 +405,8 @@ def _if_model(outer_init):
 
 @pytest.mark.parametrize("outer_init", [False, True], ids=["stream", "stream+initializer"])
 def test_if_reading_outer_tensors_is_a_barrier(outer_init, tmp_path):
-    from importers.dag_api import compress_dag_model
-    from importers.onnx.importer import import_dag
+    from fibgraph.importers.dag_api import compress_dag_model
+    from fibgraph.importers.onnx.importer import import_dag
 
     path, out = str(tmp_path / "if.onnx"), str(tmp_path / "base.onnx")
     onnx.save(_if_model(outer_init), path)

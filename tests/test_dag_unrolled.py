@@ -15,7 +15,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import planted_nets as P  # noqa: E402
-from importers.api import compress_model  # noqa: E402
+from fibgraph.importers.api import compress_model  # noqa: E402
 
 TOL = 1e-5
 
@@ -161,8 +161,8 @@ def test_and_rule_holds_under_any_tolerance(tmp_path, eps):
     (Without the rule, LayerNorm rows reading different stream colours fall
     within eps and the next layer is aggregated over a class the base never
     forms.)"""
-    from importers.dag_api import colour_dag
-    from importers.onnx.importer import import_dag
+    from fibgraph.importers.dag_api import colour_dag
+    from fibgraph.importers.onnx.importer import import_dag
 
     model, info = P.planted_transformer(0)
     g = torch.Generator().manual_seed(1)

@@ -9,17 +9,17 @@ import pytest
 from helpers import finish, run_onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from importers.dag_api import colour_dag
-from importers.onnx import records as R
-from importers.onnx.records import (
+from fibgraph.importers.dag_api import colour_dag
+from fibgraph.importers.onnx import records as R
+from fibgraph.importers.onnx.records import (
     Kind,
     LinearRecord,
     Record,
     record_from_dict,
 )
-from importers.onnx.write import RULES, Writer, write_dag_base
-from importers.onnx.write.registry import rule_for
-from importers.onnx.importer import import_dag
+from fibgraph.importers.onnx.write import RULES, Writer, write_dag_base
+from fibgraph.importers.onnx.write.registry import rule_for
+from fibgraph.importers.onnx.importer import import_dag
 
 
 def _model(seed=0):
@@ -107,7 +107,7 @@ def test_writer_write_dispatches_by_kind():
     LayerNorm rewrite replaces the op by its decomposition)."""
     imp = import_dag(_model())
     col = colour_dag(imp)
-    from importers.onnx.write import dag_groups
+    from fibgraph.importers.onnx.write import dag_groups
 
     gid, kept, _ = dag_groups(imp, col.labels)
     w = Writer(imp, gid, kept, labels=col.labels)

@@ -136,8 +136,8 @@ def _gather_model(rows=50):
 
 # ------------------------------------------------------------------ (a) integer inputs
 def test_bert_feeds_are_token_ids_in_the_vocabulary_and_ones_masks(bert):
-    from importers.onnx.feeds import input_specs, make_feeds
-    from importers.onnx.probe import probe_model, sample_feeds
+    from fibgraph.importers.onnx.feeds import input_specs, make_feeds
+    from fibgraph.importers.onnx.probe import probe_model, sample_feeds
 
     m = onnx.load(bert)
     specs = input_specs(m)
@@ -165,7 +165,7 @@ def test_bert_feeds_are_token_ids_in_the_vocabulary_and_ones_masks(bert):
 
 
 def test_bert_compresses_and_verify_names_what_was_fed(bert, tmp_path):
-    from importers.api import compress_model
+    from fibgraph.importers.api import compress_model
 
     out = str(tmp_path / "base.onnx")
     rep = compress_model(bert, out, eps=0.0, verify=True)
@@ -194,7 +194,7 @@ def _word_table(path):
 
 
 def test_gather_over_50_rows_gets_ids_below_50():
-    from importers.onnx.feeds import describe, input_specs, make_feeds
+    from fibgraph.importers.onnx.feeds import describe, input_specs, make_feeds
 
     m = _gather_model(50)
     specs = input_specs(m)
@@ -219,7 +219,7 @@ def test_gather_over_50_rows_gets_ids_below_50():
 def test_a_scalar_compared_with_a_constant_is_fed_that_constant():
     """``rate`` (int64 scalar) picks a branch by ``Equal(rate, 16000)``: fed 16000
     (a sample rate); an unbounded ``k`` gets [0, 2)."""
-    from importers.onnx.feeds import describe, make_feeds
+    from fibgraph.importers.onnx.feeds import describe, make_feeds
 
     nodes = [helper.make_node("Equal", ["rate", "sr16"], ["is16"]),
              helper.make_node("Where", ["is16", "x", "zero"], ["y0"]),
@@ -241,7 +241,7 @@ def test_a_scalar_compared_with_a_constant_is_fed_that_constant():
 
 
 def test_gather_over_50_rows_bound_is_used_by_the_probe():
-    from importers.onnx.probe import probe_model
+    from fibgraph.importers.onnx.probe import probe_model
 
     feeds, _ = probe_model(_gather_model(50))
     assert feeds["tok"].shape == (1, 5) and 0 <= feeds["tok"].min() and feeds["tok"].max() < 50
@@ -250,7 +250,7 @@ def test_gather_over_50_rows_bound_is_used_by_the_probe():
 
 
 def test_verify_names_its_inputs_at_batch_64(tmp_path):
-    from importers.api import compress_model
+    from fibgraph.importers.api import compress_model
 
     rep = compress_model(MODEL_DIGITS, str(tmp_path / "b.onnx"), eps=0.0, verify=True)
     name = onnx.load(MODEL_DIGITS).graph.input[0].name
@@ -267,8 +267,8 @@ def test_cli_verify_line_names_the_inputs(tmp_path, capsys):
 def test_user_probe_keeps_its_integer_inputs():
     """A probe the user gave keeps its integer values in verify's draws (a
     sample rate, say), and the report says they were given."""
-    from importers.dag_api import _feeds_like
-    from importers.onnx.importer import import_dag
+    from fibgraph.importers.dag_api import _feeds_like
+    from fibgraph.importers.onnx.importer import import_dag
 
     m = _gather_model(50)
     given = {"tok": np.full((1, 5), 42, np.int64), "keep": np.ones((1, 5), np.int64),
@@ -284,7 +284,7 @@ def test_user_probe_keeps_its_integer_inputs():
 
 # ------------------------------------------------------------------ (c) one-line errors
 def test_short_error_cuts_at_a_word_with_an_ellipsis():
-    from importers.onnx.feeds import short_error
+    from fibgraph.importers.onnx.feeds import short_error
 
     words = " ".join(f"word{k}" for k in range(200))
     s = short_error(RuntimeError(words + "\nsecond line"), 100)
@@ -301,7 +301,7 @@ def test_short_error_cuts_at_a_word_with_an_ellipsis():
 def _quoted_ok(msg, original):
     """``msg`` is one line and quotes ``original``'s first line (less its source
     file locations) whole, or cut after a whole word and marked with an ellipsis."""
-    from importers.onnx.feeds import _SRC
+    from fibgraph.importers.onnx.feeds import _SRC
 
     lines = [_SRC.sub("", ln).strip() for ln in original.strip().splitlines()]
     first = [ln for ln in lines if ln][0]
@@ -319,7 +319,7 @@ def _quoted_ok(msg, original):
 def test_onnxruntime_run_error_is_one_line_and_whole_words():
     import onnxruntime as ort
 
-    from importers.api import _run, session
+    from fibgraph.importers.api import _run, session
 
     m = _gather_model(50)
     bad = {"tok": np.full((1, 5), 999, np.int64), "keep": np.ones((1, 5), np.int64),
@@ -337,7 +337,7 @@ def test_onnxruntime_run_error_is_one_line_and_whole_words():
 def test_onnxruntime_load_error_is_one_line_and_whole_words():
     import onnxruntime as ort
 
-    from importers.api import session
+    from fibgraph.importers.api import session
 
     # a type clash onnxruntime refuses at load (its message is long and multi-line)
     n = helper.make_node("Add", ["a", "b"], ["c"])
@@ -358,7 +358,7 @@ def test_onnxruntime_load_error_is_one_line_and_whole_words():
 def test_probe_failure_is_one_line_and_whole_words():
     """A model no made-up input runs (a Reshape to a fixed size 7 of an input
     with symbolic dims): one line, what was tried, --data asked for."""
-    from importers.onnx.probe import probe_model
+    from fibgraph.importers.onnx.probe import probe_model
 
     n1 = helper.make_node("Reshape", ["x", "shp"], ["r"])
     n2 = helper.make_node("MatMul", ["r", "W"], ["y"])

@@ -70,10 +70,10 @@ def test_forbidden_imports_in_core_are_found():
             """),
         "fibgraph/b.py": "from onnx import numpy_helper\n",
         "fibgraph/c.py": "import importlib\nM = importlib.import_module('transformers')\n",
-        "fibgraph/d.py": "from importers.torch_net import network_from_torch\n",
-        "fibgraph/e.py": "from . import importers\n",          # fibgraph.importers
+        "fibgraph/d.py": "from fibgraph.importers.torch_net import network_from_torch\n",
+        "fibgraph/e.py": "from . import fibgraph.importers\n",          # fibgraph.importers
         "fibgraph/f.py": "import onnxscript.values\n",
-        "fibgraph/cli_x.py": "import torch\nimport onnx\nfrom importers.api import compress_model\n",
+        "fibgraph/cli_x.py": "import torch\nimport onnx\nfrom fibgraph.importers.api import compress_model\n",
         "fibgraph/__main__.py": "import onnx\n",
         "importers/g.py": "import torch\nimport onnx\n",
     }
@@ -105,15 +105,15 @@ def test_a_three_module_cycle_through_a_lazy_relative_import_is_found():
 def test_two_separate_cycles_are_both_reported_and_a_dag_is_clean():
     tree = {
         "importers/__init__.py": "",
-        "importers/p.py": "import importers.q\n",
-        "importers/q.py": "from importers.p import f\n",
+        "importers/p.py": "import fibgraph.importers.q\n",
+        "importers/q.py": "from fibgraph.importers.p import f\n",
         "fibgraph/x.py": "from fibgraph import y\n",
         "fibgraph/y.py": "from .x import z\n",
         "fibgraph/z.py": "import fibgraph.x\n",
     }
     bad = import_cycles(tree)
     assert len(bad) == 2 and bad[0].startswith("{fibgraph.x, fibgraph.y}") and \
-        bad[1].startswith("{importers.p, importers.q}"), bad
+        bad[1].startswith("{fibgraph.importers.p, fibgraph.importers.q}"), bad
     dag = {"fibgraph/a.py": "import fibgraph.b\n", "fibgraph/b.py": "from . import c\n", "fibgraph/c.py": "import os\n"}
     assert import_cycles(dag) == []
     assert set(import_graph(dag).edges) == {("fibgraph.a", "fibgraph.b"), ("fibgraph.b", "fibgraph.c")}
@@ -139,13 +139,13 @@ def test_private_names_from_other_modules_are_found():
             from fibgraph.refine import _mix, refine
             from . import _impl
             def f():
-                from importers.api import _check_eps as ce
+                from fibgraph.importers.api import _check_eps as ce
             """),
         "fibgraph/b.py": "from fibgraph.b import _self\nfrom scipy.sparse import _sputils\n",
     }
     bad = private_imports(tree)
     assert [b.split("  ")[-1] for b in bad] == ["[_mix]", "[_impl]", "[_check_eps]", "[_sputils]"], bad
-    assert bad[2].startswith("fibgraph/a.py:6: lazy from importers.api import _check_eps")
+    assert bad[2].startswith("fibgraph/a.py:6: lazy from fibgraph.importers.api import _check_eps")
 
 
 # ------------------------------------------------------------ rule 4: length
@@ -161,5 +161,5 @@ def test_the_real_tree_is_read():
     assert "fibgraph/engine/schedule.py" in tree and "importers/api.py" in tree and "fibgraph/__main__.py" in tree
     assert not any(rel.startswith(("tests/", "examples/")) for rel in tree)
     # it parses, and the CLI's lazy import of the importers (inside a command) is seen
-    assert any(i.module.endswith("importers.inspect") and i.lazy
+    assert any(i.module.endswith("fibgraph.importers.inspect") and i.lazy
                for i in imports_of("fibgraph/cli/main.py", tree["fibgraph/cli/main.py"]))

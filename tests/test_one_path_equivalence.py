@@ -21,7 +21,7 @@ import pytest
 
 from helpers import finish, mlp_onnx, planted_mlp, save
 
-from importers.api import color_model, count_params
+from fibgraph.importers.api import color_model, count_params
 
 HIDDEN = [[0, 0, 1, 2, 2, 3], [0, 1, 1, 0, 2, 3, 3]]
 SAME_ROW = {0: {3: 1}, 1: {3: 2}}
@@ -58,8 +58,8 @@ def _chain_run(path, eps=0.0, metric="cosine", linkage="average"):
     """{weight: fibers}, params after, on the chain path."""
     from fibgraph.network import colour_network, compress_network
     from fibgraph.engine import make_criterion
-    from importers.onnx_in import import_onnx
-    from importers.onnx_out import write_base_onnx
+    from fibgraph.importers.onnx_in import import_onnx
+    from fibgraph.importers.onnx_out import write_base_onnx
 
     res = import_onnx(path)
     col = colour_network(res.network, "fibration", make_criterion(eps, linkage, metric))

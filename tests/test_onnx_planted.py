@@ -163,7 +163,7 @@ def test_base_weights_and_bias_mean_formula(capsys, tmp_path, planted, hand_mode
 
 
 def test_bias_only_difference_does_not_merge_at_eps0_in_api(planted, hand_models):
-    from importers.api import color_model
+    from fibgraph.importers.api import color_model
 
     rep, imp, col = color_model(hand_models["gemm"], eps=0.0)
     f0, f1 = rep["layers"][0]["fibers"], rep["layers"][1]["fibers"]
@@ -259,7 +259,7 @@ def test_relu_proportional_rows_do_not_merge_without_cosine(capsys, tmp_path, pr
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_property_planted_partition_compresses_exactly(tmp_path_factory, data):
-    from importers.api import compress_model
+    from fibgraph.importers.api import compress_model
 
     seed = data.draw(st.integers(0, 2 ** 32 - 1), label="seed")
     n_in = data.draw(st.integers(1, 6), label="n_in")
@@ -321,7 +321,7 @@ def test_property_rescaled_fibers_merge_exactly_with_cosine(tmp_path_factory, da
     (row and bias times t_k, the next layer's column divided by t_k: the same
     function).  With a positively homogeneous activation, cosine at a tiny eps
     recovers exactly the planted fibers and the rescaling merge is exact."""
-    from importers.api import compress_model
+    from fibgraph.importers.api import compress_model
 
     seed = data.draw(st.integers(0, 2 ** 32 - 1), label="seed")
     n_in = data.draw(st.integers(2, 6), label="n_in")

@@ -45,9 +45,9 @@ def skl(tmp_path_factory):
 
 
 def test_import_layers(skl):
-    from importers.dag_api import weight_entries
-    from importers.onnx.importer import import_dag
-    from importers.tuning import DagCompressor
+    from fibgraph.importers.dag_api import weight_entries
+    from fibgraph.importers.onnx.importer import import_dag
+    from fibgraph.importers.tuning import DagCompressor
 
     imp = import_dag(skl["path"])
     ents = weight_entries(imp)

@@ -90,7 +90,7 @@ def test_compress_opfibration_is_refused(capsys, tmp_path, model):
 
 def test_compress_opfibration_refused_in_api(tmp_path, model):
     from fibgraph.errors import InputError
-    from importers.api import compress_model
+    from fibgraph.importers.api import compress_model
 
     with pytest.raises(InputError):
         compress_model(model, str(tmp_path / "op.onnx"), symmetry="opfibration")

@@ -5,7 +5,7 @@ import os
 import onnx
 import pytest
 
-from importers.api import compress_model
+from fibgraph.importers.api import compress_model
 
 DATA = os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data", "light")
 VGG = os.path.join(DATA, "light_vgg19.onnx")

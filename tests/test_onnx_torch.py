@@ -1,4 +1,4 @@
-"""importers.onnx.to_torch.OnnxModule: an ONNX graph as a differentiable torch module.
+"""fibgraph.importers.onnx.to_torch.OnnxModule: an ONNX graph as a differentiable torch module.
 
 Every check compares with onnxruntime: exported torch models (both exporters),
 their compressed bases (the writer's extra Mul / Where / Log / Gather nodes),
@@ -22,7 +22,7 @@ ort = pytest.importorskip("onnxruntime")
 from torch import nn  # noqa: E402
 
 from fibgraph.errors import InputError  # noqa: E402
-from importers.onnx.to_torch import SUPPORTED_OPS, OnnxModule  # noqa: E402
+from fibgraph.importers.onnx.to_torch import SUPPORTED_OPS, OnnxModule  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RTOL = 1e-5
@@ -121,7 +121,7 @@ def model_paths(tmp_path_factory):
     """name -> path: exported torch models and their compressed bases (eps 0, 0.3)."""
     import planted_nets as pn
 
-    from importers.api import compress_model
+    from fibgraph.importers.api import compress_model
 
     d = tmp_path_factory.mktemp("onnx_torch")
     paths = {}

@@ -10,9 +10,9 @@ from torch import nn  # noqa: E402
 
 from fibgraph.errors import InputError  # noqa: E402
 from fibgraph.retune import RetuneResult  # noqa: E402
-from importers.torch_base import (compress_module, compress_retune, module_from_onnx,  # noqa: E402
+from fibgraph.importers.torch_base import (compress_module, compress_retune, module_from_onnx,  # noqa: E402
                                   module_loss, n_params, retune, tune_module)
-from importers.torch_export import export_model  # noqa: E402
+from fibgraph.importers.torch_export import export_model  # noqa: E402
 
 
 def _duplicated_mlp(seed=0, scales=(1.0, 1.0, 1.0)):
@@ -65,7 +65,7 @@ def test_scaled_copies_merge_exactly_when_the_path_rescales():
     (relu(s z) = s relu(z): the outgoing weights take the factor).  Whether
     the hypergraph path rescales is what its compressor reports; either way
     the rebuilt module computes the original function."""
-    from importers.tuning import DagCompressor
+    from fibgraph.importers.tuning import DagCompressor
 
     m = _duplicated_mlp(0, (1.0, 2.0, 0.5))
     rescales = "no rescaling merge on the hypergraph" not in DagCompressor(export_model(m, torch.zeros(1, 64))).notes
@@ -162,9 +162,9 @@ def test_what_cannot_be_rebuilt_is_refused():
 
 
 def test_import_torch_reads_the_module_as_a_hypergraph(tmp_path):
-    from importers.dag_api import colour_dag, weight_entries
-    from importers.onnx.importer import DagImport
-    from importers.torch_export import import_torch
+    from fibgraph.importers.dag_api import colour_dag, weight_entries
+    from fibgraph.importers.onnx.importer import DagImport
+    from fibgraph.importers.torch_export import import_torch
 
     m = _duplicated_mlp(3)
     keep = tmp_path / "m.onnx"

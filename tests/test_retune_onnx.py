@@ -37,7 +37,7 @@ class _Residual(nn.Module):
 
 @pytest.fixture(scope="module")
 def setting(tmp_path_factory):
-    from importers.torch_base import retune
+    from fibgraph.importers.torch_base import retune
 
     (xtr, ytr), (xv, yv), (xte, yte) = digits_seq_split(seed=0, val=200)
     flat = lambda a: a.reshape(len(a), -1)  # noqa: E731
@@ -52,7 +52,7 @@ def setting(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def result(setting):
-    from importers.retune_onnx import compress_retune_onnx
+    from fibgraph.importers.retune_onnx import compress_retune_onnx
 
     # eps0 = 0.7 is calibrated for the magnitude-aware distance: with cosine the
     # ReLU layer ``mid`` (positively homogeneous) would take the rescaling merge
@@ -76,10 +76,10 @@ def test_the_result_is_a_smaller_onnx_model_and_a_torch_module_of_its_shapes(res
     import onnx
 
     from fibgraph.retune import RetuneResult
-    from importers.api import count_params, evaluate
-    from importers.torch_base import compress_retune
+    from fibgraph.importers.api import count_params, evaluate
+    from fibgraph.importers.torch_base import compress_retune
 
-    # one result type for ONNX models and torch modules (importers.torch_base.compress_retune)
+    # one result type for ONNX models and torch modules (fibgraph.importers.torch_base.compress_retune)
     assert type(result) is RetuneResult and compress_retune.__annotations__["return"] in ("RetuneResult", RetuneResult)
     assert result.onnx is result.model
     onnx.checker.check_model(result.model, full_check=True)
@@ -97,7 +97,7 @@ def test_the_result_is_a_smaller_onnx_model_and_a_torch_module_of_its_shapes(res
 
 
 def test_a_torch_module_is_exported_first(setting):
-    from importers.retune_onnx import compress_retune_onnx
+    from fibgraph.importers.retune_onnx import compress_retune_onnx
 
     r = compress_retune_onnx(setting["module"], setting["train"], setting["val"], example=torch.zeros(2, 64),
                              rho=RHO, tau=TAU, steps=3, max_iters=1, retune_kw=dict(max_epochs=1))
@@ -107,7 +107,7 @@ def test_a_torch_module_is_exported_first(setting):
 
 def test_bad_arguments_are_input_errors(setting):
     from fibgraph.errors import InputError
-    from importers.retune_onnx import compress_retune_onnx
+    from fibgraph.importers.retune_onnx import compress_retune_onnx
 
     with pytest.raises(InputError, match="q must be"):
         compress_retune_onnx(setting["path"], setting["train"], setting["val"], q=0.5)
@@ -118,7 +118,7 @@ def test_bad_arguments_are_input_errors(setting):
 def test_cli_retune_writes_a_smaller_model_and_its_report(setting, tmp_path, capsys):
     from helpers import cli, read_json
 
-    from importers.api import count_params
+    from fibgraph.importers.api import count_params
 
     tr, va = tmp_path / "train.npz", tmp_path / "val.npz"
     np.savez(tr, x=setting["train"][0], y=setting["train"][1])

@@ -1,4 +1,4 @@
-"""``fibgraph sweep`` / :func:`importers.sweep.run_sweep` on a real Dask LocalCluster
+"""``fibgraph sweep`` / :func:`fibgraph.importers.sweep.run_sweep` on a real Dask LocalCluster
 (2 worker processes): the tidy table has exactly the expected rows, planted fibers
 are recovered at eps 0, broken inputs become error rows while the other tasks
 finish, the CLI writes the table and the figures, bad input exits 2 with one line,
@@ -19,8 +19,8 @@ from helpers import assert_one_line_error, cli, mlp_onnx, planted_mlp, save
 
 distributed = pytest.importorskip("distributed")
 
-from importers.api import evaluate                                      # noqa: E402
-from importers.sweep import COLUMNS, make_settings, natural_key, parse_eps_list, run_sweep  # noqa: E402
+from fibgraph.importers.api import evaluate                                      # noqa: E402
+from fibgraph.importers.sweep import COLUMNS, make_settings, natural_key, parse_eps_list, run_sweep  # noqa: E402
 from fibgraph.errors import InputError                                  # noqa: E402
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fibgraph", "data")
@@ -243,7 +243,7 @@ def test_api_checks():
 
 def test_parquet_round_trip(tmp_path):
     pytest.importorskip("pyarrow")
-    from importers.sweep import write_table
+    from fibgraph.importers.sweep import write_table
 
     df = pd.DataFrame([{"model": "m.onnx", "checkpoint": "m", "symmetry": "fibration", "eps": 0.0, "layer": "W1",
                         "nodes_before": 8, "nodes_after": 4, "params_before": 10, "params_after": 5,

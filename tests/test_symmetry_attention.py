@@ -8,7 +8,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from helpers import cli, finish, mlp_onnx, read_json, save, torch_export, wrap_module
 
-from importers.onnx.attention_blocks import attention_metrics, find_attention
+from fibgraph.importers.onnx.attention_blocks import attention_metrics, find_attention
 
 D, H, FF = 16, 2, 32
 DK = D // H

@@ -14,9 +14,9 @@ torch = pytest.importorskip("torch")
 from planted_nets import (RNNNet, TransformerNet, example_input, export_both, export_one,  # noqa: E402
                           planted_lstm, planted_transformer)
 
-from importers.dag_api import weight_entries  # noqa: E402
-from importers.dag_units import dag_layers  # noqa: E402
-from importers.onnx.importer import import_dag  # noqa: E402
+from fibgraph.importers.dag_api import weight_entries  # noqa: E402
+from fibgraph.importers.dag_units import dag_layers  # noqa: E402
+from fibgraph.importers.onnx.importer import import_dag  # noqa: E402
 
 TINY = 1e-6
 TH = ("--threshold", "1e-6", "--threshold", "0.1")
@@ -146,7 +146,7 @@ def test_importer_refuses_rows_skipped_with_warning(capsys, models, tmp_path, mo
     """Where the hypergraph importer refuses, the attention rows stay and the
     permutation rows are skipped with a warning naming the reason; with no
     attention rows either, the refusal is the command's error."""
-    import importers.onnx.importer as od
+    import fibgraph.importers.onnx.importer as od
     from fibgraph.errors import InputError
 
     def refuse(*a, **k):

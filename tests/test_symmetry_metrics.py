@@ -10,8 +10,8 @@ from helpers import assert_one_line_error, cli, finish, mlp_onnx, read_json, sav
 from fibgraph.errors import InputError
 from fibgraph.symmetry_metrics import (double_rotation_deltas, double_rotation_dos, permutation_deltas,
                                        permutation_dos, spectral_stats, symmetry_metrics_units)
-from importers.dag_units import dag_layers, find_qk_pairs
-from importers.onnx.importer import import_dag
+from fibgraph.importers.dag_units import dag_layers, find_qk_pairs
+from fibgraph.importers.onnx.importer import import_dag
 
 
 def _net(Ws, bs):

@@ -16,7 +16,7 @@ torch = pytest.importorskip("torch")
 
 from fibgraph.partition import canonical, refines  # noqa: E402
 from fibgraph.planted import balance_violation, planted_mlp  # noqa: E402
-from importers.torch_analysis import (check_activity_sync, check_cover_persistence,  # noqa: E402
+from fibgraph.importers.torch_analysis import (check_activity_sync, check_cover_persistence,  # noqa: E402
                                       check_error_sync, torch_mlp, torch_view)
 
 SIZES = [5, 6, 5, 3]

@@ -1,4 +1,4 @@
-"""The training tracker, and the torch -> hypergraph view it reads (importers.torch_analysis)."""
+"""The training tracker, and the torch -> hypergraph view it reads (fibgraph.importers.torch_analysis)."""
 from __future__ import annotations
 
 import csv
@@ -13,7 +13,7 @@ from fibgraph.errors import InputError  # noqa: E402
 from fibgraph.planted import planted_mlp  # noqa: E402
 from fibgraph.tracking import FIELDS, layer_stats  # noqa: E402
 from fibgraph.tracking import FiberTracker as ViewTracker  # noqa: E402
-from importers.torch_analysis import FiberTracker, read_view, torch_mlp, torch_view  # noqa: E402
+from fibgraph.importers.torch_analysis import FiberTracker, read_view, torch_mlp, torch_view  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -90,7 +90,7 @@ def test_greedy_rejects_bad_arguments():
 # -------------------------------------------------------------- ONNX glue
 @pytest.fixture(scope="module")
 def tuned():
-    from importers.tuning import tune_model
+    from fibgraph.importers.tuning import tune_model
 
     return tune_model(MODEL, DATA, tau=0.01, steps=7)
 
@@ -98,7 +98,7 @@ def tuned():
 def test_tune_model_keeps_calibration_loss_within_tau(tuned, tmp_path):
     """The eps file, read back by the ordinary compress path, gives a model
     whose calibration loss is <= (1 + tau) * the original's."""
-    from importers.api import compress_model, evaluate
+    from fibgraph.importers.api import compress_model, evaluate
 
     assert tuned["loss_after"] <= (1 + tuned["tau"]) * tuned["loss_before"]
     assert tuned["params_after"] < tuned["params_before"]
@@ -124,7 +124,7 @@ def test_every_accepted_evaluation_is_within_the_limit(tuned):
 
 
 def test_larger_tau_compresses_at_least_as_much(tuned):
-    from importers.tuning import tune_model
+    from fibgraph.importers.tuning import tune_model
 
     loose = tune_model(MODEL, DATA, tau=0.5, steps=7)
     assert loose["params_after"] <= tuned["params_after"]

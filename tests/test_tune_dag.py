@@ -65,7 +65,7 @@ def models(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tuned_res(models):
-    from importers.tuning import tune_model
+    from fibgraph.importers.tuning import tune_model
 
     return tune_model(models["res"], models["cal_flat"], tau=TAU, steps=6)
 
@@ -86,7 +86,7 @@ def test_residual_writers_are_one_tunable_layer(tuned_res):
 
 
 def test_residual_tune_keeps_the_loss_within_tau_and_compresses(tuned_res, models, tmp_path):
-    from importers.api import compress_model, evaluate
+    from fibgraph.importers.api import compress_model, evaluate
 
     assert tuned_res["loss_after"] <= (1 + TAU) * tuned_res["loss_before"]
     assert tuned_res["params_after"] < tuned_res["params_before"]
@@ -103,7 +103,7 @@ def test_residual_tune_keeps_the_loss_within_tau_and_compresses(tuned_res, model
 
 
 def test_larger_tau_compresses_at_least_as_much(tuned_res, models):
-    from importers.tuning import tune_model
+    from fibgraph.importers.tuning import tune_model
 
     loose = tune_model(models["res"], models["cal_flat"], tau=1.0, steps=6)
     assert loose["params_after"] <= tuned_res["params_after"]
@@ -122,7 +122,7 @@ def test_lstm_w_and_r_are_one_layer_and_the_eps_file_names_both(models, tmp_path
     small = tmp_path / "small.onnx"
     rc, out, err = cli(capsys, "compress", models["lstm"], "--eps-file", eps_path, "-o", small)
     assert rc == 0, err
-    from importers.api import evaluate
+    from fibgraph.importers.api import evaluate
 
     before = evaluate(models["lstm"], models["cal_seq"])
     assert evaluate(str(small), models["cal_seq"])["loss"] <= (1 + TAU) * before["loss"] + 1e-9
@@ -132,8 +132,8 @@ def test_an_eps_entry_for_one_recurrent_weight_sets_the_layer(models):
     # W and R of one LSTM share their node sets: an entry for W alone must not
     # be overwritten by R's default (exact)
     from fibgraph.engine import Tolerance
-    from importers.dag_api import colour_dag, weight_entries
-    from importers.onnx.importer import import_dag
+    from fibgraph.importers.dag_api import colour_dag, weight_entries
+    from fibgraph.importers.onnx.importer import import_dag
 
     imp = import_dag(models["lstm"])
     w, _, _, spaces = next(e for e in weight_entries(imp) if e[1] == "LSTM")

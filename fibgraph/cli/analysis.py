@@ -25,8 +25,8 @@ def _check_out(inputs, out):
 
 def _load(path):
     """The :class:`~fibgraph.layerview.LayerView` of an ONNX model (hypergraph import)."""
-    from importers.dag_units import layer_view
-    from importers.onnx.importer import import_dag
+    from fibgraph.importers.dag_units import layer_view
+    from fibgraph.importers.onnx.importer import import_dag
 
     if not os.path.isfile(path):
         raise InputError(f"{path}: no such file")
@@ -119,9 +119,9 @@ def symmetry_metrics_cmd(model, thresholds, normalise, warn_threshold, warn_frac
     double rotation per attention head (attention found in the graph: score MatMul ->
     Softmax -> MatMul with V, traced back to the Q/K projections) and for Q/K weight
     pairs recognised by name."""
-    from importers.dag_units import find_qk_pairs
-    from importers.onnx.attention_blocks import attention_metrics, linear_weights
-    from importers.onnx.load import load_onnx
+    from fibgraph.importers.dag_units import find_qk_pairs
+    from fibgraph.importers.onnx.attention_blocks import attention_metrics, linear_weights
+    from fibgraph.importers.onnx.load import load_onnx
 
     from ..fileio import write_json_atomic
     from ..report import console
@@ -228,10 +228,10 @@ def symmetry_metrics_cmd(model, thresholds, normalise, warn_threshold, warn_frac
 
 def _dag_symmetry_metrics(path, thresholds, normalise, warn_threshold, warn_fraction, onnx_model=None):
     """(report, None): permutation rows from the hypergraph importer
-    (:mod:`importers.dag_units`); (None, why) when that importer refuses the
+    (:mod:`fibgraph.importers.dag_units`); (None, why) when that importer refuses the
     model or finds no weight layer."""
-    from importers.dag_units import dag_layers
-    from importers.onnx.importer import import_dag
+    from fibgraph.importers.dag_units import dag_layers
+    from fibgraph.importers.onnx.importer import import_dag
 
     from ..symmetry_metrics import symmetry_metrics_units
 

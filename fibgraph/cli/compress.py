@@ -58,8 +58,8 @@ def _parse_eps_list(text):
 def tune(model, data, tau, steps, linkage, metric, no_rescale, out, report_out, no_progress):
     """Greedy per-layer eps (Algorithm 3): for each layer in turn, the largest
     eps keeping the calibration loss <= (1 + tau) * the original loss."""
-    from importers.api import atomic_write_json
-    from importers.tuning import make_compressor, tune_model
+    from fibgraph.importers.api import atomic_write_json
+    from fibgraph.importers.tuning import make_compressor, tune_model
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from ..report import console
@@ -140,8 +140,8 @@ def compare_methods_cmd(model, data, eps_text, eps_files, linkage, metric, no_re
                         plot_out, json_out):
     """Fibration compression against random, L2 and L1 pruning and k-means
     folding, all at the fibration base's node counts per layer."""
-    from importers.api import atomic_write_json
-    from importers.compare import METHOD_LABELS, compare_methods, plot_comparison
+    from fibgraph.importers.api import atomic_write_json
+    from fibgraph.importers.compare import METHOD_LABELS, compare_methods, plot_comparison
     from rich.table import Table
 
     from ..report import console
@@ -211,7 +211,7 @@ def retune_cmd(model, train_path, val_path, check_path, rho, tau, q, eps_floor, 
     """Compress-retune (Algorithm 2): greedy eps, over-compress by q, retune the
     base (as a torch module of the base's shapes) with early stopping; repeat
     while the loss stays within (1 + rho) of the original's."""
-    from importers.api import atomic_write_bytes, atomic_write_json, load_data
+    from fibgraph.importers.api import atomic_write_bytes, atomic_write_json, load_data
 
     from ..report import console
 
@@ -230,7 +230,7 @@ def retune_cmd(model, train_path, val_path, check_path, rho, tau, q, eps_floor, 
         import torch  # noqa: F401
     except ImportError:
         raise InputError("retune needs torch: pip install torch==2.13.0 (CPU build)") from None
-    from importers.retune_onnx import compress_retune_onnx
+    from fibgraph.importers.retune_onnx import compress_retune_onnx
 
     train = load_data(train_path, need_y=True)
     val = load_data(val_path, need_y=True)

@@ -30,7 +30,7 @@ def bundled_data() -> str:
 
 
 def run_demo(out_dir="fibgraph-demo", eps_grid=EPS_GRID, draw_eps=0.1):
-    from importers.api import compress_model, evaluate
+    from fibgraph.importers.api import compress_model, evaluate
 
     from ..draw import draw_layered
 
@@ -59,7 +59,7 @@ def run_demo(out_dir="fibgraph-demo", eps_grid=EPS_GRID, draw_eps=0.1):
                   f"{sc['loss']:.4f}", f"{secs:.2f}")
         rows.append((eps, rep, sc))
     console.print(t)
-    from importers.api import color_model
+    from fibgraph.importers.api import color_model
 
     _, _, col = color_model(model, "fibration", draw_eps)
     png = os.path.join(out_dir, f"digits_fibers_eps{draw_eps:g}.png")

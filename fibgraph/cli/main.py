@@ -45,12 +45,12 @@ def cli():
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None)
 def inspect(model, json_out):
     """Layers, op types, parameter count and what is supported."""
-    from importers.inspect import inspect_model
+    from fibgraph.importers.inspect import inspect_model
 
     _check_json_out(model, json_out)
     info = inspect_model(model)
     if json_out:
-        from importers.api import atomic_write_json
+        from fibgraph.importers.api import atomic_write_json
 
         atomic_write_json(json_out, info)
 
@@ -74,7 +74,7 @@ def color(model, symmetry, eps, eps_file, linkage, metric, no_rescale, rtol, jso
                              rtol=rtol, graphml_out=graphml_out)
             return
         raise InputError(f"{model}: unknown file type (expected .onnx, .edgelist, .txt, .graphml or .gml)")
-    from importers.api import atomic_write_json, color_model
+    from fibgraph.importers.api import atomic_write_json, color_model
     from ..report import print_colour_report
 
     _check_json_out(model, json_out)
@@ -101,7 +101,7 @@ def color(model, symmetry, eps, eps_file, linkage, metric, no_rescale, rtol, jso
 @click.option("--report", "report_out", type=click.Path(dir_okay=False), default=None)
 def compress(model, out, symmetry, eps, eps_file, linkage, metric, no_rescale, rtol, verify, data, report_out):
     """Compress MODEL to its base network and write it to OUT (ONNX)."""
-    from importers.api import atomic_write_json, compress_model
+    from fibgraph.importers.api import atomic_write_json, compress_model
     from ..report import print_colour_report
 
     _check_json_out(model, report_out)
@@ -121,7 +121,7 @@ def compress(model, out, symmetry, eps, eps_file, linkage, metric, no_rescale, r
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None)
 def eval_cmd(model, data, device, json_out):
     """Accuracy and mean cross-entropy of MODEL on DATA (onnxruntime)."""
-    from importers.api import atomic_write_json, evaluate
+    from fibgraph.importers.api import atomic_write_json, evaluate
 
     _check_json_out(model, json_out)
     res = evaluate(model, data, device=device)
@@ -141,7 +141,7 @@ def eval_cmd(model, data, device, json_out):
               help="Strongest incoming edges drawn per node.")
 def draw(model, out, symmetry, eps, eps_file, linkage, metric, no_rescale, rtol, max_edges):
     """Layered picture of MODEL, one colour per fiber."""
-    from importers.api import color_model
+    from fibgraph.importers.api import color_model
     from ..draw import draw_layered
 
     ext = os.path.splitext(out)[1].lower()

@@ -1,7 +1,7 @@
 """``fibgraph sweep``: every (model, symmetry, eps) on Dask, one tidy table, plots.
 
 Registered by :mod:`fibgraph.cli` through :data:`COMMANDS`.  The work is
-:func:`importers.sweep.run_sweep`; the figures :func:`fibgraph.sweep_plots.plot_sweep`.
+:func:`fibgraph.importers.sweep.run_sweep`; the figures :func:`fibgraph.sweep_plots.plot_sweep`.
 stdout: one tab-separated line per (model, setting) under a header; stderr:
 progress (rich), the files written and how many tasks failed.  Exit status 0,
 1 when some task failed (the table is written all the same), 2 on bad input.
@@ -23,7 +23,7 @@ SUMMARY = ["model", "symmetry", "eps", "nodes_before", "nodes_after", "params_be
 
 
 def _symmetries(text):
-    from importers.sweep import SWEEP_SYMMETRIES
+    from fibgraph.importers.sweep import SWEEP_SYMMETRIES
 
     syms = [s.strip() for s in text.split(",")]
     bad = [s for s in syms if s not in SWEEP_SYMMETRIES]
@@ -86,7 +86,7 @@ def sweep(models, eps_list, symmetries, data, scheduler, workers, linkage, metri
     """Colour (and compress) every MODEL at every --symmetry and --eps on Dask;
     write one tidy table (one row per model, setting and layer).  Model paths
     must be readable by the workers (a shared file system on a real cluster)."""
-    from importers.sweep import check_data, check_table_path, make_settings, parse_eps_list, run_sweep, write_table
+    from fibgraph.importers.sweep import check_data, check_table_path, make_settings, parse_eps_list, run_sweep, write_table
 
     if not models:
         raise InputError("no models given (fibgraph sweep MODEL... --eps 0,0.1 -o table.csv)")

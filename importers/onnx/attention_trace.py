@@ -1,4 +1,4 @@
-"""The graph side of attention detection (:mod:`importers.onnx.attention_blocks`):
+"""The graph side of attention detection (:mod:`fibgraph.importers.onnx.attention_blocks`):
 the graph's producers and consumers, the structural search for score
 MatMul -> Softmax -> PV MatMul candidates, tracing operands back to their
 projections and forward to the output projection, and one run of the model

@@ -1,15 +1,15 @@
 """The hypergraph builder: node sets, layouts, weight blocks, factor nodes (the
 AND rule), constant nodes and barriers, and :meth:`Builder.run`, which walks
 the graph once and hands every node with a stream operand to the rule its op
-type is registered with (:mod:`importers.onnx.rules`; the importer passes the
+type is registered with (:mod:`fibgraph.importers.onnx.rules`; the importer passes the
 table in, so this module does not import the rules).
 
 A *layout* is an int64 array of node ids over a tensor's axes: an axis along
 which the ids vary is a unit axis, an axis of size 1 is positional (see
-:mod:`importers.onnx.importer`).  A rule is a function
+:mod:`fibgraph.importers.onnx.importer`).  A rule is a function
 ``rule(builder, node, name, attrs, kinds) -> role`` that reads the operands'
 layouts, adds node sets and blocks through the public methods here, sets the
-outputs' layouts, appends a typed record (:mod:`importers.onnx.records`) and
+outputs' layouts, appends a typed record (:mod:`fibgraph.importers.onnx.records`) and
 returns the node's role; it raises :class:`Barrier` for what it cannot map.
 """
 from __future__ import annotations
@@ -117,7 +117,7 @@ META = {"Shape", "Size"}
 
 class Builder:
     """The graph under construction.  ``rules``: the op table, a callable
-    ``op type -> rule or None`` (:func:`importers.onnx.rules.lookup`);
+    ``op type -> rule or None`` (:func:`fibgraph.importers.onnx.rules.lookup`);
     ``probe``: ``(feeds, values)`` of :func:`probe_model` (run here if None);
     ``input_axis``: where the inputs' units lie ('last', '1' or 'none')."""
 

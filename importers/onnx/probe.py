@@ -14,7 +14,7 @@ __all__ = ["probe_model", "sample_feeds"]
 
 # ------------------------------------------------------------------ probing
 def sample_feeds(model, seed=0, sizes=None, specs=None):
-    """Inputs for one probe run (:func:`importers.onnx.feeds.make_feeds`): batch 1,
+    """Inputs for one probe run (:func:`fibgraph.importers.onnx.feeds.make_feeds`): batch 1,
     floats standard normal, integers in the range they index (token ids below
     the embedding's rows, masks ones); other unknown dims a sequence of 8 for
     integer inputs and 32 for floats, or all ``sizes`` (tried in turn by

@@ -1,11 +1,11 @@
 """What the hypergraph importer hands the writer: one typed record per mapped ONNX node.
 
-The importer (:mod:`importers.onnx.importer`) turns each ONNX node it understands
+The importer (:mod:`fibgraph.importers.onnx.importer`) turns each ONNX node it understands
 into graph nodes and edges, and leaves a record saying what that node was, so
-that the writer (:mod:`importers.onnx.write`) can rewrite it for the base.
+that the writer (:mod:`fibgraph.importers.onnx.write`) can rewrite it for the base.
 Records are small dataclasses; ``kind`` names the writer rule, and the
 writer looks its rule up in a table keyed by the record's kind
-(:mod:`importers.onnx.write.registry`; no string dispatch on attribute names).
+(:mod:`fibgraph.importers.onnx.write.registry`; no string dispatch on attribute names).
 
 Example::
 

@@ -1,7 +1,7 @@
 """The op table of the hypergraph importer: one rule per ONNX op type.
 
 A rule is a function ``rule(builder, node, name, attrs, kinds) -> role``
-(``builder``: the :class:`importers.onnx.build.Builder`; ``name``: the node's
+(``builder``: the :class:`fibgraph.importers.onnx.build.Builder`; ``name``: the node's
 name or ``{op}_{index}``; ``attrs``: its attributes; ``kinds``: per input,
 'stream', 'const', 'meta', 'unknown' or 'none').  :func:`rule` registers it
 for the op types it handles; registering an op twice is an error, so every op

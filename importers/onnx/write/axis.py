@@ -109,7 +109,7 @@ def column_scales(imp, scales):
     the scale of its LAST node set (the largest space index: the one the next
     layer reads); columns with no scale are 1.  Only node sets the importer
     marks homogeneous carry scales, and a column holding one holds only such
-    sets (see ``importers.onnx.importer._homogeneous_spaces``), so for exact fibers every
+    sets (see ``fibgraph.importers.onnx.importer._homogeneous_spaces``), so for exact fibers every
     node set of a column is scaled alike and any choice is exact."""
     scales = np.asarray(scales, dtype=np.float64)
     n = imp.graph.n

@@ -42,7 +42,7 @@ def nodes_along(ids, axis):
 
 def packed_records(imp):
     """The ``packed`` records (a packed projection cut into q, k, v: see
-    ``importers.onnx.rules.movement.packed_cut``) the writer rewrites as Slices of their
+    ``fibgraph.importers.onnx.rules.movement.packed_cut``) the writer rewrites as Slices of their
     source, and the tensors between (``region``: units on several axes) that
     the rewrite leaves unread, so their cells need not keep equal sizes.  A
     record is used only when every reader of its region is part of such a

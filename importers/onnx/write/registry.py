@@ -1,7 +1,7 @@
-"""The writer's rule table: one rule per record :class:`~importers.onnx.records.Kind`.
+"""The writer's rule table: one rule per record :class:`~fibgraph.importers.onnx.records.Kind`.
 
 A rule is a function ``rule(writer, record)`` that rewrites the record's ONNX
-node in the model being written (see :mod:`importers.onnx.write.writer`).
+node in the model being written (see :mod:`fibgraph.importers.onnx.write.writer`).
 Rules register with the :func:`writes` decorator; the writer looks a record's
 rule up by ``record.kind`` (a :class:`LinearRecord` is ``LINEAR`` or, for a
 depthwise conv, ``DEPTHWISE``), and a record whose kind has no rule is an
@@ -43,7 +43,7 @@ def rule_for(rec):
     """The rule that writes ``rec``; a record that is not typed, or whose kind
     has no rule, raises ``TypeError`` naming it."""
     if not isinstance(rec, Record):
-        raise TypeError(f"the writer takes typed records (importers.onnx.records), got {type(rec).__name__}")
+        raise TypeError(f"the writer takes typed records (fibgraph.importers.onnx.records), got {type(rec).__name__}")
     rule = RULES.get(rec.kind)
     if rule is None:
         raise TypeError(f"no writer rule for {type(rec).__name__} (kind {rec.kind!r}) of node {rec.node!r}")
