@@ -49,7 +49,7 @@ class DagMethods:
     """A hypergraph import with its column classes and per-column features."""
 
     def __init__(self, imp):
-        from .dag_api import weight_entries
+        from .onnx.groups import weight_uses
 
         self.imp = imp
         n = imp.graph.n
@@ -68,10 +68,10 @@ class DagMethods:
         # one entry per weight (an unrolled loop's steps: the first) and per node
         # set (W and R of one LSTM/GRU count once, under W's name)
         self.entries = []
-        for w, _, ids, _ in weight_entries(imp):
-            if any(w == e[0] or np.array_equal(ids, e[1]) for e in self.entries):
+        for u, _ in weight_uses(imp):
+            if any(u.weight == e[0] or np.array_equal(u.units, e[1]) for e in self.entries):
                 continue
-            self.entries.append((w, ids))
+            self.entries.append((u.weight, u.units))
 
     # ---------------------------------------------------------- counts
     def kept_columns(self, kept):
@@ -245,10 +245,11 @@ def compare_dag_methods(model, imp, data, xy, eps_list, eps_files=(), linkage="a
     """The rows of :func:`importers.compare.compare_methods` for a model of the
     hypergraph path (``imp`` its :class:`~importers.onnx_dag.DagImport`)."""
     from .api import _check_eps, count_params, read_eps_table
-    from .dag_api import colour_dag, weight_entries
+    from .dag_api import colour_dag
+    from .onnx.groups import weight_uses
 
     dm = DagMethods(imp)
-    names = [w for w, _, _, _ in weight_entries(imp)]
+    names = [u.weight for u, _ in weight_uses(imp)]
     data_eval = _feeds_eval(imp.model, data, xy)
     p0 = count_params(imp.model)
     r0 = evaluate_any(imp.model, data_eval)

@@ -43,8 +43,6 @@ import re
 
 import numpy as np
 from onnx import numpy_helper
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 
 from .onnx.records import Kind, typed_records
 
@@ -60,16 +58,11 @@ class DagLayer(dict):
 
 
 def tie_labels(imp) -> np.ndarray:
-    """Connected component of every node in the graph of ``imp.joins``."""
-    n = int(imp.graph.n)
-    pairs = [(np.asarray(a).reshape(-1), np.asarray(b).reshape(-1)) for a, b in imp.joins]
-    pairs = [(a, b) for a, b in pairs if a.size and a.size == b.size]
-    if not pairs:
-        return np.arange(n)
-    a = np.concatenate([p[0] for p in pairs]).astype(np.int64)
-    b = np.concatenate([p[1] for p in pairs]).astype(np.int64)
-    _, lab = connected_components(coo_matrix((np.ones(a.size), (a, b)), shape=(n, n)), directed=False)
-    return lab
+    """Column of every node: connected component in the graph of ``imp.joins``
+    (:func:`fibgraph.groups.tie_columns`, the writer's columns)."""
+    from .onnx.groups import columns_of
+
+    return columns_of(imp)
 
 
 def output_mask(imp, lab=None) -> np.ndarray:
