@@ -82,7 +82,8 @@ class Group:
     report counts); ``nodes``: every node of its node sets, ``columns`` the
     column id of each (nodes tied position by position share one) and ``sets``
     the node set of each; ``is_output``: every use's units are graph outputs;
-    ``kept_whole``: why its units are all kept, or None."""
+    ``kept_whole``: why its units are all kept (they feed a barrier), or None
+    (always None for an output group: its units are kept as outputs)."""
 
     name: str
     kind: GroupKind

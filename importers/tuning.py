@@ -70,7 +70,7 @@ class DagCompressor:
         # one partition in the base (the meet): one group, one tunable layer
         self.groups = groups_of(self.imp)
         self.ties = {g.name: list(g.weights) for g in self.groups}   # layer name -> every weight it stands for
-        self._entries = [(g.name, g.units, g.is_output, g.kept_whole is not None) for g in self.groups]
+        self._entries = [(g.name, g.units, g.is_output, g.kept_whole) for g in self.groups]
         self.notes = []
         homog = self.imp.graph.homogeneous
         tun = [ids for w, ids, is_out, whole in self._entries if not is_out and not whole]
@@ -131,8 +131,8 @@ class DagCompressor:
                    "nodes_after": int(kept[ids].sum()), "output_layer": is_out}
             if len(self.ties[w]) > 1:
                 row["tied"] = self.ties[w][1:]
-            if whole and not is_out:
-                row["kept_whole"] = "its units feed a barrier"
+            if whole:
+                row["kept_whole"] = whole
             rows.append(row)
         return rows
 

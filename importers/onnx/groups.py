@@ -126,13 +126,14 @@ def _build(imp):
         else:
             gk = GroupKind.LAYER
         us = tuple(u for u, _ in members)
+        is_out = all(u.is_output for u in us)
         units = np.unique(np.concatenate([u.units for u in us])).astype(np.int64)
         groups.append(Group(
             name=weights[0], kind=gk, weights=weights, uses=us,
             node_sets=tuple(int(s) for s in sets), node_set_names=tuple(imp.spaces[s].name for s in sets),
             units=units, nodes=nodes, columns=col[nodes], sets=np.asarray(imp.space_of[nodes], dtype=np.int64),
-            is_output=all(u.is_output for u in us),
-            kept_whole="its units feed a barrier" if all(u.keep for u in us) else None, index=k))
+            is_output=is_out,
+            kept_whole="its units feed a barrier" if all(u.keep for u in us) and not is_out else None, index=k))
     return groups
 
 
