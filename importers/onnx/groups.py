@@ -94,12 +94,13 @@ def groups_of(imp) -> list:
 def _build(imp):
     ns = len(imp.spaces)
     uses = _uses(imp)
-    # node sets tied by joins, plus the sets of one recurrent op, plus every use of one weight
+    # node sets tied by joins, plus the (non-constant) sets of one recurrent op, plus every use of one weight
     links = []
     first_set = {}
     for u, sets, _ in uses:
-        s0 = first_set.setdefault(u.weight, sets[0])
-        links.append((np.full(len(sets), s0, dtype=np.int64), np.asarray(sets, dtype=np.int64)))
+        own = [s for s in sets if imp.spaces[s].kind != "const"] or list(sets[:1])
+        s0 = first_set.setdefault(u.weight, own[0])
+        links.append((np.full(len(own), s0, dtype=np.int64), np.asarray(own, dtype=np.int64)))
     ident = np.arange(ns, dtype=np.int64)
     comp = set_components(ident, [(ident[imp.space_of[np.asarray(a).reshape(-1)]],
                                    ident[imp.space_of[np.asarray(b).reshape(-1)]])
@@ -108,7 +109,8 @@ def _build(imp):
     att = _attention_sets(imp)
     by_comp = {}
     for u, sets, kind in uses:
-        by_comp.setdefault(int(comp[sets[0]]), []).append((u, kind))
+        own = [s for s in sets if imp.spaces[s].kind != "const"] or list(sets[:1])
+        by_comp.setdefault(int(comp[own[0]]), []).append((u, kind))
     groups = []
     for k, (c, members) in enumerate(by_comp.items()):
         sets = np.nonzero(comp == c)[0]
