@@ -60,7 +60,9 @@ class WeightUse:
     """One use of a compressible weight: its name, op, the node ids of its
     output units (an LSTM's hidden nodes), the names of its node sets, whether
     all its units are the model's outputs and whether all are kept (they feed
-    a barrier); ``index``: position in the importer's records (report order)."""
+    a barrier); ``index``: position in the uses (record order, the report's);
+    ``set_ids``: indices of its node sets; ``kind``: 'linear', 'embedding' or
+    'recurrent' (the uses of one recurrent op, ``W`` then ``R``, are adjacent)."""
 
     weight: str
     op: str
@@ -69,6 +71,8 @@ class WeightUse:
     is_output: bool
     keep: bool
     index: int = 0
+    set_ids: tuple = ()
+    kind: str = "linear"
 
 
 @dataclass(frozen=True, eq=False)

@@ -61,7 +61,8 @@ def _uses(imp):
         names = tuple(imp.spaces[s].name for s in sets)
         for w in roles:
             res.append((WeightUse(w, rec.op, ids, names, bool(out_nodes[ids].all()), bool(imp.keep[ids].all()),
-                                  len(res)), sets, rec.kind))
+                                  len(res), sets, "linear" if rec.kind is Kind.LINEAR else rec.kind.value),
+                        sets, rec.kind))
     return res
 
 
