@@ -244,3 +244,18 @@ def test_no_groups_without_weights():
     m.ir_version = 8
     onnx.checker.check_model(m)
     assert groups_of(import_dag(m)) == []
+
+
+@pytest.mark.parametrize("name", ["tr", "res", "lstm"])
+def test_baseline_column_classes_lie_inside_groups(exported, name):
+    from importers.compare_dag import DagMethods
+
+    imp = import_dag(exported[name])
+    dm = DagMethods(imp)
+    assert np.array_equal(dm.col, columns_of(imp))
+    gs = groups_of(imp)
+    for members in dm.members:
+        assert np.unique(dm.group_of_col[members]).size == 1
+    # every group's columns are classes of the baselines (nothing outside a group is chosen with it)
+    for k, g in enumerate(gs):
+        assert set(np.nonzero(dm.group_of_col == k)[0]) == set(np.unique(g.columns).tolist())
