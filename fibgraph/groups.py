@@ -41,8 +41,15 @@ import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-__all__ = ["GroupKind", "WeightUse", "Group", "tie_columns", "set_components", "group_partition",
-           "kept_counts"]
+__all__ = [
+    "Group",
+    "GroupKind",
+    "WeightUse",
+    "group_partition",
+    "kept_counts",
+    "set_components",
+    "tie_columns",
+]
 
 
 class GroupKind(str, Enum):

@@ -20,19 +20,27 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-
-from fibgraph.groups import Group, GroupKind, group_partition, kept_counts, set_components, tie_columns
 from helpers import classes, meet, mlp_onnx, planted_mlp
+
+from fibgraph.groups import (
+    Group,
+    GroupKind,
+    group_partition,
+    kept_counts,
+    set_components,
+    tie_columns,
+)
 
 torch = pytest.importorskip("torch")
 
-import planted_nets as pn  # noqa: E402
-from importers.dag_api import color_dag_model, colour_dag  # noqa: E402
-from importers.onnx.groups import columns_of, groups_of, weight_uses  # noqa: E402
-from importers.onnx.records import Kind, typed_records  # noqa: E402
-from importers.onnx.write import group_columns  # noqa: E402
-from importers.onnx_dag import import_dag  # noqa: E402
-from importers.tuning import DagCompressor  # noqa: E402
+import planted_nets as pn
+
+from importers.dag_api import color_dag_model, colour_dag
+from importers.onnx.groups import columns_of, groups_of, weight_uses
+from importers.onnx.records import Kind, typed_records
+from importers.onnx.write import group_columns
+from importers.onnx_dag import import_dag
+from importers.tuning import DagCompressor
 
 
 # ------------------------------------------------------------ pure functions
@@ -208,7 +216,7 @@ def test_planted_partition_found_per_group(exported):
     imp = import_dag(exported["res"])
     col = colour_dag(imp)
     g = groups_of(imp)[0]
-    cols, cls = group_partition(g, col.labels)
+    _, cls = group_partition(g, col.labels)
     # the planted map of the hidden width 8 -> 4 (sizes 3, 1, 2, 2)
     assert sorted(np.bincount(cls).tolist()) == [1, 2, 2, 3]
 

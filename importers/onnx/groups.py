@@ -15,7 +15,7 @@ from fibgraph.groups import Group, GroupKind, WeightUse, set_components, tie_col
 
 from .records import Kind, typed_records
 
-__all__ = ["groups_of", "weight_uses", "group_of_weight", "columns_of"]
+__all__ = ["columns_of", "group_of_weight", "groups_of", "weight_uses"]
 
 
 def columns_of(imp) -> np.ndarray:
