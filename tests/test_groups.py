@@ -267,3 +267,26 @@ def test_baseline_column_classes_lie_inside_groups(exported, name):
     # every group's columns are classes of the baselines (nothing outside a group is chosen with it)
     for k, g in enumerate(gs):
         assert set(np.nonzero(dm.group_of_col == k)[0]) == set(np.unique(g.columns).tolist())
+
+
+def test_onnx_attention_op_q_and_k_are_one_attention_group(tmp_path):
+    """The ONNX Attention op (opset 23): the packed projection's group is ATTENTION,
+    with one column per head dim holding its q and k units, v's units apart."""
+    import contextlib
+    import io
+    import warnings
+
+    model, info = pn.planted_transformer(0)
+    path = tmp_path / "tf23.onnx"
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model.eval(), (pn.example_input(info),), str(path), dynamo=True, external_data=False,
+                          opset_version=23)
+    imp = import_dag(str(path))
+    assert any(r.kind is Kind.ATTENTION for r in typed_records(imp))
+    gs = groups_of(imp)
+    att = [g for g in gs if g.kind is GroupKind.ATTENTION]
+    assert len(att) == 1 and att[0].units.size == 3 * info["d_model"]
+    per = np.bincount(np.unique(columns_of(imp)[att[0].units], return_inverse=True)[1])
+    assert sorted(per.tolist()) == [1] * info["d_model"] + [2] * info["d_model"]
+    assert [g.kind for g in gs].count(GroupKind.STREAM) == 1
