@@ -156,9 +156,9 @@ def probe_feeds(data, model):
 def _dag_eps_table(imp, eps_file):
     if eps_file is None:
         return {}
-    from .dag_api import weight_entries
+    from .onnx.groups import weight_uses
 
-    return read_eps_table(eps_file, [w for w, _, _, _ in weight_entries(imp)])
+    return read_eps_table(eps_file, [u.weight for u, _ in weight_uses(imp)])
 
 
 def color_model(path, symmetry="fibration", eps=0.0, eps_file=None, linkage="average",

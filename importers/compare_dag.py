@@ -5,10 +5,12 @@ the fibration base's node counts.
 The unit of choice is a *column*: the nodes that joins tie position by
 position (a layer's units and its bias add, an LSTM unit's gates, cell and
 hidden state, one feature of a residual stream with all its writers and
-readers, a head dim's q and k).  Columns with the same structure (the same
+readers, a head dim's q and k): the columns of one
+:class:`fibgraph.groups.Group` (:func:`fibgraph.importers.onnx.groups.groups_of`,
+``Group.columns``).  Columns with the same structure (the same
 node sets and slots, the same attention cell, see
-:func:`fibgraph.importers.onnx.write.group_columns`) form a *column class*; every
-group of the writer lies inside one class.  For every class that the
+:func:`fibgraph.importers.onnx.write.group_columns`) form a *column class*; a class
+lies inside one group, and every group of the writer lies inside one class.  For every class that the
 fibration base shrinks to ``k`` kept columns, each baseline chooses its own
 ``k`` columns of that class:
 
@@ -49,7 +51,7 @@ class DagMethods:
     """A hypergraph import with its column classes and per-column features."""
 
     def __init__(self, imp):
-        from .dag_api import weight_entries
+        from .onnx.groups import groups_of, weight_uses
 
         self.imp = imp
         n = imp.graph.n
@@ -65,13 +67,18 @@ class DagMethods:
         starts = np.concatenate([[0], np.cumsum(self.cls_size)[:-1]])
         self.pos[order] = np.arange(self.n_col) - np.repeat(starts, self.cls_size)
         self.members = np.split(order, np.cumsum(self.cls_size)[:-1]) if self.n_col else []
+        # the group of each column (-1: none holds a weight); every class lies inside one group
+        self.groups = groups_of(imp)
+        self.group_of_col = np.full(self.n_col, -1, dtype=np.int64)
+        for k, g in enumerate(self.groups):
+            self.group_of_col[g.columns] = k
         # one entry per weight (an unrolled loop's steps: the first) and per node
         # set (W and R of one LSTM/GRU count once, under W's name)
         self.entries = []
-        for w, _, ids, _ in weight_entries(imp):
-            if any(w == e[0] or np.array_equal(ids, e[1]) for e in self.entries):
+        for u, _ in weight_uses(imp):
+            if any(u.weight == e[0] or np.array_equal(u.units, e[1]) for e in self.entries):
                 continue
-            self.entries.append((w, ids))
+            self.entries.append((u.weight, u.units))
 
     # ---------------------------------------------------------- counts
     def kept_columns(self, kept):
@@ -245,10 +252,11 @@ def compare_dag_methods(model, imp, data, xy, eps_list, eps_files=(), linkage="a
     """The rows of :func:`fibgraph.importers.compare.compare_methods` for a model of the
     hypergraph path (``imp`` its :class:`~fibgraph.importers.onnx.importer.DagImport`)."""
     from .api import _check_eps, count_params, read_eps_table
-    from .dag_api import colour_dag, weight_entries
+    from .dag_api import colour_dag
+    from .onnx.groups import weight_uses
 
     dm = DagMethods(imp)
-    names = [w for w, _, _, _ in weight_entries(imp)]
+    names = [u.weight for u, _ in weight_uses(imp)]
     data_eval = _feeds_eval(imp.model, data, xy)
     p0 = count_params(imp.model)
     r0 = evaluate_any(imp.model, data_eval)

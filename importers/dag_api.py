@@ -44,11 +44,11 @@ from fibgraph.partition import canonical, classes
 from fibgraph.engine import DEFAULT_RTOL, Tolerance
 from fibgraph.symmetry import colour
 
-from .onnx.records import Kind
+from .onnx.groups import groups_of, weight_uses
 from .onnx.write import write_dag_base
 from .onnx.importer import import_dag
 
-__all__ = ["DagColouring", "colour_dag", "tied_spaces", "color_dag_model", "compress_dag_model", "verify_dag", "weight_entries"]
+__all__ = ["DagColouring", "colour_dag", "color_dag_model", "compress_dag_model", "verify_dag", "weight_entries"]
 
 
 @dataclass
@@ -63,39 +63,16 @@ class DagColouring:
 
 
 def weight_entries(imp):
-    """The compressible weights: (weight name, op, node ids of its output units, node set names)."""
-    out = []
-    for rec in imp.records:
-        if rec.kind in (Kind.LINEAR, Kind.EMBEDDING):
-            sp_ = imp.spaces[rec.space]
-            out.append((rec.weight, rec.op, sp_.ids, [sp_.name]))
-        elif rec.kind is Kind.RECURRENT:
-            ids = np.concatenate([imp.spaces[s].ids for s in rec.hidden])
-            names = [imp.spaces[s].name for s in rec.spaces]
-            for role in (rec.W, rec.R):
-                out.append((role, rec.op, ids, names))
-    return out
-
-
-def tied_spaces(imp):
-    """Component id per node set: sets joined position by position (element-wise
-    ops, bias adds, products, recurrences, q.k) are one component; the base
-    keeps one partition per component (the meet of its sets' colourings)."""
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
-    ns = len(imp.spaces)
-    pairs = [np.stack([imp.space_of[np.asarray(a).reshape(-1)], imp.space_of[np.asarray(b).reshape(-1)]], 1)
-             for a, b in imp.joins if np.asarray(a).size]
-    e = np.unique(np.concatenate(pairs), axis=0) if pairs else np.zeros((0, 2), np.int64)
-    return connected_components(coo_matrix((np.ones(len(e)), (e[:, 0], e[:, 1])), shape=(ns, ns)),
-                                directed=False)[1]
+    """The compressible weights' uses in record order: (weight name, op, node ids
+    of its output units, node set names); a view over :func:`groups_of`."""
+    return [(u.weight, u.op, u.units, list(u.node_sets)) for u, _ in weight_uses(imp)]
 
 
 def _criteria(imp, eps, table, linkage, metric, rtol, rescale=True):
     from .api import criteria_from_table
 
-    names = [w for w, _, _, _ in weight_entries(imp)]
+    groups = groups_of(imp)
+    names = [u.weight for u, _ in weight_uses(imp)]
     unknown = sorted(k for k in table if k != "*" and k not in set(names))
     if unknown:
         raise InputError(f"eps file: layers not in the model: {', '.join(unknown)} (layers: {', '.join(names)})")
@@ -106,28 +83,25 @@ def _criteria(imp, eps, table, linkage, metric, rtol, rescale=True):
     # weights sharing node sets (W and R of one LSTM) share a criterion: an
     # explicit entry for either beats the default (the first explicit one wins)
     explicit = set()
-    for w, _, _, spaces in weight_entries(imp):
+    for u, _ in weight_uses(imp):
+        w = u.weight
         c = by_weight.get(w, by_weight[None])
-        for s in spaces:
+        for s in u.node_sets:
             if s not in crit or (w in table and s not in explicit):
                 crit[s] = c
                 if w in table:
                     explicit.add(s)
-    # the sums, norms and bias adds tied position by position to an explicitly
-    # set weight (a bias add or BatchNorm after its layer, a residual stream's
-    # Adds and LayerNorm gamma/beta with its writers) take that weight's
-    # criterion (the first explicit one of their tied component): with eps > 0
-    # the bias is clustered with the rows, as in the paper's Algorithm 1
-    comp = tied_spaces(imp)
-    index = {sp_.name: k for k, sp_ in enumerate(imp.spaces)}
-    chosen = {}
-    for w, _, _, spaces in weight_entries(imp):
-        if w in table:
-            for s in spaces:
-                chosen.setdefault(int(comp[index[s]]), crit[s])
-    for k, sp_ in enumerate(imp.spaces):
-        if sp_.name not in crit and int(comp[k]) in chosen:
-            crit[sp_.name] = chosen[int(comp[k])]
+    # the other node sets of a group (a bias add or BatchNorm after its layer, a
+    # residual stream's Adds and LayerNorm gamma/beta with its writers) take the
+    # criterion of the group's first explicitly set weight: with eps > 0 the
+    # bias is clustered with the rows, as in the paper's Algorithm 1
+    for g in groups:
+        first = next((u for u in sorted(g.uses, key=lambda u: u.index) if u.weight in table), None)
+        if first is None:
+            continue
+        c = crit[first.node_sets[0]]
+        for s in g.node_set_names:
+            crit.setdefault(s, c)
     return crit
 
 
@@ -142,20 +116,18 @@ def colour_dag(imp, symmetry="fibration", eps=0.0, eps_table=None, linkage="aver
 def _layers(imp, col, gid=None, kept=None, why=None):
     layers = []
     crit = col.info["criteria"]
-    out_nodes = np.zeros(imp.graph.n, dtype=bool)
-    for o in imp.outputs:
-        if o in imp.layouts:
-            out_nodes[imp.layouts[o].reshape(-1)] = True
-    for w, op, ids, spaces in weight_entries(imp):
+    for u, g in weight_uses(imp):
+        w, op, ids, spaces = u.weight, u.op, u.units, u.node_sets
         colour_classes = classes(canonical(col.labels[ids]))
         # what the base merges: the writer's groups (the meet over a residual
         # stream's writers and readers, split to equal head sizes)
         fibers = colour_classes if gid is None else classes(canonical(gid[ids]))
         c = crit.get(spaces[0], crit[None])
-        is_out = bool(out_nodes[ids].all())
-        rec = {"weight": w, "op": op, "nodes_before": int(ids.size), "fibers": [list(map(int, f)) for f in fibers],
-               "output_layer": is_out, "homogeneous": bool(ids.size) and bool(imp.graph.homogeneous[ids].all())}
-        if imp.keep[ids].all() and not is_out:
+        is_out = u.is_output
+        rec = {"weight": w, "op": op, "group": g.name, "tied": list(g.weights), "nodes_before": int(ids.size),
+               "fibers": [list(map(int, f)) for f in fibers], "output_layer": is_out,
+               "homogeneous": bool(ids.size) and bool(imp.graph.homogeneous[ids].all())}
+        if u.keep and not is_out:
             rec["kept_whole"] = "its units feed a barrier"
         if gid is not None and len(fibers) != len(colour_classes):
             rec["colour_classes"] = [list(map(int, f)) for f in colour_classes]

@@ -7,7 +7,7 @@ MLPs, CNNs, Transformers, LSTMs) and :func:`find_qk_pairs` (Q/K weights
 recognised by name).
 
 For every compressible weight (the records behind
-:func:`fibgraph.importers.dag_api.weight_entries`) one layer of units:
+:func:`fibgraph.importers.onnx.groups.weight_uses`, each in its group) one layer of units:
 
 * a linear / conv / embedding weight: one unit per output node;
 * output layer: every unit is tied (joins) to a node of a graph output (the
@@ -43,10 +43,8 @@ import re
 
 import numpy as np
 from onnx import numpy_helper
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 
-from .onnx.records import Kind
+from .onnx.groups import weight_uses
 
 __all__ = ["DagLayer", "tie_labels", "dag_layers", "output_mask", "layer_view", "find_qk_pairs"]
 
@@ -60,16 +58,11 @@ class DagLayer(dict):
 
 
 def tie_labels(imp) -> np.ndarray:
-    """Connected component of every node in the graph of ``imp.joins``."""
-    n = int(imp.graph.n)
-    pairs = [(np.asarray(a).reshape(-1), np.asarray(b).reshape(-1)) for a, b in imp.joins]
-    pairs = [(a, b) for a, b in pairs if a.size and a.size == b.size]
-    if not pairs:
-        return np.arange(n)
-    a = np.concatenate([p[0] for p in pairs]).astype(np.int64)
-    b = np.concatenate([p[1] for p in pairs]).astype(np.int64)
-    _, lab = connected_components(coo_matrix((np.ones(a.size), (a, b)), shape=(n, n)), directed=False)
-    return lab
+    """Column of every node: connected component in the graph of ``imp.joins``
+    (:func:`fibgraph.groups.tie_columns`, the writer's columns)."""
+    from .onnx.groups import columns_of
+
+    return columns_of(imp)
 
 
 def output_mask(imp, lab=None) -> np.ndarray:
@@ -83,13 +76,19 @@ def output_mask(imp, lab=None) -> np.ndarray:
 
 
 def _weight_uses(imp):
-    """(name, op, record) per weight-layer record: linear / embedding weights by
-    name, an LSTM / GRU / RNN as ``"W + R"``."""
-    for rec in imp.records:
-        if rec.kind in (Kind.LINEAR, Kind.EMBEDDING):
-            yield rec.weight, rec.op, rec
-        elif rec.kind is Kind.RECURRENT:
-            yield f"{rec.W} + {rec.R}", rec.op, rec
+    """(name, op, use) per weight use (:func:`fibgraph.importers.onnx.groups.weight_uses`):
+    linear / embedding weights by name, an LSTM / GRU / RNN's ``W`` and ``R``
+    uses as one, ``"W + R"``."""
+    uses = [u for u, _ in weight_uses(imp)]
+    i = 0
+    while i < len(uses):
+        u = uses[i]
+        if u.kind == "recurrent":
+            yield f"{u.weight} + {uses[i + 1].weight}", u.op, u
+            i += 2
+        else:
+            yield u.weight, u.op, u
+            i += 1
 
 
 def layer_view(imp, name="model"):
@@ -103,8 +102,8 @@ def layer_view(imp, name="model"):
     lab = tie_labels(imp)
     outs = output_mask(imp, lab)
     layers, seen = [], {}
-    for wname, op, rec in _weight_uses(imp):
-        ids, _ = _unit_nodes(imp, rec, lab)
+    for wname, op, use in _weight_uses(imp):
+        ids, _ = _unit_nodes(imp, use, lab)
         uses = seen.setdefault(wname, [])
         if any(np.array_equal(ids, u) for u in uses):
             continue
@@ -114,17 +113,15 @@ def layer_view(imp, name="model"):
     return LayerView(imp.graph, layers, tie=lab, name=name)
 
 
-def _unit_nodes(imp, rec, lab):
+def _unit_nodes(imp, use, lab):
     """(hidden / output node per unit, owner: unit index of the unit's own nodes, else -1)."""
     owner = np.full(imp.graph.n, -1, dtype=np.int64)
-    if rec.kind is Kind.RECURRENT:
-        ids = np.concatenate([imp.spaces[s].ids for s in rec.hidden])
-        own_space = np.nonzero(np.isin(imp.space_of, np.asarray(rec.spaces)))[0]
+    ids = use.units
+    if use.kind == "recurrent":
+        own_space = np.nonzero(np.isin(imp.space_of, np.asarray(use.set_ids)))[0]
         lut = np.full(int(lab.max()) + 1, -1, dtype=np.int64)
         lut[lab[ids]] = np.arange(ids.size)
         owner[own_space] = lut[lab[own_space]]
-    else:
-        ids = imp.spaces[rec.space].ids
     owner[ids] = np.arange(ids.size)
     return ids, owner
 
@@ -192,8 +189,8 @@ def dag_layers(imp) -> list:
     # a unit tied (through element-wise ops, a residual stream) to an output node is an output unit
     out_nodes = output_mask(imp, lab)
     uses = []                                  # (name, op, ids, own)
-    for name, op, rec in _weight_uses(imp):
-        ids, own = _unit_nodes(imp, rec, lab)
+    for name, op, use in _weight_uses(imp):
+        ids, own = _unit_nodes(imp, use, lab)
         uses.append((name, op, ids, own))
     # own nodes of every use under one global key, extended along per-unit chains once
     key = np.full(imp.graph.n, -1, dtype=np.int64)

@@ -65,7 +65,7 @@ def inspect_model(path):
 def inspect_dag(path, model, chain_error=""):
     """Inspect a model through the hypergraph importer: its op census (barrier
     ops unsupported), compressible weights, barriers and their share."""
-    from .dag_api import weight_entries
+    from .onnx.groups import weight_uses
     from .onnx.importer import import_dag
 
     imp = import_dag(model, label=str(path))
@@ -79,14 +79,16 @@ def inspect_dag(path, model, chain_error=""):
     console.print(f"inputs: {', '.join(imp.inputs)}  outputs: {', '.join(imp.outputs)}  "
                   f"nodes: {imp.graph.n:,}  edge blocks: {len(imp.graph.blocks):,}")
     t = Table(title="compressible weights", title_justify="left")
-    for c in ("weight", "op", "units", "homogeneous"):
+    for c in ("weight", "op", "units", "homogeneous", "group"):
         t.add_column(c)
     layers = []
     homog = imp.graph.homogeneous
-    for w, op, ids, _ in weight_entries(imp):
+    for u, g in weight_uses(imp):
+        w, op, ids = u.weight, u.op, u.units
         h = bool(ids.size) and bool(homog[ids].all())
-        t.add_row(w, op, str(ids.size), "yes" if h else "no")
-        layers.append({"weight": w, "op": op, "units_out": int(ids.size), "homogeneous": h})
+        t.add_row(w, op, str(ids.size), "yes" if h else "no", f"{g.name} ({g.kind.value})")
+        layers.append({"weight": w, "op": op, "units_out": int(ids.size), "homogeneous": h, "group": g.name,
+                       "group_kind": g.kind.value})
     console.print(t)
     for b in imp.barriers:
         console.print(f"barrier: {b['op']} at node {b['node']!r}: {b['why']} "

@@ -53,7 +53,7 @@ class DagCompressor:
 
     def __init__(self, model, linkage="average", metric="cosine", rescale=True,
                  symmetry="fibration", rtol=DEFAULT_RTOL, imported=None, feeds=None):
-        from .dag_api import tied_spaces, weight_entries
+        from .onnx.groups import groups_of
         from .onnx.importer import import_dag
 
         _check_options(linkage, metric)
@@ -65,30 +65,12 @@ class DagCompressor:
         self.linkage, self.metric, self.rescale = linkage, metric, rescale
         self.symmetry, self.rtol = symmetry, rtol
         self.params_before = count_params(self.model)
-        out_nodes = np.zeros(self.imp.graph.n, dtype=bool)
-        for o in self.imp.outputs:
-            if o in self.imp.layouts:
-                out_nodes[self.imp.layouts[o].reshape(-1)] = True
         # weights whose units are tied position by position (W and R of one
         # LSTM; every writer of a residual stream; q and k of one head) share
-        # one partition in the base (the meet), so they are one tunable layer
-        comp = tied_spaces(self.imp)
-        self.ties = {}                    # layer name -> every weight name it stands for
-        self._entries = []                # (name, ids, is_output, kept whole)
-        first = {}
-        for w, op, ids, spaces in weight_entries(self.imp):
-            c = int(comp[self.imp.space_of[ids[0]]]) if ids.size else -1 - len(first)
-            if c in first:
-                k = first[c]
-                if w not in self.ties[self._entries[k][0]]:
-                    self.ties[self._entries[k][0]].append(w)
-                name, ids0, is_out, whole = self._entries[k]
-                self._entries[k] = (name, np.union1d(ids0, ids), is_out and bool(out_nodes[ids].all()),
-                                    whole and bool(self.imp.keep[ids].all()))
-                continue
-            first[c] = len(self._entries)
-            self.ties[w] = [w]
-            self._entries.append((w, ids, bool(out_nodes[ids].all()), bool(self.imp.keep[ids].all())))
+        # one partition in the base (the meet): one group, one tunable layer
+        self.groups = groups_of(self.imp)
+        self.ties = {g.name: list(g.weights) for g in self.groups}   # layer name -> every weight it stands for
+        self._entries = [(g.name, g.units, g.is_output, g.kept_whole) for g in self.groups]
         self.notes = []
         homog = self.imp.graph.homogeneous
         tun = [ids for w, ids, is_out, whole in self._entries if not is_out and not whole]
@@ -149,8 +131,8 @@ class DagCompressor:
                    "nodes_after": int(kept[ids].sum()), "output_layer": is_out}
             if len(self.ties[w]) > 1:
                 row["tied"] = self.ties[w][1:]
-            if whole and not is_out:
-                row["kept_whole"] = "its units feed a barrier"
+            if whole:
+                row["kept_whole"] = whole
             rows.append(row)
         return rows
 

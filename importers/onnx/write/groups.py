@@ -85,18 +85,11 @@ def readers(blocks, nodes):
 
 
 def join_components(imp):
-    """Per node: its component under the joins (nodes tied position by position
-    by element-wise ops, contractions and recurrences): one component per column."""
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
+    """Per node: its column (:func:`fibgraph.groups.tie_columns` of ``imp.joins``:
+    nodes tied position by position by element-wise ops, contractions and recurrences)."""
+    from ..groups import columns_of
 
-    n = imp.graph.n
-    if imp.joins:
-        a = np.concatenate([np.asarray(p, dtype=np.int64).reshape(-1) for p, _ in imp.joins])
-        b = np.concatenate([np.asarray(q, dtype=np.int64).reshape(-1) for _, q in imp.joins])
-    else:
-        a = b = np.zeros(0, np.int64)
-    return connected_components(coo_matrix((np.ones(a.size), (a, b)), shape=(n, n)), directed=False)[1]
+    return columns_of(imp)
 
 
 def dag_groups(imp, labels, keep_pref=None):

@@ -1,0 +1,150 @@
+"""The groups of a hypergraph import (:mod:`fibgraph.groups`), built once.
+
+:func:`groups_of` reads the importer's typed records (the compressible weights:
+linear / conv / embedding weights, LSTM/GRU ``W`` and ``R``), its node sets
+(``imp.spaces``, ``imp.space_of``), ``imp.joins``, ``imp.keep`` and the graph
+outputs, and returns one :class:`fibgraph.groups.Group` per tied component;
+the list is cached on the import.  :func:`weight_uses` lists every weight use
+in record order (what the report has one row for).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from fibgraph.groups import Group, GroupKind, WeightUse, set_components, tie_columns
+
+from .records import Kind
+
+__all__ = ["columns_of", "group_of_weight", "groups_of", "weight_uses"]
+
+
+def columns_of(imp) -> np.ndarray:
+    """Column id per node of ``imp`` (:func:`fibgraph.groups.tie_columns` of its joins), cached."""
+    key = (id(imp.joins), len(imp.joins), int(imp.graph.n))
+    cached = getattr(imp, "_tie_columns", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    col = tie_columns(imp.graph.n, imp.joins)
+    col.flags.writeable = False             # shared by the writer, the groups and the analysis
+    _cache(imp, "_tie_columns", (key, col))
+    return col
+
+
+def _cache(imp, attr, value):
+    try:
+        object.__setattr__(imp, attr, value)
+    except (AttributeError, TypeError):
+        pass                                # an object without a __dict__: no cache
+
+
+def _output_nodes(imp):
+    out = np.zeros(imp.graph.n, dtype=bool)
+    for o in imp.outputs:
+        if o in imp.layouts:
+            out[np.asarray(imp.layouts[o]).reshape(-1)] = True
+    return out
+
+
+def _uses(imp):
+    """(WeightUse, its node set indices, record kind) per compressible weight use, in record order."""
+    out_nodes = _output_nodes(imp)
+    res = []
+    for rec in imp.records:
+        if rec.kind in (Kind.LINEAR, Kind.EMBEDDING):
+            sets, roles = (int(rec.space),), (rec.weight,)
+            ids = imp.spaces[rec.space].ids
+        elif rec.kind is Kind.RECURRENT:
+            sets, roles = tuple(int(s) for s in rec.spaces), (rec.W, rec.R)
+            ids = np.concatenate([imp.spaces[s].ids for s in rec.hidden])
+        else:
+            continue
+        names = tuple(imp.spaces[s].name for s in sets)
+        for w in roles:
+            res.append((WeightUse(w, rec.op, ids, names, bool(out_nodes[ids].all()), bool(imp.keep[ids].all()),
+                                  len(res), sets, "linear" if rec.kind is Kind.LINEAR else rec.kind.value),
+                        sets, rec.kind))
+    return res
+
+
+def _attention_sets(imp):
+    """Pairs of node-set arrays that a score contraction or an Attention op ties (q and k)."""
+    pairs = []
+    for rec in imp.records:
+        if rec.kind is Kind.CONTRACT and len(rec.inputs) == 2:
+            a, b = rec.inputs
+            if a in imp.layouts and b in imp.layouts:
+                pairs.append((np.unique(imp.space_of[np.asarray(imp.layouts[a]).reshape(-1)]),
+                              np.unique(imp.space_of[np.asarray(imp.layouts[b]).reshape(-1)])))
+        elif rec.kind is Kind.ATTENTION and rec.heads in imp.layouts:
+            s = np.unique(imp.space_of[np.asarray(imp.layouts[rec.heads]).reshape(-1)])
+            pairs.append((s, s))
+    return pairs
+
+
+def groups_of(imp) -> list:
+    """The groups of ``imp`` in order of their first weight use (cached on ``imp``)."""
+    key = (id(imp.records), len(imp.records), id(imp.joins), len(imp.joins))
+    cached = getattr(imp, "_groups", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    groups = _build(imp)
+    _cache(imp, "_groups", (key, groups))
+    return groups
+
+
+def _build(imp):
+    ns = len(imp.spaces)
+    uses = _uses(imp)
+    # node sets tied by joins, plus the (non-constant) sets of one recurrent op, plus every use of one weight
+    links = []
+    first_set = {}
+    for u, sets, _ in uses:
+        own = [s for s in sets if imp.spaces[s].kind != "const"] or list(sets[:1])
+        s0 = first_set.setdefault(u.weight, own[0])
+        links.append((np.full(len(own), s0, dtype=np.int64), np.asarray(own, dtype=np.int64)))
+    ident = np.arange(ns, dtype=np.int64)
+    comp = set_components(ident, [(ident[imp.space_of[np.asarray(a).reshape(-1)]],
+                                   ident[imp.space_of[np.asarray(b).reshape(-1)]])
+                                  for a, b in imp.joins if np.asarray(a).size] + links, ns)
+    col = columns_of(imp)
+    att = _attention_sets(imp)
+    by_comp = {}
+    for u, sets, kind in uses:
+        own = [s for s in sets if imp.spaces[s].kind != "const"] or list(sets[:1])
+        by_comp.setdefault(int(comp[own[0]]), []).append((u, kind))
+    groups = []
+    for k, (c, members) in enumerate(by_comp.items()):
+        sets = np.nonzero(comp == c)[0]
+        nodes = np.nonzero(np.isin(imp.space_of, sets))[0]
+        weights = tuple(dict.fromkeys(u.weight for u, _ in members))
+        kinds = {kd for _, kd in members}
+        if Kind.RECURRENT in kinds:
+            gk = GroupKind.RECURRENT
+        elif any(np.isin(a, sets).any() and np.isin(b, sets).any() for a, b in att):
+            gk = GroupKind.ATTENTION
+        elif len(weights) > 1:
+            gk = GroupKind.STREAM
+        elif kinds == {Kind.EMBEDDING}:
+            gk = GroupKind.EMBEDDING
+        else:
+            gk = GroupKind.LAYER
+        us = tuple(u for u, _ in members)
+        is_out = all(u.is_output for u in us)
+        units = np.unique(np.concatenate([u.units for u in us])).astype(np.int64)
+        groups.append(Group(
+            name=weights[0], kind=gk, weights=weights, uses=us,
+            node_sets=tuple(int(s) for s in sets), node_set_names=tuple(imp.spaces[s].name for s in sets),
+            units=units, nodes=nodes, columns=col[nodes], sets=np.asarray(imp.space_of[nodes], dtype=np.int64),
+            is_output=is_out,
+            kept_whole="its units feed a barrier" if all(u.keep for u in us) and not is_out else None, index=k))
+    return groups
+
+
+def weight_uses(imp) -> list:
+    """(use, its group) per compressible weight use, in record order."""
+    return sorted(((u, g) for g in groups_of(imp) for u in g.uses), key=lambda t: t[0].index)
+
+
+def group_of_weight(imp) -> dict:
+    """Weight name -> its group."""
+    return {w: g for g in groups_of(imp) for w in g.weights}
