@@ -201,7 +201,7 @@ def _feeds_eval(model, data, xy):
     ``data_feeds``) or an integer input (token ids: x cast to its type)."""
     import onnx
 
-    from .api import data_feeds
+    from .onnx.runtime import data_feeds
 
     inits = {t.name for t in model.graph.initializer}
     inputs = [vi for vi in model.graph.input if vi.name not in inits]
@@ -218,7 +218,7 @@ def _feeds_eval(model, data, xy):
 def evaluate_any(model, data):
     """:func:`fibgraph.importers.api.evaluate` for ``(x, y)``; for ``(feeds, y)`` (a model
     with several inputs) the same scores with every input fed."""
-    from .api import _prob_kind, _run, evaluate, session
+    from .onnx.runtime import evaluate, prob_kind, run, session
 
     if not isinstance(data[0], dict):
         return evaluate(model, data)
@@ -230,12 +230,12 @@ def evaluate_any(model, data):
     if pick is None:
         raise InputError("the model has no (batch, classes) float output to evaluate")
     n = int(next(iter(feeds.values())).shape[0])
-    S = np.concatenate([np.asarray(_run(sess, [pick], {k: v[s:s + 1024] for k, v in feeds.items()})[0],
+    S = np.concatenate([np.asarray(run(sess, [pick], {k: v[s:s + 1024] for k, v in feeds.items()})[0],
                                    dtype=np.float64) for s in range(0, n, 1024)])
     y = np.asarray(y).astype(np.int64).reshape(-1)
     if y.size != S.shape[0] or y.min() < 0 or y.max() >= S.shape[1]:
         raise InputError("labels 'y' do not match the model's outputs")
-    kind = _prob_kind(model, pick)
+    kind = prob_kind(model, pick)
     if kind in ("probs", "sigmoid"):
         S = np.log(np.clip(S, 1e-12, None))
     if kind == "probs":
@@ -251,7 +251,8 @@ def compare_dag_methods(model, imp, data, xy, eps_list, eps_files=(), linkage="a
                         methods=METHODS, seed=0, on_point=None):
     """The rows of :func:`fibgraph.importers.compare.compare_methods` for a model of the
     hypergraph path (``imp`` its :class:`~fibgraph.importers.onnx.importer.DagImport`)."""
-    from .api import _check_eps, count_params, read_eps_table
+    from .criteria import check_eps, read_eps_table
+    from .onnx.runtime import count_params
     from .dag_api import colour_dag
     from .onnx.groups import weight_uses
 
@@ -266,7 +267,7 @@ def compare_dag_methods(model, imp, data, xy, eps_list, eps_files=(), linkage="a
     points = [(f"eps={e:g}", float(e), float(e), None) for e in eps_list]
     for p in eps_files:
         table = read_eps_table(p, names)
-        table = {k: _check_eps(v, f"{p}[{k!r}]") for k, v in table.items()}
+        table = {k: check_eps(v, f"{p}[{k!r}]") for k, v in table.items()}
         points.append((f"eps-file {os.path.basename(p)}", table, 0.0, table))
     kept_whole = set()
     for label, eps_report, eps, table in points:

@@ -69,7 +69,7 @@ def weight_entries(imp):
 
 
 def _criteria(imp, eps, table, linkage, metric, rtol, rescale=True):
-    from .api import criteria_from_table
+    from .criteria import criteria_from_table
 
     groups = groups_of(imp)
     names = [u.weight for u, _ in weight_uses(imp)]
@@ -165,7 +165,8 @@ def _barriers(imp, total):
 
 def color_dag_model(path, symmetry="fibration", eps=0.0, eps_table=None, linkage="average", metric="cosine",
                     rtol=DEFAULT_RTOL, imp=None, feeds=None, rescale=True):
-    from .api import COMPRESS_SYMMETRIES, count_params
+    from .criteria import COMPRESS_SYMMETRIES
+    from .onnx.runtime import count_params
 
     t0 = time.perf_counter()
     imp = imp or import_dag(path, feeds=feeds)
@@ -223,7 +224,7 @@ def _feeds_like(imp, seed, data=None, specs=None, batch=None):
                 feeds[k] = v
                 feeds.given.add(k)
     if data is not None:
-        from .api import data_feeds
+        from .onnx.runtime import data_feeds
 
         got = data_feeds(data, imp.model)
         feeds.update(got)
@@ -278,7 +279,9 @@ def verify_dag(a, b, imp, data=None, seed=0, repeats=3, batch=64):
 def compress_dag_model(path, out, symmetry="fibration", eps=0.0, eps_table=None, linkage="average",
                        metric="cosine", rtol=DEFAULT_RTOL, verify=False, data=None, seed=0, imp=None,
                        rescale=True):
-    from .api import atomic_write_bytes, check_loads
+    from fibgraph.fileio import write_atomic as atomic_write_bytes
+
+    from .onnx.runtime import check_loads
 
     t0 = time.perf_counter()
     report, imp, col = color_dag_model(path, symmetry, eps, eps_table, linkage, metric, rtol, imp=imp,

@@ -9,7 +9,7 @@ calibration data), over-compressed with ``eps * q``; the base ONNX model is
 turned into a torch module of the base's shapes
 (:class:`fibgraph.importers.onnx.to_torch.OnnxModule`: every float weight a parameter, no
 masks), retuned with early stopping on ``val``
-(:func:`fibgraph.importers.torch_base.retune`) and written back to ONNX (the base's
+(:func:`fibgraph.importers.torch_train.retune`) and written back to ONNX (the base's
 graph with the retuned values).  The round is accepted when the loss on
 ``check`` stays within ``(1 + rho)`` of the ORIGINAL model's; the run stops at
 the first rejected round, when over-compression no longer shrinks the model,
@@ -69,13 +69,13 @@ def compress_retune_onnx(model, train, val, check=None, cal=None, example=None, 
     ``check``).  ``eps_floor``: the over-compression eps of a layer is at
     least this (0 = the paper).  ``eps0``: eps dict (or one float for every
     tunable layer) used instead of the greedy eps in the first round.  ``retune_kw``: keyword arguments of
-    :func:`fibgraph.importers.torch_base.retune` (lr, batch, max_epochs, patience,
+    :func:`fibgraph.importers.torch_train.retune` (lr, batch, max_epochs, patience,
     seed).  ``log(dict)`` receives each history entry.
     """
     import torch
 
     from .onnx.to_torch import OnnxModule
-    from .torch_base import retune
+    from .torch_train import retune
 
     if q < 1 or not np.isfinite(q):
         raise InputError(f"q must be >= 1, got {q}")

@@ -42,6 +42,8 @@ from fibgraph.engine import DEFAULT_RTOL
 from fibgraph.retune import RetuneResult
 from fibgraph.tune import EPS_MAX, TuneResult
 
+from .torch_train import as_tensors, module_loss, retune  # noqa: F401  (part of this API)
+
 __all__ = ["compress_module", "module_from_onnx", "module_loss", "n_params", "tune_module", "retune",
            "compress_retune", "RetuneResult"]
 
@@ -263,30 +265,6 @@ def _as_xy(data):
     return x.astype(np.float32), y.astype(np.int64)
 
 
-def _as_tensors(data):
-    torch = _torch()
-    x, y = data
-    x = torch.as_tensor(np.asarray(x), dtype=torch.float32) if not isinstance(x, torch.Tensor) else x.float()
-    y = torch.as_tensor(np.asarray(y), dtype=torch.long) if not isinstance(y, torch.Tensor) else y.long()
-    return x, y
-
-
-def module_loss(model, data, batch=4096):
-    """(mean cross-entropy, accuracy) of ``model``'s logits on ``data`` = (x, y)."""
-    torch = _torch()
-    x, y = _as_tensors(data)
-    was = model.training
-    model.eval()
-    tot, correct = 0.0, 0
-    with torch.no_grad():
-        for s in range(0, x.shape[0], batch):
-            out = model(x[s:s + batch])
-            tot += float(torch.nn.functional.cross_entropy(out, y[s:s + batch], reduction="sum"))
-            correct += int((out.argmax(1) == y[s:s + batch]).sum())
-    model.train(was)
-    return tot / x.shape[0], correct / x.shape[0]
-
-
 def tune_module(model, cal, tau=0.01, steps=8, linkage="average", metric="cosine", rescale=True,
                 hi=EPS_MAX, example=None) -> TuneResult:
     """Algorithm 3 on a torch module (the loss of each compressed base measured
@@ -301,41 +279,6 @@ def tune_module(model, cal, tau=0.01, steps=8, linkage="average", metric="cosine
                    compressor=mc, max_eps=hi)
     return TuneResult(eps=r["eps"], base_loss=r["loss_before"], limit=r["limit"], loss=r["loss_after"], tau=tau,
                       steps=steps, evaluations=r["evaluations"], trace=r["trace"])
-
-
-def retune(model, train, val, lr=1e-3, batch=100, max_epochs=50, patience=3, seed=0,
-           weight_decay=0.0):
-    """Adam on ``train`` with early stopping on the loss on ``val``; the best
-    state (lowest ``val`` loss, the starting point included) is restored.
-    Returns ``{epochs, best_epoch, val_loss, val_loss_start}``."""
-    torch = _torch()
-    x, y = _as_tensors(train)
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
-    best = module_loss(model, val)[0]
-    start = best
-    best_state = copy.deepcopy(model.state_dict())
-    best_epoch, bad, ep = 0, 0, 0
-    for ep in range(1, max_epochs + 1):
-        model.train()
-        perm = torch.randperm(x.shape[0], generator=g)
-        for s in range(0, x.shape[0], batch):
-            idx = perm[s:s + batch]
-            opt.zero_grad()
-            loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
-            loss.backward()
-            opt.step()
-        v = module_loss(model, val)[0]
-        if v < best:
-            best, best_epoch, bad = v, ep, 0
-            best_state = copy.deepcopy(model.state_dict())
-        else:
-            bad += 1
-            if bad >= patience:
-                break
-    model.load_state_dict(best_state)
-    model.eval()
-    return {"epochs": ep, "best_epoch": best_epoch, "val_loss": best, "val_loss_start": start}
 
 
 def compress_retune(model, train, val, eps0=None, q=1.05, rho=0.05, tau=0.01, steps=8,

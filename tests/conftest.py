@@ -1,5 +1,6 @@
 """Test setup: the repository root and this folder on sys.path (so that
-``fibgraph``, ``importers`` and ``helpers`` import however pytest is run), and
+``fibgraph`` (with ``fibgraph.importers`` from the installed package map) and
+``helpers`` import however pytest is run, from any test folder), and
 no FIBGRAPH_DEBUG leaking in (it turns one-line errors into tracebacks)."""
 import os
 import sys

@@ -18,7 +18,7 @@ from fibgraph.importers.dag_api import colour_dag
 from fibgraph.importers.onnx.importer import import_dag
 from fibgraph.importers.onnx.write import write_dag_base
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MODEL = os.path.join(ROOT, "fibgraph", "data", "digits_mlp.onnx")
 DATA = os.path.join(ROOT, "fibgraph", "data", "digits_test.npz")
 

@@ -27,7 +27,7 @@ HIDDEN = [[0, 0, 1, 2, 2, 3], [0, 1, 1, 0, 2, 3, 3]]
 SAME_ROW = {0: {3: 1}, 1: {3: 2}}
 
 
-REF_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "chain_reference.json")
+REF_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "chain_reference.json")
 RECORD = os.environ.get("FIBGRAPH_RECORD_CHAIN") == "1"
 _REF = {} if RECORD or not os.path.exists(REF_PATH) else json.load(open(REF_PATH))
 _CURRENT = {}

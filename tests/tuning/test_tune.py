@@ -8,7 +8,7 @@ import pytest
 from fibgraph.tune import EPS_MAX, greedy_eps
 from helpers import assert_one_line_error, cli, read_json
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MODEL = os.path.join(ROOT, "fibgraph", "data", "digits_mlp.onnx")
 DATA = os.path.join(ROOT, "fibgraph", "data", "digits_test.npz")
 

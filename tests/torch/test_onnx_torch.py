@@ -24,7 +24,7 @@ from torch import nn  # noqa: E402
 from fibgraph.errors import InputError  # noqa: E402
 from fibgraph.importers.onnx.to_torch import SUPPORTED_OPS, OnnxModule  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RTOL = 1e-5
 
 

@@ -319,7 +319,7 @@ def _quoted_ok(msg, original):
 def test_onnxruntime_run_error_is_one_line_and_whole_words():
     import onnxruntime as ort
 
-    from fibgraph.importers.api import _run, session
+    from fibgraph.importers.onnx.runtime import run as _run, session
 
     m = _gather_model(50)
     bad = {"tok": np.full((1, 5), 999, np.int64), "keep": np.ones((1, 5), np.int64),

@@ -14,7 +14,7 @@ nn = torch.nn
 from helpers import assert_one_line_error, cli, read_json  # noqa: E402
 from planted_nets import export_one  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(ROOT, "examples"))
 from seq_models import LSTMNet, digits_seq_split  # noqa: E402
 

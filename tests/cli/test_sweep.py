@@ -23,7 +23,7 @@ from fibgraph.importers.api import evaluate                                     
 from fibgraph.importers.sweep import COLUMNS, make_settings, natural_key, parse_eps_list, run_sweep  # noqa: E402
 from fibgraph.errors import InputError                                  # noqa: E402
 
-DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fibgraph", "data")
+DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "fibgraph", "data")
 DIGITS = os.path.join(DATA_DIR, "digits_mlp.onnx")
 DIGITS_DATA = os.path.join(DATA_DIR, "digits_test.npz")
 DIGITS_LAYERS = ["0.weight", "2.weight", "4.weight"]

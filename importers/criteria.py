@@ -1,0 +1,77 @@
+"""Criteria from the command line's options and eps files: eps checked, one
+criterion per weight (``{"<weight name>": eps, "*": default}``), the
+symmetries whose colourings :func:`fibgraph.importers.api.compress_model` may compress."""
+from __future__ import annotations
+
+import json
+import math
+
+from fibgraph.engine import DEFAULT_RTOL, make_criterion
+from fibgraph.errors import InputError
+
+__all__ = ["COMPRESS_SYMMETRIES", "check_eps", "check_options", "make_criteria", "read_eps_table",
+           "criteria_from_table"]
+
+
+COMPRESS_SYMMETRIES = ("fibration", "covering", "covering-strict", "automorphism")
+
+
+def check_eps(eps, where="--eps"):
+    try:
+        eps = float(eps)
+    except (TypeError, ValueError):
+        raise InputError(f"{where}: eps must be a number, got {eps!r}") from None
+    if not math.isfinite(eps) or eps < 0 or eps >= 2:
+        raise InputError(f"{where}: eps must be in [0, 2) (0 = exact fibers), got {eps}")
+    return eps
+
+
+def make_criteria(names, eps=0.0, eps_file=None, linkage="average", metric="cosine",
+                  rescale=True, rtol=DEFAULT_RTOL):
+    """Criterion per layer: ``eps`` for all, overridden per layer by ``eps_file``
+    (JSON ``{"<weight name>": eps, ...}``; the key ``"*"`` sets the default).
+    ``names``: the model's layer (weight) names, or an object with ``layers``
+    (each with a ``name``)."""
+    eps = check_options(eps, linkage, metric)
+    if hasattr(names, "layers"):
+        names = [ly.name for ly in names.layers]
+    table = {} if eps_file is None else read_eps_table(eps_file, list(names))
+    return criteria_from_table(table, eps, linkage, metric, rescale, rtol, where=eps_file)
+
+
+def read_eps_table(path, names):
+    """``{layer weight name: eps}`` from a JSON eps file; names must be layers
+    of the model (``"*"`` sets the default)."""
+    try:
+        with open(path) as f:
+            table = json.load(f)
+    except OSError as e:
+        raise InputError(f"{path}: cannot read eps file ({e.strerror})") from None
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(table, dict):
+        raise InputError(f"{path}: eps file must be a JSON object {{layer weight name: eps}}")
+    unknown = sorted(k for k in table if k != "*" and k not in set(names))
+    if unknown:
+        raise InputError(f"{path}: layers not in the model: {', '.join(unknown)} "
+                         f"(layers: {', '.join(names)})")
+    return table
+
+
+def criteria_from_table(table, eps=0.0, linkage="average", metric="cosine", rescale=True,
+                        rtol=DEFAULT_RTOL, where="eps"):
+    """``{None: default criterion, name: criterion}`` from ``{name: eps}``
+    (``"*"`` sets the default; eps 0 means exact)."""
+    crit = {None: make_criterion(check_eps(eps), linkage, metric, rescale, rtol)}
+    for k, v in table.items():
+        e = check_eps(v, f"{where}[{k!r}]")
+        crit[None if k == "*" else k] = make_criterion(e, linkage, metric, rescale, rtol)
+    return crit
+
+
+def check_options(eps, linkage, metric):
+    if linkage not in ("complete", "average"):
+        raise InputError(f"--linkage must be complete or average, got {linkage!r}")
+    if metric not in ("cosine", "euclidean"):
+        raise InputError(f"--metric must be cosine or euclidean, got {metric!r}")
+    return check_eps(eps)

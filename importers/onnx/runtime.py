@@ -1,0 +1,245 @@
+"""Running ONNX models in onnxruntime: sessions, feeds from .npz data, the
+probe's feeds, verification of a base against its original, accuracy and
+loss of a classifier, and the parameter count every report uses."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from fibgraph.errors import InputError
+
+from .feeds import short_error
+from .load import float_tensors, load_onnx
+
+__all__ = ["count_params", "data_feeds", "probe_feeds", "check_loads", "session", "run", "load_data",
+           "inputs_for", "verify_models", "prob_kind", "evaluate"]
+
+
+def count_params(model) -> int:
+    """Elements of all floating-point initializers and Constant tensors."""
+    return int(sum(n for _, n in float_tensors(model)))
+
+
+def data_feeds(data, model):
+    """Feeds for every input of ``model`` from an .npz: one array per input name,
+    or (a model with one input) the array ``x``."""
+    inits = {t.name for t in model.graph.initializer}
+    inputs = [vi for vi in model.graph.input if vi.name not in inits]
+    try:
+        with np.load(data) as z:
+            arrays = {k: z[k] for k in z.files}
+    except Exception:
+        raise InputError(f"{data}: not a readable .npz file") from None
+    if all(vi.name in arrays for vi in inputs):
+        pick = {vi.name: arrays[vi.name] for vi in inputs}
+    elif len(inputs) == 1 and "x" in arrays:
+        pick = {inputs[0].name: arrays["x"]}
+    else:
+        raise InputError(f"{data}: needs an array per model input ({', '.join(vi.name for vi in inputs)}), "
+                         "or x for a model with one input")
+    for vi in inputs:
+        v = np.asarray(pick[vi.name])
+        if v.ndim > 0 and v.shape[0] == 0:
+            name = vi.name if vi.name in arrays else "x"
+            raise InputError(f"{data}: {name!r} is empty")
+    return {vi.name: np.asarray(pick[vi.name]).astype(
+        onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)) for vi in inputs}
+
+
+def probe_feeds(data, model):
+    """The hypergraph importer's probe from ``data``: for a model with one
+    input whose batch axis is free, its first sample (batch 1); for several
+    inputs the arrays of the npz as they are; None without data."""
+    if data is None:
+        return None
+    inits = {t.name for t in model.graph.initializer}
+    inputs = [vi for vi in model.graph.input if vi.name not in inits]
+    if isinstance(data, tuple):
+        if len(inputs) != 1:
+            return None
+        vi = inputs[0]
+        feeds = {vi.name: np.asarray(data[0]).astype(
+            onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type))}
+    else:
+        feeds = data_feeds(data, model)
+    if len(inputs) != 1:
+        return feeds
+    vi = inputs[0]
+    v = feeds[vi.name]
+    dims = vi.type.tensor_type.shape.dim
+    fixed = len(dims) > 0 and dims[0].HasField("dim_value") and dims[0].dim_value > 0
+    return feeds if fixed or v.ndim == 0 else {vi.name: v[:1]}
+
+
+def check_loads(m2):
+    """The base must load in onnxruntime before it is written (the checker
+    does not run shape inference through every op)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 4
+    try:
+        ort.InferenceSession(m2.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    except Exception as e:                 # a writer bug, never the user's input
+        raise RuntimeError("the written base model does not load in onnxruntime "
+                           f"({short_error(e)}); nothing was written") from None
+
+
+_NP = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.DOUBLE: np.float64,
+       onnx.TensorProto.FLOAT16: np.float16, onnx.TensorProto.INT64: np.int64,
+       onnx.TensorProto.INT32: np.int32}
+
+
+def session(model, device="cpu"):
+    import onnxruntime as ort
+
+    if device == "cuda":
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise InputError("--device cuda: onnxruntime has no CUDA provider on this machine "
+                             "(install onnxruntime-gpu on a machine with a GPU)")
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    elif device == "cpu":
+        providers = ["CPUExecutionProvider"]
+    else:
+        raise InputError(f"--device must be cpu or cuda, got {device!r}")
+    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
+    try:
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3  # errors only
+        sess = ort.InferenceSession(data, sess_options=opts, providers=providers)
+    except Exception as e:
+        raise InputError(f"onnxruntime cannot load the model: {short_error(e)}") from None
+    if isinstance(model, onnx.ModelProto):
+        # old IR versions list initializers among the inputs: feed only the real one
+        inits = {t.name for t in model.graph.initializer}
+        real = [i for i in sess.get_inputs() if i.name not in inits]
+    else:
+        real = sess.get_inputs()[:1]
+    sess.fibgraph_input = real[0] if real else sess.get_inputs()[0]
+    return sess
+
+
+def run(sess, names, feeds):
+    try:
+        return sess.run(names, feeds)
+    except Exception as e:
+        raise InputError(f"onnxruntime could not run the model on these inputs: {short_error(e)}") from None
+
+
+def load_data(path, need_y=False):
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if "x" not in z:
+                raise InputError(f"{path}: data file needs an array 'x' (and 'y' for eval)")
+            x = z["x"]
+            y = z["y"] if "y" in z else None
+    except InputError:
+        raise
+    except Exception:
+        raise InputError(f"{path}: not a readable .npz file with arrays x, y") from None
+    if need_y and y is None:
+        raise InputError(f"{path}: data file needs an array 'y' (labels)")
+    if x.shape[0] == 0:
+        raise InputError(f"{path}: 'x' is empty")
+    return x, y
+
+
+def inputs_for(sess, data=None, n=64, seed=0):
+    inp = getattr(sess, "fibgraph_input", None) or sess.get_inputs()[0]
+    if data is not None:
+        x = data if isinstance(data, np.ndarray) else load_data(data)[0]
+        want = inp.shape
+        fixed = [d if isinstance(d, int) else None for d in want]
+        if x.ndim != len(want) or any(f is not None and f != s for f, s in zip(fixed[1:], x.shape[1:])):
+            src = "data" if isinstance(data, np.ndarray) else str(data)
+            raise InputError(f"{src}: x has shape {list(x.shape)}, the model's input {inp.name!r} "
+                             f"expects {['?' if f is None else f for f in fixed]}")
+    else:
+        batch = inp.shape[0] if inp.shape and isinstance(inp.shape[0], int) and inp.shape[0] > 0 else n
+        shape = [batch] + [d if isinstance(d, int) else None for d in inp.shape[1:]]
+        if any(d is None for d in shape):
+            raise InputError(f"input {inp.name!r} has unknown non-batch dimensions {inp.shape}; pass --data")
+        x = np.random.default_rng(seed).standard_normal(shape)
+    dt = {"tensor(float)": np.float32, "tensor(double)": np.float64,
+          "tensor(float16)": np.float16}.get(inp.type, np.float32)
+    return {inp.name: np.asarray(x).astype(dt)}
+
+
+def verify_models(a, b, data=None, seed=0, n=64):
+    """Run both models on the same inputs; the largest absolute difference of
+    every floating output (inputs from :func:`fibgraph.importers.onnx.feeds.make_feeds`:
+    floats standard normal, integers in the range they index; or ``data``)."""
+    from .onnx.feeds import describe, make_feeds
+
+    sa, sb = session(a), session(b)
+    if data is None and isinstance(a, onnx.ModelProto):
+        names = {i.name for i in sa.get_inputs()}
+        drawn = make_feeds(a, n=n, seed=seed)
+        feeds = {k: v for k, v in drawn.items() if k in names}
+    else:
+        feeds = inputs_for(sa, data, n, seed)
+    ra, rb = run(sa, None, feeds), run(sb, None, feeds)
+    diffs = []
+    for p, q in zip(ra, rb):
+        p, q = np.asarray(p), np.asarray(q)
+        if p.dtype.kind == "f":
+            diffs.append(float(np.max(np.abs(p.astype(np.float64) - q.astype(np.float64)))) if p.size else 0.0)
+        elif p.dtype.kind in "iub":
+            diffs.append(float(np.mean(p != q)))
+    first = next(iter(feeds.values()))
+    nb = int(first.shape[0]) if first.ndim else 1
+    out = {"max_abs_diff": max(diffs) if diffs else 0.0, "n": nb}
+    if data is not None:
+        out["inputs"] = "data"
+    elif isinstance(a, onnx.ModelProto):
+        out["inputs"], out["seed"] = describe(feeds, drawn.specs), seed
+    else:
+        out["inputs"], out["seed"] = {k: f"normal(0,1), shape {list(v.shape)}" for k, v in feeds.items()}, seed
+    return out
+
+
+def prob_kind(model, out_name):
+    prod = {o: n for n in model.graph.node for o in n.output}
+    node = prod.get(out_name)
+    while node is not None and node.op_type in ("Identity", "Cast", "Reshape", "Flatten"):
+        node = prod.get(node.input[0])
+    if node is None:
+        return "logits"
+    return {"Softmax": "probs", "LogSoftmax": "logprobs", "Sigmoid": "sigmoid"}.get(node.op_type, "logits")
+
+
+def evaluate(model_path, data, device="cpu", batch=1024):
+    """Accuracy and mean cross-entropy of a classifier on ``data`` (npz x, y)."""
+    model = load_onnx(model_path) if not isinstance(model_path, onnx.ModelProto) else model_path
+    x, y = load_data(data, need_y=True) if not isinstance(data, tuple) else data
+    sess = session(model, device)
+    outs = sess.get_outputs()
+    pick = None
+    for k, o in enumerate(outs):
+        if o.type in ("tensor(float)", "tensor(double)") and len(o.shape) == 2:
+            pick = k
+            break
+    if pick is None:
+        raise InputError("the model has no (batch, classes) float output to evaluate")
+    kind = prob_kind(model, outs[pick].name)
+    scores = []
+    for s in range(0, x.shape[0], batch):
+        feeds = inputs_for(sess, x[s:s + batch])
+        scores.append(np.asarray(run(sess, [outs[pick].name], feeds)[0], dtype=np.float64))
+    S = np.concatenate(scores)
+    y = np.asarray(y).astype(np.int64).reshape(-1)
+    if y.size != S.shape[0] or y.min() < 0 or y.max() >= S.shape[1]:
+        raise InputError("labels 'y' do not match the model's outputs")
+    if kind == "probs":
+        logp = np.log(np.clip(S, 1e-12, None))
+    elif kind == "logprobs":
+        logp = S
+    else:
+        if kind == "sigmoid":
+            S = np.log(np.clip(S, 1e-12, None))
+        m = S.max(axis=1, keepdims=True)
+        logp = S - m - np.log(np.exp(S - m).sum(axis=1, keepdims=True))
+    acc = float(np.mean(S.argmax(axis=1) == y))
+    loss = float(-np.mean(logp[np.arange(y.size), y]))
+    return {"accuracy": acc, "loss": loss, "n": int(y.size), "output": outs[pick].name,
+            "output_kind": kind, "device": device}

@@ -1,0 +1,69 @@
+"""Training a torch classifier: mean cross-entropy and accuracy of its logits,
+and retuning (Adam with early stopping), as compress-retune (Algorithm 2,
+docs/design.md section 8) uses them on every round's base."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+
+__all__ = ["as_tensors", "module_loss", "retune"]
+
+
+def as_tensors(data):
+    import torch
+    x, y = data
+    x = torch.as_tensor(np.asarray(x), dtype=torch.float32) if not isinstance(x, torch.Tensor) else x.float()
+    y = torch.as_tensor(np.asarray(y), dtype=torch.long) if not isinstance(y, torch.Tensor) else y.long()
+    return x, y
+
+
+def module_loss(model, data, batch=4096):
+    """(mean cross-entropy, accuracy) of ``model``'s logits on ``data`` = (x, y)."""
+    import torch
+    x, y = as_tensors(data)
+    was = model.training
+    model.eval()
+    tot, correct = 0.0, 0
+    with torch.no_grad():
+        for s in range(0, x.shape[0], batch):
+            out = model(x[s:s + batch])
+            tot += float(torch.nn.functional.cross_entropy(out, y[s:s + batch], reduction="sum"))
+            correct += int((out.argmax(1) == y[s:s + batch]).sum())
+    model.train(was)
+    return tot / x.shape[0], correct / x.shape[0]
+
+
+def retune(model, train, val, lr=1e-3, batch=100, max_epochs=50, patience=3, seed=0,
+           weight_decay=0.0):
+    """Adam on ``train`` with early stopping on the loss on ``val``; the best
+    state (lowest ``val`` loss, the starting point included) is restored.
+    Returns ``{epochs, best_epoch, val_loss, val_loss_start}``."""
+    import torch
+    x, y = as_tensors(train)
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    best = module_loss(model, val)[0]
+    start = best
+    best_state = copy.deepcopy(model.state_dict())
+    best_epoch, bad, ep = 0, 0, 0
+    for ep in range(1, max_epochs + 1):
+        model.train()
+        perm = torch.randperm(x.shape[0], generator=g)
+        for s in range(0, x.shape[0], batch):
+            idx = perm[s:s + batch]
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+            loss.backward()
+            opt.step()
+        v = module_loss(model, val)[0]
+        if v < best:
+            best, best_epoch, bad = v, ep, 0
+            best_state = copy.deepcopy(model.state_dict())
+        else:
+            bad += 1
+            if bad >= patience:
+                break
+    model.load_state_dict(best_state)
+    model.eval()
+    return {"epochs": ep, "best_epoch": best_epoch, "val_loss": best, "val_loss_start": start}
