@@ -20,7 +20,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["Block", "WeightedDigraph"]
+__all__ = ["Block", "WeightedDigraph", "FACTOR", "NORM", "PER_UNIT", "AND_KINDS"]
+
+#: node kinds (``WeightedDigraph.kind``) whose colour is the tuple of their
+#: operands' colours (the AND rule, docs/design.md section 6): a sum or product
+#: of streams, a norm over units, a per-unit constant op (bias add, scale)
+FACTOR, NORM, PER_UNIT = "factor", "norm", "per-unit"
+AND_KINDS = (FACTOR, NORM, PER_UNIT)
 
 
 @dataclass

@@ -39,6 +39,8 @@ read only by the score contraction) have no outgoing part.
 """
 from __future__ import annotations
 
+from fibgraph.graph import PER_UNIT
+
 import re
 
 import numpy as np
@@ -134,7 +136,7 @@ def _chain(imp, owner, kinds, blocks):
         changed = False
         for b in blocks:
             s, d = b.src[b.cols], b.dst[b.rows]
-            m = (ch[s] >= 0) & (ch[d] < 0) & (kinds[d] == "per-unit")
+            m = (ch[s] >= 0) & (ch[d] < 0) & (kinds[d] == PER_UNIT)
             if m.any():
                 ch[d[m]] = ch[s[m]]
                 changed = True

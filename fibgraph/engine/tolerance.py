@@ -60,6 +60,7 @@ import scipy.sparse as sp
 
 from ..hashing import mix
 from ..partition import canonical
+from ..graph import AND_KINDS
 from .cluster import joint_rows, threshold_clusters
 from .signatures import dense_rows, signature_matrix
 
@@ -139,7 +140,6 @@ def split_tolerance(graph, nodes, directions, colours, scales, crit, info_key, i
 
 #: node kinds (the hypergraph importer's) whose colour is the tuple of their
 #: operands' colours: sums and products of streams, norms, bias adds and scales
-AND_KINDS = ("factor", "norm", "per-unit")
 
 
 def and_rule_classes(graph, nodes, directions, colours):

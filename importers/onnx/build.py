@@ -22,7 +22,7 @@ import onnx
 from onnx import numpy_helper
 
 from fibgraph.errors import InputError
-from fibgraph.graph import Block
+from fibgraph.graph import FACTOR, PER_UNIT, Block
 
 from .load import graph_float_tensors, outer_refs
 from .probe import probe_model
@@ -422,7 +422,7 @@ class Builder:
         unit_shape = [full[k] for k in range(len(full)) if k not in pos]
         return cb.reshape(int(np.prod(unit_shape)) if unit_shape else 1, -1)
 
-    def combine(self, operand_ids, out, name, tag, consts=(), kind="factor", unit_axes=None):
+    def combine(self, operand_ids, out, name, tag, consts=(), kind=FACTOR, unit_axes=None):
         """Factor nodes: one per distinct tuple of operand nodes (AND rule), plus
         constant edges; ``consts`` = [(slot, array)] broadcast against the result.
         ``unit_axes`` = {axis: length}: axes the constants alone span (a
@@ -467,4 +467,4 @@ class Builder:
             cn = self.const_node(name)
             self.sparse(np.full(s.n, cn), s.ids, v, etype(tag, "const", slot), f"{name}:const{slot}")
         self.layout[out] = out_ids
-        return "factor" if len(operand_ids) > 1 else "per-unit"
+        return FACTOR if len(operand_ids) > 1 else PER_UNIT

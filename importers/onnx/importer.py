@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from fibgraph.graph import WeightedDigraph
+from fibgraph.graph import PER_UNIT, WeightedDigraph
 
 from .build import META, Builder, attrs, opset
 from .load import load_onnx
@@ -163,7 +163,7 @@ def _homogeneous_use(b, node, role, x):
                 all(y == x or y in b.consts for y in node.input):
             return "pass"
         return "block"
-    if role == "per-unit" and op in ("Add", "Sub") and len(streams) == 1:
+    if role == PER_UNIT and op in ("Add", "Sub") and len(streams) == 1:
         return "affine"
     return "block"
 

@@ -2,6 +2,8 @@
 nodes per head and output factors per (score, v) pair."""
 from __future__ import annotations
 
+from fibgraph.graph import FACTOR
+
 import numpy as np
 
 from ..build import Barrier, etype
@@ -50,7 +52,7 @@ def attention(b, node, name, a, kinds):
     pairs = np.stack([q.reshape(-1), kq.reshape(-1)], 1)
     uniq, inv = np.unique(pairs, axis=0, return_inverse=True)
     inv = inv.reshape(-1)
-    fs = b.new_space(uniq.shape[0], "factor", name)
+    fs = b.new_space(uniq.shape[0], FACTOR, name)
     b.sparse(uniq[:, 0], fs.ids, np.ones(fs.n), etype(tag, "q"), f"{name}:q")
     b.sparse(uniq[:, 1], fs.ids, np.ones(fs.n), etype(tag, "k"), f"{name}:k")
     sc = b.new_space(Hq, "stats", name)
@@ -66,7 +68,7 @@ def attention(b, node, name, a, kinds):
     b.joins.append((q.reshape(-1), kq.reshape(-1)))
     b.joins.append((q.reshape(-1), fs.start + inv))
     tmp = f"{name}:heads-out"
-    b.combine([sc.ids.reshape(Hq, 1), v[grp]], tmp, name, tag + ("out",), kind="factor")
+    b.combine([sc.ids.reshape(Hq, 1), v[grp]], tmp, name, tag + ("out",), kind=FACTOR)
     out = b.layout.pop(tmp)
     b.layout[node.output[0]] = out.reshape(1, Hq, 1, dv) if four else out.reshape(1, 1, Hq * dv)
     # heads x head dims as tensors of their own: every head keeps the same size

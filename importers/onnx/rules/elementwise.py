@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from fibgraph.errors import InputError
+from fibgraph.graph import FACTOR, NORM, PER_UNIT
 
 from ..build import Barrier, attrs, opset
 from ..records import ElementwiseRecord, SoftmaxRecord
@@ -52,7 +53,7 @@ def softmax(b, node, name, a, kinds):
     # out_e = f(x_e, sum_k exp(x_k)): a denominator node per remaining position
     den_ids, den = b.reduce_nodes(ids, axes, "softmax", name, weight="count")
     b.records.append(SoftmaxRecord(node=node.name, op=node.op_type, input=x, output=node.output[0], axis=axes[0]))
-    return b.combine([ids, den_ids], node.output[0], name, ("softmax", node.op_type), kind="norm")
+    return b.combine([ids, den_ids], node.output[0], name, ("softmax", node.op_type), kind=NORM)
 
 
 @rule(*sorted(ELEMWISE))
@@ -131,7 +132,7 @@ def elementwise(b, node, name, a, kinds):
     tag = (op, tuple(sorted(attrs(node).items())) if op != "Where" else ())
     slots = [k for k, _ in streams]
     role = b.combine(ops_ids, node.output[0], name, (tag, tuple(slots)), consts,
-                     kind="factor" if len(streams) > 1 else "per-unit", unit_axes=const_axes)
+                     kind=FACTOR if len(streams) > 1 else PER_UNIT, unit_axes=const_axes)
     b.records.append(ElementwiseRecord(node=node.name, op=op, output=node.output[0],
                                        streams=[x for _, x in streams],
                                        consts=[node.input[k] for k, _ in consts]))

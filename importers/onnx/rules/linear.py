@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from fibgraph.errors import InputError
-from fibgraph.graph import Block
+from fibgraph.graph import FACTOR, PER_UNIT, Block
 
 from ..build import Barrier, dedupe_cols, etype
 from ..records import ContractRecord, LinearRecord
@@ -110,14 +110,14 @@ def stream_matmul(b, node, name, a, kinds):
     if Ka == 1 and Kb == 1:
         # contraction over a positional axis (attention weights @ V): AND of both
         return b.combine([ia_b[..., :, :1], ib_b[..., :1, :]], node.output[0], name,
-                             ("matmul-pos",), kind="factor")
+                             ("matmul-pos",), kind=FACTOR)
     K = max(Ka, Kb)
     # factors per (batch, m, k, n): (A[b, m, k], B[b, k, n]); output node per (batch, m, n)
     fa = np.broadcast_to(ia_b[..., :, :, None], batch + (M, K, N))
     fb = np.broadcast_to(ib_b[..., None, :, :], batch + (M, K, N))
     pairs = np.stack([fa.reshape(-1), fb.reshape(-1)], 1)
     uniq, inv = np.unique(pairs, axis=0, return_inverse=True)
-    fs = b.new_space(uniq.shape[0], "factor", name)
+    fs = b.new_space(uniq.shape[0], FACTOR, name)
     et = etype("matmul-k", name)
     b.sparse(uniq[:, 0], fs.ids, np.ones(fs.n), etype("matmul-k", 0), f"{name}:a")
     b.sparse(uniq[:, 1], fs.ids, np.ones(fs.n), etype("matmul-k", 1), f"{name}:b")
@@ -129,7 +129,7 @@ def stream_matmul(b, node, name, a, kinds):
     b.joins.append((fa.reshape(-1), fs.start + inv.reshape(-1)))
     b.layout[node.output[0]] = os_.ids.reshape(batch + (M, N))
     b.records.append(ContractRecord(node=node.name, inputs=[A, B], output=node.output[0], a_axis=-1, b_axis=-2))
-    return "factor"
+    return FACTOR
 
 
 @rule(*sorted(CONV))
@@ -188,7 +188,7 @@ def conv(b, node, name, a, kinds):
     shape = [1] * ids.ndim
     shape[1] = c_out
     b.layout[node.output[0]] = s.ids.reshape(shape)
-    depthwise = s.kind == "per-unit"
+    depthwise = s.kind == PER_UNIT
     b.records.append(LinearRecord(node=node.name, op=op, input=x, weight=node.input[1], space=sid,
                                   output=node.output[0], x_axis=1, attrs=a, depthwise=depthwise))
-    return "per-unit" if depthwise else "layer"
+    return PER_UNIT if depthwise else "layer"

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from fibgraph.graph import NORM, PER_UNIT
+
 from ..build import Barrier, etype, opset
 from ..records import ChannelNormRecord, LayerNormRecord
 from .registry import rule
 
 CHANNEL_NORM = {"BatchNormalization", "InstanceNormalization"}
-NORM = CHANNEL_NORM | {"LayerNormalization"}
+NORM_OPS = CHANNEL_NORM | {"LayerNormalization"}
 
 
 @rule(*sorted(CHANNEL_NORM))
@@ -55,11 +57,11 @@ def channel_norm(b, node, name, a, kinds):
     if ids.ndim < 2 or any(ids.shape[k] > 1 for k in range(ids.ndim) if k != 1) or ids.shape[1] != params.shape[0]:
         if ids.ndim >= 2 and ids.shape[1] == 1 and np.allclose(params, params[:1]):
             b.layout[node.output[0]] = ids
-            return "norm"
+            return NORM
         raise Barrier(f"{node.op_type} over a tensor whose units are not on axis 1")
     shape = [1] * ids.ndim
     shape[1] = params.shape[0]
-    s = b.new_space(params.shape[0], "per-unit", name)
+    s = b.new_space(params.shape[0], PER_UNIT, name)
     b.sparse(ids.reshape(-1), s.ids, np.ones(s.n), etype(node.op_type, "x"), f"{name}:x")
     b.joins.append((ids.reshape(-1), s.ids))
     cn = b.const_node(name)
@@ -67,7 +69,7 @@ def channel_norm(b, node, name, a, kinds):
     b.layout[node.output[0]] = s.ids.reshape(shape)
     b.records.append(ChannelNormRecord(node=node.name, op=node.op_type, input=x, output=node.output[0],
                                        training=training, epsilon=float(a.get("epsilon", 1e-5))))
-    return "norm"
+    return NORM
 
 
 @rule("LayerNormalization")
@@ -85,12 +87,12 @@ def layernorm(b, node, name, a, kinds):
         raise Barrier("LayerNormalization with mean/inv-std outputs")
     if all(ids.shape[k] == 1 for k in axes):
         b.layout[node.output[0]] = ids
-        return "norm"
+        return NORM
     stat_ids, _ = b.reduce_nodes(ids, axes, "layernorm", name)
     rank = ids.ndim
     g = gam.reshape((1,) * (rank - gam.ndim) + gam.shape)
     beta = bet.reshape((1,) * (rank - bet.ndim) + bet.shape)
     role = b.combine([ids, stat_ids], node.output[0], name, ("layernorm", float(a.get("epsilon", 1e-5))),
-                     consts=[(1, g), (2, beta)], kind="norm")
+                     consts=[(1, g), (2, beta)], kind=NORM)
     b.records.append(LayerNormRecord(node=node.name, input=x, axes=axes, output=node.output[0]))
     return role

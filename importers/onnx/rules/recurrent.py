@@ -18,6 +18,8 @@ another axis, one node from a barrier's output) makes the op a barrier.
 """
 from __future__ import annotations
 
+from fibgraph.graph import FACTOR
+
 import numpy as np
 
 from ..build import Barrier, dedupe_cols, etype
@@ -138,14 +140,14 @@ def map_recurrent(b, node, name, a, kinds):
                 q = b.new_space(H, "gate", f"{name}:d{d}q", level=level)
                 b.dense(h.ids, q.ids, Rh, f"{Rn}:d{d}g2")
                 b.sparse(np.full(H, cn), q.ids, Rbh, etype(tag, "rbias"), f"{Bn}:d{d}rb")
-                rq = b.new_space(H, "factor", f"{name}:d{d}rq", level=level)
+                rq = b.new_space(H, FACTOR, f"{name}:d{d}rq", level=level)
                 b.joins += [(q.ids, h.ids), (rq.ids, h.ids)]
                 for slot, src in enumerate((gr, q)):
                     b.sparse(src.ids, rq.ids, np.ones(H), etype(tag, "rq", slot), f"{name}:rq{d}:{slot}")
                 b.sparse(rq.ids, gn.ids, np.ones(H), etype(tag, "n-rq"), f"{name}:nrq{d}")
                 b.sparse(np.full(H, cn), gn.ids, Wbh, etype(tag, "bias", 2), f"{Bn}:d{d}g2")
             else:
-                rh = b.new_space(H, "factor", f"{name}:d{d}rh", level=level)
+                rh = b.new_space(H, FACTOR, f"{name}:d{d}rh", level=level)
                 b.joins.append((rh.ids, h.ids))
                 for slot, src in enumerate((gr, h)):
                     b.sparse(src.ids, rh.ids, np.ones(H), etype(tag, "rh", slot), f"{name}:rh{d}:{slot}")
