@@ -46,12 +46,13 @@ def prune_scores(rows: np.ndarray, method: str, rng=None) -> np.ndarray:
     raise ValueError(f"unknown pruning method {method!r}; choose from {', '.join(PRUNING)}")
 
 
-def kmeans_labels(X: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
+def kmeans_labels(X: np.ndarray, k: int, seed: int = 0, n_init: int = 10) -> np.ndarray:
     """Canonical labels of a k-means partition of the rows of ``X`` into exactly
-    ``k`` clusters (scipy's ``kmeans2``: k-means++ seeding from ``seed``, then
-    Lloyd steps until no label moves; deterministic for a seed).  Identical
-    points that leave fewer than ``k`` clusters are split, largest cluster
-    first."""
+    ``k`` clusters: ``n_init`` runs of scipy's ``kmeans2`` (k-means++ seeding
+    drawn from ``seed``, then Lloyd steps until no label moves), the one of
+    lowest inertia kept (as scikit-learn's ``KMeans(n_init=10)``; deterministic
+    for a seed).  Identical points that leave fewer than ``k`` clusters are
+    split, largest cluster first."""
     from scipy.cluster.vq import kmeans2
 
     X = np.asarray(X, dtype=np.float64)
@@ -62,17 +63,27 @@ def kmeans_labels(X: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
         return np.arange(n)
     if k == 1:
         return np.zeros(n, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    best, best_inertia = None, np.inf
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")   # "one of the clusters is empty": fixed below
-        try:
-            C, lab = kmeans2(X, k, iter=1, minit="++", missing="warn", rng=np.random.default_rng(seed))
-        except TypeError:                 # scipy < 1.15 names it seed
-            C, lab = kmeans2(X, k, iter=1, minit="++", missing="warn", seed=np.random.default_rng(seed))
-        for _ in range(300):              # Lloyd steps until no label moves
-            C2, lab2 = kmeans2(X, C, iter=1, minit="matrix", missing="warn")
-            if np.array_equal(lab2, lab):
-                break
-            C, lab = C2, lab2
+        for _ in range(max(1, int(n_init))):
+            try:
+                C, lab = kmeans2(X, k, iter=1, minit="++", missing="warn", rng=rng)
+            except TypeError:             # scipy < 1.15 names it seed
+                C, lab = kmeans2(X, k, iter=1, minit="++", missing="warn", seed=rng)
+            for _ in range(300):          # Lloyd steps until no label moves
+                C2, lab2 = kmeans2(X, C, iter=1, minit="matrix", missing="warn")
+                if np.array_equal(lab2, lab):
+                    break
+                C, lab = C2, lab2
+            means = np.zeros((k, X.shape[1]))
+            np.add.at(means, lab, X)
+            means /= np.maximum(np.bincount(lab, minlength=k), 1)[:, None]
+            inertia = float(((X - means[lab]) ** 2).sum())
+            if inertia < best_inertia - 1e-12 * max(1.0, best_inertia if np.isfinite(best_inertia) else 1.0):
+                best, best_inertia = lab, inertia
+    lab = best
     lab = canonical(lab)
     nxt = int(lab.max()) + 1
     while nxt < k:
