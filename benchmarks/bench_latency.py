@@ -144,7 +144,7 @@ def main(argv=None):
     import onnxruntime as ort
 
     from fibgraph.importers.api import count_params, evaluate
-    from fibgraph.importers.tuning import ModelCompressor
+    from fibgraph.importers.tuning import DagCompressor
 
     out = ensure_models()
     so = ort.SessionOptions()
@@ -155,11 +155,13 @@ def main(argv=None):
     work = []
     for fname, shape, eps_list in CASES:
         path = os.path.join(out, fname)
-        mc = ModelCompressor(path, "complete", "cosine", False)
-        variants = [("original", mc.model, [ly.n_out for ly in mc.network.layers])]
+        mc = DagCompressor(path, "complete", "cosine", False)
+        _, base0, _ = mc.compressed({}, check=False)
+        variants = [("original", mc.model, [r["nodes_before"] for r in mc.layer_rows({}, base0)])]
         for e in eps_list:
-            m2, base, _ = mc.compressed({n: e for n in mc.tunable}, check=True)
-            variants.append((f"eps {e:g}", m2, [ly.n_out for ly in base.layers]))
+            table = {n: e for n in mc.tunable}
+            m2, base, _ = mc.compressed(table, check=True)
+            variants.append((f"eps {e:g}", m2, [r["nodes_after"] for r in mc.layer_rows(table, base)]))
         work.append((fname, shape, test_data(fname), variants))
     if args.dag:
         for fname, shape, test, variants in dag_variants(out):

@@ -89,6 +89,7 @@ def test_grouped_outputs_need_equal_targets():
     assert alone[1]["flavoured"] == [[0], [1], [2], [3]]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer", ["gd", "momentum"])
 def test_strict_cover_survives_gradient_descent(optimizer):
     rng = np.random.default_rng(2)

@@ -156,6 +156,7 @@ def mtcnn(request, tmp_path_factory):
     return thirdparty.mtcnn_models(folder, dynamo=request.param, check=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("net", ["pnet", "rnet", "onet"])
 def test_mtcnn_compresses_exactly(mtcnn, net, tmp_path):
     path = mtcnn[net]

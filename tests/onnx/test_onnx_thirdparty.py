@@ -11,6 +11,7 @@ DATA = os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data", "
 VGG = os.path.join(DATA, "light_vgg19.onnx")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists(VGG), reason="this onnx build ships no light models")
 def test_light_vgg19_compresses_exactly(tmp_path):
     out = tmp_path / "vgg_base.onnx"

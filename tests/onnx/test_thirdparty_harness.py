@@ -90,6 +90,7 @@ def test_unknown_model_name():
         thirdparty.model_path("no_such_model")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
 def test_mtcnn_exports_match_torch(tmp_path, dynamo):
     pytest.importorskip("torch")
