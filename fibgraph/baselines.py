@@ -18,7 +18,6 @@ on the hypergraph and writes the models):
 """
 from __future__ import annotations
 
-import warnings
 
 import numpy as np
 
@@ -46,15 +45,36 @@ def prune_scores(rows: np.ndarray, method: str, rng=None) -> np.ndarray:
     raise ValueError(f"unknown pruning method {method!r}; choose from {', '.join(PRUNING)}")
 
 
-def kmeans_labels(X: np.ndarray, k: int, seed: int = 0, n_init: int = 10) -> np.ndarray:
-    """Canonical labels of a k-means partition of the rows of ``X`` into exactly
-    ``k`` clusters: ``n_init`` runs of scipy's ``kmeans2`` (k-means++ seeding
-    drawn from ``seed``, then Lloyd steps until no label moves), the one of
-    lowest inertia kept (as scikit-learn's ``KMeans(n_init=10)``; deterministic
-    for a seed).  Identical points that leave fewer than ``k`` clusters are
-    split, largest cluster first."""
-    from scipy.cluster.vq import kmeans2
+def _greedy_kmeanspp(X, k, rng, sq):
+    """Greedy k-means++ seeding (Arthur & Vassilvitskii; as scikit-learn does it):
+    each new centre is the best of ``2 + ln k`` candidates drawn in proportion
+    to the squared distance to the nearest centre so far."""
+    n = X.shape[0]
+    trials = 2 + int(np.log(k))
+    centres = [int(rng.integers(n))]
+    d2 = np.maximum(sq - 2 * X @ X[centres[0]] + sq[centres[0]], 0.0)
+    for _ in range(1, k):
+        tot = d2.sum()
+        if tot <= 0:
+            cand = rng.integers(n, size=trials)
+        else:
+            cand = np.searchsorted(np.cumsum(d2), rng.random(trials) * tot)
+            cand = np.minimum(cand, n - 1)
+        dc = np.maximum(sq[None, :] - 2 * X[cand] @ X.T + sq[cand][:, None], 0.0)   # (trials, n)
+        pot = np.minimum(dc, d2[None, :]).sum(axis=1)
+        best = int(np.argmin(pot))
+        centres.append(int(cand[best]))
+        d2 = np.minimum(d2, dc[best])
+    return X[centres].copy()
 
+
+def kmeans_labels(X: np.ndarray, k: int, seed: int = 0, n_init: int = 1) -> np.ndarray:
+    """Canonical labels of a k-means partition of the rows of ``X`` into exactly
+    ``k`` clusters: greedy k-means++ seeding from ``seed``, then Lloyd steps
+    until no label moves; of ``n_init`` runs the one of lowest inertia is kept
+    (scikit-learn's ``KMeans(n_init=1)`` by default, which the studies used;
+    numpy only, deterministic for a seed).  Identical points that leave fewer
+    than ``k`` clusters are split, largest cluster first."""
     X = np.asarray(X, dtype=np.float64)
     n = X.shape[0]
     if k < 1:
@@ -64,25 +84,25 @@ def kmeans_labels(X: np.ndarray, k: int, seed: int = 0, n_init: int = 10) -> np.
     if k == 1:
         return np.zeros(n, dtype=np.int64)
     rng = np.random.default_rng(seed)
+    sq = np.einsum("ij,ij->i", X, X)
     best, best_inertia = None, np.inf
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")   # "one of the clusters is empty": fixed below
-        for _ in range(max(1, int(n_init))):
-            try:
-                C, lab = kmeans2(X, k, iter=1, minit="++", missing="warn", rng=rng)
-            except TypeError:             # scipy < 1.15 names it seed
-                C, lab = kmeans2(X, k, iter=1, minit="++", missing="warn", seed=rng)
-            for _ in range(300):          # Lloyd steps until no label moves
-                C2, lab2 = kmeans2(X, C, iter=1, minit="matrix", missing="warn")
-                if np.array_equal(lab2, lab):
-                    break
-                C, lab = C2, lab2
-            means = np.zeros((k, X.shape[1]))
-            np.add.at(means, lab, X)
-            means /= np.maximum(np.bincount(lab, minlength=k), 1)[:, None]
-            inertia = float(((X - means[lab]) ** 2).sum())
-            if inertia < best_inertia - 1e-12 * max(1.0, best_inertia if np.isfinite(best_inertia) else 1.0):
-                best, best_inertia = lab, inertia
+    for _ in range(max(1, int(n_init))):
+        C = _greedy_kmeanspp(X, k, rng, sq)
+        lab = None
+        for _ in range(300):              # Lloyd steps until no label moves
+            d = sq[:, None] - 2 * X @ C.T + np.einsum("ij,ij->i", C, C)[None, :]
+            new = np.argmin(d, axis=1)
+            if lab is not None and np.array_equal(new, lab):
+                break
+            lab = new
+            cnt = np.bincount(lab, minlength=k)
+            C_new = np.zeros_like(C)
+            np.add.at(C_new, lab, X)
+            keep = cnt > 0
+            C[keep] = C_new[keep] / cnt[keep, None]       # an empty cluster keeps its centre
+        inertia = float(np.maximum(d[np.arange(n), lab], 0.0).sum())
+        if inertia < best_inertia:
+            best, best_inertia = lab, inertia
     lab = best
     lab = canonical(lab)
     nxt = int(lab.max()) + 1
