@@ -19,7 +19,7 @@ import os
 import numpy as np
 import pytest
 
-from helpers import finish, mlp_onnx, planted_mlp, save
+from helpers import mlp_onnx, planted_mlp, save
 
 from fibgraph.importers.api import color_model, count_params
 
@@ -139,24 +139,9 @@ def test_conv_models_of_the_conv_tests(tmp_path):
 
 
 def test_conv_bias_as_broadcast_add(tmp_path):
-    from onnx import helper
+    from test_onnx_conv import _conv_add_model
 
-    from test_onnx_conv import _init, _vi
-
-    rng = np.random.default_rng(17)
-    W1 = rng.normal(0, 0.5, (4, 2, 3, 3))
-    W1[3] = W1[1]
-    b1 = rng.normal(0, 0.3, (1, 4, 1, 1))
-    b1[0, 3] = b1[0, 1]
-    W2, b2 = rng.normal(0, 0.5, (3, 4)), rng.normal(0, 0.3, 3)
-    nodes = [helper.make_node("Conv", ["x", "W1"], ["c"], name="conv", pads=[1, 1, 1, 1]),
-             helper.make_node("Add", ["c", "b1"], ["cb"], name="conv_bias"),
-             helper.make_node("Relu", ["cb"], ["r"], name="relu"),
-             helper.make_node("GlobalMaxPool", ["r"], ["g"], name="gmp"),
-             helper.make_node("Flatten", ["g"], ["f"], name="flat"),
-             helper.make_node("Gemm", ["f", "W2", "b2"], ["y"], name="fc", transB=1)]
-    inits = [_init("W1", W1), _init("b1", b1), _init("W2", W2), _init("b2", b2)]
-    m = finish(helper.make_graph(nodes, "conv_add", [_vi("x", ["N", 2, 5, 5])], [_vi("y", ["N", 3])], inits))
+    m = _conv_add_model()
     assert _same(save(m, tmp_path / "conv_add.onnx"))["W1"] == [[0], [1, 3], [2]]
 
 

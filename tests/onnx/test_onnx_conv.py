@@ -323,9 +323,8 @@ def test_torch_linear_batchnorm1d(capsys, tmp_path, torch_bn1d, dynamo):
 
 
 # ------------------------------------------- conv bias as a separate Add
-def test_conv_bias_as_broadcast_add(capsys, tmp_path):
-    """Conv without bias, then Add of a (1, C, 1, 1) constant (a common export
-    pattern): the Add is the layer's bias and is sliced with the fibers."""
+def _conv_add_model():
+    """Conv without bias, then Add of a (1, C, 1, 1) constant; channels 1 and 3 planted equal."""
     rng = np.random.default_rng(17)
     W1 = rng.normal(0, 0.5, (4, 2, 3, 3))
     W1[3] = W1[1]
@@ -339,7 +338,13 @@ def test_conv_bias_as_broadcast_add(capsys, tmp_path):
              helper.make_node("Flatten", ["g"], ["f"], name="flat"),
              helper.make_node("Gemm", ["f", "W2", "b2"], ["y"], name="fc", transB=1)]
     inits = [_init("W1", W1), _init("b1", b1), _init("W2", W2), _init("b2", b2)]
-    m = finish(helper.make_graph(nodes, "conv_add", [_vi("x", ["N", 2, 5, 5])], [_vi("y", ["N", 3])], inits))
+    return finish(helper.make_graph(nodes, "conv_add", [_vi("x", ["N", 2, 5, 5])], [_vi("y", ["N", 3])], inits))
+
+
+def test_conv_bias_as_broadcast_add(capsys, tmp_path):
+    """Conv without bias, then Add of a (1, C, 1, 1) constant (a common export
+    pattern): the Add is the layer's bias and is sliced with the fibers."""
+    m = _conv_add_model()
     path = save(m, tmp_path / "conv_add.onnx")
     small, rep = _compress(capsys, path, tmp_path)
     assert rep["layers"][0]["fibers"] == [[0], [1, 3], [2]]
