@@ -5,6 +5,8 @@ no FIBGRAPH_DEBUG leaking in (it turns one-line errors into tracebacks)."""
 import os
 import sys
 
+import pytest
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 for p in (ROOT, HERE):
@@ -12,3 +14,14 @@ for p in (ROOT, HERE):
         sys.path.insert(0, p)
 
 os.environ.pop("FIBGRAPH_DEBUG", None)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """torch on one thread for the test (float sums in a fixed order), restored after."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -170,7 +170,7 @@ def _homogeneous_use(b, node, role, x):
 
 def _homogeneous_spaces(b):
     """Node sets whose values reach every consumer through positively
-    homogeneous ops only (DESIGN.md section 4): a linear layer (MatMul, Gemm,
+    homogeneous ops only (docs/design.md section 4): a linear layer (MatMul, Gemm,
     Conv with a constant weight; its bias is an edge of its rows) whose values
     go, through ReLU-family activations, pooling, reshapes and constant
     factors, only into linear layers, graph outputs or a bias add (an Add/Sub

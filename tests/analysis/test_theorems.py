@@ -24,12 +24,7 @@ ROUND = 1e-12      # relative: float64 rounding
 APART = 1e-3       # relative: clearly not synchronised
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("act", ["tanh", "relu"])

@@ -16,12 +16,7 @@ from fibgraph.tracking import FiberTracker as ViewTracker  # noqa: E402
 from fibgraph.importers.torch_analysis import FiberTracker, read_view, torch_mlp, torch_view  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _mlp(seed=0, widths=(6, 8, 7, 3), act=nn.ReLU):

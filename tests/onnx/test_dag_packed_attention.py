@@ -8,7 +8,7 @@ W_Q and W_K (weights and bias) repeat so that the head dims fall into a few
 (out_proj's columns are left free: they are summed).  The residual stream and
 the feed-forward block are random (nothing to merge there).
 
-The exact base (DESIGN.md section 6): q.k over a head's dims merges by
+The exact base (docs/design.md section 6): q.k over a head's dims merges by
 (q colour, k colour) pairs, so q and k keep, per head, the number of pair
 classes (heads keep equal sizes: the largest count, reached by exact
 splitting); v keeps its fibers; the multiplicity is folded into W_Q (no extra

@@ -1,4 +1,4 @@
-"""The rescaling merge on the hypergraph path (DESIGN.md section 4).
+"""The rescaling merge on the hypergraph path (docs/design.md section 4).
 
 The importer marks a node set positively homogeneous only where its values
 reach every consumer through ReLU-family activations, pooling, reshapes and

@@ -28,7 +28,7 @@ def channel_norm(b, node, name, a, kinds):
     ``add = B - mul * mean``: the edge carries ``(mul, add)``, so channels
     whose raw (scale, B, mean, var) differ but whose maps agree are one
     fiber, and with eps > 0 the maps are clustered (with their layer's
-    criterion, DESIGN.md section 5).  In training mode (``training_mode=1``,
+    criterion, docs/design.md section 5).  In training mode (``training_mode=1``,
     or running-statistics outputs before opset 14) each channel is
     normalised by its own batch statistics, a function of that channel
     alone, so the edge carries ``(scale, B)``; the running-statistics

@@ -19,14 +19,9 @@ Rewrites, for kept positions ``q`` each standing for a group ``G(q)``:
 - linear weights: ``W_hat[r, q] = mean_{i in G(r)} sum_{k in G(q)} W[i, k]``
   (rows: the mean over the output fiber, the papers' sum is wrong for
   biases; columns: the sum over the input group); biases the mean;
-- the rescaling merge (``scales``, DESIGN.md section 4): a node ``i`` with
-  scale ``s_i`` carries ``s_i`` times its base node's value, so its row and
-  bias enter the base divided by ``s_i`` (the mean of normalised rows) and
-  the next layer's columns are summed with the factors ``s_k``:
-  ``W_hat[r, q] = mean_{i in G(r)} (1/s_i) sum_{k in G(q)} s_k W[i, k]``.
-  One scale per column (the nodes a bias add ties to its layer's): the
-  scale of the column's last node set, the one the next layer reads; a bias
-  add's constant is divided by it like a bias;
+- the rescaling merge (``scales``, docs/design.md section 4): rows and
+  biases divided by the node's scale, next layers' columns summed with the
+  scales (the formulas: :mod:`.axis`);
 - per-unit constants (bias adds, PRelu, LayerNorm's gamma/beta): the mean
   over the group; BatchNorm: the group's mean affine map (``channel_norm``);
 - sums over a unit axis (ReduceMean/ReduceSum, LayerNorm's statistics,

@@ -35,7 +35,7 @@ def multiplicities(w, rows):
 
 
 def plan_folds(w):
-    """Where q.k's multiplicities go into q's projection (DESIGN.md 6:
+    """Where q.k's multiplicities go into q's projection (docs/design.md 6:
     "multiplicity folded into W_Q") instead of a Mul: the score's first
     operand is, up to layout ops and constant scalings, a linear layer's
     output or that plus a bias (Add of a constant), node for node, and

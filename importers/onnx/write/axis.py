@@ -6,7 +6,7 @@ For kept positions ``q`` each standing for a group ``G(q)``:
   (inputs) are summed over it: ``sum_matrix``; so a linear weight becomes
   ``W_hat[r, q] = mean_{i in G(r)} sum_{k in G(q)} W[i, k]`` (rows: the mean
   over the output fiber, the papers' sum is wrong for biases);
-- the rescaling merge (``scales``, DESIGN.md section 4): a node ``i`` with
+- the rescaling merge (``scales``, docs/design.md section 4): a node ``i`` with
   scale ``s_i`` carries ``s_i`` times its base node's value, so its row and
   bias enter the base divided by ``s_i`` (the mean of normalised rows) and
   the next layer's columns are summed with the factors ``s_k``:

@@ -3,7 +3,7 @@
 
 - per-unit constants (bias adds, PRelu slopes, scales): the mean over the
   group; a bias add after a rescaled layer divides its constant by the
-  scales like a bias (DESIGN.md section 4);
+  scales like a bias (docs/design.md section 4);
 - sums over a unit axis (ReduceMean/ReduceSum, softmax's denominator, q.k
   over head dims): weighted by the group sizes ``m``, so that the
   compressed model sums what the original summed (ReduceMean also by

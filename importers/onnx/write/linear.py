@@ -6,7 +6,7 @@ For kept positions ``q`` each standing for a group ``G(q)``:
 ``W_hat[r, q] = mean_{i in G(r)} sum_{k in G(q)} W[i, k]`` (rows: the mean
 over the output fiber, the papers' sum is wrong for biases; columns: the sum
 over the input group); biases the mean.  With the rescaling merge (scales
-``s``, DESIGN.md section 4): ``W_hat[r, q] = mean_{i in G(r)} (1/s_i)
+``s``, docs/design.md section 4): ``W_hat[r, q] = mean_{i in G(r)} (1/s_i)
 sum_{k in G(q)} s_k W[i, k]`` and biases divided by ``s_i`` before the mean.
 A q projection whose score sums ``m`` equal products per kept head dim has
 its rows (and bias) multiplied by ``m`` (:func:`.attention.row_factor`).
