@@ -155,15 +155,6 @@ def draw(model, out, symmetry, eps, eps_file, linkage, metric, no_rescale, rtol,
 
 
 @cli.command()
-@click.argument("graph", type=click.Path(dir_okay=False))
-def hierarchy(graph):
-    """Orbits <= strict covers <= covers <= fibers, opfibers: counts; exit 1 on a violation."""
-    from .graphs import hierarchy_file
-
-    sys.exit(hierarchy_file(graph))
-
-
-@cli.command()
 @click.option("--out-dir", type=click.Path(file_okay=False), default="fibgraph-demo", show_default=True)
 def demo(out_dir):
     """The whole job on the bundled digits model: colour at several tolerances,
@@ -177,7 +168,7 @@ def _register_extra_commands():
     """Commands defined in their own modules (analysis, compression studies)."""
     import importlib
 
-    for mod in ("fibgraph.cli.analysis", "fibgraph.cli.compress", "fibgraph.cli.sweep"):
+    for mod in ("fibgraph.cli.analysis", "fibgraph.cli.compress", "fibgraph.cli.sweep", "fibgraph.cli.hierarchy"):
         try:
             m = importlib.import_module(mod)
         except ModuleNotFoundError as e:
