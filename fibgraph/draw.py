@@ -271,15 +271,27 @@ def _render(path, ext, cols, labels, colmap, edges, max_edges, title, dpi, aggre
             n_drawn = _draw_units(ax, px, py, tallest, labels, colmap, src, dst, w, mag, max_edges, height,
                                   LineCollection)
             ytop = tallest - 0.5
+        tilt = ncol > 8                    # many columns: one slanted line per column title
+        longest = 0
         for x, (name, lv, _) in enumerate(cols):
             k = len(np.unique(labels[lv]))
             kind = "" if kinds[lv[0]] == name else f"{kinds[lv[0]]}: "
-            ax.text(x, ytop, f"{name}\n{kind}{lv.size} units, {k} {class_word}s", ha="center",
-                    va="bottom", fontsize=8)
-        ax.set_xlim(-0.6, ncol - 0.4)
+            if tilt:
+                txt = f"{name}: {lv.size} units, {k} {class_word}s"
+                ax.text(x, ytop, txt, ha="left", va="bottom", fontsize=7, rotation=35, rotation_mode="anchor")
+                longest = max(longest, len(txt))
+            else:
+                ax.text(x, ytop, f"{name}\n{kind}{lv.size} units, {k} {class_word}s", ha="center",
+                        va="bottom", fontsize=8)
+        ax.set_xlim(-0.6, ncol - 0.4 + (0.03 * longest if tilt else 0))
         if title:
-            ax.set_title(title, fontsize=10, pad=26)
-        handles = _legend(colmap, labels, class_word, aggregate, Patch, Line2D, max_edges)
+            # room for the column titles above the axes (constrained layout does not see them)
+            ax.set_title(title, fontsize=10, pad=26 if not tilt else 10 + 0.57 * 7 * 0.6 * longest)
+        where = {}
+        for x, (name, lv, _) in enumerate(cols):
+            for c in np.unique(labels[lv]).tolist():
+                where.setdefault(c, name)
+        handles = _legend(colmap, labels, class_word, aggregate, Patch, Line2D, max_edges, where)
         fig.legend(handles=handles, loc="outside lower center", ncol=min(4, len(handles)), fontsize=7,
                    frameon=False)
         kw = {"dpi": dpi} if ext == ".png" else {}
@@ -346,12 +358,12 @@ def _draw_boxes(ax, boxes, src, dst, w, mag, LineCollection, Rectangle):
     return int(len(box_of))
 
 
-def _legend(colmap, labels, class_word, aggregate, Patch, Line2D, max_edges):
+def _legend(colmap, labels, class_word, aggregate, Patch, Line2D, max_edges, where):
     hs = []
     sizes = {c: int(np.count_nonzero(labels == c)) for c in list(colmap)[:6]}
     for c, colour in list(colmap.items())[:6]:
         hs.append(Patch(facecolor=colour, edgecolor="#404040", linewidth=0.4,
-                        label=f"{class_word} of {sizes[c]} units"))
+                        label=f"{class_word} of {sizes[c]} units ({where.get(c, '')})"))
     if len(colmap) > 6:
         hs.append(Patch(facecolor="white", edgecolor="white",
                         label=f"+ {len(colmap) - 6} more {class_word}s, one colour each"))

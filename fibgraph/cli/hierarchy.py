@@ -131,6 +131,7 @@ def hierarchy_table(rep):
               _incl(g), end_section=True)
     chain = ", ".join(f"{SHORT[f]} <= {SHORT[c]}" for f, c in rep["checks"])
     t.caption = f"checked: {chain}; automorphism group size {rep['group_size']}"
+    t.caption_justify = "left"
     return t
 
 
