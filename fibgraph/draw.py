@@ -297,7 +297,11 @@ def _render(path, ext, cols, labels, colmap, edges, max_edges, title, dpi, aggre
         kw = {"dpi": dpi} if ext == ".png" else {}
         with atomic_path(path, suffix=ext) as tmp:
             fig.savefig(tmp, format=ext[1:], **kw)
-        px = (int(round(width * dpi)), int(round(height * dpi))) if ext == ".png" else None
+        px = None
+        if ext == ".png":                  # the size written (PNG header: width, height at bytes 16-24)
+            with open(path, "rb") as f:
+                head = f.read(24)
+            px = (int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big"))
     return {"nodes": n_drawn, "size_px": px}
 
 
@@ -355,7 +359,7 @@ def _draw_boxes(ax, boxes, src, dst, w, mag, LineCollection, Rectangle):
             widths, rgba = _edge_style(sgn, np.sqrt(tot), floor=0.3)
             ax.add_collection(LineCollection(segs, linewidths=widths * 1.4, colors=rgba, zorder=1))
     ax.set_ylim(-0.03, 1.08)
-    return int(len(box_of))
+    return len(box_of)
 
 
 def _legend(colmap, labels, class_word, aggregate, Patch, Line2D, max_edges, where):
@@ -386,9 +390,8 @@ def _write_dot(path, nodes, px, py, labels, colmap, src, dst, mag, title):
     lines += [f"  {a} -> {b} [penwidth={0.3 + 2.2 * m / top:.2f}];"
               for a, b, m in zip(src.tolist(), dst.tolist(), mag.tolist())]
     lines.append("}")
-    with atomic_path(path, suffix=".dot") as tmp:
-        with open(tmp, "w") as f:
-            f.write("\n".join(lines) + "\n")
+    with atomic_path(path, suffix=".dot") as tmp, open(tmp, "w") as f:
+        f.write("\n".join(lines) + "\n")
 
 
 def _esc(s):

@@ -119,4 +119,4 @@ def color_graph_file(path, symmetry, eps=0.0, json_out=None, linkage="average", 
         con.print(f"wrote {graphml_out}")
 
 
-from .hierarchy import hierarchy_file  # noqa: E402  (moved; kept importable from here)
+from .hierarchy import hierarchy_file  # moved there; kept importable from here

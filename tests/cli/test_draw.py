@@ -108,6 +108,12 @@ def test_big_model_is_aggregated_not_refused(capsys, tmp_path, wide):
 
     with Image.open(out) as im:
         assert im.size[0] <= 3200 and im.size[1] <= 2000
+    # unit by unit on request: still a bounded picture (the 300-unit column is squeezed, not 7000 px high)
+    rc, text, err = cli(capsys, "draw", wide, "-o", out, "--no-aggregate")
+    assert rc == 0, err
+    assert "465 units, 1" in text and ", aggregated" not in text
+    with Image.open(out) as im:
+        assert im.size[0] <= 3200 and im.size[1] <= 2000
     svg = tmp_path / "wide.svg"
     rc, _, err = cli(capsys, "draw", wide, "-o", svg, "--aggregate")
     assert rc == 0, err
@@ -118,7 +124,7 @@ def test_layers_selects_a_range_or_names(capsys, tmp_path, wide):
     out = tmp_path / "r.svg"
     rc, text, err = cli(capsys, "draw", wide, "-o", out, "--layers", "2:4", "--no-aggregate")
     assert rc == 0, err
-    assert "2 layers, 45 units" in text and "aggregated" not in text
+    assert "2 layers, 45 units" in text and ", aggregated" not in text
     texts = " ".join(re.findall(r">([^<>]+)</text>", out.read_text()))
     assert "W2" in texts and "W3" in texts and not re.search(r"\bW1\b", texts)
     rc, text, err = cli(capsys, "draw", wide, "-o", out, "--layers", "W1,W3", "--no-aggregate")

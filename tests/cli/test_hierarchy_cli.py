@@ -90,7 +90,7 @@ def test_forced_violation_exits_1(capsys, tmp_path, models, monkeypatch):
 
 def test_tolerance_checks_only_what_holds(capsys, tmp_path, models):
     out = tmp_path / "t.json"
-    rc, text, err = cli(capsys, "hierarchy", models[1], "--eps", "0.4", "--json", out)
+    rc, _, err = cli(capsys, "hierarchy", models[1], "--eps", "0.4", "--json", out)
     assert rc == 0, err
     rep = read_json(out)
     assert [tuple(c) for c in rep["checks"]] == list(TOLERANCE_CHECKS)
@@ -104,7 +104,7 @@ def test_tolerance_checks_only_what_holds(capsys, tmp_path, models):
 
 def test_orbit_limit_is_a_note_not_a_failure(capsys, tmp_path, models):
     out = tmp_path / "o.json"
-    rc, text, err = cli(capsys, "hierarchy", models[0], "--max-orbit-edges", "5", "--json", out)
+    rc, _, err = cli(capsys, "hierarchy", models[0], "--max-orbit-edges", "5", "--json", out)
     assert rc == 0, err
     rep = read_json(out)
     assert all(ly["counts"]["orbits"] is None for ly in rep["layers"])
