@@ -108,7 +108,7 @@ covers from the intersection, and refinement never merges the classes it
 starts from.  Orbits (exact automorphisms), strict <= flavoured and
 flavoured <= opfibers rest on exact balance and are not checked."""
 
-MAX_ORBIT_EDGES = 2_000_000
+MAX_ORBIT_EDGES = 1_000_000
 
 
 def checks_for(criterion) -> tuple:
