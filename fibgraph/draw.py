@@ -223,7 +223,8 @@ def draw_layered(graph, labels, path, max_edges=3, title=None, dpi=DPI, names=No
         raise InputError(f"{units} units are too many to draw one by one (at most {MAX_NODES}): "
                          "use --aggregate, or --layers A:B for a range of layers")
     if aggregate and ext == ".dot":
-        raise InputError(".dot output draws units one by one; use .svg/.pdf/.png for an aggregated picture")
+        raise InputError(f".dot output draws units one by one ({units} units here): pick layers with --layers A:B "
+                         "and --no-aggregate, or write .svg/.pdf/.png for an aggregated picture")
     drawn = np.zeros(graph.n, bool)
     for _, lv, _ in cols:
         drawn[lv] = True
