@@ -49,12 +49,35 @@ def build_cnn():
                          nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10))
 
 
+def plot_one(name, res, configs):
+    acc0 = res["rows"][0]["accuracy"]
+    arch = "64-128-128-10 MLP" if name == "mlp" else "CNN 16-32 ch + 64 dense"
+    plot_panels(res, os.path.join(FIG, f"digits_{name}_compare.png"),
+                f"digits {arch}, test acc {acc0:.1%}: equal nodes/channels per layer, no retraining",
+                configs)
+
+
+def replot():
+    """Redraw both figures from the saved JSON."""
+    import json
+
+    with open(os.path.join(RESULTS, "study_digits.json")) as f:
+        out = json.load(f)
+    for name in ("mlp", "cnn"):
+        done = {r["config"] for r in out[name]["rows"]}
+        plot_one(name, out[name], [c for c in CONFIGS if config_name(*c) in done])
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--epochs", type=int, default=40)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--replot", action="store_true", help="only redraw the figures from the saved JSON")
     args = ap.parse_args(argv)
+    if args.replot:
+        replot()
+        return
     import torch
 
     torch.set_num_threads(1)
@@ -76,11 +99,7 @@ def main(argv=None):
         print(f"{name}: trained and exported ({clock():.0f} s)", flush=True)
         res = sweep(path, (xe.astype(np.float32), yte), grid, configs)
         out[name] = res
-        acc0 = res["rows"][0]["accuracy"]
-        arch = "64-128-128-10 MLP" if name == "mlp" else "CNN 16-32 ch + 64 dense"
-        plot_panels(res, os.path.join(FIG, f"digits_{name}_compare.png"),
-                    f"digits {arch}, test acc {acc0:.1%}: equal nodes/channels per layer, no retraining",
-                    configs)
+        plot_one(name, res, configs)
     out["seconds"] = round(clock(), 1)
     os.makedirs(RESULTS, exist_ok=True)
     save_json(out, os.path.join(RESULTS, "study_digits.json"))

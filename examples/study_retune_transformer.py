@@ -307,7 +307,10 @@ def plot(out, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.6, 4.6), dpi=120)
+    from fibgraph.figures import paper_rc, save_figure
+
+    plt.rcParams.update(paper_rc())
+    fig, ax = plt.subplots(figsize=(6.6, 4.6))
     t = out["trained"]
     sets = {"oneshot": ([r["params"] for r in out["oneshot"]], [r["test_loss"] for r in out["oneshot"]],
                         "tab:blue", "o", "one-shot compression"),
@@ -315,29 +318,26 @@ def plot(out, path):
                               "tab:gray", "v", "over-compressed, before retune"),
             "after_retune": ([h["params_over"] for h in out["history"]],
                              [h["test_loss_retuned"] for h in out["history"]], "tab:red", "s", "after retune")}
-    for k, (P, L, c, mk, lab) in sets.items():
-        fit = out["fits"][k]
-        a = fit["alpha"]
-        ax.loglog(P, L, mk, color=c, ms=4, label=lab + ("" if a is None else f", alpha {a:.3f}"))
-        if a is not None:
-            xs = np.geomspace(fit["P_range"][0], fit["P_range"][1], 40)
-            ax.loglog(xs, fit["L0"] * xs ** -a, "-", color=c, lw=0.8)
+    # the points only: one-shot compression is flat, then jumps (not a power law), so no fitted
+    # line is drawn; the fits stay in the tables with their caveats
+    for P, L, c, mk, lab in sets.values():
+        ax.plot(P, L, mk, color=c, ms=4, label=lab)
     for h in out["history"]:
         ax.annotate("", xy=(h["params_over"], h["test_loss_retuned"]), xytext=(h["params_over"], h["test_loss_over"]),
                     arrowprops=dict(arrowstyle="->", color="0.7", lw=0.6))
-    ax.loglog([t["params"]], [t["test_loss"]], "*", color="k", ms=10, label="trained")
+    ax.plot([t["params"]], [t["test_loss"]], "*", color="k", ms=10, label="trained")
     f = out["final"]
-    ax.loglog([f["params"]], [f["test_loss"]], "D", color="tab:green", ms=6, mfc="none", label="returned model")
+    ax.plot([f["params"]], [f["test_loss"]], "D", color="tab:green", ms=6, mfc="none", label="returned model")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
     ax.set_xlabel("parameters P")
     ax.set_ylabel("test cross-entropy L")
     s = out["setting"]
     ax.set_title(f"Transformer (d 32, ff 64, 2 layers) on digits sequences; FF units compressed;\n"
                  f"Alg. 2 q={s['q']}, rho={s['rho']}, tau={s['tau']}, retune lr {s['retune_lr']:g}", fontsize=8)
-    ax.grid(alpha=0.3, which="both")
+    ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)
 
 

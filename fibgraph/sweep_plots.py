@@ -19,11 +19,9 @@ import re
 
 from .errors import InputError
 from .fileio import atomic_path
+from .figures import DPI, FONT  # one font and resolution for every study figure
 
 __all__ = ["plot_sweep", "natural_key"]
-
-FONT = "DejaVu Sans"
-DPI = 200
 
 
 def natural_key(s):

@@ -48,7 +48,8 @@ from .onnx.groups import groups_of, weight_uses
 from .onnx.write import write_dag_base
 from .onnx.importer import import_dag
 
-__all__ = ["DagColouring", "colour_dag", "color_dag_model", "compress_dag_model", "verify_dag", "weight_entries"]
+__all__ = ["DagColouring", "colour_dag", "dag_criteria", "color_dag_model", "compress_dag_model", "verify_dag",
+           "weight_entries"]
 
 
 @dataclass
@@ -103,6 +104,12 @@ def _criteria(imp, eps, table, linkage, metric, rtol, rescale=True):
         for s in g.node_set_names:
             crit.setdefault(s, c)
     return crit
+
+
+def dag_criteria(imp, eps=0.0, eps_table=None, linkage="average", metric="cosine", rtol=DEFAULT_RTOL,
+                 rescale=True) -> dict:
+    """The criterion per node set that :func:`colour_dag` uses (``{node set: criterion, None: default}``)."""
+    return _criteria(imp, eps, eps_table or {}, linkage, metric, rtol, rescale)
 
 
 def colour_dag(imp, symmetry="fibration", eps=0.0, eps_table=None, linkage="average", metric="cosine",

@@ -61,8 +61,11 @@ def _yn(b):
 @click.option("--align", is_flag=True,
               help="Match B's hidden units to A's first (Hungarian on incoming weights); "
                    "needed for independently trained models.")
+@click.option("--hierarchy", "with_hierarchy", is_flag=True,
+              help="Also print both models' symmetry hierarchies side by side (as `fibgraph hierarchy`: "
+                   "orbits, strict covers, covers, fibers, opfibers per layer); exit 1 on a violation.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Write the comparison here.")
-def compare(model_a, model_b, symmetry, eps, linkage, metric, rtol, align, json_out):
+def compare(model_a, model_b, symmetry, eps, linkage, metric, rtol, align, with_hierarchy, json_out):
     """Compare the symmetries of two ONNX models of the same architecture, weight layer by
     weight layer: adjusted Rand index and variation of information of the partitions,
     refinement, counts."""
@@ -96,8 +99,24 @@ def compare(model_a, model_b, symmetry, eps, linkage, metric, rtol, align, json_
                   f"mean ARI {sum(r['ari'] for r in hidden) / max(1, len(hidden)):.3f}, "
                   f"mean VI {sum(r['vi'] for r in hidden) / max(1, len(hidden)):.3f} nats "
                   "(VI = 0 iff equal; units compared by index" + (" after alignment)" if align else ")"))
+    ok = True
+    if with_hierarchy:
+        from .hierarchy import model_hierarchy, side_by_side
+
+        ha, hb = (model_hierarchy(m, eps, linkage, metric, rtol) for m in (model_a, model_b))
+        res["hierarchy"] = {"a": ha, "b": hb}
+        console.print(side_by_side(ha, hb, os.path.basename(model_a), os.path.basename(model_b)))
+        for tag, h in (("A", ha), ("B", hb)):
+            for note in h["notes"]:
+                console.print(f"note ({tag}): {note}")
+        ok = ha["ok"] and hb["ok"]
+        console.print("hierarchy holds in both models" if ok else
+                      "[bold red]hierarchy violated[/] in " + " and ".join(
+                          t for t, h in (("A", ha), ("B", hb)) if not h["ok"]) + " (a bug: please report it)")
     if json_out:
         write_json_atomic(json_out, res)
+    if not ok:
+        raise SystemExit(1)
 
 
 @click.command("symmetry-metrics")

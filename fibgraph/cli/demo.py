@@ -61,9 +61,11 @@ def run_demo(out_dir="fibgraph-demo", eps_grid=EPS_GRID, draw_eps=0.1):
     console.print(t)
     from fibgraph.importers.api import color_model
 
-    _, _, col = color_model(model, "fibration", draw_eps)
+    from fibgraph.importers.onnx.groups import space_display_names
+
+    _, imp, col = color_model(model, "fibration", draw_eps)
     png = os.path.join(out_dir, f"digits_fibers_eps{draw_eps:g}.png")
-    draw_layered(col.graph, col.labels, png, max_edges=2, dpi=80,
+    draw_layered(col.graph, col.labels, png, max_edges=2, dpi=100, names=space_display_names(imp),
                  title=f"digits MLP: fibers at eps={draw_eps:g} (average linkage, cosine)")
     console.print(f"compressed models and the picture are in {out_dir}/ (picture: {png})")
     console.print("eps = 0: exact fibers (equal up to float rounding); eps > 0: quasi-fibers "

@@ -6,8 +6,8 @@ it by one symmetry (:func:`fibgraph.symmetry.colour`; ``automorphism`` by
 ``{"nodes": n, "colors": k, "partition": {"<node id as in the file>": colour}}``
 (colours numbered by smallest member) atomically.  Every check on the input
 and the output paths is done before anything is written.
-:func:`hierarchy_file` prints the table of :mod:`fibgraph.hierarchy` and
-returns the exit status (0 ok, 1 violation).
+:func:`hierarchy_file` (now in :mod:`fibgraph.cli.hierarchy`) prints the table
+of :mod:`fibgraph.hierarchy` and returns the exit status (0 ok, 1 violation).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 from ..fileio import check_output_path, write_atomic
-from ..errors import HierarchyViolation, InputError
+from ..errors import InputError
 
 __all__ = ["color_graph_file", "hierarchy_file", "partition_json", "write_atomic"]
 
@@ -119,22 +119,4 @@ def color_graph_file(path, symmetry, eps=0.0, json_out=None, linkage="average", 
         con.print(f"wrote {graphml_out}")
 
 
-def hierarchy_file(path) -> int:
-    """Print the hierarchy table of the graph in ``path``; 0 if it holds, 1 on a violation."""
-    from ..graphio import read_graph
-    from ..hierarchy import hierarchy
-
-    g = read_graph(os.fspath(path))
-    con = _console()
-    try:
-        rep = hierarchy(g)
-    except HierarchyViolation as e:
-        con.print(e.report.table())
-        con.print(f"[bold red]{e}[/]")
-        return 1
-    con.print(rep.table())
-    for note in rep.notes:
-        con.print(f"note: {note}")
-    con.print("hierarchy holds: orbits <= strict covers <= flavoured opfibers <= "
-              "intersection covers <= fibers, opfibers")
-    return 0
+from .hierarchy import hierarchy_file  # moved there; kept importable from here

@@ -134,33 +134,27 @@ def eval_cmd(model, data, device, json_out):
 @cli.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", "out", type=click.Path(dir_okay=False), required=True,
-              help="FILE.png, FILE.svg or FILE.dot")
+              help="FILE.svg or FILE.pdf (vector), FILE.png (--dpi) or FILE.dot (Graphviz text).")
 @click.option("--symmetry", type=click.Choice(SYM_MODEL), default="fibration", show_default=True)
 @_colouring_options
 @click.option("--max-edges", type=int, default=3, show_default=True,
-              help="Strongest incoming edges drawn per node.")
-def draw(model, out, symmetry, eps, eps_file, linkage, metric, no_rescale, rtol, max_edges):
-    """Layered picture of MODEL, one colour per fiber."""
-    from fibgraph.importers.api import color_model
-    from ..draw import draw_layered
+              help="Strongest incoming edges drawn per unit.")
+@click.option("--layers", default=None,
+              help="Draw only these layers: START:STOP of the column numbers (0 = inputs; STOP excluded) "
+                   "or comma-separated layer names.")
+@click.option("--aggregate/--no-aggregate", default=None,
+              help="One box per class with its size, edges summed between classes  [default: automatic "
+                   "above 600 units or 96 in one layer].")
+@click.option("--dpi", type=int, default=200, show_default=True, help="Resolution of a PNG.")
+def draw(model, out, symmetry, eps, eps_file, linkage, metric, no_rescale, rtol, max_edges, layers, aggregate, dpi):
+    """Layered picture of MODEL, one colour per fiber (singletons grey), layers by module name."""
+    from .draw import draw_model
 
-    ext = os.path.splitext(out)[1].lower()
-    if ext not in (".png", ".svg", ".dot"):
-        raise InputError(f"{out}: output must end in .png, .svg or .dot")
-    _check_json_out(model, out)
-    _, _, col = color_model(model, symmetry, eps, eps_file, linkage, metric, not no_rescale, rtol)
-    n = draw_layered(col.graph, col.labels, out, max_edges=max_edges,
-                     title=f"{os.path.basename(model)}: {symmetry}, eps={eps}")
-    click.echo(f"wrote {out} ({n} nodes drawn)")
-
-
-@cli.command()
-@click.argument("graph", type=click.Path(dir_okay=False))
-def hierarchy(graph):
-    """Orbits <= strict covers <= covers <= fibers, opfibers: counts; exit 1 on a violation."""
-    from .graphs import hierarchy_file
-
-    sys.exit(hierarchy_file(graph))
+    info = draw_model(model, out, symmetry, eps, eps_file, linkage, metric, not no_rescale, rtol, max_edges,
+                      layers, aggregate, dpi)
+    click.echo(f"wrote {out} ({info['columns']} layers, {info['nodes']} units"
+               + (", aggregated" if info["aggregated"] else "")
+               + (f", {info['size_px'][0]}x{info['size_px'][1]} px" if info.get("size_px") else "") + ")")
 
 
 @cli.command()
@@ -177,7 +171,7 @@ def _register_extra_commands():
     """Commands defined in their own modules (analysis, compression studies)."""
     import importlib
 
-    for mod in ("fibgraph.cli.analysis", "fibgraph.cli.compress", "fibgraph.cli.sweep"):
+    for mod in ("fibgraph.cli.analysis", "fibgraph.cli.compress", "fibgraph.cli.sweep", "fibgraph.cli.hierarchy"):
         try:
             m = importlib.import_module(mod)
         except ModuleNotFoundError as e:

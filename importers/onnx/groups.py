@@ -15,7 +15,8 @@ from fibgraph.groups import Group, GroupKind, WeightUse, set_components, tie_col
 
 from .records import Kind
 
-__all__ = ["columns_of", "group_of_weight", "groups_of", "weight_uses"]
+__all__ = ["columns_of", "group_of_weight", "groups_of", "weight_uses", "module_name", "display_names",
+           "space_display_names"]
 
 
 def columns_of(imp) -> np.ndarray:
@@ -148,3 +149,52 @@ def weight_uses(imp) -> list:
 def group_of_weight(imp) -> dict:
     """Weight name -> its group."""
     return {w: g for g in groups_of(imp) for w in g.weights}
+
+
+def module_name(weight, node_set_name="") -> str:
+    """A readable layer name: the torch module of a weight (``fc1.weight`` ->
+    ``fc1``), else the module path in the ONNX node's name (the TorchScript
+    exporter names a transposed weight ``onnx::MatMul_12`` but its node
+    ``/fc1/MatMul``: -> ``fc1``), else the node or weight name."""
+    w = str(weight or "")
+    if w and "::" not in w and not w.startswith("/"):
+        for suf in (".weight", ".bias"):
+            if w.endswith(suf) and len(w) > len(suf):
+                return w[: -len(suf)]
+        return w
+    node = str(node_set_name or "").split(":")[0].strip("/")
+    parts = [p for p in node.split("/") if p]
+    if len(parts) > 1:
+        return ".".join(parts[:-1])
+    return parts[0] if parts else (w or "layer")
+
+
+def display_names(imp) -> dict:
+    """Group index -> readable unique layer name (:func:`module_name` of its first use)."""
+    out, seen = {}, {}
+    for g in groups_of(imp):
+        u = g.uses[0]
+        name = module_name(u.weight, u.node_sets[0] if u.node_sets else "")
+        k = seen.get(name, 0)
+        seen[name] = k + 1
+        out[g.index] = name if k == 0 else f"{name}#{k + 1}"
+    return out
+
+
+def space_display_names(imp) -> list:
+    """A readable name per node set: a weight's own node set takes its layer's
+    name, the group's other node sets (bias add, norm) ``layer (kind)``, the
+    rest their cleaned node name (``/blocks.0/Add:sum`` -> ``blocks.0.Add (sum)``)."""
+    names = []
+    for sp in imp.spaces:
+        node, _, kind = str(sp.name).partition(":")
+        parts = [p for p in node.strip("/").split("/") if p]
+        base = ".".join(parts) if parts else str(sp.name)
+        names.append(base if not kind or base == kind else f"{base} ({kind})")
+    layer = display_names(imp)
+    for g in groups_of(imp):
+        own = {s for u in g.uses for s in u.set_ids}
+        for s in g.node_sets:
+            kind = imp.spaces[s].kind
+            names[s] = layer[g.index] if s in own else f"{layer[g.index]} ({kind})"
+    return names
