@@ -6,7 +6,7 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
-__all__ = ["print_colour_report", "console"]
+__all__ = ["print_colour_report", "console", "layer_table", "LAYER_COLUMNS"]
 
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 150)
 
@@ -57,3 +57,37 @@ def print_colour_report(report):
         console.print(f"verify: max |output difference| = {v['max_abs_diff']:.3g} on {fed}", markup=False)
     if "output" in report:
         console.print(f"wrote {report['output']}")
+
+
+LAYER_COLUMNS = ["layer", "weight", "group", "op", "units", "classes", "kept", "kept_fraction",
+                 "params_before", "params_after", "eps", "metric", "output_layer"]
+
+
+def layer_table(report):
+    """The per-layer results of a ``color``/``compress`` report as a pandas
+    DataFrame, one row per layer entry (as WeightWatcher's ``analyze()``):
+
+    ``layer`` the ONNX node reading the weight (a torch export's module path),
+    ``weight`` its weight tensor, ``group`` the tied group it belongs to,
+    ``op``, ``units`` (its output units), ``classes`` (fibers, or the classes
+    of the chosen symmetry), ``kept`` (units in the base), ``kept_fraction``,
+    ``params_before`` / ``params_after`` (elements of the weight tensor in
+    the model and in its base), ``eps`` (0 = exact) and the ``metric`` that
+    ran, ``output_layer``.  ``df.to_csv(path)`` gives the CSV of ``--csv``."""
+    import pandas as pd
+
+    rows = []
+    for ly in report.get("layers", []):
+        c = ly.get("criterion") or {}
+        rows.append({"layer": ly.get("node", ly["weight"]), "weight": ly["weight"],
+                     "group": ly.get("group", ly["weight"]), "op": ly.get("op", ly.get("kind", "")),
+                     "units": int(ly["nodes_before"]), "classes": len(ly["fibers"]),
+                     "kept": int(ly["nodes_after"]),
+                     "kept_fraction": ly["nodes_after"] / max(ly["nodes_before"], 1),
+                     "params_before": ly.get("weight_params"), "params_after": ly.get("weight_params_after"),
+                     "eps": float(c.get("eps", 0.0)), "metric": "exact" if c.get("exact") or not c
+                     else c.get("metric", ""), "output_layer": bool(ly.get("output_layer", False))})
+    df = pd.DataFrame(rows, columns=LAYER_COLUMNS)
+    for col in ("params_before", "params_after"):
+        df[col] = df[col].astype("Int64")
+    return df

@@ -9,6 +9,7 @@ This is the Python API behind the CLI::
     report, imp, col = color_model("model.onnx", symmetry="fibration", eps=0.1)
     report = compress_model("model.onnx", "small.onnx", eps=0.0, verify=True)
     scores = evaluate("small.onnx", "test.npz")
+    df = layer_table(report)        # per-layer results as a pandas DataFrame
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import os
 from fibgraph.engine import DEFAULT_RTOL
 from fibgraph.errors import InputError
 from fibgraph.fileio import write_atomic, write_json_atomic
+from fibgraph.report import layer_table
 
 from .criteria import (COMPRESS_SYMMETRIES, check_eps, check_options, criteria_from_table, make_criteria,
                        read_eps_table)
@@ -26,7 +28,7 @@ from .onnx.runtime import (check_loads, count_params, data_feeds, evaluate, load
 __all__ = ["color_model", "compress_model", "import_any", "evaluate", "verify_models", "count_params",
            "load_data", "data_feeds", "probe_feeds", "session", "check_loads", "make_criteria",
            "criteria_from_table", "read_eps_table", "check_eps", "check_options", "atomic_write_bytes",
-           "atomic_write_json", "COMPRESS_SYMMETRIES"]
+           "atomic_write_json", "COMPRESS_SYMMETRIES", "layer_table"]
 
 
 def import_any(path, data=None):

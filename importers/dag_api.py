@@ -159,6 +159,35 @@ def _layers(imp, col, gid=None, kept=None, why=None):
     return layers
 
 
+def _layer_params(imp, base, layers):
+    """Per layer entry: ``node`` (the ONNX node reading the weight: the torch
+    module's path in an export), ``weight_params`` and ``weight_params_after``
+    (elements of the weight tensor in the original and in the base; the base's
+    copy is the writer's ``<weight>__base<k>``, or the weight itself when the
+    base keeps it as it is)."""
+    import re
+
+    node_of = {}
+    for rec in imp.records:
+        for w in (getattr(rec, "weight", None), getattr(rec, "W", None), getattr(rec, "R", None)):
+            if w:
+                node_of.setdefault(w, rec.node)
+    before = {t.name: int(np.prod(t.dims)) for t in imp.model.graph.initializer}
+    after = {}
+    if base is not None:
+        for t in base.graph.initializer:
+            m = re.fullmatch(r"(.*)__base\d+", t.name)
+            after.setdefault(m.group(1) if m else t.name, int(np.prod(t.dims)))
+    for ly in layers:
+        w = ly["weight"]
+        ly["node"] = node_of.get(w) or w
+        n0 = before.get(w)
+        if n0 is None and w in imp.consts:          # a Constant node's tensor
+            n0 = int(np.asarray(imp.consts[w]).size)
+        ly["weight_params"] = n0
+        ly["weight_params_after"] = n0 if base is None else after.get(w, n0)
+
+
 def _barriers(imp, total):
     return [{**b, "share": (b["params"] / total) if total else 0.0} for b in imp.barriers]
 
@@ -181,6 +210,7 @@ def color_dag_model(path, symmetry="fibration", eps=0.0, eps_table=None, linkage
     else:
         report["params_after"] = total
         report["layers"] = _layers(imp, col)
+    _layer_params(imp, col.base[0] if col.base is not None else None, report["layers"])
     report["barriers"] = _barriers(imp, total)
     report["nodes"] = int(imp.graph.n)
     report["colors"] = int(col.labels.max() + 1) if col.labels.size else 0

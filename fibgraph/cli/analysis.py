@@ -13,6 +13,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..fileio import check_output_path
+from .options import json_option, linkage_option, metric_option, quiet_option
 
 __all__ = ["COMMANDS", "compare", "symmetry_metrics_cmd"]
 
@@ -55,15 +56,15 @@ def _yn(b):
 @click.option("--symmetry", type=click.Choice(SYM_COMPARE), default="fibration", show_default=True,
               help="Partitions compared by ARI / VI (counts are always given for fibers, opfibers, strict covers).")
 @click.option("--eps", type=float, default=0.0, show_default=True, help="Tolerance in [0, 2): 0 = exact.")
-@click.option("--linkage", type=click.Choice(["complete", "average"]), default="average", show_default=True)
-@click.option("--metric", type=click.Choice(["cosine", "euclidean"]), default="cosine", show_default=True)
+@linkage_option
+@metric_option
 @click.option("--rtol", type=float, default=1e-5, show_default=True, help="eps=0: relative rounding tolerance.")
 @click.option("--align", is_flag=True,
               help="Match B's hidden units to A's first (Hungarian on incoming weights); "
                    "needed for independently trained models.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Write the comparison here.")
 def compare(model_a, model_b, symmetry, eps, linkage, metric, rtol, align, json_out):
-    """Compare the symmetries of two ONNX models of the same architecture, weight layer by
+    """Compare the symmetries of two ONNX models MODEL_A and MODEL_B of the same architecture, weight layer by
     weight layer: adjusted Rand index and variation of information of the partitions,
     refinement, counts."""
     from ..compare import compare_views
@@ -106,15 +107,16 @@ def compare(model_a, model_b, symmetry, eps, linkage, metric, rtol, align, json_
               help="Delta threshold(s) for the degree of symmetry (repeatable; default 0.05 0.1 0.15 0.2).")
 @click.option("--normalise", type=click.Choice(["layer", "pair", "none"]), default="layer", show_default=True,
               help="Scale of Delta_ij: the layer's RMS unit norm, the pair's norm, or raw.")
-@click.option("--warn-threshold", type=float, default=0.1, show_default=True)
+@click.option("--warn-threshold", type=float, default=0.1, show_default=True,
+              help="Delta below which two units count as near-duplicates (the dup% column and the warnings).")
 @click.option("--warn-fraction", type=float, default=0.25, show_default=True,
               help="Warn when at least this fraction of a layer's units (a head's directions) are symmetric.")
 @click.option("--heads", type=int, default=1, show_default=True,
               help="Attention heads per Q/K weight pair recognised by name only (double rotation per head); "
                    "attention found in the graph is split into its heads automatically.")
-@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None)
+@json_option("the metrics")
 def symmetry_metrics_cmd(model, thresholds, normalise, warn_threshold, warn_fraction, heads, json_out):
-    """Per-layer parameter-symmetry metrics (position paper A.1): degree of permutation
+    """Per-layer parameter-symmetry metrics of MODEL (.onnx; position paper A.1): degree of permutation
     symmetry N_dos, near-duplicate units, spectral norm and stable rank of dense layers;
     double rotation per attention head (attention found in the graph: score MatMul ->
     Softmax -> MatMul with V, traced back to the Q/K projections) and for Q/K weight

@@ -10,6 +10,7 @@ import click
 
 from ..errors import InputError
 from ..fileio import check_output_path
+from .options import json_option, linkage_option, metric_option, quiet_option
 
 __all__ = ["COMMANDS", "tune", "compare_methods_cmd", "retune_cmd"]
 
@@ -46,9 +47,10 @@ def _parse_eps_list(text):
 @click.option("--tau", type=float, default=0.01, show_default=True,
               help="Allowed relative loss increase: loss <= (1 + tau) * original loss.")
 @click.option("--steps", type=int, default=10, show_default=True,
-              help="Bisection steps per layer (resolution 2 / 2**steps).")
-@click.option("--linkage", type=click.Choice(["complete", "average"]), default="average", show_default=True)
-@click.option("--metric", type=click.Choice(["cosine", "euclidean"]), default="cosine", show_default=True)
+              help="Bisection steps per layer (resolution 2 / 2**steps; retune uses 8, running this search "
+                   "once per round).")
+@linkage_option
+@metric_option
 @click.option("--no-rescale", is_flag=True, help="Disable the rescaling merge of proportional rows.")
 @click.option("-o", "--output", "out", type=click.Path(dir_okay=False), required=True,
               help="Eps file to write (JSON {layer weight name: eps}).")
@@ -56,7 +58,7 @@ def _parse_eps_list(text):
               help="Write the full report (every evaluation) here.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def tune(model, data, tau, steps, linkage, metric, no_rescale, out, report_out, no_progress):
-    """Greedy per-layer eps (Algorithm 3): for each layer in turn, the largest
+    """Greedy per-layer eps of MODEL (Algorithm 3): for each layer in turn, the largest
     eps keeping the calibration loss <= (1 + tau) * the original loss."""
     from fibgraph.importers.api import atomic_write_json
     from fibgraph.importers.tuning import make_compressor, tune_model
@@ -127,18 +129,18 @@ def tune(model, data, tau, steps, linkage, metric, no_rescale, out, report_out, 
               help="Comma-separated tolerances, one fibration point each.")
 @click.option("--eps-file", "eps_files", multiple=True, type=click.Path(dir_okay=False),
               help="Also a point per eps file (e.g. from 'fibgraph tune'); repeatable.")
-@click.option("--linkage", type=click.Choice(["complete", "average"]), default="average", show_default=True)
-@click.option("--metric", type=click.Choice(["cosine", "euclidean"]), default="cosine", show_default=True)
+@linkage_option
+@metric_option
 @click.option("--no-rescale", is_flag=True, help="Disable the rescaling merge of proportional rows.")
 @click.option("--methods", default="random,l2,l1,fold", show_default=True,
               help="Baselines, comma-separated: random, l2, l1, fold.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of random pruning and k-means.")
 @click.option("-o", "--output", "plot_out", type=click.Path(dir_okay=False), default=None,
               help="Plot of accuracy against parameters kept (.png or .svg).")
-@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None)
+@json_option("every row")
 def compare_methods_cmd(model, data, eps_text, eps_files, linkage, metric, no_rescale, methods, seed,
                         plot_out, json_out):
-    """Fibration compression against random, L2 and L1 pruning and k-means
+    """Fibration compression of MODEL against random, L2 and L1 pruning and k-means
     folding, all at the fibration base's node counts per layer."""
     from fibgraph.importers.api import atomic_write_json
     from fibgraph.importers.compare import METHOD_LABELS, compare_methods, plot_comparison
@@ -193,22 +195,26 @@ def compare_methods_cmd(model, data, eps_text, eps_files, linkage, metric, no_re
 @click.option("--q", type=float, default=1.05, show_default=True, help="Over-compression factor of the eps.")
 @click.option("--eps-floor", type=float, default=0.0, show_default=True,
               help="Over-compress every layer with at least this eps (0: as the paper).")
-@click.option("--max-iters", type=int, default=10, show_default=True)
-@click.option("--steps", type=int, default=8, show_default=True, help="Bisection steps per layer.")
-@click.option("--lr", type=float, default=1e-3, show_default=True)
-@click.option("--batch", type=int, default=100, show_default=True)
-@click.option("--max-epochs", type=int, default=50, show_default=True)
-@click.option("--patience", type=int, default=3, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--linkage", type=click.Choice(["complete", "average"]), default="average", show_default=True)
-@click.option("--metric", type=click.Choice(["cosine", "euclidean"]), default="cosine", show_default=True)
+@click.option("--max-iters", type=int, default=10, show_default=True,
+              help="Most compress-retune rounds.")
+@click.option("--steps", type=int, default=8, show_default=True,
+              help="Bisection steps per layer of each round's greedy eps (8, not tune's 10: the search runs "
+                   "once per round; resolution 2 / 2**steps).")
+@click.option("--lr", type=float, default=1e-3, show_default=True, help="Adam learning rate of the retuning.")
+@click.option("--batch", type=int, default=100, show_default=True, help="Mini-batch size of the retuning.")
+@click.option("--max-epochs", type=int, default=50, show_default=True, help="Most epochs of retuning per round.")
+@click.option("--patience", type=int, default=3, show_default=True,
+              help="Early stopping: epochs without a better --val loss.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the mini-batch order.")
+@linkage_option
+@metric_option
 @click.option("-o", "--output", "out", type=click.Path(dir_okay=False), required=True,
               help="The compressed, retuned ONNX model.")
 @click.option("--report", "report_out", type=click.Path(dir_okay=False), default=None,
               help="Write every round (eps, parameters, losses) here as JSON.")
 def retune_cmd(model, train_path, val_path, check_path, rho, tau, q, eps_floor, max_iters, steps, lr, batch,
                max_epochs, patience, seed, linkage, metric, out, report_out):
-    """Compress-retune (Algorithm 2): greedy eps, over-compress by q, retune the
+    """Compress-retune of MODEL (Algorithm 2): greedy eps, over-compress by q, retune the
     base (as a torch module of the base's shapes) with early stopping; repeat
     while the loss stays within (1 + rho) of the original's."""
     from fibgraph.importers.api import atomic_write_bytes, atomic_write_json, load_data
