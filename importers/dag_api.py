@@ -42,6 +42,7 @@ import onnx
 from fibgraph.errors import InputError
 from fibgraph.partition import canonical, classes
 from fibgraph.engine import DEFAULT_RTOL, Tolerance
+from fibgraph.progress import task
 from fibgraph.symmetry import colour
 
 from .onnx.groups import groups_of, weight_uses
@@ -269,16 +270,23 @@ def verify_dag(a, b, imp, data=None, seed=0, repeats=3, batch=64):
     what was fed to each input."""
     import onnxruntime as ort
 
-    from .onnx.feeds import describe, input_specs, short_error
+    from .onnx.feeds import input_specs
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
     sa = ort.InferenceSession(a.SerializeToString(), so, providers=["CPUExecutionProvider"])
     sb = ort.InferenceSession(b.SerializeToString(), so, providers=["CPUExecutionProvider"])
     names = [i.name for i in sa.get_inputs()]
-    diff, scale = 0.0, 0.0
     runs = 1 if data is not None else repeats
     specs = input_specs(imp.model)
+    with task("verifying: both models on the same inputs", total=runs) as advance:
+        return _verify_runs(sa, sb, names, imp, data, seed, runs, batch, specs, advance)
+
+
+def _verify_runs(sa, sb, names, imp, data, seed, runs, batch, specs, advance):
+    from .onnx.feeds import describe, short_error
+
+    diff, scale = 0.0, 0.0
     for r in range(runs):
         drawn = _feeds_like(imp, seed + r, data, specs, batch=batch)
         feeds = {k: v for k, v in drawn.items() if k in names}
@@ -299,11 +307,13 @@ def verify_dag(a, b, imp, data=None, seed=0, repeats=3, batch=64):
             if p.size:
                 diff = max(diff, float(np.max(np.abs(p - q))))
                 scale = max(scale, float(np.max(np.abs(p))))
-    if data is not None:
-        return {"max_abs_diff": diff, "max_abs_output": scale, "inputs": "data"}
+        advance(1)
     n = int(next((np.shape(v)[0] for v in feeds.values() if np.ndim(v)), 1))
-    return {"max_abs_diff": diff, "max_abs_output": scale, "inputs": describe(feeds, specs, drawn.given),
-            "draws": runs, "seed": seed, "n": n}
+    rel = diff / scale if scale > 0 else (0.0 if diff == 0 else float("inf"))
+    if data is not None:
+        return {"max_abs_diff": diff, "max_abs_output": scale, "rel_diff": rel, "inputs": "data", "n": n}
+    return {"max_abs_diff": diff, "max_abs_output": scale, "rel_diff": rel,
+            "inputs": describe(feeds, specs, drawn.given), "draws": runs, "seed": seed, "n": n}
 
 
 def compress_dag_model(path, out, symmetry="fibration", eps=0.0, eps_table=None, linkage="average",

@@ -11,6 +11,7 @@ import sys
 import click
 
 from ..errors import InputError
+from ..progress import shown
 from .options import json_option, linkage_option, metric_option, quiet_option
 
 SYM_MODEL = ["fibration", "opfibration", "opfibration-flavoured", "covering", "covering-strict",
@@ -42,12 +43,14 @@ def cli():
 @cli.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 @json_option("the layers and what is supported")
-def inspect(model, json_out):
+@quiet_option()
+def inspect(model, json_out, quiet):
     """Layers, op types, parameter count of MODEL (.onnx) and what is supported."""
     from fibgraph.importers.inspect import inspect_model
 
     _check_json_out(model, json_out)
-    info = inspect_model(model)
+    with shown(quiet):
+        info = inspect_model(model)
     if json_out:
         from fibgraph.importers.api import atomic_write_json
 
@@ -66,7 +69,9 @@ def inspect(model, json_out):
               help=".npz with sample inputs (one array per input name, or x) for models read as a hypergraph.")
 @click.option("--csv", "csv_out", type=click.Path(dir_okay=False), default=None,
               help="Also write the per-layer table (layer, group, units, classes, kept, params, eps) as CSV.")
-def color(model, symmetry, eps, eps_file, linkage, metric, no_rescale, rtol, json_out, graphml_out, data, csv_out):
+@quiet_option()
+def color(model, symmetry, eps, eps_file, linkage, metric, no_rescale, rtol, json_out, graphml_out, data, csv_out,
+          quiet):
     """Colour MODEL (.onnx) or a graph (.edgelist/.txt/.graphml/.gml) by a symmetry."""
     if not model.lower().endswith(".onnx"):
         if model.lower().endswith(GRAPH_EXT):
@@ -85,7 +90,9 @@ def color(model, symmetry, eps, eps_file, linkage, metric, no_rescale, rtol, jso
     _check_json_out(model, json_out)
     _check_json_out(model, graphml_out)
     _check_json_out(model, csv_out)
-    report, _, col = color_model(model, symmetry, eps, eps_file, linkage, metric, not no_rescale, rtol, data=data)
+    with shown(quiet):
+        report, _, col = color_model(model, symmetry, eps, eps_file, linkage, metric, not no_rescale, rtol,
+                                     data=data)
     print_colour_report(report)
     if json_out:
         atomic_write_json(json_out, report)
@@ -111,8 +118,9 @@ def color(model, symmetry, eps, eps_file, linkage, metric, no_rescale, rtol, jso
               help="Also write the per-layer report (and the verification) as JSON to this file.")
 @click.option("--csv", "csv_out", type=click.Path(dir_okay=False), default=None,
               help="Also write the per-layer table (layer, group, units, classes, kept, params, eps) as CSV.")
+@quiet_option()
 def compress(model, out, symmetry, eps, eps_file, linkage, metric, no_rescale, rtol, verify, data, report_out,
-             csv_out):
+             csv_out, quiet):
     """Compress MODEL to its base network and write it to OUT (ONNX)."""
     from fibgraph.importers.api import atomic_write_json, compress_model
     from ..report import print_colour_report
@@ -123,13 +131,38 @@ def compress(model, out, symmetry, eps, eps_file, linkage, metric, no_rescale, r
         raise InputError("--report and -o name the same file")
     if csv_out and os.path.abspath(csv_out) in (os.path.abspath(out), os.path.abspath(report_out or out)):
         raise InputError("--csv names the same file as -o or --report")
-    report = compress_model(model, out, symmetry, eps, eps_file, linkage, metric, not no_rescale, rtol,
-                            verify=verify, data=data)
+    with shown(quiet):
+        report = compress_model(model, out, symmetry, eps, eps_file, linkage, metric, not no_rescale, rtol,
+                                verify=verify, data=data)
     print_colour_report(report)
     if report_out:
         atomic_write_json(report_out, report)
     _write_csv(csv_out, report)
+    for line in _next_steps(model, out, report, eps, eps_file, verify or data is not None, data, csv_out,
+                            report_out):
+        click.echo(line)
 
+
+def _next_steps(model, out, report, eps, eps_file, verified, data, csv_out, report_out):
+    """What the compression gave and what to run next, as lines never wrapped
+    (the commands in them are ready to paste)."""
+    import shlex
+
+    q = shlex.quote
+    pb, pa = report["params_before"], report["params_after"]
+    written = [p for p in (report_out, csv_out) if p]
+    lines = [f"wrote {out}" + (f" (and {', '.join(written)})" if written else "")]
+    if eps == 0 and not eps_file and pa >= 0.995 * pb:
+        what = "no exact fibers" if pa >= pb else f"almost no exact fibers (only {1 - pa / max(pb, 1):.2%} smaller)"
+        lines.append(f"{what}: try --keep F or `fibgraph tune {q(model)} --data CAL.npz -o eps.json` "
+                     f"(then `fibgraph compress {q(model)} --eps-file eps.json -o {q(out)} --verify`), "
+                     "or a tolerance: --eps 0.1")
+    elif not verified:
+        lines.append(f"next: check it with `fibgraph compress {q(model)} -o {q(out)} --verify` (outputs "
+                     f"compared) or `fibgraph eval {q(out)} --data TEST.npz` (accuracy and loss)")
+    elif data is None:
+        lines.append(f"next: accuracy and loss with `fibgraph eval {q(out)} --data TEST.npz`")
+    return lines
 
 def _write_csv(path, report):
     if path:
@@ -145,12 +178,14 @@ def _write_csv(path, report):
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="onnxruntime execution provider.")
 @json_option("the scores")
-def eval_cmd(model, data, device, json_out):
+@quiet_option()
+def eval_cmd(model, data, device, json_out, quiet):
     """Accuracy and mean cross-entropy of MODEL on DATA (onnxruntime)."""
     from fibgraph.importers.api import atomic_write_json, evaluate
 
     _check_json_out(model, json_out)
-    res = evaluate(model, data, device=device)
+    with shown(quiet):
+        res = evaluate(model, data, device=device)
     click.echo(f"accuracy {res['accuracy']:.4f}  loss {res['loss']:.4f}  n {res['n']}  "
                f"(output {res['output']!r} as {res['output_kind']}, {device})")
     if json_out:
