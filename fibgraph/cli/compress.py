@@ -99,7 +99,7 @@ def tune(model, data, tau, steps, linkage, metric, no_rescale, out, report_out, 
         how = f"{linkage} linkage; " + "; ".join(report["notes"])
     else:
         how = f"{linkage} linkage, {metric}" + (", rescaling merge" if not no_rescale else "")
-    console.print(f"{model}: greedy eps ({report['graph']}; tau {tau:g}, {how})")
+    console.print(f"{model}: greedy eps ({report['graph']}; tau {tau:g}, {how})", soft_wrap=True)
     t = Table()
     for c in ("layer (weight)", "eps", "nodes", "kept"):
         t.add_column(c, justify="left" if c.startswith("layer") else "right")

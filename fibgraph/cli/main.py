@@ -228,12 +228,14 @@ def hierarchy(graph):
 @cli.command()
 @click.option("--out-dir", type=click.Path(file_okay=False), default="fibgraph-demo", show_default=True,
               help="Folder for the demo's models, reports and pictures.")
-def demo(out_dir):
+@quiet_option()
+def demo(out_dir, quiet):
     """The whole job on the bundled digits model: colour at several tolerances,
     compress, verify, evaluate, print a table, draw the coloured graph."""
     from .demo import run_demo
 
-    run_demo(out_dir)
+    with shown(quiet):
+        run_demo(out_dir)
 
 
 def _register_extra_commands():
