@@ -63,6 +63,7 @@ class _Display:
                                  transient=self.console.is_terminal, redirect_stdout=both_tty,
                                  redirect_stderr=False)
         self.lock = threading.Lock()
+        self.rows = {}          # top-level description -> its task id (a stage run again reuses its row)
         self.started = self.closed = False
         self.timer = None
         if delay <= 0:
@@ -129,7 +130,13 @@ def task(description, total=None):
             _depth.reset(token)
         return
     p = d.progress
-    tid = p.add_task(description, total=total)
+    tid = d.rows.get(description) if depth == 0 else None
+    if tid is not None and p.tasks[[x.id for x in p.tasks].index(tid)].finished:
+        p.reset(tid, total=total, start=True)     # the same stage again (compare: two models): one row
+    else:
+        tid = p.add_task(description, total=total)
+        if depth == 0:
+            d.rows[description] = tid
 
     def advance(n=1, description=None, total=None):
         kw = {}

@@ -156,8 +156,12 @@ def test_progress_helper_is_a_no_op_outside_shown_and_silent_when_quiet():
             advance(1)
         with task("uncounted stage") as adv:
             adv()
+        for _ in range(3):                                  # a stage run again keeps one row
+            with task("repeated stage", total=4) as adv:
+                adv(4)
     text = buf.getvalue()
     assert "outer stage" in text and "2/2" in text and "uncounted stage" in text
+    assert text.count("repeated stage") == 1 and "4/4" in text
     assert "inner stage" not in text                      # finished nested stages leave no row
     buf = io.StringIO()
     with shown(quiet=True):
@@ -270,6 +274,12 @@ def test_a_model_with_its_weights_behind_an_if_gets_a_sentence_not_an_empty_tabl
     assert rc == 0, err
     assert "no weight layer to colour" in so and "If at" in so and "fibgraph inspect" in so
     assert "layer (weight)" not in so                          # no table headers without rows
+    rc, so, err = cli(capsys, "inspect", path)
+    assert rc == 0, err
+    assert "compressible weights: none" in so and "homogeneous" not in so
+    rc, so, err = cli(capsys, "compare", path, path)
+    assert rc == 0, err
+    assert "no weight layer to compare" in so and "ARI" not in so
 
 
 def test_compare_methods_drops_eps_points_with_the_same_base(tmp_path, capsys):
