@@ -9,14 +9,18 @@ This is the Python API behind the CLI::
     report, imp, col = color_model("model.onnx", symmetry="fibration", eps=0.1)
     report = compress_model("model.onnx", "small.onnx", eps=0.0, verify=True)
     scores = evaluate("small.onnx", "test.npz")
+    df = layer_table(report)        # per-layer results as a pandas DataFrame
 """
 from __future__ import annotations
 
 import os
 
+import numpy as np
+
 from fibgraph.engine import DEFAULT_RTOL
 from fibgraph.errors import InputError
 from fibgraph.fileio import write_atomic, write_json_atomic
+from fibgraph.report import layer_table
 
 from .criteria import (COMPRESS_SYMMETRIES, check_eps, check_options, criteria_from_table, make_criteria,
                        read_eps_table)
@@ -26,7 +30,7 @@ from .onnx.runtime import (check_loads, count_params, data_feeds, evaluate, load
 __all__ = ["color_model", "compress_model", "import_any", "evaluate", "verify_models", "count_params",
            "load_data", "data_feeds", "probe_feeds", "session", "check_loads", "make_criteria",
            "criteria_from_table", "read_eps_table", "check_eps", "check_options", "atomic_write_bytes",
-           "atomic_write_json", "COMPRESS_SYMMETRIES"]
+           "atomic_write_json", "COMPRESS_SYMMETRIES", "layer_table", "scores_on_data"]
 
 
 def import_any(path, data=None):
@@ -75,8 +79,38 @@ def compress_model(path, out, symmetry="fibration", eps=0.0, eps_file=None, link
 
     eps = check_options(eps, linkage, metric)
     _, dag = import_any(path, data)
-    return compress_dag_model(path, out, symmetry, eps, _dag_eps_table(dag, eps_file), linkage, metric, rtol,
-                              verify=verify, data=data, seed=seed, imp=dag, rescale=rescale)
+    report = compress_dag_model(path, out, symmetry, eps, _dag_eps_table(dag, eps_file), linkage, metric, rtol,
+                                verify=verify, data=data, seed=seed, imp=dag, rescale=rescale)
+    if data is not None and "verify" in report:
+        sc = scores_on_data(dag.model, load_onnx(out), data)
+        if sc is not None:
+            report["verify"]["scores"] = sc
+    return report
+
+
+def scores_on_data(original, base, data):
+    """Accuracy and mean cross-entropy of the original and the base on
+    ``data`` (an .npz with labels ``y``): ``{"original": {...}, "base": {...}}``;
+    None when the file has no ``y``; ``{"error": why}`` when the model is not
+    a classifier these labels fit."""
+    from .compare_dag import eval_data, evaluate_any
+
+    try:
+        with np.load(data, allow_pickle=False) as z:
+            if "y" not in z.files:
+                return None
+            xy = (z["x"] if "x" in z.files else None, z["y"])
+    except Exception:
+        return None                  # data_feeds reported the unreadable file already
+    try:
+        ev = eval_data(original, data, xy)
+        if ev[0] is None:
+            return {"error": "no array x for the model's input"}
+        r0, r1 = evaluate_any(original, ev), evaluate_any(base, ev)
+    except InputError as e:
+        return {"error": str(e)}
+    keep = ("accuracy", "loss", "n")
+    return {"original": {k: r0[k] for k in keep}, "base": {k: r1[k] for k in keep}}
 
 
 def _check_out_path(inp, out):

@@ -42,9 +42,11 @@ from fibgraph.baselines import METHODS, PRUNING, kmeans_labels, prune_scores
 from fibgraph.errors import InputError
 from fibgraph.partition import canonical
 
+from fibgraph.progress import task
+
 from .onnx.write import group_columns, write_dag_base
 
-__all__ = ["DagMethods", "compare_dag_methods"]
+__all__ = ["DagMethods", "compare_dag_methods", "eval_data", "evaluate_any"]
 
 
 class DagMethods:
@@ -195,7 +197,7 @@ class DagMethods:
         return m2, kept
 
 
-def _feeds_eval(model, data, xy):
+def eval_data(model, data, xy):
     """Evaluation data: ``(x, y)`` for a model with one floating-point input;
     ``(feeds, y)`` for several inputs (the npz's arrays per input name,
     ``data_feeds``) or an integer input (token ids: x cast to its type)."""
@@ -258,7 +260,7 @@ def compare_dag_methods(model, imp, data, xy, eps_list, eps_files=(), linkage="a
 
     dm = DagMethods(imp)
     names = [u.weight for u, _ in weight_uses(imp)]
-    data_eval = _feeds_eval(imp.model, data, xy)
+    data_eval = eval_data(imp.model, data, xy)
     p0 = count_params(imp.model)
     r0 = evaluate_any(imp.model, data_eval)
     all_kept = np.ones(imp.graph.n, dtype=bool)
@@ -270,30 +272,50 @@ def compare_dag_methods(model, imp, data, xy, eps_list, eps_files=(), linkage="a
         table = {k: check_eps(v, f"{p}[{k!r}]") for k, v in table.items()}
         points.append((f"eps-file {os.path.basename(p)}", table, 0.0, table))
     kept_whole = set()
-    for label, eps_report, eps, table in points:
-        # as reported (fibgraph.importers.compare): the magnitude-aware distance, no rescaling merge
-        col = colour_dag(imp, "fibration", eps, table, linkage, "euclidean", rescale=False)
-        m_fib, _, kept, why = write_dag_base(imp, col.labels, scales=col.scales)
-        kept_whole.update(w for w in why if w)
-        counts = dm.class_counts(kept)
-        nodes = dm.entry_counts(kept)
-        variants = [("fibration", m_fib, kept)]
-        for meth in methods:
-            m2, k2 = dm.write(meth, counts, seed)
-            variants.append((meth, m2, k2))
-        for meth, m2, k2 in variants:
-            got = dm.entry_counts(k2)
-            assert got == nodes, f"{meth}: nodes per weight {got} != fibration's {nodes}"
-            assert np.array_equal(dm.class_counts(k2), counts), f"{meth}: kept columns per class differ"
-            r = evaluate_any(m2, data_eval)
-            pk = count_params(m2)
-            rows.append({"method": meth, "point": label, "eps": eps_report, "nodes": got,
-                         "params": pk, "params_kept": pk / p0, "accuracy": r["accuracy"], "loss": r["loss"]})
-            if on_point is not None:
-                on_point(rows[-1])
+    dropped = []                     # eps points whose base is the previous eps point's
+    prev = None
+    with task(f"compare-methods: {len(points)} points x {1 + len(methods)} models",
+              total=len(points) * (1 + len(methods))) as advance:
+        for label, eps_report, eps, table in points:
+            # as reported (fibgraph.importers.compare): the magnitude-aware distance, no rescaling merge
+            col = colour_dag(imp, "fibration", eps, table, linkage, "euclidean", rescale=False)
+            m_fib, gid, kept, why = write_dag_base(imp, col.labels, scales=col.scales)
+            key = (gid.tobytes(), kept.tobytes())
+            if table is None and prev is not None and key == prev[1]:
+                dropped.append({"point": label, "eps": eps_report, "same_as": prev[0]})
+                advance(1 + len(methods))
+                continue
+            if table is None:
+                prev = (label, key)
+            kept_whole.update(w for w in why if w)
+            _point_rows(dm, imp, m_fib, kept, label, eps_report, methods, seed, data_eval, p0, rows, on_point,
+                        advance)
     notes = ["hypergraph path: eps > 0 clusters with the magnitude-aware euclidean distance "
              "(no rescaling merge); pruned models drop units (LayerNorm, means and softmax over the kept "
              "ones), merged ones (fibration, folding) carry their multiplicities as constants, counted "
              "as parameters"] + [f"kept whole: {w}" for w in sorted(kept_whole)]
     return {"graph": "hypergraph", "layers": [w for w, _ in dm.entries], "params_before": p0,
-            "rows": rows, "notes": notes}
+            "rows": rows, "notes": notes, "dropped": dropped}
+
+
+def _point_rows(dm, imp, m_fib, kept, label, eps_report, methods, seed, data_eval, p0, rows, on_point, advance):
+    """The rows of one point: the fibration base and every baseline at its counts."""
+    from .onnx.runtime import count_params
+
+    counts = dm.class_counts(kept)
+    nodes = dm.entry_counts(kept)
+    variants = [("fibration", m_fib, kept)]
+    for meth in methods:
+        m2, k2 = dm.write(meth, counts, seed)
+        variants.append((meth, m2, k2))
+    for meth, m2, k2 in variants:
+        got = dm.entry_counts(k2)
+        assert got == nodes, f"{meth}: nodes per weight {got} != fibration's {nodes}"
+        assert np.array_equal(dm.class_counts(k2), counts), f"{meth}: kept columns per class differ"
+        r = evaluate_any(m2, data_eval)
+        pk = count_params(m2)
+        rows.append({"method": meth, "point": label, "eps": eps_report, "nodes": got,
+                     "params": pk, "params_kept": pk / p0, "accuracy": r["accuracy"], "loss": r["loss"]})
+        advance(1, f"compare-methods: {label}, {meth}")
+        if on_point is not None:
+            on_point(rows[-1])

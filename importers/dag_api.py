@@ -42,6 +42,7 @@ import onnx
 from fibgraph.errors import InputError
 from fibgraph.partition import canonical, classes
 from fibgraph.engine import DEFAULT_RTOL, Tolerance
+from fibgraph.progress import task
 from fibgraph.symmetry import colour
 
 from .onnx.groups import groups_of, weight_uses
@@ -166,6 +167,35 @@ def _layers(imp, col, gid=None, kept=None, why=None):
     return layers
 
 
+def _layer_params(imp, base, layers):
+    """Per layer entry: ``node`` (the ONNX node reading the weight: the torch
+    module's path in an export), ``weight_params`` and ``weight_params_after``
+    (elements of the weight tensor in the original and in the base; the base's
+    copy is the writer's ``<weight>__base<k>``, or the weight itself when the
+    base keeps it as it is)."""
+    import re
+
+    node_of = {}
+    for rec in imp.records:
+        for w in (getattr(rec, "weight", None), getattr(rec, "W", None), getattr(rec, "R", None)):
+            if w:
+                node_of.setdefault(w, rec.node)
+    before = {t.name: int(np.prod(t.dims)) for t in imp.model.graph.initializer}
+    after = {}
+    if base is not None:
+        for t in base.graph.initializer:
+            m = re.fullmatch(r"(.*)__base\d+", t.name)
+            after.setdefault(m.group(1) if m else t.name, int(np.prod(t.dims)))
+    for ly in layers:
+        w = ly["weight"]
+        ly["node"] = node_of.get(w) or w
+        n0 = before.get(w)
+        if n0 is None and w in imp.consts:          # a Constant node's tensor
+            n0 = int(np.asarray(imp.consts[w]).size)
+        ly["weight_params"] = n0
+        ly["weight_params_after"] = n0 if base is None else after.get(w, n0)
+
+
 def _barriers(imp, total):
     return [{**b, "share": (b["params"] / total) if total else 0.0} for b in imp.barriers]
 
@@ -188,6 +218,7 @@ def color_dag_model(path, symmetry="fibration", eps=0.0, eps_table=None, linkage
     else:
         report["params_after"] = total
         report["layers"] = _layers(imp, col)
+    _layer_params(imp, col.base[0] if col.base is not None else None, report["layers"])
     report["barriers"] = _barriers(imp, total)
     report["nodes"] = int(imp.graph.n)
     report["colors"] = int(col.labels.max() + 1) if col.labels.size else 0
@@ -246,16 +277,23 @@ def verify_dag(a, b, imp, data=None, seed=0, repeats=3, batch=64):
     what was fed to each input."""
     import onnxruntime as ort
 
-    from .onnx.feeds import describe, input_specs, short_error
+    from .onnx.feeds import input_specs
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
     sa = ort.InferenceSession(a.SerializeToString(), so, providers=["CPUExecutionProvider"])
     sb = ort.InferenceSession(b.SerializeToString(), so, providers=["CPUExecutionProvider"])
     names = [i.name for i in sa.get_inputs()]
-    diff, scale = 0.0, 0.0
     runs = 1 if data is not None else repeats
     specs = input_specs(imp.model)
+    with task("verifying: both models on the same inputs", total=runs) as advance:
+        return _verify_runs(sa, sb, names, imp, data, seed, runs, batch, specs, advance)
+
+
+def _verify_runs(sa, sb, names, imp, data, seed, runs, batch, specs, advance):
+    from .onnx.feeds import describe, short_error
+
+    diff, scale = 0.0, 0.0
     for r in range(runs):
         drawn = _feeds_like(imp, seed + r, data, specs, batch=batch)
         feeds = {k: v for k, v in drawn.items() if k in names}
@@ -276,11 +314,13 @@ def verify_dag(a, b, imp, data=None, seed=0, repeats=3, batch=64):
             if p.size:
                 diff = max(diff, float(np.max(np.abs(p - q))))
                 scale = max(scale, float(np.max(np.abs(p))))
-    if data is not None:
-        return {"max_abs_diff": diff, "max_abs_output": scale, "inputs": "data"}
+        advance(1)
     n = int(next((np.shape(v)[0] for v in feeds.values() if np.ndim(v)), 1))
-    return {"max_abs_diff": diff, "max_abs_output": scale, "inputs": describe(feeds, specs, drawn.given),
-            "draws": runs, "seed": seed, "n": n}
+    rel = diff / scale if scale > 0 else (0.0 if diff == 0 else float("inf"))
+    if data is not None:
+        return {"max_abs_diff": diff, "max_abs_output": scale, "rel_diff": rel, "inputs": "data", "n": n}
+    return {"max_abs_diff": diff, "max_abs_output": scale, "rel_diff": rel,
+            "inputs": describe(feeds, specs, drawn.given), "draws": runs, "seed": seed, "n": n}
 
 
 def compress_dag_model(path, out, symmetry="fibration", eps=0.0, eps_table=None, linkage="average",

@@ -89,7 +89,11 @@ def inspect_dag(path, model, chain_error=""):
         t.add_row(w, op, str(ids.size), "yes" if h else "no", f"{g.name} ({g.kind.value})")
         layers.append({"weight": w, "op": op, "units_out": int(ids.size), "homogeneous": h, "group": g.name,
                        "group_kind": g.kind.value})
-    console.print(t)
+    if layers:
+        console.print(t)
+    else:
+        console.print("compressible weights: none (no linear, conv, embedding or LSTM/GRU weight outside "
+                      "the barriers below), so color and compress keep the model as it is", soft_wrap=True)
     for b in imp.barriers:
         console.print(f"barrier: {b['op']} at node {b['node']!r}: {b['why']} "
                       f"(covers {b['params']:,} parameters, {b['params'] / max(total, 1):.1%})")

@@ -46,6 +46,19 @@ def retune(model, train, val, lr=1e-3, batch=100, max_epochs=50, patience=3, see
     best = module_loss(model, val)[0]
     start = best
     best_state = copy.deepcopy(model.state_dict())
+    from fibgraph.progress import task
+
+    with task(f"retuning (at most {max_epochs} epochs, early stopping)", total=max_epochs) as advance:
+        ep, best_epoch, best, best_state = _epochs(model, x, y, val, g, opt, batch, max_epochs, patience,
+                                                   advance, best, best_state)
+    model.load_state_dict(best_state)
+    model.eval()
+    return {"epochs": ep, "best_epoch": best_epoch, "val_loss": best, "val_loss_start": start}
+
+
+def _epochs(model, x, y, val, g, opt, batch, max_epochs, patience, advance, best, best_state):
+    import torch
+
     best_epoch, bad, ep = 0, 0, 0
     for ep in range(1, max_epochs + 1):
         model.train()
@@ -64,6 +77,5 @@ def retune(model, train, val, lr=1e-3, batch=100, max_epochs=50, patience=3, see
             bad += 1
             if bad >= patience:
                 break
-    model.load_state_dict(best_state)
-    model.eval()
-    return {"epochs": ep, "best_epoch": best_epoch, "val_loss": best, "val_loss_start": start}
+        advance(1, f"retuning: epoch {ep}, val loss {v:.4f} (best {best:.4f})")
+    return ep, best_epoch, best, best_state

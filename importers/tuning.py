@@ -74,9 +74,14 @@ class DagCompressor:
         self.notes = []
         homog = self.imp.graph.homogeneous
         tun = [ids for w, ids, is_out, whole in self._entries if not is_out and not whole]
-        if tun and metric == "cosine" and not all(bool(homog[ids].all()) for ids in tun):
-            self.notes.append("cosine replaced by the magnitude-aware distance where the activation "
-                              "is not positively homogeneous")
+        # tunable layers where cosine is exact (positively homogeneous activations)
+        self.cosine_layers = sum(bool(homog[ids].all()) for ids in tun) if metric == "cosine" else 0
+        if tun and metric == "cosine" and self.cosine_layers == 0:
+            self.notes.append("the euclidean distance on every layer: cosine is exact only for positively "
+                              "homogeneous activations (ReLU family), which no tuned layer has")
+        elif tun and metric == "cosine" and self.cosine_layers < len(tun):
+            self.notes.append(f"cosine on the {self.cosine_layers} positively homogeneous layers (ReLU family), "
+                              "the magnitude-aware euclidean distance on the others (as compress does)")
         if tun and rescale and metric == "cosine" and not any(bool(homog[ids].all()) for ids in tun):
             self.notes.append("no layer licenses the rescaling merge (no positively homogeneous activation)")
 

@@ -13,6 +13,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..fileio import check_output_path
+from .options import json_option, linkage_option, metric_option, quiet_option
 
 __all__ = ["COMMANDS", "compare", "symmetry_metrics_cmd"]
 
@@ -55,8 +56,8 @@ def _yn(b):
 @click.option("--symmetry", type=click.Choice(SYM_COMPARE), default="fibration", show_default=True,
               help="Partitions compared by ARI / VI (counts are always given for fibers, opfibers, strict covers).")
 @click.option("--eps", type=float, default=0.0, show_default=True, help="Tolerance in [0, 2): 0 = exact.")
-@click.option("--linkage", type=click.Choice(["complete", "average"]), default="average", show_default=True)
-@click.option("--metric", type=click.Choice(["cosine", "euclidean"]), default="cosine", show_default=True)
+@linkage_option
+@metric_option
 @click.option("--rtol", type=float, default=1e-5, show_default=True, help="eps=0: relative rounding tolerance.")
 @click.option("--align", is_flag=True,
               help="Match B's hidden units to A's first (Hungarian on incoming weights); "
@@ -65,8 +66,9 @@ def _yn(b):
               help="Also print both models' symmetry hierarchies side by side (as `fibgraph hierarchy`: "
                    "orbits, strict covers, covers, fibers, opfibers per layer); exit 1 on a violation.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Write the comparison here.")
-def compare(model_a, model_b, symmetry, eps, linkage, metric, rtol, align, with_hierarchy, json_out):
-    """Compare the symmetries of two ONNX models of the same architecture, weight layer by
+@quiet_option()
+def compare(model_a, model_b, symmetry, eps, linkage, metric, rtol, align, with_hierarchy, json_out, quiet):
+    """Compare the symmetries of two ONNX models MODEL_A and MODEL_B of the same architecture, weight layer by
     weight layer: adjusted Rand index and variation of information of the partitions,
     refinement, counts."""
     from ..compare import compare_views
@@ -76,9 +78,12 @@ def compare(model_a, model_b, symmetry, eps, linkage, metric, rtol, align, with_
 
     _check_out([model_a, model_b], json_out)
     crit = _criterion(eps, linkage, metric, rtol)
-    va, vb = _load(model_a), _load(model_b)
-    res = compare_views(va, vb, symmetry, crit, align=align,
-                        names=(os.path.basename(model_a), os.path.basename(model_b)))
+    from ..progress import shown
+
+    with shown(quiet):
+        va, vb = _load(model_a), _load(model_b)
+        res = compare_views(va, vb, symmetry, crit, align=align,
+                            names=(os.path.basename(model_a), os.path.basename(model_b)))
     res.update({"model_a": os.fspath(model_a), "model_b": os.fspath(model_b),
                 "criterion": {"eps": eps, **({"linkage": linkage, "metric": metric} if eps else {"rtol": rtol})}})
     t = Table(title=f"{os.path.basename(model_a)} (A) vs {os.path.basename(model_b)} (B): {symmetry}, eps={eps:g}"
@@ -92,6 +97,12 @@ def compare(model_a, model_b, symmetry, eps, linkage, metric, rtol, align, with_
                   str(r["classes_a"]), str(r["classes_b"]), f"{r['ari']:.3f}", f"{r['vi']:.3f}",
                   _yn(r["a_refines_b"]), _yn(r["b_refines_a"]),
                   *(f"{cnt[lev]['a']}/{cnt[lev]['b']}" for lev in res["levels"]))
+    if not res["layers"]:
+        console.print(f"no weight layer to compare in {model_a} and {model_b} (linear, conv, embedding or "
+                      f"LSTM/GRU weights outside control flow); see `fibgraph inspect {model_a}`", soft_wrap=True)
+        if json_out:
+            write_json_atomic(json_out, res)
+        return
     console.print(t)
     hidden = [r for r in res["layers"] if not r["output_layer"]]
     same = sum(r["equal"] for r in hidden)
@@ -125,27 +136,22 @@ def compare(model_a, model_b, symmetry, eps, linkage, metric, rtol, align, with_
               help="Delta threshold(s) for the degree of symmetry (repeatable; default 0.05 0.1 0.15 0.2).")
 @click.option("--normalise", type=click.Choice(["layer", "pair", "none"]), default="layer", show_default=True,
               help="Scale of Delta_ij: the layer's RMS unit norm, the pair's norm, or raw.")
-@click.option("--warn-threshold", type=float, default=0.1, show_default=True)
+@click.option("--warn-threshold", type=float, default=0.1, show_default=True,
+              help="Delta below which two units count as near-duplicates (the dup% column and the warnings).")
 @click.option("--warn-fraction", type=float, default=0.25, show_default=True,
               help="Warn when at least this fraction of a layer's units (a head's directions) are symmetric.")
 @click.option("--heads", type=int, default=1, show_default=True,
               help="Attention heads per Q/K weight pair recognised by name only (double rotation per head); "
                    "attention found in the graph is split into its heads automatically.")
-@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None)
-def symmetry_metrics_cmd(model, thresholds, normalise, warn_threshold, warn_fraction, heads, json_out):
-    """Per-layer parameter-symmetry metrics (position paper A.1): degree of permutation
+@json_option("the metrics")
+@quiet_option()
+def symmetry_metrics_cmd(model, thresholds, normalise, warn_threshold, warn_fraction, heads, json_out, quiet):
+    """Per-layer parameter-symmetry metrics of MODEL (.onnx; position paper A.1): degree of permutation
     symmetry N_dos, near-duplicate units, spectral norm and stable rank of dense layers;
     double rotation per attention head (attention found in the graph: score MatMul ->
     Softmax -> MatMul with V, traced back to the Q/K projections) and for Q/K weight
     pairs recognised by name."""
-    from fibgraph.importers.dag_units import find_qk_pairs
-    from fibgraph.importers.onnx.attention_blocks import attention_metrics, linear_weights
-    from fibgraph.importers.onnx.load import load_onnx
-
-    from ..fileio import write_json_atomic
-    from ..report import console
-    from ..symmetry_metrics import DEFAULT_THRESHOLDS, double_rotation_deltas
-    from rich.table import Table
+    from ..symmetry_metrics import DEFAULT_THRESHOLDS
 
     _check_out([model], json_out)
     thresholds = tuple(thresholds) or DEFAULT_THRESHOLDS
@@ -158,6 +164,22 @@ def symmetry_metrics_cmd(model, thresholds, normalise, warn_threshold, warn_frac
         raise InputError(f"--heads must be at least 1, got {heads}")
     if not os.path.isfile(model):
         raise InputError(f"{model}: no such file")
+    from ..progress import shown
+
+    with shown(quiet):
+        return _symmetry_metrics(model, thresholds, normalise, warn_threshold, warn_fraction, heads, json_out)
+
+
+def _symmetry_metrics(model, thresholds, normalise, warn_threshold, warn_fraction, heads, json_out):
+    from fibgraph.importers.dag_units import find_qk_pairs
+    from fibgraph.importers.onnx.attention_blocks import attention_metrics, linear_weights
+    from fibgraph.importers.onnx.load import load_onnx
+
+    from ..fileio import write_json_atomic
+    from ..report import console
+    from ..symmetry_metrics import double_rotation_deltas
+    from rich.table import Table
+
     onnx_model = load_onnx(model)
     am = attention_metrics(onnx_model, thresholds, relative=True, warn_threshold=warn_threshold,
                            warn_fraction=warn_fraction)

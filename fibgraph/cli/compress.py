@@ -5,11 +5,13 @@ at equal node counts) and ``retune`` (compress-retune, Algorithm 2).  Registered
 from __future__ import annotations
 
 import os
+import shlex
 
 import click
 
 from ..errors import InputError
 from ..fileio import check_output_path
+from .options import json_option, linkage_option, metric_option, quiet_option
 
 __all__ = ["COMMANDS", "tune", "compare_methods_cmd", "retune_cmd"]
 
@@ -46,22 +48,23 @@ def _parse_eps_list(text):
 @click.option("--tau", type=float, default=0.01, show_default=True,
               help="Allowed relative loss increase: loss <= (1 + tau) * original loss.")
 @click.option("--steps", type=int, default=10, show_default=True,
-              help="Bisection steps per layer (resolution 2 / 2**steps).")
-@click.option("--linkage", type=click.Choice(["complete", "average"]), default="average", show_default=True)
-@click.option("--metric", type=click.Choice(["cosine", "euclidean"]), default="cosine", show_default=True)
+              help="Bisection steps per layer (resolution 2 / 2**steps; retune uses 8, running this search "
+                   "once per round).")
+@linkage_option
+@metric_option
 @click.option("--no-rescale", is_flag=True, help="Disable the rescaling merge of proportional rows.")
 @click.option("-o", "--output", "out", type=click.Path(dir_okay=False), required=True,
               help="Eps file to write (JSON {layer weight name: eps}).")
 @click.option("--report", "report_out", type=click.Path(dir_okay=False), default=None,
               help="Write the full report (every evaluation) here.")
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
-def tune(model, data, tau, steps, linkage, metric, no_rescale, out, report_out, no_progress):
-    """Greedy per-layer eps (Algorithm 3): for each layer in turn, the largest
+@quiet_option("--no-progress")
+def tune(model, data, tau, steps, linkage, metric, no_rescale, out, report_out, quiet):
+    """Greedy per-layer eps of MODEL (Algorithm 3): for each layer in turn, the largest
     eps keeping the calibration loss <= (1 + tau) * the original loss."""
     from fibgraph.importers.api import atomic_write_json
     from fibgraph.importers.tuning import make_compressor, tune_model
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from ..progress import shown, task
     from ..report import console
 
     _check_model(model)
@@ -73,29 +76,30 @@ def tune(model, data, tau, steps, linkage, metric, no_rescale, out, report_out, 
         raise InputError(f"--steps must be in 0..40, got {steps}")
     if not (tau >= 0):
         raise InputError(f"--tau must be >= 0, got {tau}")
-    mc = make_compressor(model, linkage, metric, not no_rescale, data=data)
-    if not mc.tunable:
-        raise InputError(f"{model}: no compressible (non-output) layer to tune")
-    total = len(mc.tunable) * (steps + 1)
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=console, disable=no_progress, transient=False) as bar:
-        task = bar.add_task("tuning", total=total)
+    with shown(quiet):
+        mc = make_compressor(model, linkage, metric, not no_rescale, data=data)
+        if not mc.tunable:
+            raise InputError(f"{model}: no compressible (non-output) layer to tune")
+        total = len(mc.tunable) * (steps + 1)
+        done = [0]
+        with task(f"tuning {len(mc.tunable)} layers (ok = loss <= (1+tau) x original)", total=total) as advance:
 
-        def on_step(layer, k, eps, loss, ok):
-            # k = 0: the probe at the top of the range; 1..steps: bisection steps
-            bar.update(task, completed=mc.tunable.index(layer) * (steps + 1) + k + 1,
-                       description=f"{layer}: eps {eps:.4g} loss {loss:.4g} {'ok' if ok else 'over'}")
+            def on_step(layer, k, eps, loss, ok):
+                # k = 0: the probe at the top of the range; 1..steps: bisection steps
+                now = mc.tunable.index(layer) * (steps + 1) + k + 1
+                advance(now - done[0], f"tuning {layer}: eps {eps:.3g} loss {loss:.4g} {'ok' if ok else 'over'}"
+                                       " (ok = <= (1+tau) x original)")
+                done[0] = now
 
-        report = tune_model(model, data, tau=tau, steps=steps, linkage=linkage, metric=metric,
-                            rescale=not no_rescale, on_step=on_step, compressor=mc)
-        bar.update(task, completed=total, description="tuned")
+            report = tune_model(model, data, tau=tau, steps=steps, linkage=linkage, metric=metric,
+                                rescale=not no_rescale, on_step=on_step, compressor=mc)
     from rich.table import Table
 
     if report["notes"]:
         how = f"{linkage} linkage; " + "; ".join(report["notes"])
     else:
         how = f"{linkage} linkage, {metric}" + (", rescaling merge" if not no_rescale else "")
-    console.print(f"{model}: greedy eps ({report['graph']}; tau {tau:g}, {how})")
+    console.print(f"{model}: greedy eps ({report['graph']}; tau {tau:g}, {how})", soft_wrap=True)
     t = Table()
     for c in ("layer (weight)", "eps", "nodes", "kept"):
         t.add_column(c, justify="left" if c.startswith("layer") else "right")
@@ -116,29 +120,35 @@ def tune(model, data, tau, steps, linkage, metric, no_rescale, out, report_out, 
     atomic_write_json(out, report["eps"])
     if report_out:
         atomic_write_json(report_out, report)
-    flags = f" --linkage {linkage} --metric {metric}" + (" --no-rescale" if no_rescale else "")
-    console.print(f"wrote {out}; use it with: fibgraph compress {model} --eps-file {out}{flags} -o SMALL.onnx")
+    # the metric that ran: with cosine asked for and no layer where it is exact,
+    # every layer ran euclidean, and the command says so
+    ran = "euclidean" if metric == "cosine" and getattr(mc, "cosine_layers", 1) == 0 else metric
+    flags = f" --linkage {linkage} --metric {ran}" + (" --no-rescale" if no_rescale else "")
+    console.print(f"wrote {out}; use it with:", soft_wrap=True)
+    click.echo(f"  fibgraph compress {shlex.quote(model)} --eps-file {shlex.quote(out)}{flags} -o SMALL.onnx")
 
 
 @click.command("compare-methods")
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--data", type=click.Path(dir_okay=False), required=True, help="Test .npz with arrays x, y.")
 @click.option("--eps", "eps_text", default="0.02,0.05,0.1,0.2,0.3,0.4,0.5,0.7", show_default=True,
-              help="Comma-separated tolerances, one fibration point each.")
+              help="Comma-separated tolerances, one fibration point each (a tolerance giving the same base "
+                   "as the one before is dropped, and the output says so).")
 @click.option("--eps-file", "eps_files", multiple=True, type=click.Path(dir_okay=False),
               help="Also a point per eps file (e.g. from 'fibgraph tune'); repeatable.")
-@click.option("--linkage", type=click.Choice(["complete", "average"]), default="average", show_default=True)
-@click.option("--metric", type=click.Choice(["cosine", "euclidean"]), default="cosine", show_default=True)
+@linkage_option
+@metric_option
 @click.option("--no-rescale", is_flag=True, help="Disable the rescaling merge of proportional rows.")
 @click.option("--methods", default="random,l2,l1,fold", show_default=True,
               help="Baselines, comma-separated: random, l2, l1, fold.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of random pruning and k-means.")
 @click.option("-o", "--output", "plot_out", type=click.Path(dir_okay=False), default=None,
               help="Plot of accuracy against parameters kept (.png or .svg).")
-@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None)
+@json_option("every row")
+@quiet_option()
 def compare_methods_cmd(model, data, eps_text, eps_files, linkage, metric, no_rescale, methods, seed,
-                        plot_out, json_out):
-    """Fibration compression against random, L2 and L1 pruning and k-means
+                        plot_out, json_out, quiet):
+    """Fibration compression of MODEL against random, L2 and L1 pruning and k-means
     folding, all at the fibration base's node counts per layer."""
     from fibgraph.importers.api import atomic_write_json
     from fibgraph.importers.compare import METHOD_LABELS, compare_methods, plot_comparison
@@ -155,8 +165,11 @@ def compare_methods_cmd(model, data, eps_text, eps_files, linkage, metric, no_re
         raise InputError("-o and --json name the same file")
     eps_list = _parse_eps_list(eps_text)
     meths = tuple(m for m in methods.replace(" ", "").split(",") if m)
-    res = compare_methods(model, data, eps_list, eps_files, linkage, metric, not no_rescale,
-                          meths, seed)
+    from ..progress import shown
+
+    with shown(quiet):
+        res = compare_methods(model, data, eps_list, eps_files, linkage, metric, not no_rescale,
+                              meths, seed)
     dag = res.get("graph") == "hypergraph"
     how = f"{linkage}, {res['metric']}" + (", rescale" if res["rescale"] else "")
     t = Table(title=f"{model}: equal nodes per {'weight (hypergraph)' if dag else 'layer'} ({how}); "
@@ -168,6 +181,11 @@ def compare_methods_cmd(model, data, eps_text, eps_files, linkage, metric, no_re
                   "-".join(str(c) for c in r["nodes"]),
                   f"{r['params']:,} ({r['params_kept']:.1%})", f"{r['accuracy']:.4f}", f"{r['loss']:.4f}")
     console.print(t)
+    dropped = res.get("dropped") or []
+    if dropped:
+        same = "; ".join(f"{d['point']} = {d['same_as']}" for d in dropped)
+        console.print(f"{len(dropped)} of {len(eps_list)} eps points dropped: the same base as the eps before "
+                      f"({same})", soft_wrap=True)
     if dag:
         console.print("nodes per weight: " + ", ".join(res["layers"]))
         for note in res.get("notes", []):
@@ -193,22 +211,27 @@ def compare_methods_cmd(model, data, eps_text, eps_files, linkage, metric, no_re
 @click.option("--q", type=float, default=1.05, show_default=True, help="Over-compression factor of the eps.")
 @click.option("--eps-floor", type=float, default=0.0, show_default=True,
               help="Over-compress every layer with at least this eps (0: as the paper).")
-@click.option("--max-iters", type=int, default=10, show_default=True)
-@click.option("--steps", type=int, default=8, show_default=True, help="Bisection steps per layer.")
-@click.option("--lr", type=float, default=1e-3, show_default=True)
-@click.option("--batch", type=int, default=100, show_default=True)
-@click.option("--max-epochs", type=int, default=50, show_default=True)
-@click.option("--patience", type=int, default=3, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--linkage", type=click.Choice(["complete", "average"]), default="average", show_default=True)
-@click.option("--metric", type=click.Choice(["cosine", "euclidean"]), default="cosine", show_default=True)
+@click.option("--max-iters", type=int, default=10, show_default=True,
+              help="Most compress-retune rounds.")
+@click.option("--steps", type=int, default=8, show_default=True,
+              help="Bisection steps per layer of each round's greedy eps (8, not tune's 10: the search runs "
+                   "once per round; resolution 2 / 2**steps).")
+@click.option("--lr", type=float, default=1e-3, show_default=True, help="Adam learning rate of the retuning.")
+@click.option("--batch", type=int, default=100, show_default=True, help="Mini-batch size of the retuning.")
+@click.option("--max-epochs", type=int, default=50, show_default=True, help="Most epochs of retuning per round.")
+@click.option("--patience", type=int, default=3, show_default=True,
+              help="Early stopping: epochs without a better --val loss.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the mini-batch order.")
+@linkage_option
+@metric_option
 @click.option("-o", "--output", "out", type=click.Path(dir_okay=False), required=True,
               help="The compressed, retuned ONNX model.")
 @click.option("--report", "report_out", type=click.Path(dir_okay=False), default=None,
               help="Write every round (eps, parameters, losses) here as JSON.")
+@quiet_option()
 def retune_cmd(model, train_path, val_path, check_path, rho, tau, q, eps_floor, max_iters, steps, lr, batch,
-               max_epochs, patience, seed, linkage, metric, out, report_out):
-    """Compress-retune (Algorithm 2): greedy eps, over-compress by q, retune the
+               max_epochs, patience, seed, linkage, metric, out, report_out, quiet):
+    """Compress-retune of MODEL (Algorithm 2): greedy eps, over-compress by q, retune the
     base (as a torch module of the base's shapes) with early stopping; repeat
     while the loss stays within (1 + rho) of the original's."""
     from fibgraph.importers.api import atomic_write_bytes, atomic_write_json, load_data
@@ -236,15 +259,20 @@ def retune_cmd(model, train_path, val_path, check_path, rho, tau, q, eps_floor, 
     val = load_data(val_path, need_y=True)
     check = load_data(check_path, need_y=True) if check_path else None
 
-    def log(h):
-        console.print(f"round {h['iter']}: {h['params_start']:,} -> {h['params_over']:,} params; check loss "
-                      f"{h['loss_over']:.4f} over-compressed, {h['loss_retuned']:.4f} retuned ({h['epochs']} "
-                      f"epochs): {'accepted' if h['accepted'] else 'rejected'}")
+    from ..progress import shown, task
 
-    res = compress_retune_onnx(model, train, val, check=check, rho=rho, tau=tau, q=q, steps=steps,
-                               max_iters=max_iters, linkage=linkage, metric=metric, eps_floor=eps_floor,
-                               retune_kw=dict(lr=lr, batch=batch, max_epochs=max_epochs, patience=patience,
-                                              seed=seed), log=log)
+    with shown(quiet), task(f"compress-retune: at most {max_iters} rounds (greedy eps, over-compress, "
+                            "retune)", total=max_iters) as advance:
+        def log(h):
+            console.print(f"round {h['iter']}: {h['params_start']:,} -> {h['params_over']:,} params; check loss "
+                          f"{h['loss_over']:.4f} over-compressed, {h['loss_retuned']:.4f} retuned ({h['epochs']} "
+                          f"epochs): {'accepted' if h['accepted'] else 'rejected'}")
+            advance(1, f"compress-retune: round {h['iter']} done")
+
+        res = compress_retune_onnx(model, train, val, check=check, rho=rho, tau=tau, q=q, steps=steps,
+                                   max_iters=max_iters, linkage=linkage, metric=metric, eps_floor=eps_floor,
+                                   retune_kw=dict(lr=lr, batch=batch, max_epochs=max_epochs, patience=patience,
+                                                  seed=seed), log=log)
     console.print(f"stopped: {res.stopped}")
     console.print(f"parameters: {res.params0:,} -> {res.params:,} ({res.params / max(res.params0, 1):.1%} kept); "
                   f"check loss {res.loss0:.4f} -> {res.loss:.4f}, accuracy {res.accuracy0:.4f} -> {res.accuracy:.4f}")

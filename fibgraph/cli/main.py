@@ -11,6 +11,8 @@ import sys
 import click
 
 from ..errors import InputError
+from ..progress import shown
+from .options import json_option, linkage_option, metric_option, quiet_option
 
 SYM_MODEL = ["fibration", "opfibration", "opfibration-flavoured", "covering", "covering-strict",
              "automorphism"]
@@ -22,10 +24,8 @@ def _colouring_options(f):
                      help="eps=0: relative tolerance of 'equal up to float rounding'.")(f)
     f = click.option("--no-rescale", is_flag=True,
                      help="Disable the rescaling merge of proportional rows (cosine, ReLU family).")(f)
-    f = click.option("--metric", type=click.Choice(["cosine", "euclidean"]), default="cosine",
-                     show_default=True, help="Distance between signature rows for eps > 0.")(f)
-    f = click.option("--linkage", type=click.Choice(["complete", "average"]), default="average",
-                     show_default=True, help="Agglomerative linkage for eps > 0 (paper: complete; authors' code: average).")(f)
+    f = metric_option(f)
+    f = linkage_option(f)
     f = click.option("--eps-file", type=click.Path(dir_okay=False), default=None,
                      help="JSON {layer weight name: eps} overriding --eps per layer.")(f)
     f = click.option("--eps", type=float, default=0.0, show_default=True,
@@ -42,13 +42,15 @@ def cli():
 
 @cli.command()
 @click.argument("model", type=click.Path(dir_okay=False))
-@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None)
-def inspect(model, json_out):
-    """Layers, op types, parameter count and what is supported."""
+@json_option("the layers and what is supported")
+@quiet_option()
+def inspect(model, json_out, quiet):
+    """Layers, op types, parameter count of MODEL (.onnx) and what is supported."""
     from fibgraph.importers.inspect import inspect_model
 
     _check_json_out(model, json_out)
-    info = inspect_model(model)
+    with shown(quiet):
+        info = inspect_model(model)
     if json_out:
         from fibgraph.importers.api import atomic_write_json
 
@@ -57,18 +59,26 @@ def inspect(model, json_out):
 
 @cli.command()
 @click.argument("model", type=click.Path(dir_okay=False))
-@click.option("--symmetry", type=click.Choice(SYM_MODEL), default="fibration", show_default=True)
+@click.option("--symmetry", type=click.Choice(SYM_MODEL), default="fibration", show_default=True,
+              help="Which symmetry colours the nodes (fibers, opfibers, covers, orbits).")
 @_colouring_options
-@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Write the report here.")
+@json_option("the per-layer report")
 @click.option("--graphml", "graphml_out", type=click.Path(dir_okay=False), default=None,
               help="Also write the coloured graph as GraphML (node attributes layer, index, kind, colour; edge weight).")
 @click.option("--data", type=click.Path(dir_okay=False), default=None,
               help=".npz with sample inputs (one array per input name, or x) for models read as a hypergraph.")
-def color(model, symmetry, eps, eps_file, linkage, metric, no_rescale, rtol, json_out, graphml_out, data):
+@click.option("--csv", "csv_out", type=click.Path(dir_okay=False), default=None,
+              help="Also write the per-layer table (layer, group, units, classes, kept, params, eps) as CSV.")
+@quiet_option()
+def color(model, symmetry, eps, eps_file, linkage, metric, no_rescale, rtol, json_out, graphml_out, data, csv_out,
+          quiet):
     """Colour MODEL (.onnx) or a graph (.edgelist/.txt/.graphml/.gml) by a symmetry."""
     if not model.lower().endswith(".onnx"):
         if model.lower().endswith(GRAPH_EXT):
             from .graphs import color_graph_file
+
+            if csv_out:
+                raise InputError("--csv: the per-layer table is for models (.onnx); use --json for a graph file")
 
             color_graph_file(model, symmetry, eps=eps, json_out=json_out, linkage=linkage, metric=metric,
                              rtol=rtol, graphml_out=graphml_out)
@@ -79,10 +89,14 @@ def color(model, symmetry, eps, eps_file, linkage, metric, no_rescale, rtol, jso
 
     _check_json_out(model, json_out)
     _check_json_out(model, graphml_out)
-    report, _, col = color_model(model, symmetry, eps, eps_file, linkage, metric, not no_rescale, rtol, data=data)
+    _check_json_out(model, csv_out)
+    with shown(quiet):
+        report, _, col = color_model(model, symmetry, eps, eps_file, linkage, metric, not no_rescale, rtol,
+                                     data=data)
     print_colour_report(report)
     if json_out:
         atomic_write_json(json_out, report)
+    _write_csv(csv_out, report)
     if graphml_out:
         from ..fileio import atomic_path
 
@@ -92,39 +106,86 @@ def color(model, symmetry, eps, eps_file, linkage, metric, no_rescale, rtol, jso
 
 @cli.command()
 @click.argument("model", type=click.Path(dir_okay=False))
-@click.option("-o", "--output", "out", type=click.Path(dir_okay=False), required=True)
+@click.option("-o", "--output", "out", type=click.Path(dir_okay=False), required=True,
+              help="The compressed (base) model, ONNX.")
 @click.option("--symmetry", type=click.Choice(["fibration", "covering", "covering-strict", "automorphism"]),
-              default="fibration", show_default=True)
+              default="fibration", show_default=True,
+              help="In-balanced symmetry whose classes are merged (these preserve the function).")
 @_colouring_options
 @click.option("--verify", is_flag=True, help="Run both models and report the largest output difference.")
 @click.option("--data", type=click.Path(dir_okay=False), default=None, help=".npz with x (and y) for --verify.")
-@click.option("--report", "report_out", type=click.Path(dir_okay=False), default=None)
-def compress(model, out, symmetry, eps, eps_file, linkage, metric, no_rescale, rtol, verify, data, report_out):
+@click.option("--report", "report_out", type=click.Path(dir_okay=False), default=None,
+              help="Also write the per-layer report (and the verification) as JSON to this file.")
+@click.option("--csv", "csv_out", type=click.Path(dir_okay=False), default=None,
+              help="Also write the per-layer table (layer, group, units, classes, kept, params, eps) as CSV.")
+@quiet_option()
+def compress(model, out, symmetry, eps, eps_file, linkage, metric, no_rescale, rtol, verify, data, report_out,
+             csv_out, quiet):
     """Compress MODEL to its base network and write it to OUT (ONNX)."""
     from fibgraph.importers.api import atomic_write_json, compress_model
     from ..report import print_colour_report
 
     _check_json_out(model, report_out)
+    _check_json_out(model, csv_out)
     if report_out and os.path.abspath(report_out) == os.path.abspath(out):
         raise InputError("--report and -o name the same file")
-    report = compress_model(model, out, symmetry, eps, eps_file, linkage, metric, not no_rescale, rtol,
-                            verify=verify, data=data)
+    if csv_out and os.path.abspath(csv_out) in (os.path.abspath(out), os.path.abspath(report_out or out)):
+        raise InputError("--csv names the same file as -o or --report")
+    with shown(quiet):
+        report = compress_model(model, out, symmetry, eps, eps_file, linkage, metric, not no_rescale, rtol,
+                                verify=verify, data=data)
     print_colour_report(report)
     if report_out:
         atomic_write_json(report_out, report)
+    _write_csv(csv_out, report)
+    for line in _next_steps(model, out, report, eps, eps_file, verify or data is not None, data, csv_out,
+                            report_out):
+        click.echo(line)
+
+
+def _next_steps(model, out, report, eps, eps_file, verified, data, csv_out, report_out):
+    """What the compression gave and what to run next, as lines never wrapped
+    (the commands in them are ready to paste)."""
+    import shlex
+
+    q = shlex.quote
+    pb, pa = report["params_before"], report["params_after"]
+    written = [p for p in (report_out, csv_out) if p]
+    lines = [f"wrote {out}" + (f" (and {', '.join(written)})" if written else "")]
+    if eps == 0 and not eps_file and pa >= 0.995 * pb:
+        what = "no exact fibers" if pa >= pb else f"almost no exact fibers (only {1 - pa / max(pb, 1):.2%} smaller)"
+        lines.append(f"{what}: try --keep F or `fibgraph tune {q(model)} --data CAL.npz -o eps.json` "
+                     f"(then `fibgraph compress {q(model)} --eps-file eps.json -o {q(out)} --verify`), "
+                     "or a tolerance: --eps 0.1")
+    elif not verified:
+        lines.append(f"next: check it with `fibgraph compress {q(model)} -o {q(out)} --verify` (outputs "
+                     f"compared) or `fibgraph eval {q(out)} --data TEST.npz` (accuracy and loss)")
+    elif data is None:
+        lines.append(f"next: accuracy and loss with `fibgraph eval {q(out)} --data TEST.npz`")
+    return lines
+
+def _write_csv(path, report):
+    if path:
+        from ..fileio import write_atomic
+        from ..report import layer_table
+
+        write_atomic(path, layer_table(report).to_csv(index=False).encode())
 
 
 @cli.command("eval")
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--data", type=click.Path(dir_okay=False), required=True, help=".npz with arrays x, y.")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None)
-def eval_cmd(model, data, device, json_out):
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="onnxruntime execution provider.")
+@json_option("the scores")
+@quiet_option()
+def eval_cmd(model, data, device, json_out, quiet):
     """Accuracy and mean cross-entropy of MODEL on DATA (onnxruntime)."""
     from fibgraph.importers.api import atomic_write_json, evaluate
 
     _check_json_out(model, json_out)
-    res = evaluate(model, data, device=device)
+    with shown(quiet):
+        res = evaluate(model, data, device=device)
     click.echo(f"accuracy {res['accuracy']:.4f}  loss {res['loss']:.4f}  n {res['n']}  "
                f"(output {res['output']!r} as {res['output_kind']}, {device})")
     if json_out:
@@ -135,7 +196,8 @@ def eval_cmd(model, data, device, json_out):
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", "out", type=click.Path(dir_okay=False), required=True,
               help="FILE.svg or FILE.pdf (vector), FILE.png (--dpi) or FILE.dot (Graphviz text).")
-@click.option("--symmetry", type=click.Choice(SYM_MODEL), default="fibration", show_default=True)
+@click.option("--symmetry", type=click.Choice(SYM_MODEL), default="fibration", show_default=True,
+              help="Which symmetry colours the nodes.")
 @_colouring_options
 @click.option("--max-edges", type=int, default=3, show_default=True,
               help="Strongest incoming edges drawn per unit.")
@@ -158,13 +220,16 @@ def draw(model, out, symmetry, eps, eps_file, linkage, metric, no_rescale, rtol,
 
 
 @cli.command()
-@click.option("--out-dir", type=click.Path(file_okay=False), default="fibgraph-demo", show_default=True)
-def demo(out_dir):
+@click.option("--out-dir", type=click.Path(file_okay=False), default="fibgraph-demo", show_default=True,
+              help="Folder for the demo's models, reports and pictures.")
+@quiet_option()
+def demo(out_dir, quiet):
     """The whole job on the bundled digits model: colour at several tolerances,
     compress, verify, evaluate, print a table, draw the coloured graph."""
     from .demo import run_demo
 
-    run_demo(out_dir)
+    with shown(quiet):
+        run_demo(out_dir)
 
 
 def _register_extra_commands():

@@ -15,6 +15,7 @@ import click
 
 from ..errors import InputError
 from ..fileio import check_output_path
+from .options import json_option, linkage_option, metric_option, quiet_option
 
 __all__ = ["COMMANDS", "sweep"]
 
@@ -75,15 +76,15 @@ def _summary_line(model, setting, res):
               help="A running Dask scheduler (tcp://host:8786); default: a local cluster.")
 @click.option("--workers", type=int, default=2, show_default=True,
               help="Worker processes of the local cluster (one thread each).")
-@click.option("--linkage", type=click.Choice(["complete", "average"]), default="average", show_default=True)
-@click.option("--metric", type=click.Choice(["cosine", "euclidean"]), default="cosine", show_default=True)
+@linkage_option
+@metric_option
 @click.option("-o", "--output", "out", type=click.Path(dir_okay=False), required=True,
               help="TABLE.csv (or TABLE.parquet, with pyarrow).")
 @click.option("--plots", type=click.Path(file_okay=False), default=None,
               help="Folder for the figures (SVG and PNG): units kept vs eps, and across checkpoints.")
 @click.option("--quiet", is_flag=True, help="No progress or notes on stderr (errors still).")
 def sweep(models, eps_list, symmetries, data, scheduler, workers, linkage, metric, out, plots, quiet):
-    """Colour (and compress) every MODEL at every --symmetry and --eps on Dask;
+    """Colour (and compress) each of MODELS at every --symmetry and --eps on Dask;
     write one tidy table (one row per model, setting and layer).  Model paths
     must be readable by the workers (a shared file system on a real cluster)."""
     from fibgraph.importers.sweep import check_data, check_table_path, make_settings, parse_eps_list, run_sweep, write_table

@@ -27,6 +27,7 @@ import numpy as np
 
 from ..graph import WeightedDigraph
 from ..partition import canonical
+from ..progress import task
 from .criteria import DEFAULT_RTOL, Exact, Tolerance, criterion_for
 from .signatures import split_exact
 from .tolerance import split_tolerance
@@ -126,48 +127,68 @@ def refine(graph: WeightedDigraph, direction="in", criterion=None, initial=None,
     use_levels = graph.levels is not None and schedule in ("auto", "levels")
     if schedule == "levels" and graph.levels is None:
         raise ValueError("graph has no levels; use schedule='rounds'")
-    rounds = 0
+    what = {"in": "colouring (fibers)", "out": "colouring (opfibers)", "both": "colouring (covers)"}[direction]
     if use_levels:
-        dirs = ["in"] if direction == "in" else ["out"] if direction == "out" else ["in", "out"]
-        views = {d: _level_views(graph, d) for d in dirs}
-        while True:
-            before = colours.max() + 1 if n else 0
-            for d in dirs:
-                levels = graph.levels if d == "in" else list(reversed(graph.levels))
-                order = range(len(graph.levels)) if d == "in" else range(len(graph.levels) - 1, -1, -1)
-                for li, lv in zip(order, levels):
-                    lv = np.asarray(lv, dtype=np.int64)
-                    if lv.size == 0:
-                        continue
-                    name = graph.layer_names[graph.layer[lv[0]]]
-                    crit = criterion_for(criterion, name)
-                    loop = bool(graph.cyclic) and li in graph.cyclic
-                    k_before = np.unique(colours[lv]).size
-                    view = views[d][li]
-                    while True:
-                        if isinstance(crit, Tolerance) and crit.eps > 0:
-                            new, sc = split_tolerance(view, lv, [d], colours, scales, crit,
-                                                       name, info, tie)
-                            scales[lv] = scales[lv] * sc if d == "out" else sc
-                        else:
-                            new = split_exact(view, lv, [d], colours, scales,
-                                               getattr(crit, "rtol", DEFAULT_RTOL))
-                        # a loop level: its nodes' new colours refine the old ones
-                        # (the old colour is part of the key) until nothing splits
-                        if loop:
-                            new = canonical(np.stack([colours[lv], new], 1))
-                        colours[lv] = colours.max() + 1 + new
-                        k_after = int(new.max()) + 1
-                        if not loop or k_after == k_before:
-                            break
-                        k_before = k_after
-                colours = canonical(colours)
-                rounds += 1
-            after = colours.max() + 1 if n else 0
-            if direction != "both" or after == before:
-                break
-        return Refinement(colours, scales, rounds, info)
+        busy = sum(1 for lv in graph.levels if len(lv))
+        with task(what, total=busy * (1 if direction != "both" else 2)) as advance:
+            return _refine_levels(graph, direction, criterion, tie, colours, scales, info, advance, what)
+    with task(what) as advance:
+        return _refine_rounds(graph, direction, criterion, tie, colours, scales, info, max_rounds, advance)
 
+
+def _refine_levels(graph, direction, criterion, tie, colours, scales, info, advance, what):
+    n = graph.n
+    rounds = 0
+    dirs = ["in"] if direction == "in" else ["out"] if direction == "out" else ["in", "out"]
+    views = {d: _level_views(graph, d) for d in dirs}
+    busy = sum(1 for lv in graph.levels if len(lv))
+    sweep = 0
+    while True:
+        if sweep:
+            advance(0, total=busy * 2 * (sweep + 1))
+        sweep += 1
+        before = colours.max() + 1 if n else 0
+        for d in dirs:
+            levels = graph.levels if d == "in" else list(reversed(graph.levels))
+            order = range(len(graph.levels)) if d == "in" else range(len(graph.levels) - 1, -1, -1)
+            for li, lv in zip(order, levels):
+                lv = np.asarray(lv, dtype=np.int64)
+                if lv.size == 0:
+                    continue
+                name = graph.layer_names[graph.layer[lv[0]]]
+                advance(1, f"{what}: {name}")
+                crit = criterion_for(criterion, name)
+                loop = bool(graph.cyclic) and li in graph.cyclic
+                k_before = np.unique(colours[lv]).size
+                view = views[d][li]
+                while True:
+                    if isinstance(crit, Tolerance) and crit.eps > 0:
+                        new, sc = split_tolerance(view, lv, [d], colours, scales, crit,
+                                                   name, info, tie)
+                        scales[lv] = scales[lv] * sc if d == "out" else sc
+                    else:
+                        new = split_exact(view, lv, [d], colours, scales,
+                                           getattr(crit, "rtol", DEFAULT_RTOL))
+                    # a loop level: its nodes' new colours refine the old ones
+                    # (the old colour is part of the key) until nothing splits
+                    if loop:
+                        new = canonical(np.stack([colours[lv], new], 1))
+                    colours[lv] = colours.max() + 1 + new
+                    k_after = int(new.max()) + 1
+                    if not loop or k_after == k_before:
+                        break
+                    k_before = k_after
+            colours = canonical(colours)
+            rounds += 1
+        after = colours.max() + 1 if n else 0
+        if direction != "both" or after == before:
+            break
+    return Refinement(colours, scales, rounds, info)
+
+
+def _refine_rounds(graph, direction, criterion, tie, colours, scales, info, max_rounds, advance):
+    n = graph.n
+    rounds = 0
     dirs = ["in"] if direction == "in" else ["out"] if direction == "out" else ["in", "out"]
     allnodes = np.arange(n, dtype=np.int64)
     ncol = colours.max() + 1 if n else 0
@@ -179,6 +200,7 @@ def refine(graph: WeightedDigraph, direction="in", criterion=None, initial=None,
             new = split_exact(graph, allnodes, dirs, colours, scales,
                                getattr(crit, "rtol", DEFAULT_RTOL))
         rounds += 1
+        advance(1)
         new_n = new.max() + 1 if n else 0
         colours = new
         if new_n == ncol:

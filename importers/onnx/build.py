@@ -258,7 +258,10 @@ class Builder:
                 continue
             self.inputs.append(vi.name)
             self.fresh_layout(vi.name, "", distinct=True, kind="input")
+        tick = getattr(self, "progress", None)
         for i, node in enumerate(g.node):
+            if tick is not None:
+                tick(1)
             self.tag_records()
             self.node_index = i
             if node.op_type == "Constant":

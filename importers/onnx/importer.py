@@ -46,10 +46,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import os
+
 import numpy as np
 import onnx
 
 from fibgraph.graph import PER_UNIT, WeightedDigraph
+from fibgraph.progress import task
 
 from .build import META, Builder, attrs, opset
 from .load import load_onnx
@@ -227,18 +230,25 @@ def import_dag(path_or_model, feeds=None, label=None) -> DagImport:
         model, label = path_or_model, label or "model"
     else:
         model, label = load_onnx(path_or_model), str(path_or_model)
-    probe = probe_model(model, feeds)
+    with task(f"probing {os.path.basename(label)} in onnxruntime"):
+        probe = probe_model(model, feeds)
     # where the inputs' units lie is not written in ONNX: try the layouts a
     # model may mean (features last, channels first, no unit axis: a signal
     # whose samples are positions) and keep the one with the fewest barriers
     choices = ["last", "1", "none"]
     b = None
-    for choice in choices:
-        alt = Builder(model, label, lookup, probe=probe, input_axis=choice).run()   # bad input fails in any layout
-        if b is None or len(alt.barriers) < len(b.barriers):
-            b = alt
-        if not b.barriers:
-            break
+    nn = len(model.graph.node)
+    with task("building the hypergraph", total=nn) as advance:
+        for k, choice in enumerate(choices):
+            builder = Builder(model, label, lookup, probe=probe, input_axis=choice)
+            builder.progress = advance
+            alt = builder.run()   # bad input fails in any layout
+            if b is None or len(alt.barriers) < len(b.barriers):
+                b = alt
+            if not b.barriers:
+                break
+            if k + 1 < len(choices):
+                advance(0, f"building the hypergraph (input units: axis {choices[k + 1]})", total=(k + 2) * nn)
     n = b.n
     keys = b.init_key
     keep = np.array(b.keep, dtype=bool)

@@ -223,9 +223,13 @@ def evaluate(model_path, data, device="cpu", batch=1024):
         raise InputError("the model has no (batch, classes) float output to evaluate")
     kind = prob_kind(model, outs[pick].name)
     scores = []
-    for s in range(0, x.shape[0], batch):
-        feeds = inputs_for(sess, x[s:s + batch])
-        scores.append(np.asarray(run(sess, [outs[pick].name], feeds)[0], dtype=np.float64))
+    from fibgraph.progress import task
+
+    with task(f"evaluating on {x.shape[0]} samples", total=-(-x.shape[0] // batch)) as advance:
+        for s in range(0, x.shape[0], batch):
+            feeds = inputs_for(sess, x[s:s + batch])
+            scores.append(np.asarray(run(sess, [outs[pick].name], feeds)[0], dtype=np.float64))
+            advance(1)
     S = np.concatenate(scores)
     y = np.asarray(y).astype(np.int64).reshape(-1)
     if y.size != S.shape[0] or y.min() < 0 or y.max() >= S.shape[1]:

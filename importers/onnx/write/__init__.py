@@ -39,6 +39,8 @@ Rewrites, for kept positions ``q`` each standing for a group ``G(q)``:
 """
 from __future__ import annotations
 
+from fibgraph.progress import task
+
 from . import attention, elementwise, linear, norm, recurrent  # noqa: F401  (the rules register)
 from .groups import dag_groups, group_columns
 from .registry import RULES
@@ -65,9 +67,12 @@ def write_dag_base(imp, labels, mode="merge", keep_pref=None, groups=None, scale
     records = imp.records
     gid, kept, why = groups if groups is not None else dag_groups(imp, labels, keep_pref)
     w = Writer(imp, gid, kept, prune=mode == "prune", scales=scales, labels=labels)
-    for rec in records:
-        w.write(rec)
-    w.cuts()
-    attention.packed_cuts(w)
-    w.shapes()
-    return w.finish(), gid, kept, why
+    with task("writing the base", total=len(records) + 1) as advance:
+        for rec in records:
+            w.write(rec)
+            advance(1)
+        w.cuts()
+        attention.packed_cuts(w)
+        w.shapes()
+        advance(1)
+        return w.finish(), gid, kept, why
