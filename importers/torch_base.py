@@ -89,19 +89,33 @@ def _scope(node_name):
     return ".".join(parts[:-1]) if len(parts) > 1 else node_name
 
 
+_SHAPE_OPS = frozenset({"Shape", "Constant", "ConstantOfShape", "Gather", "Unsqueeze", "Squeeze", "Concat", "Slice",
+                        "Reshape", "Transpose", "Cast", "Identity", "Expand", "Range", "Size"})
+
+
 def _same_nodes(original, base):
-    ops0 = [n.op_type for n in original.graph.node]
-    ops1 = [n.op_type for n in base.graph.node]
-    if ops0 == ops1:
+    """Refuse a base that computes with nodes the export does not have (e.g.
+    multiplicities of merged units read by a LayerNorm), naming the torch
+    module where they sit.  The writer may drop or rewrite shape
+    arithmetic (an LSTM's initial state): only computing ops count."""
+    from collections import Counter
+
+    def compute(m):
+        return Counter(n.op_type for n in m.graph.node if n.op_type not in _SHAPE_OPS)
+
+    extra = compute(base) - compute(original)
+    if not extra:
         return
-    k = next((i for i, (a, b) in enumerate(zip(ops0, ops1)) if a != b), min(len(ops0), len(ops1)))
-    node = base.graph.node[k] if k < len(ops1) else original.graph.node[k]
-    near = list(base.graph.node[k:k + 1]) + list(original.graph.node[k:k + 1]) + list(original.graph.node[:k][-1:])
-    named = [n.name for n in near if "/" in n.name]       # the writer's own nodes carry no torch scope
-    where = _scope(named[0]) if named else f"node {k}"
-    raise InputError(f"module {where!r}: the base adds {node.op_type} nodes of its own there "
-                     f"({len(ops1)} nodes vs the export's {len(ops0)}; e.g. multiplicities of merged units read "
-                     f"by a LayerNorm): no torch layer computes them")
+    nodes = list(base.graph.node)
+    kept = {n.name for n in nodes}
+    gone = [n.name for n in original.graph.node if n.op_type not in _SHAPE_OPS and n.name not in kept
+            and "/" in n.name]                      # a torch layer the writer replaced (LayerNormalization)
+    k = next((i for i, n in enumerate(nodes) if n.op_type in extra and n.name not in
+              {m.name for m in original.graph.node}), 0)
+    near = gone + [n.name for n in nodes[k::-1] + nodes[k + 1:] if "/" in n.name]  # its own nodes carry no scope
+    where = _scope(near[0]) if near else f"node {k}"
+    raise InputError(f"module {where!r}: the base adds {', '.join(sorted(extra))} nodes of its own there "
+                     f"(e.g. multiplicities of merged units read by a LayerNorm): no torch layer computes them")
 
 
 def module_from_onnx(base, template, original=None, example=None, check=True, data=None):

@@ -118,15 +118,32 @@ def _sources(mp, module):
     src, rename = {}, {}
     alias = {n.output[0]: n.input[0] for n in mp.graph.node
              if n.op_type == "Identity" and n.input and n.input[0] in inits}
+    scopes = {}
+    for n in mp.graph.node:
+        for x in n.input:
+            if x in inits:
+                scopes.setdefault(x, set()).add(_scope(n.name))
+    byshape = {}
+    for n, t in inits.items():
+        byshape.setdefault(tuple(t.dims), []).append(n)
+
+    def owner_first(name, cands):
+        """Candidates read by the tensor's own module first."""
+        path = name.rpartition(".")[0]
+        return sorted(cands, key=lambda c: path not in scopes.get(c, ()))
+
     for name, t in tensors.items():
         n = name if name in inits else alias.get(name)
         if n is not None and arr(n).shape == t.shape and np.array_equal(arr(n), t.astype(arr(n).dtype)):
             src[name] = (n, ("id",))
+            continue
+        for n in owner_first(name, byshape.get(t.shape, [])):          # a deduplicated copy (_split_shared)
+            if np.array_equal(arr(n), t.astype(arr(n).dtype)):
+                src[name] = (n, ("id",))
+                rename.setdefault(n, name)
+                break
     rnn = _rnn_packs(module, tensors)
     # RNN W/R/B: direction stacks, B = [b_ih; b_hh] per direction
-    byshape = {}
-    for n, t in inits.items():
-        byshape.setdefault(tuple(t.dims), []).append(n)
     for key in sorted({v[4] for v in rnn.values()}):
         members = {n: v for n, v in rnn.items() if v[4] == key}
         ndir = 1 + max(v[3] for v in members.values())
@@ -144,8 +161,8 @@ def _sources(mp, module):
         if per is None:
             continue
         want = np.stack(per)
-        hit = next((n for n in byshape.get(want.shape, []) if np.array_equal(arr(n), want.astype(arr(n).dtype))),
-                   None)
+        hit = next((n for n in owner_first(key, byshape.get(want.shape, []))
+                    if np.array_equal(arr(n), want.astype(arr(n).dtype))), None)
         if hit is None:
             continue
         for n, v in members.items():
@@ -155,7 +172,7 @@ def _sources(mp, module):
     for name, t in tensors.items():
         if name in src or t.ndim != 2:
             continue
-        for n in byshape.get(t.shape[::-1], []):
+        for n in owner_first(name, byshape.get(t.shape[::-1], [])):
             if np.array_equal(arr(n), t.T.astype(arr(n).dtype)):
                 src[name] = (n, ("T",))
                 rename.setdefault(n, name)
@@ -165,6 +182,45 @@ def _sources(mp, module):
         raise InputError(f"tensors of the module not found in its ONNX export (folded away or packed in a way "
                          f"not read back): {', '.join(missing[:5])}")
     return src, rename
+
+
+def _scope(node_name):
+    parts = [p for p in node_name.split("/") if p]
+    return ".".join(parts[:-1]) if len(parts) > 1 else ""
+
+
+def _split_shared(mp):
+    """Exporters deduplicate equal initializers: two torch tensors of equal
+    value (the clones of an untrained ``nn.TransformerEncoder``) become one
+    initializer read by two modules.  Give each reading module (torch scope
+    of the node name) its own copy, so that each tensor is found, and
+    shrunk, on its own."""
+    g = mp.graph
+    inits = {t.name: t for t in g.initializer}
+    outs = {o.name for o in g.output}
+    for n in [n for n in g.node if n.op_type == "Identity" and n.input and n.input[0] in inits
+              and n.output[0] not in outs]:
+        t = g.initializer.add()                 # the exporter's dedup Identity -> an initializer of its own
+        t.CopyFrom(inits[n.input[0]])
+        t.name = n.output[0]
+        inits[t.name] = t
+        g.node.remove(n)
+    users = {}
+    for n in g.node:
+        for x in n.input:
+            if x in inits:
+                users.setdefault(x, {}).setdefault(_scope(n.name), []).append(n)
+    for name, by in users.items():
+        if len(by) < 2 or "" in by:
+            continue
+        for k, (scope, nodes) in enumerate(sorted(by.items())[1:], 1):
+            t = g.initializer.add()
+            t.CopyFrom(inits[name])
+            t.name = f"{name}__{scope}"
+            for n in nodes:
+                for i, x in enumerate(n.input):
+                    if x == name:
+                        n.input[i] = t.name
 
 
 def _rename(mp, rename):
@@ -222,6 +278,7 @@ def export_named(module, example, opset=17):
     finally:
         module.train(was)
     mp = onnx.load_from_string(f.getvalue())
+    _split_shared(mp)
     src, rename = _sources(mp, module)
     done = _rename(mp, rename)
     src = {k: (done.get(i, i), how) for k, (i, how) in src.items()}
