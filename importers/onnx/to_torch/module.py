@@ -84,6 +84,10 @@ def _with_host(t):
     return t
 
 
+def _unpickle(data, frozen, training):
+    return OnnxModule(onnx.load_from_string(data), freeze=frozen).train(training)
+
+
 class OnnxModule(nn.Module):
     """Run an ONNX graph (default domain, opsets 7-23) as a differentiable torch module."""
 
@@ -177,10 +181,12 @@ class OnnxModule(nn.Module):
         self._static_needed = sorted((made | {nm for nm in static if nm in self._value_attr}) & used)
         self._plans = {}
 
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state["_plans"] = {}
-        return state
+    def __reduce__(self):
+        """Pickled (``torch.save``, ``copy.deepcopy``) as its ONNX model with the
+        current parameter values, frozen flags and mode: the decoded nodes hold
+        closures that do not pickle."""
+        frozen = [self.onnx_names[a] for a, p in self._parameters.items() if p is not None and not p.requires_grad]
+        return _unpickle, (self.to_onnx().SerializeToString(), frozen, self.training)
 
     def _signature(self, env):
         xs = tuple((tuple(env[nm].shape), env[nm].dtype, env[nm].device) for nm in self.input_names)
