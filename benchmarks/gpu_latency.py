@@ -1,7 +1,8 @@
 """Latency of original against fibration base, on a GPU when there is one
 (issue 13), on CPU otherwise: torch engine, the same timing as
 ``fibgraph eval`` (:func:`fibgraph.importers.device_eval.time_module`: warm-up,
-median of repeats, CUDA graph on CUDA).
+median of repeats, CUDA graph on CUDA), original and base alternating in
+rounds.
 
 Models:
 
@@ -32,6 +33,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 
@@ -122,6 +124,7 @@ def main(argv=None):
     ap.add_argument("--big-cpu-batch", type=int, default=256, help="the 100M MLP's largest batch on CPU")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=3, help="original and base alternate this many times")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--models", default=os.path.join(ROOT, "examples", "out"))
     ap.add_argument("--only", default=None, help="comma-separated model names")
@@ -148,8 +151,18 @@ def main(argv=None):
                 bs, note = a.big_cpu_batch, f"batch {a.big_cpu_batch} on CPU (not 8192)"
             reps = a.repeats if bs <= 1024 else max(3, a.repeats // 4)
             x = torch.randn([bs] + list(shape))
-            to, go = time_module(mo, x, a.device, a.dtype, reps, a.warmup)
-            tb, gb = time_module(mb, x, a.device, a.dtype, reps, a.warmup)
+            # original and base alternate in --rounds rounds (a shared machine's load hits both alike);
+            # each round's median, then the median over rounds
+            ts = {"o": [], "b": []}
+            for _ in range(a.rounds):
+                for k, mod in (("o", mo), ("b", mb)):
+                    ms, graph = time_module(mod, x, a.device, a.dtype, max(1, reps // a.rounds), a.warmup)
+                    ts[k].append(ms)
+                    if k == "o":
+                        go = graph
+                    else:
+                        gb = graph
+            to, tb = statistics.median(ts["o"]), statistics.median(ts["b"])
             ratio = po / pb
             row = {"model": name, "batch": bs, "params": po, "params_base": pb, "param_ratio": ratio,
                    "ms": to, "ms_base": tb, "speedup": to / tb, "speedup_per_param_ratio": to / tb / ratio,
@@ -166,7 +179,8 @@ def main(argv=None):
             json.dump(info, f, indent=1)
     if a.md:
         lines = [f"Device {a.device} ({info['machine']}), {a.dtype}, torch {torch.__version__}, median of "
-                 f"{a.repeats} timed calls after {a.warmup} warm-up (a quarter of the repeats at batch > 1024).", "",
+                 f"{a.repeats} timed calls after {a.warmup} warm-up (a quarter of the repeats at batch > 1024), original and "
+                 f"base alternating in {a.rounds} rounds (median of the round medians).", "",
                  "| model | batch | params | base params | param ratio | original ms | base ms | speed-up | "
                  "speed-up / param ratio |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in rows:

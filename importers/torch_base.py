@@ -112,10 +112,12 @@ def _same_nodes(original, base):
             and "/" in n.name]                      # a torch layer the writer replaced (LayerNormalization)
     k = next((i for i, n in enumerate(nodes) if n.op_type in extra and n.name not in
               {m.name for m in original.graph.node}), 0)
-    near = gone + [n.name for n in nodes[k::-1] + nodes[k + 1:] if "/" in n.name]  # its own nodes carry no scope
-    where = _scope(near[0]) if near else f"node {k}"
-    raise InputError(f"module {where!r}: the base adds {', '.join(sorted(extra))} nodes of its own there "
-                     f"(e.g. multiplicities of merged units read by a LayerNorm): no torch layer computes them")
+    near = [n.name for n in nodes[k::-1] + nodes[k + 1:] if "/" in n.name]    # its own nodes carry no scope
+    where = list(dict.fromkeys(_scope(nm) for nm in (gone or near[:1])))
+    where = ", ".join(repr(w) for w in where[:4]) + (", ..." if len(where) > 4 else "") if where else f"node {k}"
+    raise InputError(f"module {where}: the base computes it with {', '.join(sorted(extra))} nodes of its own "
+                     f"(multiplicities of merged units read by a LayerNorm, attention with shrunk head dims): "
+                     f"no torch layer of that class computes them")
 
 
 def module_from_onnx(base, template, original=None, example=None, check=True, data=None):
@@ -131,12 +133,12 @@ def module_from_onnx(base, template, original=None, example=None, check=True, da
     parameters must keep its shapes.  ``check``: run the new module and the
     base (onnxruntime) on random input (or ``data``) and require equal
     outputs (1e-5 relative)."""
-    from .torch_rebuild import _sources, base_tensors, rebuild
+    from .torch_rebuild import base_tensors, rebuild, tensor_sources
 
     ex = _example(template, example)
     if original is None:
         original = _export(template, ex)
-    src, _ = _sources(original, template)
+    src, _ = tensor_sources(original, template)
     _same_nodes(original, base)
     small = rebuild(template, base_tensors(base, src))
     if check:

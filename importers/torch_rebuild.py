@@ -34,7 +34,7 @@ import numpy as np
 
 from fibgraph.errors import InputError
 
-__all__ = ["export_named", "rebuild", "base_tensors", "param_count"]
+__all__ = ["export_named", "rebuild", "base_tensors", "param_count", "tensor_sources"]
 
 BASE_SUFFIX = re.compile(r"(__base\d+)+$")
 REBUILD_HINT = ("the base is kept as fibgraph.importers.onnx.to_torch.OnnxModule (an ONNX interpreter) "
@@ -100,7 +100,7 @@ def _rnn_packs(module, tensors):
     return out
 
 
-def _sources(mp, module):
+def tensor_sources(mp, module):
     """``{torch name: (initializer name, how)}`` with ``how`` one of
     ``("id",)``, ``("T",)`` or ``("rnn", kind, part, direction)``; and the
     new name of every matched initializer."""
@@ -279,7 +279,7 @@ def export_named(module, example, opset=17):
         module.train(was)
     mp = onnx.load_from_string(f.getvalue())
     _split_shared(mp)
-    src, rename = _sources(mp, module)
+    src, rename = tensor_sources(mp, module)
     done = _rename(mp, rename)
     src = {k: (done.get(i, i), how) for k, (i, how) in src.items()}
     return mp, src

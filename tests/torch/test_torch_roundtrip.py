@@ -175,6 +175,21 @@ def test_transformer_with_a_merged_residual_stream_falls_back_and_names_the_modu
         compress_module(big, torch.zeros(1, 5, 7), fallback=False)
 
 
+def test_one_eps_for_every_layer_and_data_for_the_probe():
+    """``eps`` as one float applies to every tunable layer (names in the
+    report's eps table are torch names); ``data`` is the probe and the check
+    input; the package exposes ``compress_module``."""
+    import fibgraph.importers as fi
+
+    m = _planted_mlp()
+    x = np.random.default_rng(0).normal(size=(20, 10)).astype(np.float32)
+    res = fi.compress_module(m, torch.zeros(1, 10), eps=0.3, data=x)
+    assert set(res.report["eps"]) == {"0.weight", "2.weight"} and set(res.report["eps"].values()) == {0.3}
+    exact = compress_module(m, torch.zeros(1, 10))
+    assert res.report["params_after"] <= exact.report["params_after"] == n_params(exact.module)
+    assert n_params(res.module) == res.report["params_after"]
+
+
 def test_unknown_layer_names_are_refused_in_torch_names():
     with pytest.raises(InputError, match="0.weight"):
         compress_module(_planted_mlp(), torch.zeros(1, 10), eps={"9.weight": 0.1})
