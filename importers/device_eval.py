@@ -144,6 +144,15 @@ def time_module(module, xb, device="cpu", dtype="float32", repeats=20, warmup=3,
     return ms, graph
 
 
+def _module_kind(module):
+    """logits / probs / logprobs by a Sequential's last layer."""
+    import torch
+
+    last = module[-1] if isinstance(module, torch.nn.Sequential) and len(module) else None
+    return {torch.nn.Softmax: "probs", torch.nn.LogSoftmax: "logprobs", torch.nn.Sigmoid: "sigmoid"}.get(
+        type(last), "logits")
+
+
 def _torch_module(model, model_path):
     from .torch_out import load_torch, onnx_to_torch
 
@@ -183,7 +192,7 @@ def evaluate_on(model_path, data, device="cpu", batch_size=256, dtype="float32",
 
         module, how = _torch_module(model, model_path)
         res["module"] = f"{type(module).__name__} ({how})"
-        kind = prob_kind(model, model.graph.output[0].name) if model is not None else "logits"
+        kind = prob_kind(model, model.graph.output[0].name) if model is not None else _module_kind(module)
         xdt = np.float32 if x.dtype.kind == "f" else x.dtype
         dev = torch.device(device)
         module = module.to(dev).eval()

@@ -89,6 +89,21 @@ def test_compress_torch_out_loads_back_as_real_layers_and_matches(capsys, mlp, t
     assert t["loss"] == pytest.approx(o["loss"], rel=1e-5)
 
 
+def test_a_softmax_topped_module_is_scored_as_probabilities(capsys, mlp, tmp_path):
+    rng = np.random.default_rng(1)
+    W1, W2 = rng.normal(0, 1, (5, 6)), rng.normal(0, 1, (4, 5))
+    p = save(mlp_onnx([W1, W2], [np.zeros(5), np.zeros(4)], out_op="Softmax"), tmp_path / "s.onnx")
+    module, how = onnx_to_torch(p)
+    assert how == "sequential" and isinstance(module[-1], nn.Softmax)
+    from fibgraph.importers.torch_out import save_torch
+
+    save_torch(module, tmp_path / "s.pt")
+    a = device_eval.evaluate_on(str(tmp_path / "s.pt"), str(mlp[1]), repeats=1, warmup=0)
+    b = device_eval.evaluate_on(p, str(mlp[1]), repeats=1, warmup=0)
+    assert a["engine"] == "torch" and a["output_kind"] == "probs" == b["output_kind"]
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["accuracy"] == b["accuracy"]
+
+
 def test_torch_out_falls_back_to_the_interpreter_for_graphs_without_a_torch_class(tmp_path):
     big, info = pn.planted_lstm(0)
     mp, _ = export_named(big, torch.zeros(1, info["seq"], info["n_in"]))
