@@ -70,7 +70,7 @@ def test_eval_reports_scores_latency_and_throughput(capsys, mlp, tmp_path):
 
 def test_compress_torch_out_loads_back_as_real_layers_and_matches(capsys, mlp, tmp_path):
     p, d, x = mlp
-    rc, so, err = cli(capsys, "compress", p, "-o", tmp_path / "s.onnx", "--torch", tmp_path / "s.pt")
+    rc, _, err = cli(capsys, "compress", p, "-o", tmp_path / "s.onnx", "--torch", tmp_path / "s.pt")
     assert rc == 0, err
     m = load_torch(tmp_path / "s.pt")
     assert isinstance(m, nn.Sequential) and [type(t) for t in m] == [nn.Linear, nn.ReLU, nn.Linear]
@@ -128,7 +128,7 @@ class _HostTraffic(TorchFunctionMode):
     """Calls that create a tensor from host values or read one back to the
     host: a CUDA graph capture fails on them."""
 
-    WATCH = {"tensor", "as_tensor", "from_numpy", "tolist", "item", "numpy", "cpu"}
+    WATCH = frozenset({"tensor", "as_tensor", "from_numpy", "tolist", "item", "numpy", "cpu"})
 
     def __init__(self):
         super().__init__()

@@ -160,7 +160,7 @@ def test_transformer_encoder_ffn_shrinks_attention_kept():
 
 
 def test_transformer_with_a_merged_residual_stream_falls_back_and_names_the_module():
-    big, info = pn.planted_transformer(0)
+    big, _ = pn.planted_transformer(0)
     x = torch.randn(3, 5, 7)
     res = compress_module(big, torch.zeros(1, 5, 7))
     from fibgraph.importers.onnx.to_torch import OnnxModule
