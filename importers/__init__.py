@@ -9,3 +9,12 @@ from .onnx.write import write_dag_base
 from .onnx.load import load_onnx
 
 __all__ = ["import_dag", "load_onnx", "colour_dag", "write_dag_base", "color_dag_model", "compress_dag_model"]
+
+
+def __getattr__(name):
+    """``fibgraph.importers.compress_module`` (torch in, torch out), imported on first use."""
+    if name in ("compress_module", "ModuleCompression"):
+        from . import torch_base
+
+        return getattr(torch_base, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

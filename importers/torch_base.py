@@ -31,7 +31,6 @@ for instance) is refused with the hint to use the ONNX model as it is
 """
 from __future__ import annotations
 
-import copy
 import re
 from dataclasses import replace
 
@@ -44,11 +43,11 @@ from fibgraph.tune import EPS_MAX, TuneResult
 
 from .torch_train import as_tensors, module_loss, retune  # noqa: F401  (part of this API)
 
-__all__ = ["compress_module", "module_from_onnx", "module_loss", "n_params", "tune_module", "retune",
+__all__ = ["compress_module", "ModuleCompression", "module_from_onnx", "module_loss", "n_params", "tune_module", "retune",
            "compress_retune", "RetuneResult"]
 
 _BASE_SUFFIX = re.compile(r"(__base\d+)+$")
-_REBUILD_HINT = ("use the base ONNX model as it is (fibgraph.importers.onnx_torch.OnnxModule, "
+_REBUILD_HINT = ("use the base ONNX model as it is (fibgraph.importers.onnx.to_torch.OnnxModule, "
                  "fibgraph.importers.retune_onnx.compress_retune_onnx)")
 
 
@@ -79,136 +78,83 @@ def _example(model, example):
 
 
 def _export(model, example):
-    from .torch_export import export_model
+    from .torch_rebuild import export_named
 
-    return export_model(model, example)
-
-
-def _sources(original, template):
-    """``{initializer name of the export: (parameter name, transposed)}``.  The
-    legacy exporter names a parameter's initializer by its state-dict key; a
-    ``MatMul`` export stores a transposed copy under another name, matched by
-    value."""
-    from onnx import numpy_helper
-
-    params = {n: p.detach().cpu().numpy() for n, p in template.named_parameters()}
-    out = {}
-    for t in original.graph.initializer:
-        if t.name in params:
-            out[t.name] = (t.name, False)
-    found = {v[0] for v in out.values()}
-    for t in original.graph.initializer:
-        if t.name in out or len(t.dims) != 2:
-            continue
-        a = numpy_helper.to_array(t)
-        if a.dtype.kind != "f":
-            continue
-        for n, p in params.items():
-            if p.ndim == 2 and p.shape == a.shape[::-1] and np.array_equal(p.T, a.astype(p.dtype)):
-                out[t.name] = (n, True)
-                found.add(n)
-                break
-    missing = [n for n in params if n not in found]
-    if missing:
-        raise InputError(f"parameters not in the module's ONNX export (folded away by the exporter, e.g. a "
-                         f"BatchNorm after a layer): {', '.join(missing[:5])}; {_REBUILD_HINT}")
-    return out
+    return export_named(model, example)[0]
 
 
-def _base_values(base, original, src):
-    """``{parameter name: array}`` from the base's initializers."""
-    from onnx import numpy_helper
-
-    before = {t.name: t for t in original.graph.initializer}
-    values = {}
-    for t in base.graph.initializer:
-        name = _BASE_SUFFIX.sub("", t.name)
-        a = numpy_helper.to_array(t)
-        if name in src:
-            pname, transposed = src[name]
-            a = a.T if transposed else a
-            if pname in values and not np.array_equal(values[pname], a):
-                raise InputError(f"the base gives parameter {pname!r} two different values; {_REBUILD_HINT}")
-            values[pname] = a
-        elif name not in before or not np.array_equal(numpy_helper.to_array(before[name]), a):
-            raise InputError(f"the base has a tensor {t.name!r} that is no parameter of the module; "
-                             f"{_REBUILD_HINT}")
-    return values
+def _scope(node_name):
+    """``enc.norm1`` from a legacy export's node name ``/enc/norm1/Mul``."""
+    parts = [p for p in node_name.split("/") if p]
+    return ".".join(parts[:-1]) if len(parts) > 1 else node_name
 
 
-def _set_child(root, path, new):
-    parent, _, leaf = path.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, leaf, new)
+_SHAPE_OPS = frozenset({"Shape", "Constant", "ConstantOfShape", "Gather", "Unsqueeze", "Squeeze", "Concat", "Slice",
+                        "Reshape", "Transpose", "Cast", "Identity", "Expand", "Range", "Size"})
 
 
-def module_from_onnx(base, template, original=None, example=None, check=True):
+def _same_nodes(original, base):
+    """Refuse a base that computes with nodes the export does not have (e.g.
+    multiplicities of merged units read by a LayerNorm), naming the torch
+    module where they sit.  The writer may drop or rewrite shape
+    arithmetic (an LSTM's initial state): only computing ops count."""
+    from collections import Counter
+
+    def compute(m):
+        return Counter(n.op_type for n in m.graph.node if n.op_type not in _SHAPE_OPS)
+
+    extra = compute(base) - compute(original)
+    if not extra:
+        return
+    nodes = list(base.graph.node)
+    kept = {n.name for n in nodes}
+    gone = [n.name for n in original.graph.node if n.op_type not in _SHAPE_OPS and n.name not in kept
+            and "/" in n.name]                      # a torch layer the writer replaced (LayerNormalization)
+    k = next((i for i, n in enumerate(nodes) if n.op_type in extra and n.name not in
+              {m.name for m in original.graph.node}), 0)
+    near = [n.name for n in nodes[k::-1] + nodes[k + 1:] if "/" in n.name]    # its own nodes carry no scope
+    where = list(dict.fromkeys(_scope(nm) for nm in (gone or near[:1])))
+    where = ", ".join(repr(w) for w in where[:4]) + (", ..." if len(where) > 4 else "") if where else f"node {k}"
+    raise InputError(f"module {where}: the base computes it with {', '.join(sorted(extra))} nodes of its own "
+                     f"(multiplicities of merged units read by a LayerNorm, attention with shrunk head dims): "
+                     f"no torch layer of that class computes them")
+
+
+def module_from_onnx(base, template, original=None, example=None, check=True, data=None):
     """A copy of ``template`` whose layers have the shapes and weights of
     ``base``, a compressed model of ``template``'s ONNX export ``original``
     (exported here from ``example`` when not given).
 
-    Every parameter is copied by name from the base's initializers (a
-    rewritten tensor is named ``<name>__base<k>`` by the writer); ``nn.Linear``
-    and ``nn.Conv1d/2d/3d`` (groups 1) layers are replaced by new ones of the
-    base's shapes, any other module with parameters must keep its shapes.
-    ``check``: run the new module and the base (onnxruntime) on random input
-    and require equal outputs (1e-4 relative)."""
-    torch = _torch()
-    nn = torch.nn
+    Every tensor of the module (parameters and running statistics) is read
+    back from the base's initializers through the export's packing
+    (:mod:`fibgraph.importers.torch_rebuild`): ``nn.Linear``, ``nn.Conv*d``
+    (groups 1), ``nn.BatchNorm*d``, ``nn.LSTM`` and ``nn.GRU`` layers are
+    replaced by new ones of the base's shapes, any other module with
+    parameters must keep its shapes.  ``check``: run the new module and the
+    base (onnxruntime) on random input (or ``data``) and require equal
+    outputs (1e-5 relative)."""
+    from .torch_rebuild import base_tensors, rebuild, tensor_sources
+
     ex = _example(template, example)
     if original is None:
         original = _export(template, ex)
-    src = _sources(original, template)
-    ops0 = [n.op_type for n in original.graph.node]
-    ops1 = [n.op_type for n in base.graph.node]
-    if ops0 != ops1:
-        raise InputError(f"the base has other ONNX nodes than the module's export ({len(ops1)} vs {len(ops0)}): "
-                         f"it cannot be rebuilt from the module's own layers; {_REBUILD_HINT}")
-    values = _base_values(base, original, src)
-    canon = {}                                  # id(parameter) -> its state-dict name
-    for n, p in template.named_parameters(remove_duplicate=False):
-        canon.setdefault(id(p), n)
-    small = copy.deepcopy(template)
-    tmods = dict(template.named_modules())
-    for path, mod in list(small.named_modules()):
-        own = [k for k, _ in mod.named_parameters(recurse=False)]
-        if not own:
-            continue
-        tmod = tmods[path]
-        new = {k: values[canon[id(getattr(tmod, k))]] for k in own}
-        conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-        if isinstance(mod, nn.Linear):
-            W = new["weight"]
-            repl = nn.Linear(W.shape[1], W.shape[0], bias=mod.bias is not None)
-        elif isinstance(mod, conv) and type(mod) in conv and mod.groups == 1:
-            W = new["weight"]
-            repl = type(mod)(W.shape[1], W.shape[0], mod.kernel_size, stride=mod.stride, padding=mod.padding,
-                             dilation=mod.dilation, bias=mod.bias is not None, padding_mode=mod.padding_mode)
-        elif all(tuple(new[k].shape) == tuple(getattr(mod, k).shape) for k in own):
-            repl = mod
-        else:
-            raise InputError(f"module {path!r} ({type(mod).__name__}) changes shape in the base; only Linear and "
-                             f"Conv layers are rebuilt; {_REBUILD_HINT}")
-        repl = repl.to(dtype=getattr(mod, own[0]).dtype)
-        with torch.no_grad():
-            for k in own:
-                p = getattr(repl, k)
-                if tuple(p.shape) != tuple(new[k].shape):
-                    raise InputError(f"module {path!r}: parameter {k} has shape {tuple(p.shape)} in the module, "
-                                     f"{tuple(new[k].shape)} in the base; {_REBUILD_HINT}")
-                p.copy_(torch.as_tensor(np.array(new[k]), dtype=p.dtype))
-        if repl is not mod:
-            _set_child(small, path, repl)
-    small.train(template.training)
+    src, _ = tensor_sources(original, template)
+    _same_nodes(original, base)
+    small = rebuild(template, base_tensors(base, src))
     if check:
-        _check_same(small, base, ex)
+        _check_same(small, base, ex, data)
     return small
 
 
-def _check_same(small, base, example):
+def _check_same(small, base, example, data=None, rtol=1e-5):
+    """The rebuilt module and the base (onnxruntime) on the same input: equal
+    within ``rtol`` of the output scale, else InputError."""
     import onnxruntime as ort
 
     torch = _torch()
-    if example.is_floating_point():
+    if data is not None:
+        x = torch.as_tensor(np.asarray(_data_x(data)[:16]))
+    elif example.is_floating_point():
         g = torch.Generator().manual_seed(0)
         x = torch.randn((3,) + tuple(example.shape[1:]), generator=g, dtype=example.dtype)
     else:
@@ -219,8 +165,7 @@ def _check_same(small, base, example):
         with torch.no_grad():
             got = small(x)
     except Exception as e:
-        raise InputError(f"the rebuilt module does not run ({str(e).splitlines()[0][:200]}); {_REBUILD_HINT}") \
-            from None
+        raise InputError(f"the rebuilt module does not run ({str(e).splitlines()[0][:200]})") from None
     finally:
         small.train(was)
     got = got.detach().cpu().double().numpy()
@@ -229,33 +174,106 @@ def _check_same(small, base, example):
     sess = ort.InferenceSession(base.SerializeToString(), so, providers=["CPUExecutionProvider"])
     want = np.asarray(sess.run(None, {sess.get_inputs()[0].name: x.cpu().numpy()})[0], dtype=np.float64)
     scale = max(1.0, float(np.max(np.abs(want)))) if want.size else 1.0
-    if got.shape != want.shape or float(np.max(np.abs(got - want))) > 1e-4 * scale:
-        raise InputError(f"the rebuilt module does not compute the base; {_REBUILD_HINT}")
+    if got.shape != want.shape or float(np.max(np.abs(got - want))) > rtol * scale:
+        raise InputError("the rebuilt module does not compute the base")
+
+
+def _data_x(data):
+    """x of ``data``: an .npz path, ``(x, y)`` or an array / tensor."""
+    if isinstance(data, (str, bytes)) or hasattr(data, "__fspath__"):
+        from .onnx.runtime import load_data
+
+        return load_data(data)[0]
+    x = data[0] if isinstance(data, tuple) else data
+    return x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
+
+
+class ModuleCompression:
+    """What :func:`compress_module` returns: ``module`` (the smaller torch
+    module: the original's class with smaller layers, or an
+    :class:`~fibgraph.importers.onnx.to_torch.OnnxModule` of the base when
+    ``report["fallback"]`` says why it could not be rebuilt), ``onnx`` (the
+    base ``ModelProto``, initializers in torch names), ``colouring`` and
+    ``report`` (params before/after in torch terms, per-layer rows, the eps
+    table, notes).  Unpacks as ``module, onnx, colouring``."""
+
+    def __init__(self, module, onnx, colouring, report):
+        self.module, self.onnx, self.colouring, self.report = module, onnx, colouring, report
+
+    def __iter__(self):
+        return iter((self.module, self.onnx, self.colouring))
+
+    def __repr__(self):
+        r = self.report
+        how = f", fallback: {r['fallback']}" if r.get("fallback") else ""
+        return (f"ModuleCompression({type(self.module).__name__}, params {r['params_before']} -> "
+                f"{r['params_after']}{how})")
 
 
 def n_params(module) -> int:
     return int(sum(p.numel() for p in module.parameters()))
 
 
-def _compressor(mp, linkage, metric, rescale, rtol=DEFAULT_RTOL, symmetry="fibration"):
+def _compressor(mp, linkage, metric, rescale, rtol=DEFAULT_RTOL, symmetry="fibration", feeds=None):
     from .tuning import DagCompressor
 
-    return DagCompressor(mp, linkage, metric, rescale, symmetry=symmetry, rtol=rtol)
+    return DagCompressor(mp, linkage, metric, rescale, symmetry=symmetry, rtol=rtol, feeds=feeds)
 
 
-def compress_module(model, eps_by_layer=None, linkage="average", metric="cosine", rescale=True,
-                    rtol=DEFAULT_RTOL, symmetry="fibration", example=None):
-    """(smaller module, base ONNX ``ModelProto``, colouring) for ``{layer: eps}``
-    (layers not named: exact fibers; names are the weights' parameter names).
-    ``example``: an input batch for the export (default for a module starting
-    with ``nn.Linear``: one zero vector).  As everywhere on the hypergraph path,
-    there is no rescaling merge and cosine is replaced by the magnitude-aware
-    distance."""
-    ex = _example(model, example)
-    mp = _export(model, ex)
-    mc = _compressor(mp, linkage, metric, rescale, rtol, symmetry)
-    m2, _, col = mc.compressed(eps_by_layer or {}, check=True)
-    return module_from_onnx(m2, model, original=mp, example=ex), m2, col
+def compress_module(model, example_inputs=None, eps=None, linkage="average", metric="cosine", rescale=True,
+                    rtol=DEFAULT_RTOL, symmetry="fibration", example=None, data=None, fallback=True,
+                    eps_by_layer=None) -> ModuleCompression:
+    """Compress a torch module to its base: a :class:`ModuleCompression`
+    (unpacks as ``module, base ONNX, colouring``).
+
+    ``example_inputs``: an input batch for the export (default for a module
+    starting with ``nn.Linear``: one zero vector; ``example=`` is the old
+    spelling).  ``eps``: one float for every tunable layer or
+    ``{layer: eps}`` with layers named by torch tensors (``"0.weight"``,
+    ``"enc.linear1.weight"``, ``"rnn.weight_ih_l0"``); layers not named:
+    exact fibers.  (A dict or float as the second positional argument is
+    read as ``eps``, as before.)  ``data``: an .npz path, ``(x, y)`` or an
+    input array: the importer's probe input and the rebuilt module's check.
+    ``fallback``: when the base cannot be rebuilt from the module's own
+    layer classes, return an ``OnnxModule`` of the base and say why in
+    ``report["fallback"]`` (the module path that blocks), instead of raising.
+    As everywhere on the hypergraph path, there is no rescaling merge and
+    cosine is replaced by the magnitude-aware distance."""
+    from .onnx.runtime import count_params
+    from .torch_rebuild import base_tensors, export_named, param_count
+
+    if isinstance(example_inputs, (dict, float, int)) and not isinstance(example_inputs, bool) and eps is None:
+        eps, example_inputs = example_inputs, None
+    if eps is None:
+        eps = eps_by_layer
+    ex = _example(model, example_inputs if example_inputs is not None else example)
+    mp, src = export_named(model, ex)
+    feeds = None
+    if data is not None:
+        feeds = {"x": np.asarray(_data_x(data)[:1], dtype=ex.cpu().numpy().dtype)}
+    mc = _compressor(mp, linkage, metric, rescale, rtol, symmetry, feeds)
+    if isinstance(eps, (int, float)) and not isinstance(eps, bool):
+        table = {w: float(eps) for w in mc.tunable} if eps else {}
+    else:
+        table = dict(eps or {})
+    m2, base, col = mc.compressed(table, check=True)
+    report = {"params_before": n_params(model), "onnx_params_before": count_params(mp),
+              "onnx_params_after": count_params(m2), "eps": mc.eps_file(table),
+              "layers": mc.layer_rows(table, base), "notes": list(mc.notes), "fallback": None}
+    try:
+        small = module_from_onnx(m2, model, original=mp, example=ex, data=data)
+        report["params_after"] = param_count(model, base_tensors(m2, src))
+        report["module"] = type(model).__name__
+    except InputError as e:
+        if not fallback:
+            raise InputError(f"{e}; {_REBUILD_HINT}") from None
+        from .onnx.to_torch import OnnxModule
+
+        small = OnnxModule(m2).train(model.training)
+        report["fallback"] = f"{e} -> the base is an OnnxModule (ONNX interpreter), not a {type(model).__name__}"
+        report["params_after"] = small.n_params()
+        report["module"] = "OnnxModule"
+    return ModuleCompression(small, m2, col, report)
 
 
 def _as_xy(data):

@@ -118,9 +118,11 @@ def color(model, symmetry, eps, eps_file, linkage, metric, no_rescale, rtol, jso
               help="Also write the per-layer report (and the verification) as JSON to this file.")
 @click.option("--csv", "csv_out", type=click.Path(dir_okay=False), default=None,
               help="Also write the per-layer table (layer, group, units, classes, kept, params, eps) as CSV.")
+@click.option("--torch", "torch_out", type=click.Path(dir_okay=False), default=None,
+              help="Also save the base as a torch module (torch.save; load with torch.load(p, weights_only=False)).")
 @quiet_option()
 def compress(model, out, symmetry, eps, eps_file, linkage, metric, no_rescale, rtol, verify, data, report_out,
-             csv_out, quiet):
+             csv_out, torch_out, quiet):
     """Compress MODEL to its base network and write it to OUT (ONNX)."""
     from fibgraph.importers.api import atomic_write_json, compress_model
     from ..report import print_colour_report
@@ -131,10 +133,22 @@ def compress(model, out, symmetry, eps, eps_file, linkage, metric, no_rescale, r
         raise InputError("--report and -o name the same file")
     if csv_out and os.path.abspath(csv_out) in (os.path.abspath(out), os.path.abspath(report_out or out)):
         raise InputError("--csv names the same file as -o or --report")
+    if torch_out:
+        _check_json_out(model, torch_out)
+        if os.path.abspath(torch_out) in {os.path.abspath(p) for p in (out, report_out, csv_out) if p}:
+            raise InputError("--torch names the same file as -o, --report or --csv")
     with shown(quiet):
         report = compress_model(model, out, symmetry, eps, eps_file, linkage, metric, not no_rescale, rtol,
                                 verify=verify, data=data)
+        if torch_out:
+            from fibgraph.importers.torch_out import onnx_to_torch, save_torch
+
+            module, how = onnx_to_torch(out)
+            save_torch(module, torch_out)
+            report["torch"] = {"path": os.fspath(torch_out), "module": type(module).__name__, "how": how}
     print_colour_report(report)
+    if torch_out:
+        click.echo(f"torch module: {type(module).__name__} ({how}) -> {torch_out}")
     if report_out:
         atomic_write_json(report_out, report)
     _write_csv(csv_out, report)
@@ -176,18 +190,31 @@ def _write_csv(path, report):
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--data", type=click.Path(dir_okay=False), required=True, help=".npz with arrays x, y.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
-              help="onnxruntime execution provider.")
+              help="cpu, or cuda: onnxruntime's CUDA provider when installed, else torch on CUDA.")
+@click.option("--batch-size", type=int, default=256, show_default=True, help="Rows per call (scores and timing).")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32",
+              show_default=True, help="float16/bfloat16: torch autocast.")
+@click.option("--repeats", type=int, default=20, show_default=True, help="Timed calls (median).")
+@click.option("--warmup", type=int, default=3, show_default=True, help="Untimed calls before timing.")
 @json_option("the scores")
 @quiet_option()
-def eval_cmd(model, data, device, json_out, quiet):
-    """Accuracy and mean cross-entropy of MODEL on DATA (onnxruntime)."""
-    from fibgraph.importers.api import atomic_write_json, evaluate
+def eval_cmd(model, data, device, batch_size, dtype, repeats, warmup, json_out, quiet):
+    """Accuracy, mean cross-entropy, latency and throughput of MODEL (.onnx or
+    a torch.save'd .pt module) on DATA: onnxruntime (its CUDA provider for
+    --device cuda when installed), else torch (CUDA graph on cuda)."""
+    from fibgraph.importers.api import atomic_write_json
+    from fibgraph.importers.device_eval import evaluate_on
 
     _check_json_out(model, json_out)
     with shown(quiet):
-        res = evaluate(model, data, device=device)
+        res = evaluate_on(model, data, device=device, batch_size=batch_size, dtype=dtype, repeats=repeats,
+                          warmup=warmup)
+    what = f"output {res['output']!r} as {res['output_kind']}" if "output" in res else res.get("module", "")
     click.echo(f"accuracy {res['accuracy']:.4f}  loss {res['loss']:.4f}  n {res['n']}  "
-               f"(output {res['output']!r} as {res['output_kind']}, {device})")
+               f"({what}, {res['engine']} on {device}, {dtype})")
+    graph = "  cuda graph" if res["cuda_graph"] is True else ""
+    click.echo(f"latency {res['latency_ms']:.3f} ms per batch of {batch_size} (median of {repeats})  "
+               f"throughput {res['throughput']:.1f} rows/s{graph}")
     if json_out:
         atomic_write_json(json_out, res)
 

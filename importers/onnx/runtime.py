@@ -230,7 +230,15 @@ def evaluate(model_path, data, device="cpu", batch=1024):
             feeds = inputs_for(sess, x[s:s + batch])
             scores.append(np.asarray(run(sess, [outs[pick].name], feeds)[0], dtype=np.float64))
             advance(1)
-    S = np.concatenate(scores)
+    out = classifier_scores(np.concatenate(scores), y, kind)
+    out.update({"output": outs[pick].name, "output_kind": kind, "device": device})
+    return out
+
+
+def classifier_scores(S, y, kind="logits"):
+    """``{"accuracy", "loss", "n"}`` of (batch, classes) outputs ``S`` of the
+    given kind (logits, probs, logprobs, sigmoid) for labels ``y``."""
+    S = np.asarray(S, dtype=np.float64)
     y = np.asarray(y).astype(np.int64).reshape(-1)
     if y.size != S.shape[0] or y.min() < 0 or y.max() >= S.shape[1]:
         raise InputError("labels 'y' do not match the model's outputs")
@@ -245,5 +253,4 @@ def evaluate(model_path, data, device="cpu", batch=1024):
         logp = S - m - np.log(np.exp(S - m).sum(axis=1, keepdims=True))
     acc = float(np.mean(S.argmax(axis=1) == y))
     loss = float(-np.mean(logp[np.arange(y.size), y]))
-    return {"accuracy": acc, "loss": loss, "n": int(y.size), "output": outs[pick].name,
-            "output_kind": kind, "device": device}
+    return {"accuracy": acc, "loss": loss, "n": int(y.size)}

@@ -70,6 +70,24 @@ def constant_value(node):
     raise unsupported("Constant", "only value, value_float(s), value_int(s)")
 
 
+#: ops never treated as fixed by the input shapes (random draws)
+_NEVER_STATIC = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
+                           "Bernoulli", "Dropout"})
+
+
+def _with_host(t):
+    """``t`` carrying its values as Python ints (``registry.ints`` reads them
+    without a device sync); integer tensors of up to 4096 elements only."""
+    if isinstance(t, torch.Tensor) and not t.is_floating_point() and not t.is_complex() and t.numel() <= 4096:
+        t = t.detach().clone()
+        t._fib_host = [int(v) for v in t.reshape(-1).tolist()]
+    return t
+
+
+def _unpickle(data, frozen, training):
+    return OnnxModule(onnx.load_from_string(data), freeze=frozen).train(training)
+
+
 class OnnxModule(nn.Module):
     """Run an ONNX graph (default domain, opsets 7-23) as a differentiable torch module."""
 
@@ -134,6 +152,46 @@ class OnnxModule(nn.Module):
         inits = {t.name for t in g.initializer}
         self.input_names = [vi.name for vi in g.input if vi.name not in inits]
         self.output_names = [vi.name for vi in g.output]
+        self._static_plan()
+
+    # -------------------------------------------------------------- shape arithmetic
+    def _static_plan(self):
+        """Which node outputs are fixed once the input shapes are: ``Shape`` /
+        ``Size`` of anything, and any node reading only such values or
+        integer constants (the Gather / Concat / Unsqueeze / Cast arithmetic
+        of a Reshape's target, ConstantOfShape of an LSTM's initial state).
+        They are computed on the first call for each input signature and
+        then reused (with their values as Python ints), so later calls run
+        only the data nodes: no ``torch.tensor(shape)`` host-to-device copy
+        and no ``.tolist()`` device-to-host sync inside the forward, which a
+        CUDA graph capture forbids."""
+        static = {nm for nm, attr in self._value_attr.items() if not getattr(self, attr).is_floating_point()}
+        self._static_nodes = set()
+        for k, node in enumerate(self._nodes):
+            if node.op in _NEVER_STATIC:
+                continue
+            ins = [x for x in node.inputs if x]
+            if node.op in ("Shape", "Size") or (ins and all(x in static for x in ins)):
+                self._static_nodes.add(k)
+                static.update(x for x in node.outputs if x)
+        made = {x for k in self._static_nodes for x in self._nodes[k].outputs if x}
+        used = {x for k, nd in enumerate(self._nodes) if k not in self._static_nodes for x in nd.inputs}
+        used.update(self.output_names)
+        #: static values a data node (or a graph output) reads: what a plan keeps
+        self._static_needed = sorted((made | {nm for nm in static if nm in self._value_attr}) & used)
+        self._plans = {}
+
+    def __reduce__(self):
+        """Pickled (``torch.save``, ``copy.deepcopy``) as its ONNX model with the
+        current parameter values, frozen flags and mode: the decoded nodes hold
+        closures that do not pickle."""
+        frozen = [self.onnx_names[a] for a, p in self._parameters.items() if p is not None and not p.requires_grad]
+        return _unpickle, (self.to_onnx().SerializeToString(), frozen, self.training)
+
+    def _signature(self, env):
+        xs = tuple((tuple(env[nm].shape), env[nm].dtype, env[nm].device) for nm in self.input_names)
+        p = next(iter(self._buffers.values()), None) if self._buffers else None
+        return xs, (p.device if p is not None else None)
 
     # -------------------------------------------------------------- API
     def parameter(self, onnx_name):
@@ -165,7 +223,13 @@ class OnnxModule(nn.Module):
             x = env[name]
             if not isinstance(x, torch.Tensor):
                 env[name] = torch.as_tensor(np.asarray(x))
-        for node in self._nodes:
+        key = self._signature(env) if self._static_nodes else None
+        plan = self._plans.get(key) if key is not None else None
+        if plan is not None:
+            env.update(plan)
+        for k, node in enumerate(self._nodes):
+            if plan is not None and k in self._static_nodes:
+                continue
             xs = [env[nm] if nm else None for nm in node.inputs]
             while xs and xs[-1] is None:
                 xs.pop()
@@ -176,6 +240,10 @@ class OnnxModule(nn.Module):
                         env[nm] = y
             else:
                 env[node.outputs[0]] = ys
+        if key is not None and plan is None:
+            if len(self._plans) >= 16:
+                self._plans.clear()
+            self._plans[key] = {nm: _with_host(env[nm]) for nm in self._static_needed}
         outs = tuple(env[nm] for nm in self.output_names)
         return outs[0] if len(outs) == 1 else outs
 

@@ -62,6 +62,9 @@ def ints(t):
     """A shape-like tensor (or None) as a list of Python ints."""
     if t is None:
         return None
+    host = getattr(t, "_fib_host", None)          # a static shape value (OnnxModule plans): no device sync
+    if host is not None:
+        return list(host)
     return [int(v) for v in t.reshape(-1).tolist()]
 
 
