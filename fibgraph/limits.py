@@ -101,8 +101,9 @@ def check_elements(what, shape, itemsize, dtype_name=None):
     """:func:`check_bytes` for an array of ``shape`` (Python ints: no overflow)."""
     count = math.prod(int(d) for d in shape)
     kind = f" {dtype_name}" if dtype_name else ""
-    return check_bytes(what, count * int(itemsize), f"{count:.3g}{kind} elements, shape {list(shape)}"
-                       if len(shape) <= 8 else f"{count:.3g}{kind} elements")
+    num = str(count) if count < 10 ** 6 else f"{count:.3g}".replace("e+", "e")
+    return check_bytes(what, count * int(itemsize), f"{num}{kind} elements, shape {list(shape)}"
+                       if len(shape) <= 8 else f"{num}{kind} elements")
 
 
 # ------------------------------------------------------------------ .npz

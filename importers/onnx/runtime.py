@@ -139,7 +139,7 @@ def _check_values(path, name, v, labels=False):
         if bad.any():
             k = int(np.argmax(bad.reshape(-1)))
             raise InputError(f"{path}: labels {name!r} must be whole numbers (class indices), "
-                             f"got {v.reshape(-1)[k]!r} at position {k}")
+                             f"got {float(v.reshape(-1)[k])!r} at position {k}")
 
 
 def load_data(path, need_y=False):
