@@ -408,3 +408,14 @@ def test_edgelist_ids_are_plain_digits(capsys, tmp_path, out, text, needle):
     rc, _, err = cli(capsys, "color", p, "--json", out / "c.json")
     assert_one_line_error(rc, err, needle)
     assert folder_snapshot(out) == {}
+
+
+def test_sweep_task_takes_the_callers_limit(tmp_path):
+    """A Dask worker does not inherit --max-memory: the sweep passes it to each task."""
+    from fibgraph.importers.sweep import sweep_task
+
+    p = _external(str(tmp_path / "ext"), model=_wide())
+    res = sweep_task(p, "fibration", 0.0, max_memory=1024)
+    assert "initializer 'W1'" in res["error"] and "1.0 KiB memory limit" in res["error"]
+    set_max_memory(None)
+    assert sweep_task(p, "fibration", 0.0)["error"] is None
