@@ -9,7 +9,8 @@
   bodies) whose declared dims need more than the limit (one tensor: the bytes
   of all of them are in the files, whose sizes are checked);
 - external data that claims more bytes than its file holds (``offset +
-  length``, or ``offset`` + the dims' size when ``length`` is missing);
+  length``, or ``offset`` + the dims' size when ``length`` is missing), or a
+  ``length`` other than the dims' size;
 - a graph input whose fixed dims need more than the limit (symbolic dims count
   as 1 here; the feeds check their concrete sizes in
   :func:`fibgraph.importers.onnx.feeds.make_feeds`);
@@ -36,6 +37,8 @@ from fibgraph.limits import check_bytes, check_elements
 
 __all__ = ["check_model", "check_model_file", "tensor_size"]
 
+_PACKED = {getattr(onnx.TensorProto, k) for k in ("STRING", "INT4", "UINT4", "FLOAT4E2M1", "INT2", "UINT2")
+           if hasattr(onnx.TensorProto, k)}       # no whole bytes per element
 _SMALL = 4096                     # constants folded here: shape-like integer tensors only
 _FOLD = {"Identity", "Cast", "Concat", "Unsqueeze", "Squeeze", "Reshape", "Add", "Mul"}
 
@@ -113,11 +116,20 @@ def _check_external(t, base, label):
     if off < 0 or (length is not None and length < 0):
         raise InputError(f"{label}tensor {t.name!r}: negative external data offset or length")
     dims, size, _ = tensor_size(t)
-    need = length if length is not None else (math.prod(dims) * size if dims is not None else 0)
+    declared = math.prod(dims) * size if dims is not None and t.data_type not in _PACKED else None
+    need = length if length is not None else (declared or 0)
     if off + need > have:
         claim = f"{need} bytes at offset {off}" + ("" if length is not None else " (from its dims)")
         raise InputError(f"{label}tensor {t.name!r}: external data claims {claim} of {loc!r}, "
                          f"which holds only {have} bytes")
+    if length is not None and declared is not None and length != declared:
+        raise InputError(f"{label}tensor {t.name!r}: external data length {length} bytes does not match "
+                         f"its dims {dims} ({declared} bytes)")
+    if length is None and declared is not None and have - off != declared:
+        # without a length onnx reads to the end of the file
+        raise InputError(f"{label}tensor {t.name!r}: external data has no length, and the rest of {loc!r} "
+                         f"after offset {off} ({have - off} bytes) does not match its dims {dims} "
+                         f"({declared} bytes)")
 
 
 class _Consts:

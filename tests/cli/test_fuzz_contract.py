@@ -2,7 +2,8 @@
 
 Byte mutations of the serialized files and structural mutations made with the
 onnx API (dims, data types, attributes, dropped/duplicated/reordered nodes,
-swapped inputs, opsets, a ConstantOfShape bomb).  For every mutant,
+swapped inputs, opsets, a ConstantOfShape bomb, external-data offsets, lengths,
+locations and weight files).  For every mutant,
 ``fibgraph inspect`` and ``fibgraph compress --eps 0`` (in-process) must:
 
 - exit 0 or 2 (exit 1 is an internal error: a bug);
@@ -16,6 +17,7 @@ One test per mutation family, each a fixed set of seeded mutants (about 130
 mutants in all, a few seconds per family).
 """
 import os
+import tempfile
 import zlib
 
 import numpy as np
@@ -238,14 +240,54 @@ def byte_mutant(data, rng):
     return bytes(b), f"bytes: {how} {k}"
 
 
+def _with_external_data(m):
+    """``(model bytes, weights bytes)``: every initializer in ``w.bin`` beside the model."""
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "m.onnx")
+        onnx.save_model(_copy(m), path, save_as_external_data=True, all_tensors_to_one_file=True,
+                        location="w.bin", size_threshold=0)
+        with open(path, "rb") as f, open(os.path.join(d, "w.bin"), "rb") as g:
+            return f.read(), g.read()
+
+
+def external_mutant(data, weights, rng):
+    """A mutation of the external-data keys (offset, length, location) or of the weights file."""
+    m = onnx.load_model_from_string(data)
+    t = rng.choice(list(m.graph.initializer))
+    info = {kv.key: kv.value for kv in t.external_data}
+    how = str(rng.choice(["length", "offset", "drop_length", "drop_offset", "location", "cut", "grow"]))
+    if how == "length":
+        info["length"] = str(rng.choice(["0", "1", "-5", "abc", str(10 ** 12), str(int(info["length"]) + 4)]))
+    elif how == "offset":
+        info["offset"] = str(rng.choice(["-8", "x", str(10 ** 12), str(len(weights)), "3"]))
+    elif how in ("drop_length", "drop_offset"):
+        info.pop(how[5:], None)
+    elif how == "location":
+        info["location"] = str(rng.choice(["missing.bin", "m.onnx", "w.bin/", "."]))
+    elif how == "cut":
+        weights = weights[:int(rng.integers(len(weights)))]
+    else:
+        weights = weights + bytes(int(rng.integers(1, 64)))
+    del t.external_data[:]
+    for k, v in info.items():
+        t.external_data.add(key=k, value=v)
+    return m.SerializeToString(), weights, f"external {t.name!r}: {how} {info.get(how, '')}".strip()
+
+
 def mutants(family, per_model):
-    """``(label, bytes)`` of the seeded mutants of ``family``."""
+    """``(label, model bytes, {other file: bytes})`` of the seeded mutants of ``family``."""
     out = []
     for mname, build in MODELS.items():
         base = build()
         data = base.SerializeToString()
+        if family == "external":
+            data, weights = _with_external_data(base)
         for seed in range(per_model):
             rng = np.random.default_rng([zlib.crc32(family.encode()), seed, zlib.crc32(mname.encode())])
+            if family == "external":
+                b, w, what = external_mutant(data, weights, rng)
+                out.append((f"{mname} seed {seed}: {what}", b, {"w.bin": w}))
+                continue
             if family == "bytes":
                 b, what = byte_mutant(data, rng)
             else:
@@ -255,7 +297,7 @@ def mutants(family, per_model):
                 except (ValueError, IndexError, StopIteration):
                     continue                      # nothing to mutate in this model
                 b = m.SerializeToString()
-            out.append((f"{mname} seed {seed}: {what}", b))
+            out.append((f"{mname} seed {seed}: {what}", b, {}))
     return out
 
 
@@ -295,8 +337,10 @@ def check_contract(capsys, tmp_path, cases):
     p = src / "m.onnx"
     broken = []
     with _AddressSpaceCap(2 << 30):
-        for label, data in cases:
+        for label, data, extra in cases:
             p.write_bytes(data)
+            for name, content in extra.items():
+                (src / name).write_bytes(content)
             for cmd in (["inspect", p, "--json", out / "i.json"],
                         ["compress", p, "--eps", "0", "-o", out / "o.onnx", "--report", out / "r.json"]):
                 rc, _, err = cli(capsys, "--max-memory", "64M", *cmd)
@@ -309,7 +353,7 @@ def check_contract(capsys, tmp_path, cases):
                     why = f"{len(lines)} stderr lines"
                 elif rc == 2 and wrote:
                     why = f"wrote {wrote} on failure"
-                elif p.read_bytes() != data:
+                elif p.read_bytes() != data or any((src / k).read_bytes() != v for k, v in extra.items()):
                     why = "input changed"
                 if why:
                     broken.append(f"{cmd[0]} on {label}: {why}: {err.strip()[:300]!r}")
@@ -319,7 +363,7 @@ def check_contract(capsys, tmp_path, cases):
 
 
 PER_MODEL = {"bytes": 12, "init_dims": 5, "init_dtype": 4, "input": 4, "attr": 4, "drop_node": 3,
-             "dup_node": 3, "inputs": 4, "order": 3, "opset": 3, "bomb": 3}
+             "dup_node": 3, "inputs": 4, "order": 3, "opset": 3, "bomb": 3, "external": 8}
 
 
 # Nodes out of topological order: inspect runs them (exit 0), compress writes
@@ -349,7 +393,7 @@ def test_the_unmutated_models_compress(capsys, tmp_path):
 
 def test_bombs_are_refused_by_the_limit(capsys, tmp_path):
     """The bomb family is refused by the memory check itself (not by onnxruntime)."""
-    for label, data in mutants("bomb", PER_MODEL["bomb"]):
+    for label, data, _ in mutants("bomb", PER_MODEL["bomb"]):
         p = tmp_path / "b.onnx"
         p.write_bytes(data)
         rc, _, err = cli(capsys, "--max-memory", "64M", "inspect", p)

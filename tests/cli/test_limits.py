@@ -174,21 +174,27 @@ def _wide():
     return mlp_onnx([W1, rng.normal(0, 1, (3, 200))], [b1, rng.normal(0, 1, 3)])
 
 
-def _external(folder, cut=None, drop_length=False, model=None):
+def _external(folder, cut=None, drop_length=False, model=None, length=None):
     """The good model with its weights in folder/w.bin; ``cut``: bytes removed
-    from the end of w.bin; ``drop_length``: the length keys removed."""
+    from the end of w.bin; ``drop_length``: the length key of the first
+    (``"first"``) or the last (True) tensor removed; ``length``: the last
+    tensor's length set to this."""
     os.makedirs(folder, exist_ok=True)
     m = model or _good()
     path = os.path.join(folder, "m.onnx")
     onnx.save_model(m, path, save_as_external_data=True, all_tensors_to_one_file=True, location="w.bin",
                     size_threshold=0)
-    if drop_length:
+    if drop_length or length is not None:
         m = onnx.load(path, load_external_data=False)
-        for t in m.graph.initializer:
-            keep = [(kv.key, kv.value) for kv in t.external_data if kv.key != "length"]
-            del t.external_data[:]
-            for k, v in keep:
-                t.external_data.add(key=k, value=v)
+        t = m.graph.initializer[0 if drop_length == "first" else -1]
+        info = {kv.key: kv.value for kv in t.external_data}
+        if drop_length:
+            del info["length"]
+        else:
+            info["length"] = str(length)
+        del t.external_data[:]
+        for k, v in info.items():
+            t.external_data.add(key=k, value=v)
         with open(path, "wb") as f:
             f.write(m.SerializeToString())
     if cut:
@@ -199,14 +205,33 @@ def _external(folder, cut=None, drop_length=False, model=None):
     return path
 
 
-@pytest.mark.parametrize("drop_length", [False, True])
+EXTERNAL = {   # the last tensor is b2: 3 floats at offset 160 of the 172-byte w.bin
+    "cut": (dict(cut=4), ["tensor 'b2'", "claims 12 bytes at offset 160", "holds only 168 bytes"]),
+    "cut_no_length": (dict(cut=4, drop_length=True), ["claims 12 bytes at offset 160 (from its dims)"]),
+    "huge_length": (dict(length=10 ** 12), ["claims 1000000000000 bytes"]),
+    "length_not_dims": (dict(length=8), ["length 8 bytes does not match its dims [3] (12 bytes)"]),
+    "no_length_rest": (dict(drop_length="first"), ["tensor 'W1'", "no length", "(172 bytes)", "(80 bytes)"]),
+}
+
+
 @pytest.mark.parametrize("command", ["inspect", "compress"])
-def test_external_data_shorter_than_claimed(capsys, tmp_path, out, command, drop_length):
-    p = _external(str(tmp_path / "ext"), cut=4, drop_length=drop_length)
+@pytest.mark.parametrize("case", list(EXTERNAL))
+def test_external_data_claims_checked(capsys, tmp_path, out, command, case):
+    """External data claiming more bytes than its file holds (or a length its
+    dims do not have) is refused before anything is read."""
+    kw, needles = EXTERNAL[case]
+    p = _external(str(tmp_path / "ext"), **kw)
     snap = folder_snapshot(tmp_path / "ext")
     rc, _, err = cli(capsys, *_cmd(command, p, out))
-    assert_one_line_error(rc, err, "external data claims", "w.bin", "holds only")
+    assert_one_line_error(rc, err, "external data", *needles)
     assert folder_snapshot(out) == {} and folder_snapshot(tmp_path / "ext") == snap
+
+
+def test_external_data_without_length_to_the_end(capsys, tmp_path, out):
+    """No length on the last tensor: the rest of the file is its data (onnx's rule): accepted."""
+    p = _external(str(tmp_path / "ext"), drop_length=True)
+    rc, _, err = cli(capsys, *_cmd("compress", p, out))
+    assert rc == 0, err
 
 
 def test_max_memory_raises_the_limit(capsys, tmp_path, out, monkeypatch):
