@@ -170,6 +170,23 @@ class _Consts:
             return self.dtype[name]
         return self.outer.dtype_of(name) if self.outer else None
 
+    def scalar(self, name):
+        """A constant scalar (integer or float) ``name`` holds, or None."""
+        v = self.value(name)
+        if v is not None:
+            return int(v.reshape(-1)[0]) if v.size == 1 else None
+        t = self.tensors.get(name)
+        if t is None:
+            return self.outer.scalar(name) if self.outer is not None and name not in self.dtype else None
+        dims, _, _ = tensor_size(t)
+        if dims is None or math.prod(dims) != 1 or t.data_location == onnx.TensorProto.EXTERNAL:
+            return None
+        try:
+            x = float(numpy_helper.to_array(t).reshape(-1)[0])
+        except Exception:
+            return None
+        return x if math.isfinite(x) else None
+
     def value(self, name, depth=0):
         """The value of ``name`` when it is a small integer constant, else None."""
         if not name or depth > 32:
@@ -266,12 +283,12 @@ def _check_targets(graph, consts, label):
                 if dt:
                     itemsize, dname = _itemsize(dt)
         elif op == "Range" and len(node.input) >= 3:
-            s, lim, d = (consts.value(x) for x in node.input[:3])
-            if s is not None and lim is not None and d is not None and s.size == lim.size == d.size == 1:
-                d = int(d.reshape(-1)[0])
-                if d != 0:
-                    shape = [max(-(-(int(lim.reshape(-1)[0]) - int(s.reshape(-1)[0])) // d), 0)]
-                    itemsize, dname = 8, "int64"
+            s, lim, d = (consts.scalar(x) for x in node.input[:3])
+            if s is not None and lim is not None and d:
+                shape = [max(math.ceil((lim - s) / d), 0) if isinstance(lim - s + d, float)
+                         else max(-(-(lim - s) // d), 0)]
+                dt = consts.dtype_of(node.input[0])
+                itemsize, dname = _itemsize(dt) if dt else (8, "int64")
         if shape is not None:
             shape = [int(x) for x in np.asarray(shape).reshape(-1)]
             if all(x >= 0 for x in shape):

@@ -88,12 +88,15 @@ def _tile():
     return _model(nodes, [_vi("x", ["N", 4])], [_vi("y", [1, 1])], [_ints("reps", [BIG, 1])])
 
 
-def _range():
+def _range(floats=False):
     nodes = [helper.make_node("Range", ["s", "l", "d"], ["r"]),
              helper.make_node("Cast", ["r"], ["rf"], to=TensorProto.FLOAT),
              helper.make_node("ReduceSum", ["rf"], ["s2"], keepdims=0),
              helper.make_node("Add", ["x", "s2"], ["y"])]
-    inits = [_ints("s", 0), _ints("l", BIG), _ints("d", 1)]
+    if floats:
+        inits = [numpy_helper.from_array(np.array(v, np.float32), k) for k, v in (("s", 0.5), ("l", 1e12), ("d", 2.0))]
+    else:
+        inits = [_ints("s", 0), _ints("l", BIG), _ints("d", 1)]
     return _model(nodes, [_vi("x", ["N", 4])], [_vi("y", ["N", 4])], inits)
 
 
@@ -122,7 +125,8 @@ MODELS = {
     "constant_of_shape_concat": (lambda: _constant_of_shape(True), ["ConstantOfShape output 'c'"]),
     "expand": (_expand, ["Expand output 'e'"]),
     "tile": (_tile, ["Tile output 't'"]),
-    "range": (_range, ["Range output 'r'"]),
+    "range": (_range, ["Range output 'r'", "1e12 int64"]),
+    "range_float": (lambda: _range(True), ["Range output 'r'", "5e11 float32"]),
     "if_body": (_in_if_body, ["ConstantOfShape output 'c'"]),
     "graph_input": (_huge_input, ["graph input 'x'"]),
 }
