@@ -14,11 +14,14 @@
 - a graph input whose fixed dims need more than the limit (symbolic dims count
   as 1 here; the feeds check their concrete sizes in
   :func:`fibgraph.importers.onnx.feeds.make_feeds`);
-- the outputs of ``ConstantOfShape``, ``Expand``, ``Tile`` and ``Range`` whose
-  size follows from constants (initializers, Constant nodes, and small integer
-  arithmetic on them: Identity, Cast, Concat, Unsqueeze, Squeeze, Reshape,
-  Add, Mul), so a tiny model cannot make onnxruntime allocate terabytes in
-  the probe; a ``Reshape`` to a constant shape is checked the same way.
+- the outputs of ``ConstantOfShape``, ``Expand``, ``Tile``, ``Range``,
+  ``Resize``/``Upsample``, ``Pad``, ``OneHot``, ``RandomNormal``/``RandomUniform``
+  whose size follows from constants (initializers, Constant nodes, and small
+  integer arithmetic on them: Identity, Cast, Concat, Unsqueeze, Squeeze,
+  Reshape, Add, Mul; unknown input dims count as 1, a lower bound), so a tiny
+  model cannot make onnxruntime allocate terabytes in the probe; a
+  ``Reshape`` to a constant shape is checked the same way;
+- sparse tensors by their dense dims (they are made dense when loaded).
 
 Unreadable structure (unknown data types, negative dims) is left to the
 loader's own checks: this pass only refuses what is too large.
@@ -92,6 +95,14 @@ def _check_tensor(t, what):
     dims, size, name = tensor_size(t)
     if dims is not None:
         check_elements(f"{what} {t.name!r}", dims, size, name)
+
+
+def _check_sparse(st, what):
+    """A sparse tensor is made dense (onnxruntime, numpy_helper): its dense dims count."""
+    _check_tensor(st.values, f"{what} values")
+    if all(d >= 0 for d in st.dims):
+        size, name = _itemsize(st.values.data_type)
+        check_elements(f"{what} {st.values.name!r} (dense)", list(st.dims), size, name)
 
 
 def _external_info(t):
@@ -187,6 +198,19 @@ class _Consts:
             return None
         return x if math.isfinite(x) else None
 
+    def floats(self, name):
+        """A small constant float array ``name`` holds (Resize scales), or None."""
+        t = self.tensors.get(name)
+        if t is None:
+            return self.outer.floats(name) if self.outer is not None and name not in self.dtype else None
+        dims, _, _ = tensor_size(t)
+        if dims is None or math.prod(dims) > _SMALL or t.data_location == onnx.TensorProto.EXTERNAL:
+            return None
+        try:
+            return numpy_helper.to_array(t).astype(np.float64)
+        except Exception:
+            return None
+
     def value(self, name, depth=0):
         """The value of ``name`` when it is a small integer constant, else None."""
         if not name or depth > 32:
@@ -249,50 +273,118 @@ def _out_what(node, k=0):
     return f"{node.op_type} output {out!r}" + (f" (node {node.name!r})" if node.name else "")
 
 
+def _known_dims(consts, name):
+    """The dims of ``name`` where known, unknown ones as 1 (a lower bound); [] if unknown."""
+    return [d if isinstance(d, int) and d > 0 else 1 for d in (consts.dims_of(name) or [])]
+
+
+def _dtype(consts, name, default=(1, None)):
+    dt = consts.dtype_of(name)
+    return _itemsize(dt) if dt else default
+
+
+def _constant_of_shape(node, consts):
+    v = _attr(node, "value")
+    return consts.value(node.input[0]), *(_itemsize(v.data_type if isinstance(v, onnx.TensorProto) else 1))
+
+
+def _expand_tile(node, consts):
+    target = consts.value(node.input[1])
+    if target is None:
+        return None
+    ind, target = _known_dims(consts, node.input[0]), [int(d) for d in target.reshape(-1)]
+    if node.op_type == "Expand":
+        r = max(len(ind), len(target))
+        a, b = [1] * (r - len(ind)) + ind, [1] * (r - len(target)) + target
+        shape = [max(p, q) if min(p, q) > 0 else 0 for p, q in zip(a, b)]
+    elif len(target) == len(ind) or not ind:
+        shape = [p * q for p, q in zip(ind or [1] * len(target), target)]
+    else:
+        return None
+    return shape, *_dtype(consts, node.input[0])
+
+
+def _reshape(node, consts):
+    target = consts.value(node.input[1])
+    if target is None:
+        return None
+    return [d for d in target.reshape(-1).tolist() if d > 0], *_dtype(consts, node.input[0])
+
+
+def _range(node, consts):
+    s, lim, d = (consts.scalar(x) for x in node.input[:3])
+    if s is None or lim is None or not d:
+        return None
+    n = math.ceil((lim - s) / d) if isinstance(lim - s + d, float) else -(-(lim - s) // d)
+    return [max(n, 0)], *_dtype(consts, node.input[0], (8, "int64"))
+
+
+def _resize(node, consts):
+    """Resize/Upsample: constant ``sizes``, or constant ``scales`` times the known input dims."""
+    ins = list(node.input)
+    if len(ins) >= 4 and consts.value(ins[3]) is not None:
+        return consts.value(ins[3]).reshape(-1).tolist(), *_dtype(consts, ins[0])
+    scales = _attr(node, "scales") if node.op_type == "Upsample" and len(ins) < 2 else None
+    if scales is None:
+        k = 2 if node.op_type == "Resize" else 1
+        scales = consts.floats(ins[k]) if len(ins) > k else None
+    if scales is None:
+        return None
+    scales = [float(x) for x in np.asarray(scales).reshape(-1)]
+    ind = _known_dims(consts, ins[0]) or [1] * len(scales)
+    if len(ind) != len(scales) or not all(math.isfinite(x) and x >= 0 for x in scales):
+        return None
+    return [math.floor(d * x) for d, x in zip(ind, scales)], *_dtype(consts, ins[0])
+
+
+def _pad(node, consts):
+    pads = consts.value(node.input[1]) if len(node.input) >= 2 else None
+    pads = pads.reshape(-1).tolist() if pads is not None else _attr(node, "pads")
+    ind = _known_dims(consts, node.input[0])
+    if not pads or len(pads) % 2 or (ind and len(pads) != 2 * len(ind)):
+        return None
+    r = len(pads) // 2
+    ind = ind or [1] * r
+    return [max(ind[i] + int(pads[i]) + int(pads[i + r]), 0) for i in range(r)], *_dtype(consts, node.input[0])
+
+
+def _one_hot(node, consts):
+    depth = consts.scalar(node.input[1]) if len(node.input) >= 2 else None
+    if depth is None:
+        return None
+    values = _dtype(consts, node.input[2]) if len(node.input) > 2 else (1, None)
+    return _known_dims(consts, node.input[0]) + [max(int(depth), 0)], *values
+
+
+def _random(node, consts):
+    shape = _attr(node, "shape")
+    if shape is None:
+        return None
+    return list(shape), *_itemsize(_attr(node, "dtype", onnx.TensorProto.FLOAT))
+
+
+# op type -> (the inputs it needs, the function giving (shape, itemsize, dtype name) or None)
+_TARGETS = {"ConstantOfShape": (1, _constant_of_shape), "Expand": (2, _expand_tile), "Tile": (2, _expand_tile),
+            "Reshape": (2, _reshape), "Range": (3, _range), "Resize": (1, _resize), "Upsample": (1, _resize),
+            "Pad": (1, _pad), "OneHot": (2, _one_hot), "RandomNormal": (0, _random),
+            "RandomUniform": (0, _random)}
+
+
 def _check_targets(graph, consts, label):
     """The outputs whose size constants fix (see the module doc)."""
     for node in graph.node:
-        op = node.op_type
-        shape, itemsize, dname = None, 1, None
-        if op == "ConstantOfShape" and node.input:
-            shape = consts.value(node.input[0])
-            v = _attr(node, "value")
-            itemsize, dname = _itemsize(v.data_type) if isinstance(v, onnx.TensorProto) else _itemsize(1)
-        elif op in ("Expand", "Tile") and len(node.input) >= 2:
-            target = consts.value(node.input[1])
-            if target is None:
-                continue
-            dt = consts.dtype_of(node.input[0])
-            if dt:
-                itemsize, dname = _itemsize(dt)
-            ind = consts.dims_of(node.input[0]) or []
-            ind = [d if isinstance(d, int) and d > 0 else 1 for d in ind]
-            target = [int(d) for d in target.reshape(-1)]
-            if op == "Expand":
-                r = max(len(ind), len(target))
-                a = [1] * (r - len(ind)) + ind
-                b = [1] * (r - len(target)) + target
-                shape = [max(p, q) if min(p, q) > 0 else 0 for p, q in zip(a, b)]
-            elif len(target) == len(ind) or not ind:
-                shape = [p * q for p, q in zip(ind or [1] * len(target), target)]
-        elif op == "Reshape" and len(node.input) >= 2:
-            target = consts.value(node.input[1])
-            if target is not None:
-                shape = [d for d in target.reshape(-1).tolist() if d > 0]
-                dt = consts.dtype_of(node.input[0])
-                if dt:
-                    itemsize, dname = _itemsize(dt)
-        elif op == "Range" and len(node.input) >= 3:
-            s, lim, d = (consts.scalar(x) for x in node.input[:3])
-            if s is not None and lim is not None and d:
-                shape = [max(math.ceil((lim - s) / d), 0) if isinstance(lim - s + d, float)
-                         else max(-(-(lim - s) // d), 0)]
-                dt = consts.dtype_of(node.input[0])
-                itemsize, dname = _itemsize(dt) if dt else (8, "int64")
-        if shape is not None:
-            shape = [int(x) for x in np.asarray(shape).reshape(-1)]
-            if all(x >= 0 for x in shape):
-                check_elements(f"{label}{_out_what(node)}", shape, itemsize, dname)
+        need, fn = _TARGETS.get(node.op_type, (None, None))
+        if fn is None or len(node.input) < need:
+            continue
+        try:
+            got = fn(node, consts)
+        except Exception:                        # malformed attributes: not ours to judge
+            got = None
+        if got is None or got[0] is None:
+            continue
+        shape = [int(x) for x in np.asarray(got[0]).reshape(-1)]
+        if all(x >= 0 for x in shape):
+            check_elements(f"{label}{_out_what(node)}", shape, got[1], got[2])
 
 
 def _check_graph(graph, label, base, outer=None):
@@ -301,13 +393,15 @@ def _check_graph(graph, label, base, outer=None):
         if t.data_location == onnx.TensorProto.EXTERNAL:
             _check_external(t, base, label)
     for st in graph.sparse_initializer:
-        _check_tensor(st.values, f"{label}sparse initializer values")
+        _check_sparse(st, f"{label}sparse initializer")
     for node in graph.node:
         for a in node.attribute:
             if a.type == onnx.AttributeProto.TENSOR:
                 _check_tensor(a.t, f"{label}{node.op_type} tensor")
                 if a.t.data_location == onnx.TensorProto.EXTERNAL:
                     _check_external(a.t, base, label)
+            elif a.type == onnx.AttributeProto.SPARSE_TENSOR:
+                _check_sparse(a.sparse_tensor, f"{label}{node.op_type} sparse tensor")
             elif a.type == onnx.AttributeProto.TENSORS:
                 for t in a.tensors:
                     _check_tensor(t, f"{label}{node.op_type} tensor")

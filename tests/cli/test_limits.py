@@ -113,6 +113,42 @@ def _in_if_body():
     return _model(nodes, [_vi("x", ["N", 4])], [_vi("y", ["N", 4])], [_ints("shp", [3, BIG])])
 
 
+def _reduced(op_nodes, inits, out="big"):
+    """``op_nodes`` making ``out``, summed and added to x (so the output depends on it)."""
+    nodes = op_nodes + [helper.make_node("ReduceSum", [out], ["s"], keepdims=0),
+                        helper.make_node("Add", ["x", "s"], ["y"])]
+    return _model(nodes, [_vi("x", ["N", 4])], [_vi("y", ["N", 4])], inits)
+
+
+def _resize():
+    one = numpy_helper.from_array(np.ones((1, 1, 2, 2), np.float32), "img")
+    scales = numpy_helper.from_array(np.array([1, 1, 1e6, 1e6], np.float32), "scales")
+    return _reduced([helper.make_node("Resize", ["img", "", "scales"], ["big"], mode="nearest")], [one, scales])
+
+
+def _pad():
+    one = numpy_helper.from_array(np.ones((1, 4), np.float32), "v")
+    return _reduced([helper.make_node("Pad", ["v", "pads"], ["big"])], [one, _ints("pads", [0, 0, 0, BIG])])
+
+
+def _one_hot():
+    idx = _ints("idx", [1, 2])
+    return _reduced([helper.make_node("OneHot", ["idx", "depth", "vals"], ["big"])],
+                    [idx, _ints("depth", BIG), numpy_helper.from_array(np.array([0, 1], np.float32), "vals")])
+
+
+def _random():
+    return _reduced([helper.make_node("RandomNormal", [], ["big"], shape=[BIG, 2])], [])
+
+
+def _sparse():
+    m = _model([helper.make_node("Add", ["x", "sp"], ["y"])], [_vi("x", [BIG, 10 ** 6])],
+               [_vi("y", [BIG, 10 ** 6])])
+    vals = numpy_helper.from_array(np.array([1.0], np.float32), "sp")
+    m.graph.sparse_initializer.append(helper.make_sparse_tensor(vals, _ints("sp_idx", [5]), [BIG, 10 ** 6]))
+    return m
+
+
 def _huge_input():
     W = numpy_helper.from_array(np.ones((6, 3), np.float32), "W")
     return _model([helper.make_node("MatMul", ["x", "W"], ["y"])], [_vi("x", [BIG, 6])], [_vi("y", [BIG, 3])], [W])
@@ -127,6 +163,11 @@ MODELS = {
     "tile": (_tile, ["Tile output 't'"]),
     "range": (_range, ["Range output 'r'", "1e12 int64"]),
     "range_float": (lambda: _range(True), ["Range output 'r'", "5e11 float32"]),
+    "resize": (_resize, ["Resize output 'big'", "[1, 1, 2000000, 2000000]"]),
+    "pad": (_pad, ["Pad output 'big'", "[1, 1000000000004]"]),
+    "one_hot": (_one_hot, ["OneHot output 'big'", "[2, 1000000000000]"]),
+    "random_normal": (_random, ["RandomNormal output 'big'"]),
+    "sparse_initializer": (_sparse, ["sparse initializer 'sp' (dense)"]),
     "if_body": (_in_if_body, ["ConstantOfShape output 'c'"]),
     "graph_input": (_huge_input, ["graph input 'x'"]),
 }
