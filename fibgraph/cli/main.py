@@ -41,6 +41,8 @@ def _max_memory_option(group):
 
         if group or value is not None:
             set_max_memory(value)
+        if group:                       # the limit lasts one run (in-process callers, tests)
+            ctx.call_on_close(set_max_memory)
         return value
 
     return click.Option(["--max-memory"], metavar="SIZE", expose_value=False, is_eager=True, callback=set_limit,

@@ -292,6 +292,8 @@ def test_max_memory_raises_the_limit(capsys, tmp_path, out, monkeypatch):
                               "over the 1.0 KiB memory limit")
     rc, _, err = cli(capsys, "--max-memory", "8K", "inspect", p)
     assert rc == 0, err
+    rc, _, err = cli(capsys, "--max-memory", "1K", "inspect", p)
+    assert max_memory() > 8 << 10                                       # the limit lasts one run
     rc, _, err = cli(capsys, "inspect", p)                              # the default: back after each run
     assert rc == 0, err
     monkeypatch.setenv("FIBGRAPH_MAX_MEMORY", "1K")
