@@ -13,7 +13,7 @@ locations and weight files).  For every mutant,
   process's address space capped at what it had plus 4 GiB while the mutants run
   (an allocation past it is a MemoryError, i.e. exit 1, i.e. a failure here).
 
-One test per mutation family, each a fixed set of seeded mutants (about 130
+One test per mutation family, each a fixed set of seeded mutants (about 170
 mutants in all, a few seconds per family).
 """
 import os
