@@ -7,9 +7,10 @@ GraphML (``.graphml``) and GML (``.gml``).
 What the graph means:
 
 - nodes ``0..n-1``; ``node_ids`` keeps each node's id as in the source (edge
-  list: the integer id itself, every id from 0 to the largest one mentioned is
-  a node, so isolated nodes exist; GraphML/GML/networkx/igraph: every declared
-  node, in declaration order);
+  list: the integer ids the edges name, in increasing order, relabelled densely,
+  so a graph costs memory by its edges and never by its largest id;
+  GraphML/GML/networkx/igraph: every declared node, isolated ones included, in
+  declaration order);
 - an edge ``u -> v`` with weight ``w`` is ``W[v, u] += w``: multi-edges add,
   self-loops and cycles are allowed; an undirected edge ``{u, v}`` is the two
   directed edges ``u -> v`` and ``v -> u`` (a self-loop once);
@@ -23,7 +24,8 @@ What the graph means:
   called ``initial`` is used when present (nodes without it share one colour).
 
 Edge list format: one edge per line, ``u v`` or ``u v w``, whitespace
-separated, ``u``/``v`` non-negative integers; ``#`` starts a comment; blank
+separated, ``u``/``v`` non-negative integers (plain digits: no sign, no
+``_``, below 2**31 - 1); ``#`` starts a comment; blank
 lines are skipped.  Parsing is vectorised (numpy on the file's bytes; one
 ``bytes.split``).  Bad input raises :class:`~fibgraph.errors.InputError` with a
 one-line message naming the line.
@@ -71,7 +73,7 @@ def read_graph(path, weight="weight", initial=None) -> WeightedDigraph:
     if ext in EDGELIST_EXT:
         g = parse_edgelist(data, path)
         if initial is not None:
-            g.initial = _initial_from_values(initial, list(range(g.n)), None, g.n)
+            g.initial = _initial_from_values(initial, list(g.node_ids), None, g.n)
         return g
     _check_text(data, path)
     import networkx as nx
@@ -211,12 +213,18 @@ def parse_edgelist(data: bytes, name="edge list") -> WeightedDigraph:
             else:
                 weight = wv
             exact = _integral(weight)
-    n = int(max(src.max(), dst.max())) + 1
     if exact:
         weight = None if weight is None else weight.astype(np.int64)
-    g = WeightedDigraph.from_edges(src, dst, weight, n=n, etype=etype, exact=exact,
-                                   node_ids=np.arange(n, dtype=np.int64))
-    return g
+    src, dst, ids = _dense(src, dst)
+    return WeightedDigraph.from_edges(src, dst, weight, n=ids.size, etype=etype, exact=exact, node_ids=ids)
+
+
+def _dense(src, dst):
+    """Node ids relabelled ``0..n-1`` in increasing order: ``(src, dst, ids)``."""
+    m = src.size
+    ids, inv = np.unique(np.concatenate([src, dst]), return_inverse=True)
+    inv = inv.reshape(-1).astype(np.int64)
+    return inv[:m], inv[m:], ids.astype(np.int64)
 
 
 def _fast_integers(data, spos, counts, lines, name):
@@ -241,26 +249,30 @@ def _fast_integers(data, spos, counts, lines, name):
     del arr
     if weight is not None and np.abs(weight).max() >= 2 ** 53:
         return None                               # huge (or saturated) integers: slow path
-    n = int(max(src.max(), dst.max())) + 1
-    return WeightedDigraph.from_edges(src, dst, weight, n=n, exact=True,
-                                      node_ids=np.arange(n, dtype=np.int64))
+    src, dst, ids = _dense(src, dst)
+    return WeightedDigraph.from_edges(src, dst, weight, n=ids.size, exact=True, node_ids=ids)
 
 
 def _parse_ids(tokens, lines, name):
+    joined = np.frombuffer(b"".join(tokens), np.uint8)
+    digits = bool(np.all((joined >= 48) & (joined <= 57)))     # int() also takes '1_000', '+5'
     try:
+        if not digits:
+            raise ValueError
         ids = np.fromiter(map(int, tokens), np.int64, len(tokens))
     except (ValueError, OverflowError):
         for k, t in enumerate(tokens):
             shown = t.decode("utf-8", "replace")[:40]
             try:
+                if not t.isdigit():
+                    raise ValueError
                 x = int(t)
             except ValueError:
                 raise InputError(f"{name}: line {int(lines[k]) + 1}: node id {shown!r} is not a "
                                  f"non-negative integer") from None
             if not 0 <= x <= MAX_NODE_ID:
                 raise InputError(f"{name}: line {int(lines[k]) + 1}: node id {shown} is "
-                                 + ("negative" if x < 0 else "too large (ids must be < 2**31 - 1; "
-                                    "every id up to the largest is a node)"))
+                                 + ("negative" if x < 0 else "too large (ids must be < 2**31 - 1)"))
         raise  # pragma: no cover
     return _check_ids(ids, lines, name)
 
@@ -274,7 +286,7 @@ def _check_ids(ids, lines, name):
     if big.any():
         k = int(np.argmax(big))
         raise InputError(f"{name}: line {int(lines[k]) + 1}: node id {int(ids[k])} is too large "
-                         f"(ids must be < 2**31 - 1; every id up to the largest is a node)")
+                         "(ids must be < 2**31 - 1)")
     return ids
 
 

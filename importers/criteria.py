@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 from fibgraph.engine import DEFAULT_RTOL, make_criterion
 from fibgraph.errors import InputError
+from fibgraph.limits import EPS_FILE_MAX, format_size
 
 __all__ = ["COMPRESS_SYMMETRIES", "check_eps", "check_options", "make_criteria", "read_eps_table",
            "criteria_from_table"]
@@ -42,19 +44,54 @@ def make_criteria(names, eps=0.0, eps_file=None, linkage="average", metric="cosi
 def read_eps_table(path, names):
     """``{layer weight name: eps}`` from a JSON eps file; names must be layers
     of the model (``"*"`` sets the default)."""
-    try:
-        with open(path) as f:
-            table = json.load(f)
-    except OSError as e:
-        raise InputError(f"{path}: cannot read eps file ({e.strerror})") from None
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    if not isinstance(table, dict):
-        raise InputError(f"{path}: eps file must be a JSON object {{layer weight name: eps}}")
+    table = _read_json_object(path)
+    for k, v in table.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise InputError(f"{path}: eps of {k!r} must be a number, got {json.dumps(v)[:40]}")
     unknown = sorted(k for k in table if k != "*" and k not in set(names))
     if unknown:
         raise InputError(f"{path}: layers not in the model: {', '.join(unknown)} "
                          f"(layers: {', '.join(names)})")
+    return table
+
+
+def _parse_int(text):
+    if len(text.lstrip("-")) > 20:
+        raise InputError(f"integer with {len(text.lstrip('-'))} digits")
+    return int(text)
+
+
+def _read_json_object(path):
+    """A small JSON object from ``path``: at most :data:`fibgraph.limits.EPS_FILE_MAX`
+    bytes (checked before reading, and never more read), UTF-8, no giant integers,
+    no deep nesting."""
+    limit = EPS_FILE_MAX
+    try:
+        size = os.stat(path).st_size
+        if size > limit:
+            raise InputError(f"{path}: eps file is {format_size(size)}, over the {format_size(limit)} "
+                             "an eps file may have")
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as e:
+        raise InputError(f"{path}: cannot read eps file ({e.strerror})") from None
+    if len(data) > limit:
+        raise InputError(f"{path}: eps file is over the {format_size(limit)} an eps file may have")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: eps file is not UTF-8 text (byte {e.start})") from None
+    try:
+        table = json.loads(text, parse_int=_parse_int)
+    except InputError as e:
+        raise InputError(f"{path}: eps file holds an {e}; eps must be numbers in [0, 2)") from None
+    except RecursionError:
+        raise InputError(f"{path}: eps file is nested too deeply; it must be a flat JSON object "
+                         "{layer weight name: eps}") from None
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(table, dict):
+        raise InputError(f"{path}: eps file must be a JSON object {{layer weight name: eps}}")
     return table
 
 

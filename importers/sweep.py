@@ -28,6 +28,7 @@ import time
 import uuid
 
 from fibgraph.errors import InputError
+from fibgraph.limits import max_memory as memory_limit
 from fibgraph.sweep_plots import natural_key
 
 __all__ = ["run_sweep", "sweep_task", "make_settings", "parse_eps_list", "check_data", "check_table_path",
@@ -118,14 +119,20 @@ def _base_model(imported, col):
     return col.base[0]                        # written by color_dag_model
 
 
-def sweep_task(path, symmetry, eps, data=None, linkage="average", metric="cosine"):
+def sweep_task(path, symmetry, eps, data=None, linkage="average", metric="cosine", max_memory=None):
     """One (model, setting) on a worker: a small dict, never an exception.
 
     ``{"params_before", "params_after", "accuracy", "loss", "seconds", "error",
     "layers": [{"layer", "nodes_before", "nodes_after"}, ...]}``; with an
-    error, only ``error`` and ``seconds`` are meaningful."""
+    error, only ``error`` and ``seconds`` are meaningful.  ``max_memory``: the
+    caller's memory limit (bytes; :mod:`fibgraph.limits`), which a worker process
+    does not inherit."""
     t0 = time.perf_counter()
     try:
+        if max_memory is not None:
+            from fibgraph.limits import set_max_memory
+
+            set_max_memory(max_memory)
         from .api import COMPRESS_SYMMETRIES, color_model, evaluate
 
         report, imported, col = color_model(path, symmetry, eps, linkage=linkage, metric=metric, data=data)
@@ -216,7 +223,7 @@ def run_sweep(models, settings, scheduler=None, workers=2, data=None, on_done=No
             for mi, si in todo:
                 sym, eps = settings[si]
                 f = client.submit(sweep_task, os.path.abspath(models[mi]), sym, eps, data, linkage, metric,
-                                  pure=False, key=f"fibgraph-sweep-{run}-{mi}-{si}")
+                                  memory_limit(), pure=False, key=f"fibgraph-sweep-{run}-{mi}-{si}")
                 futures[f] = (mi, si)
             for f in as_completed(list(futures)):
                 try:

@@ -33,6 +33,25 @@ def _colouring_options(f):
     return f
 
 
+def _max_memory_option(group):
+    """``--max-memory SIZE``: the memory limit of :mod:`fibgraph.limits` (the group's
+    resets it on every run; a command's, given after the command, overrides it)."""
+    def set_limit(ctx, param, value):
+        from ..limits import set_max_memory
+
+        if group or value is not None:
+            set_max_memory(value)
+        if group:                       # the limit lasts one run (in-process callers, tests)
+            ctx.call_on_close(set_max_memory)
+        return value
+
+    return click.Option(["--max-memory"], metavar="SIZE", expose_value=False, is_eager=True, callback=set_limit,
+                        envvar="FIBGRAPH_MAX_MEMORY" if group else None,
+                        help="Largest allocation an input may ask for (e.g. 16G, 500M; default a quarter of the "
+                             "physical memory; env FIBGRAPH_MAX_MEMORY); anything larger is refused before "
+                             "it is allocated.")
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="fibgraph")
 def cli():
@@ -275,6 +294,9 @@ def _register_extra_commands():
 
 
 _register_extra_commands()
+cli.params.append(_max_memory_option(group=True))
+for _c in cli.commands.values():
+    _c.params.append(_max_memory_option(group=False))
 
 
 def _check_json_out(inp, out):

@@ -32,6 +32,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from fibgraph.limits import check_elements
+
 __all__ = ["SEQ", "SIZE", "Drawn", "InputSpec", "describe", "input_specs", "make_feeds", "short_error"]
 
 SEQ = 8            # default length of a symbolic sequence dim of an integer input
@@ -310,6 +312,8 @@ def make_feeds(model, n=1, seed=0, size=None, shapes=None, specs=None) -> Drawn:
     shp = _shapes(specs, n, size)
     if shapes:
         shp.update({k: tuple(int(x) for x in v) for k, v in shapes.items() if k in shp})
+    for name, sp in specs.items():             # every size checked before anything is drawn
+        check_elements(f"graph input {name!r}", shp[name], sp.dtype.itemsize, sp.dtype.name)
     out = Drawn()
     out.specs = specs
     for name, sp in specs.items():             # graph order

@@ -10,6 +10,8 @@ from onnx import numpy_helper
 from fibgraph.errors import InputError
 from fibgraph.fileio import read_input
 
+from .limits import check_model, check_model_file
+
 __all__ = ["load_onnx", "tensor_value", "float_tensors", "graph_float_tensors", "outer_refs", "FLOAT_TYPES"]
 
 
@@ -27,6 +29,7 @@ def load_onnx(path) -> onnx.ModelProto:
     leaves it is refused, never read).
     """
     path = os.fspath(path)
+    check_model_file(path)
     data = read_input(path)
     if not data:
         raise InputError(f"{path}: empty file, not an ONNX model")
@@ -47,6 +50,7 @@ def load_onnx(path) -> onnx.ModelProto:
             raise InputError(f"{path}: tensor {t.name!r} has external data {loc!r} outside the model's folder; refused")
         if not os.path.isfile(full):
             raise InputError(f"{path}: external data file {loc!r} of tensor {t.name!r} is missing")
+    check_model(model, base, label=path)
     if ext:
         try:
             onnx.external_data_helper.load_external_data_for_model(model, base)

@@ -8,6 +8,7 @@ import onnx
 from fibgraph.errors import InputError
 
 from .feeds import describe, input_specs, make_feeds, short_error
+from .limits import check_model
 
 __all__ = ["probe_model", "sample_feeds"]
 
@@ -27,6 +28,7 @@ def probe_model(model, feeds=None):
     ``(feeds, values)`` with the value of every tensor (initializers included)."""
     import onnxruntime as ort
 
+    check_model(model)                     # no run before the sizes it implies are checked
     m = onnx.ModelProto()
     m.CopyFrom(model)
     have = {o.name for o in m.graph.output}

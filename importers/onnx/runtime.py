@@ -7,6 +7,7 @@ import numpy as np
 import onnx
 
 from fibgraph.errors import InputError
+from fibgraph.limits import check_elements, npz_headers, read_npz
 
 from .feeds import short_error
 from .load import float_tensors, load_onnx
@@ -25,11 +26,11 @@ def data_feeds(data, model):
     or (a model with one input) the array ``x``."""
     inits = {t.name for t in model.graph.initializer}
     inputs = [vi for vi in model.graph.input if vi.name not in inits]
-    try:
-        with np.load(data) as z:
-            arrays = {k: z[k] for k in z.files}
-    except Exception:
-        raise InputError(f"{data}: not a readable .npz file") from None
+    heads = npz_headers(data)               # sizes checked before anything is loaded
+    names = {vi.name for vi in inputs} if all(vi.name in heads for vi in inputs) else {"x"}
+    arrays = read_npz(data, names)
+    for k, v in arrays.items():
+        _check_values(data, k, v)
     if all(vi.name in arrays for vi in inputs):
         pick = {vi.name: arrays[vi.name] for vi in inputs}
     elif len(inputs) == 1 and "x" in arrays:
@@ -126,21 +127,41 @@ def run(sess, names, feeds):
         raise InputError(f"onnxruntime could not run the model on these inputs: {short_error(e)}") from None
 
 
+def _check_values(path, name, v, labels=False):
+    """Numbers a model can read: real (bool, integer or float), no strings,
+    no complex numbers; labels are whole numbers."""
+    if v.dtype.kind not in "biuf":
+        kind = {"c": "complex numbers", "U": "strings", "S": "bytes", "M": "dates", "m": "time spans"}.get(
+            v.dtype.kind, f"{v.dtype} values")
+        raise InputError(f"{path}: {name!r} holds {kind}, not real numbers")
+    if labels and v.dtype.kind == "f":
+        bad = ~np.isfinite(v) | (v != np.round(v))
+        if bad.any():
+            k = int(np.argmax(bad.reshape(-1)))
+            raise InputError(f"{path}: labels {name!r} must be whole numbers (class indices), "
+                             f"got {float(v.reshape(-1)[k])!r} at position {k}")
+
+
 def load_data(path, need_y=False):
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            if "x" not in z:
-                raise InputError(f"{path}: data file needs an array 'x' (and 'y' for eval)")
-            x = z["x"]
-            y = z["y"] if "y" in z else None
-    except InputError:
-        raise
-    except Exception:
-        raise InputError(f"{path}: not a readable .npz file with arrays x, y") from None
-    if need_y and y is None:
+    """``(x, y)`` from an .npz (``y`` only when ``need_y``; None otherwise):
+    headers checked against the memory limit first, ``x`` real numbers with a
+    batch axis, ``y`` whole numbers, one per sample."""
+    heads = npz_headers(path)
+    if "x" not in heads:
+        raise InputError(f"{path}: data file needs an array 'x' (and 'y' for eval)")
+    if need_y and "y" not in heads:
         raise InputError(f"{path}: data file needs an array 'y' (labels)")
+    arrays = read_npz(path, {"x", "y"} if need_y else {"x"})
+    x, y = arrays["x"], arrays.get("y")
+    _check_values(path, "x", x)
+    if x.ndim == 0:
+        raise InputError(f"{path}: 'x' is a single number (0-d); it needs a batch axis")
     if x.shape[0] == 0:
         raise InputError(f"{path}: 'x' is empty")
+    if y is not None:
+        _check_values(path, "y", y, labels=True)
+        if y.ndim == 0:
+            raise InputError(f"{path}: 'y' is a single number (0-d); it needs one label per sample")
     return x, y
 
 
@@ -159,6 +180,7 @@ def inputs_for(sess, data=None, n=64, seed=0):
         shape = [batch] + [d if isinstance(d, int) else None for d in inp.shape[1:]]
         if any(d is None for d in shape):
             raise InputError(f"input {inp.name!r} has unknown non-batch dimensions {inp.shape}; pass --data")
+        check_elements(f"graph input {inp.name!r}", shape, 8, "float64")
         x = np.random.default_rng(seed).standard_normal(shape)
     dt = {"tensor(float)": np.float32, "tensor(double)": np.float64,
           "tensor(float16)": np.float16}.get(inp.type, np.float32)

@@ -34,13 +34,19 @@ def test_edgelist_comments_blank_lines_isolated_selfloop_multiedge(tmp_path):
     p = write(tmp_path, "g.edgelist", "# header\n\n0 1 2\n1 2   # no weight = 1\n"
                                       "\t2 0 3\n0 1 5\n6 6 1\n\n")
     g = read_graph(p)
-    assert g.n == 7                                   # ids up to the largest: 3, 4, 5 isolated
-    assert list(g.node_ids) == list(range(7))
+    assert g.n == 4                                   # the ids the edges name, relabelled densely
+    assert list(g.node_ids) == [0, 1, 2, 6]
     M = W(g)
-    assert M[1, 0] == 7 and M[2, 1] == 1 and M[0, 2] == 3 and M[6, 6] == 1
+    assert M[1, 0] == 7 and M[2, 1] == 1 and M[0, 2] == 3 and M[3, 3] == 1
     assert g.n_edges == 5 and all(b.exact for b in g.blocks)
-    lab = fibration(g).labels
-    assert lab[3] == lab[4] == lab[5]                 # isolated nodes share a fiber
+    assert fibration(g).labels.size == 4
+
+
+def test_edgelist_sparse_ids_cost_their_edges_not_the_largest_id():
+    """A 20-byte edge list naming node 300,000,000: two nodes, keyed by their ids."""
+    g = parse_edgelist(b"0 300000000\n300000000 7\n")
+    assert g.n == 3 and list(g.node_ids) == [0, 7, 300000000]
+    assert W(g)[2, 0] == 1 and W(g)[1, 2] == 1
 
 
 def test_edgelist_float_and_integer_weights(tmp_path):
@@ -84,6 +90,9 @@ def test_parse_edgelist_bytes_directly():
     ("", "empty"),
     ("# only a comment\n\n", "no edges"),
     ("0 99999999999\n", "too large"),
+    ("0 1_000\n", "not a non-negative integer"),
+    ("0 +5\n", "not a non-negative integer"),
+    ("0 1 2.5\n1_0 1 1\n", "line 2"),
 ])
 def test_edgelist_bad_input(tmp_path, text, needle):
     p = write(tmp_path, "bad.txt", text)
