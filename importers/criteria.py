@@ -8,6 +8,7 @@ import math
 
 from fibgraph.engine import DEFAULT_RTOL, make_criterion
 from fibgraph.errors import InputError
+from fibgraph.fileio import check_regular
 
 __all__ = ["COMPRESS_SYMMETRIES", "check_eps", "check_options", "make_criteria", "read_eps_table",
            "criteria_from_table"]
@@ -42,6 +43,7 @@ def make_criteria(names, eps=0.0, eps_file=None, linkage="average", metric="cosi
 def read_eps_table(path, names):
     """``{layer weight name: eps}`` from a JSON eps file; names must be layers
     of the model (``"*"`` sets the default)."""
+    check_regular(path, "eps file")
     try:
         with open(path) as f:
             table = json.load(f)

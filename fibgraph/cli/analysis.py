@@ -12,15 +12,11 @@ import click
 import numpy as np
 
 from ..errors import InputError
-from ..fileio import check_output_path
+from .checks import check_io, check_rtol
 
 __all__ = ["COMMANDS", "compare", "symmetry_metrics_cmd"]
 
 SYM_COMPARE = ["fibration", "opfibration", "opfibration-flavoured", "covering", "covering-strict"]
-
-
-def _check_out(inputs, out):
-    check_output_path(out, inputs)
 
 
 def _load(path):
@@ -57,7 +53,8 @@ def _yn(b):
 @click.option("--eps", type=float, default=0.0, show_default=True, help="Tolerance in [0, 2): 0 = exact.")
 @click.option("--linkage", type=click.Choice(["complete", "average"]), default="average", show_default=True)
 @click.option("--metric", type=click.Choice(["cosine", "euclidean"]), default="cosine", show_default=True)
-@click.option("--rtol", type=float, default=1e-5, show_default=True, help="eps=0: relative rounding tolerance.")
+@click.option("--rtol", type=float, default=1e-5, show_default=True, callback=check_rtol,
+              help="eps=0: relative rounding tolerance.")
 @click.option("--align", is_flag=True,
               help="Match B's hidden units to A's first (Hungarian on incoming weights); "
                    "needed for independently trained models.")
@@ -71,7 +68,7 @@ def compare(model_a, model_b, symmetry, eps, linkage, metric, rtol, align, json_
     from ..report import console
     from rich.table import Table
 
-    _check_out([model_a, model_b], json_out)
+    check_io(models=[("model A", model_a), ("model B", model_b)], writes=[("--json", json_out)])
     crit = _criterion(eps, linkage, metric, rtol)
     va, vb = _load(model_a), _load(model_b)
     res = compare_views(va, vb, symmetry, crit, align=align,
@@ -128,7 +125,7 @@ def symmetry_metrics_cmd(model, thresholds, normalise, warn_threshold, warn_frac
     from ..symmetry_metrics import DEFAULT_THRESHOLDS, double_rotation_deltas
     from rich.table import Table
 
-    _check_out([model], json_out)
+    check_io(models=[model], writes=[("--json", json_out)])
     thresholds = tuple(thresholds) or DEFAULT_THRESHOLDS
     for t in thresholds + (warn_threshold,):
         if not t > 0:

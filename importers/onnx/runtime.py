@@ -7,6 +7,7 @@ import numpy as np
 import onnx
 
 from fibgraph.errors import InputError
+from fibgraph.fileio import check_regular
 
 from .feeds import short_error
 from .load import float_tensors, load_onnx
@@ -25,6 +26,7 @@ def data_feeds(data, model):
     or (a model with one input) the array ``x``."""
     inits = {t.name for t in model.graph.initializer}
     inputs = [vi for vi in model.graph.input if vi.name not in inits]
+    check_regular(data, "data file")
     try:
         with np.load(data) as z:
             arrays = {k: z[k] for k in z.files}
@@ -105,7 +107,7 @@ def session(model, device="cpu"):
     data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
     try:
         opts = ort.SessionOptions()
-        opts.log_severity_level = 3  # errors only
+        opts.log_severity_level = 4  # none: errors come back as exceptions, one line each
         sess = ort.InferenceSession(data, sess_options=opts, providers=providers)
     except Exception as e:
         raise InputError(f"onnxruntime cannot load the model: {short_error(e)}") from None
@@ -127,6 +129,7 @@ def run(sess, names, feeds):
 
 
 def load_data(path, need_y=False):
+    check_regular(path, "data file")
     try:
         with np.load(path, allow_pickle=False) as z:
             if "x" not in z:
@@ -183,12 +186,16 @@ def verify_models(a, b, data=None, seed=0, n=64):
     for p, q in zip(ra, rb):
         p, q = np.asarray(p), np.asarray(q)
         if p.dtype.kind == "f":
-            diffs.append(float(np.max(np.abs(p.astype(np.float64) - q.astype(np.float64)))) if p.size else 0.0)
+            with np.errstate(invalid="ignore", over="ignore"):
+                diffs.append(float(np.max(np.abs(p.astype(np.float64) - q.astype(np.float64)))) if p.size else 0.0)
         elif p.dtype.kind in "iub":
             diffs.append(float(np.mean(p != q)))
     first = next(iter(feeds.values()))
     nb = int(first.shape[0]) if first.ndim else 1
     out = {"max_abs_diff": max(diffs) if diffs else 0.0, "n": nb}
+    if not np.isfinite(diffs).all():
+        raise InputError(f"verify: output difference is not finite ({max(diffs)}): the outputs overflow "
+                         "or are NaN on these inputs")
     if data is not None:
         out["inputs"] = "data"
     elif isinstance(a, onnx.ModelProto):
