@@ -8,7 +8,7 @@ onnxruntime runs (7 to the newest ``onnx`` knows); every tensor (initializers,
 Constant and other tensor attributes, in subgraphs too) has a numeric data
 type, non-negative dims, no ``segment`` and as much data as its dims declare;
 graph inputs and outputs have known element types;
-node names are unique per graph; nodes are in topological order, read only
+node names (but Constants') are unique per graph; nodes are in topological order, read only
 names that exist and produce each name once; attributes have the type the
 operator's schema gives them.  :func:`external_data_files` lists the files a
 model's external data lives in, for the CLI's same-path check.
@@ -132,15 +132,15 @@ def _check_graph(g, opsets, outer, where):
     produced = set(own)
     producers = {}
     for k, node in enumerate(g.node):
-        _text(node.op_type, f"{where}: an op type")
-        _text(node.domain, f"{where}: an op domain")
+        op = _text(node.op_type, f"{where}: an op type")
+        dom = _text(node.domain, f"{where}: an op domain")
         nm = _text(node.name, f"{where}: a node name")
         label = _node_label(node, k)
         for x in node.input:
             _text(x, f"{where}: an input name of {label}")
         for x in node.output:
             _text(x, f"{where}: an output name of {label}")
-        if nm:
+        if nm and not (op == "Constant" and not dom):   # Constants become initializers (as in onnxruntime)
             if nm in producers:
                 raise _Bad(f"{where}: two nodes are named {nm!r}")
             producers[nm] = k
