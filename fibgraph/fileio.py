@@ -233,12 +233,15 @@ class _Outputs:
         if os.path.realpath(path) in self.inputs:
             raise InputError(f"{show(path)}: an output would replace an input; refused")
         backup = None
-        if os.path.isfile(path) and not os.path.islink(path):
-            backup = _fresh_name(path, ".bak")
+        if os.path.lexists(path) and not os.path.isdir(path):
+            backup = _fresh_name(path, ".bak")     # the file (or link) replaced, kept until commit
             try:
-                os.link(path, backup)
+                os.link(path, backup, follow_symlinks=False)
             except OSError:
-                shutil.copy2(path, backup)
+                if os.path.islink(path):
+                    os.symlink(os.readlink(path), backup)
+                else:
+                    shutil.copy2(path, backup)
         try:
             os.replace(tmp, path)
         except BaseException:

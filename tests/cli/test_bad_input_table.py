@@ -585,3 +585,21 @@ def test_check_paths_unit(tmp_path):
         os.mkfifo(tmp_path / "f")
         check_paths(reads=[tmp_path / "f"])
     assert json.loads(json.dumps(sorted(os.listdir(tmp_path)))) == ["a.npz", "f", "l.npz", "sub"]
+
+
+def test_rollback_restores_a_replaced_symlink(tmp_path):
+    """An output that was a link (to a file no command reads) comes back as that link."""
+    from fibgraph.fileio import output_transaction, write_atomic
+
+    target = tmp_path / "elsewhere.txt"
+    target.write_text("kept")
+    link = tmp_path / "out.json"
+    os.symlink(target, link)
+    with pytest.raises(RuntimeError):
+        with output_transaction():
+            write_atomic(link, b"new")
+            assert not os.path.islink(link) and link.read_bytes() == b"new"
+            raise RuntimeError("fail after the write")
+    assert os.path.islink(link) and os.readlink(link) == str(target)
+    assert target.read_text() == "kept"
+    assert sorted(os.listdir(tmp_path)) == ["elsewhere.txt", "out.json"]
