@@ -263,6 +263,17 @@ def _(d, mp):
     return ["sweep", d / "m.onnx", "--eps", "0", "--data", d / "d.npz", "-o", d / "d.npz"], ["input"], []
 
 
+@row("compare-methods -o is an --eps-file")
+def _(d, mp):
+    return ["compare-methods", d / "m.onnx", "--data", d / "d.npz", "--eps-file", d / "out/e.svg", "-o",
+            d / "out/e.svg"], ["input"], []
+
+
+@row("demo --out-dir in /proc")
+def _(d, mp):
+    return ["demo", "--out-dir", "/proc/fibgraph-demo"], ["cannot write"], ["/proc/fibgraph-demo"]
+
+
 # Item 1: outputs that cannot be written.
 @row("empty output path")
 def _(d, mp):
