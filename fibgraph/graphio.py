@@ -98,12 +98,7 @@ def read_graph(path, weight="weight", initial=None) -> WeightedDigraph:
 def read_edgelist(path) -> WeightedDigraph:
     """Read a weighted edge list file (any extension)."""
     path = os.fspath(path)
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise InputError(f"{path}: cannot read: {e.strerror or e}") from None
-    return parse_edgelist(data, path)
+    return parse_edgelist(read_input(path), path)
 
 
 def _check_text(data: bytes, name):

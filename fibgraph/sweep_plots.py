@@ -18,7 +18,7 @@ import os
 import re
 
 from .errors import InputError
-from .fileio import atomic_path
+from .fileio import atomic_path, make_output_dir
 from .figures import DPI, FONT  # one font and resolution for every study figure
 
 __all__ = ["plot_sweep", "natural_key"]
@@ -100,7 +100,7 @@ def plot_sweep(df, out_dir, dpi=DPI):
     from matplotlib import rc_context
 
     ok = _ok_rows(df)
-    os.makedirs(out_dir, exist_ok=True)
+    make_output_dir(out_dir)
     models = sorted(ok["model"].unique(), key=natural_key)
     syms = list(dict.fromkeys(ok["symmetry"]))
     stems, used = {}, set()

@@ -74,7 +74,7 @@ def compress_model(path, out, symmetry="fibration", eps=0.0, eps_file=None, link
     if symmetry not in COMPRESS_SYMMETRIES:
         raise InputError(f"--symmetry {symmetry}: only in-balanced colourings ({', '.join(COMPRESS_SYMMETRIES)}) "
                          "preserve the function; opfibers do not")
-    _check_out_path(path, out)
+    _check_out_path(path, out, (eps_file, data))
     from .dag_api import compress_dag_model
 
     eps = check_options(eps, linkage, metric)
@@ -113,16 +113,13 @@ def scores_on_data(original, base, data):
     return {"original": {k: r0[k] for k in keep}, "base": {k: r1[k] for k in keep}}
 
 
-def _check_out_path(inp, out):
+def _check_out_path(inp, out, others=()):
+    """The output against the model and the other input files (see :func:`fibgraph.fileio.check_paths`)."""
+    from fibgraph.fileio import check_output_path
+
     if out is None:
         raise InputError("an output path is required (-o OUT.onnx)")
-    if os.path.exists(out) and os.path.exists(inp) and os.path.samefile(inp, out):
-        raise InputError(f"{out}: output path equals the input path; refusing to overwrite the input")
-    if os.path.abspath(out) == os.path.abspath(inp):
-        raise InputError(f"{out}: output path equals the input path; refusing to overwrite the input")
-    d = os.path.dirname(os.path.abspath(out))
-    if not os.path.isdir(d):
-        raise InputError(f"{out}: folder {d} does not exist")
+    check_output_path(out, [inp] + [p for p in others if isinstance(p, (str, os.PathLike))])
 
 
 def atomic_write_bytes(path, data: bytes):

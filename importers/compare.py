@@ -104,6 +104,9 @@ def plot_comparison(result, path, title=None, ax=None):
         d = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(d):
             raise InputError(f"{path}: folder {d} does not exist")
-        fig.savefig(path)
+        from fibgraph.fileio import atomic_path
+
+        with atomic_path(path, suffix=os.path.splitext(path)[1]) as tmp:
+            fig.savefig(tmp, format=os.path.splitext(path)[1][1:].lower() or None)
         plt.close(fig)
     return ax

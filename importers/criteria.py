@@ -9,6 +9,7 @@ import os
 
 from fibgraph.engine import DEFAULT_RTOL, make_criterion
 from fibgraph.errors import InputError
+from fibgraph.fileio import check_regular
 from fibgraph.limits import EPS_FILE_MAX, format_size
 
 __all__ = ["COMPRESS_SYMMETRIES", "check_eps", "check_options", "make_criteria", "read_eps_table",
@@ -44,6 +45,7 @@ def make_criteria(names, eps=0.0, eps_file=None, linkage="average", metric="cosi
 def read_eps_table(path, names):
     """``{layer weight name: eps}`` from a JSON eps file; names must be layers
     of the model (``"*"`` sets the default)."""
+    check_regular(path, "eps file")
     table = _read_json_object(path)
     for k, v in table.items():
         if isinstance(v, bool) or not isinstance(v, (int, float)):

@@ -280,7 +280,7 @@ def verify_dag(a, b, imp, data=None, seed=0, repeats=3, batch=64):
     from .onnx.feeds import input_specs
 
     so = ort.SessionOptions()
-    so.log_severity_level = 3
+    so.log_severity_level = 4      # errors come back as exceptions
     sa = ort.InferenceSession(a.SerializeToString(), so, providers=["CPUExecutionProvider"])
     sb = ort.InferenceSession(b.SerializeToString(), so, providers=["CPUExecutionProvider"])
     names = [i.name for i in sa.get_inputs()]
@@ -312,7 +312,12 @@ def _verify_runs(sa, sb, names, imp, data, seed, runs, batch, specs, advance):
         for p, q in zip(ra, rb):
             p, q = np.asarray(p, dtype=np.float64), np.asarray(q, dtype=np.float64)
             if p.size:
-                diff = max(diff, float(np.max(np.abs(p - q))))
+                with np.errstate(invalid="ignore", over="ignore"):
+                    d = float(np.max(np.abs(p - q)))
+                if not np.isfinite(d):
+                    raise InputError(f"verify: output difference is not finite ({d}): the outputs overflow "
+                                     "or are NaN on these inputs")
+                diff = max(diff, d)
                 scale = max(scale, float(np.max(np.abs(p))))
         advance(1)
     n = int(next((np.shape(v)[0] for v in feeds.values() if np.ndim(v)), 1))

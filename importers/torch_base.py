@@ -170,7 +170,7 @@ def _check_same(small, base, example, data=None, rtol=1e-5):
         small.train(was)
     got = got.detach().cpu().double().numpy()
     so = ort.SessionOptions()
-    so.log_severity_level = 3
+    so.log_severity_level = 4
     sess = ort.InferenceSession(base.SerializeToString(), so, providers=["CPUExecutionProvider"])
     want = np.asarray(sess.run(None, {sess.get_inputs()[0].name: x.cpu().numpy()})[0], dtype=np.float64)
     scale = max(1.0, float(np.max(np.abs(want)))) if want.size else 1.0

@@ -12,16 +12,12 @@ import click
 import numpy as np
 
 from ..errors import InputError
-from ..fileio import check_output_path
+from .checks import check_io, check_rtol
 from .options import json_option, linkage_option, metric_option, quiet_option
 
 __all__ = ["COMMANDS", "compare", "symmetry_metrics_cmd"]
 
 SYM_COMPARE = ["fibration", "opfibration", "opfibration-flavoured", "covering", "covering-strict"]
-
-
-def _check_out(inputs, out):
-    check_output_path(out, inputs)
 
 
 def _load(path):
@@ -58,7 +54,8 @@ def _yn(b):
 @click.option("--eps", type=float, default=0.0, show_default=True, help="Tolerance in [0, 2): 0 = exact.")
 @linkage_option
 @metric_option
-@click.option("--rtol", type=float, default=1e-5, show_default=True, help="eps=0: relative rounding tolerance.")
+@click.option("--rtol", type=float, default=1e-5, show_default=True, callback=check_rtol,
+              help="eps=0: relative rounding tolerance.")
 @click.option("--align", is_flag=True,
               help="Match B's hidden units to A's first (Hungarian on incoming weights); "
                    "needed for independently trained models.")
@@ -76,7 +73,7 @@ def compare(model_a, model_b, symmetry, eps, linkage, metric, rtol, align, with_
     from ..report import console
     from rich.table import Table
 
-    _check_out([model_a, model_b], json_out)
+    check_io(models=[("model A", model_a), ("model B", model_b)], writes=[("--json", json_out)])
     crit = _criterion(eps, linkage, metric, rtol)
     from ..progress import shown
 
@@ -153,7 +150,7 @@ def symmetry_metrics_cmd(model, thresholds, normalise, warn_threshold, warn_frac
     pairs recognised by name."""
     from ..symmetry_metrics import DEFAULT_THRESHOLDS
 
-    _check_out([model], json_out)
+    check_io(models=[model], writes=[("--json", json_out)])
     thresholds = tuple(thresholds) or DEFAULT_THRESHOLDS
     for t in thresholds + (warn_threshold,):
         if not t > 0:

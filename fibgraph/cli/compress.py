@@ -10,14 +10,10 @@ import shlex
 import click
 
 from ..errors import InputError
-from ..fileio import check_output_path
+from .checks import check_io
 from .options import json_option, linkage_option, metric_option, quiet_option
 
 __all__ = ["COMMANDS", "tune", "compare_methods_cmd", "retune_cmd"]
-
-
-def _check_out(inp, out, what):
-    check_output_path(out, inp, what)
 
 
 def _check_model(model):
@@ -68,10 +64,7 @@ def tune(model, data, tau, steps, linkage, metric, no_rescale, out, report_out, 
     from ..report import console
 
     _check_model(model)
-    _check_out(model, out, "-o")
-    _check_out(model, report_out, "--report")
-    if report_out and os.path.abspath(report_out) == os.path.abspath(out):
-        raise InputError("--report and -o name the same file")
+    check_io(models=[model], reads=[("--data", data)], writes=[("-o", out), ("--report", report_out)])
     if steps < 0 or steps > 40:
         raise InputError(f"--steps must be in 0..40, got {steps}")
     if not (tau >= 0):
@@ -157,12 +150,10 @@ def compare_methods_cmd(model, data, eps_text, eps_files, linkage, metric, no_re
     from ..report import console
 
     _check_model(model)
-    _check_out(model, plot_out, "-o")
-    _check_out(model, json_out, "--json")
     if plot_out and os.path.splitext(plot_out)[1].lower() not in (".png", ".svg", ".pdf"):
         raise InputError(f"{plot_out}: the plot must end in .png, .svg or .pdf")
-    if plot_out and json_out and os.path.abspath(plot_out) == os.path.abspath(json_out):
-        raise InputError("-o and --json name the same file")
+    check_io(models=[model], reads=[("--data", data)] + [("--eps-file", f) for f in eps_files],
+             writes=[("-o", plot_out), ("--json", json_out)])
     eps_list = _parse_eps_list(eps_text)
     meths = tuple(m for m in methods.replace(" ", "").split(",") if m)
     from ..progress import shown
@@ -239,10 +230,8 @@ def retune_cmd(model, train_path, val_path, check_path, rho, tau, q, eps_floor, 
     from ..report import console
 
     _check_model(model)
-    _check_out(model, out, "-o")
-    _check_out(model, report_out, "--report")
-    if report_out and os.path.abspath(report_out) == os.path.abspath(out):
-        raise InputError("--report and -o name the same file")
+    check_io(models=[model], reads=[("--train", train_path), ("--val", val_path), ("--check", check_path)],
+             writes=[("-o", out), ("--report", report_out)])
     for name, v, lo in (("--max-iters", max_iters, 1), ("--batch", batch, 1), ("--max-epochs", max_epochs, 1),
                         ("--patience", patience, 1), ("--steps", steps, 0)):
         if v < lo:

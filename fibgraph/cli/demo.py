@@ -16,7 +16,7 @@ from rich.table import Table
 
 from ..report import console
 
-__all__ = ["run_demo", "bundled_model", "bundled_data", "EPS_GRID"]
+__all__ = ["run_demo", "demo_outputs", "bundled_model", "bundled_data", "EPS_GRID"]
 
 EPS_GRID = (0.0, 0.02, 0.05, 0.1, 0.2, 0.3)
 
@@ -29,13 +29,27 @@ def bundled_data() -> str:
     return str(resources.files("fibgraph") / "data" / "digits_test.npz")
 
 
+def _base_path(out_dir, eps):
+    return os.path.join(out_dir, f"digits_base_eps{eps:g}.onnx")
+
+
+def _picture_path(out_dir, draw_eps):
+    return os.path.join(out_dir, f"digits_fibers_eps{draw_eps:g}.png")
+
+
+def demo_outputs(out_dir="fibgraph-demo", eps_grid=EPS_GRID, draw_eps=0.1):
+    """The files :func:`run_demo` writes into ``out_dir``."""
+    return [_base_path(out_dir, eps) for eps in eps_grid] + [_picture_path(out_dir, draw_eps)]
+
+
 def run_demo(out_dir="fibgraph-demo", eps_grid=EPS_GRID, draw_eps=0.1):
     from fibgraph.importers.api import compress_model, evaluate
 
     from ..draw import draw_layered
+    from ..fileio import make_output_dir
 
     model, data = bundled_model(), bundled_data()
-    os.makedirs(out_dir, exist_ok=True)
+    make_output_dir(out_dir)
     console.print(f"[bold]fibgraph demo[/bold]: {model}\n  test data: {data}")
     base_scores = evaluate(model, data)
     t = Table(title="fibration compression of the bundled digits MLP (test split)", title_justify="left")
@@ -46,7 +60,7 @@ def run_demo(out_dir="fibgraph-demo", eps_grid=EPS_GRID, draw_eps=0.1):
               f"{base_scores['loss']:.4f}", "")
     rows = []
     for eps in eps_grid:
-        out = os.path.join(out_dir, f"digits_base_eps{eps:g}.onnx")
+        out = _base_path(out_dir, eps)
         t0 = time.perf_counter()
         rep = compress_model(model, out, "fibration", eps, linkage="average", metric="cosine",
                              verify=True, data=data)
@@ -64,7 +78,7 @@ def run_demo(out_dir="fibgraph-demo", eps_grid=EPS_GRID, draw_eps=0.1):
     from fibgraph.importers.onnx.groups import space_display_names
 
     _, imp, col = color_model(model, "fibration", draw_eps)
-    png = os.path.join(out_dir, f"digits_fibers_eps{draw_eps:g}.png")
+    png = _picture_path(out_dir, draw_eps)
     draw_layered(col.graph, col.labels, png, max_edges=2, dpi=100, names=space_display_names(imp),
                  title=f"digits MLP: fibers at eps={draw_eps:g} (average linkage, cosine)")
     console.print(f"compressed models and the picture are in {out_dir}/ (picture: {png})")

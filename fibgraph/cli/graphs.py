@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from ..fileio import check_output_path, write_atomic
+from ..fileio import check_paths, write_atomic
 from ..errors import InputError
 
 __all__ = ["color_graph_file", "hierarchy_file", "partition_json", "write_atomic"]
@@ -27,10 +27,6 @@ def _console():
     from rich.console import Console
 
     return Console(highlight=False, soft_wrap=True)
-
-
-def _check_out(inp, out, what="--json"):
-    check_output_path(out, inp, what)
 
 
 def partition_json(graph, labels) -> bytes:
@@ -64,8 +60,7 @@ def color_graph_file(path, symmetry, eps=0.0, json_out=None, linkage="average", 
     path = os.fspath(path)
     if symmetry not in SYMMETRIES:
         raise InputError(f"unknown symmetry {symmetry!r}; choose from {', '.join(SYMMETRIES)}")
-    _check_out(path, json_out, "--json")
-    _check_out(path, graphml_out, "--graphml")
+    check_paths(reads=[("graph", path)], writes=[("--json", json_out), ("--graphml", graphml_out)])
     if eps is None:
         eps = 0.0
     try:

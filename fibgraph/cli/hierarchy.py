@@ -28,7 +28,7 @@ import sys
 import click
 
 from ..errors import HierarchyViolation, InputError
-from ..fileio import check_output_path
+from .checks import check_rtol
 
 __all__ = ["COMMANDS", "hierarchy_cmd", "hierarchy_file", "model_hierarchy", "hierarchy_table", "side_by_side",
            "SHORT"]
@@ -210,7 +210,7 @@ def hierarchy_file(path, criterion=None, json_out=None, max_orbit_edges=None, or
               help="Agglomerative linkage for eps > 0.")
 @click.option("--metric", type=click.Choice(["cosine", "euclidean"]), default="cosine", show_default=True,
               help="Distance between signature rows for eps > 0.")
-@click.option("--rtol", type=float, default=1e-5, show_default=True,
+@click.option("--rtol", type=float, default=1e-5, show_default=True, callback=check_rtol,
               help="eps=0: relative tolerance of 'equal up to float rounding'.")
 @click.option("--no-orbits", is_flag=True, help="Skip the automorphism orbits (bliss on the whole graph).")
 @click.option("--max-orbit-edges", type=int, default=None,
@@ -225,7 +225,9 @@ def hierarchy_cmd(path, eps, linkage, metric, rtol, no_orbits, max_orbit_edges, 
     file) side by side, per layer; checks the inclusions; exit 1 on a violation."""
     from ..fileio import write_json_atomic
 
-    check_output_path(json_out, path, "--json")
+    from .checks import check_io
+
+    check_io(models=[path], reads=[("--data", data)], writes=[("--json", json_out)])
     if max_orbit_edges is not None and max_orbit_edges < 0:
         raise InputError(f"--max-orbit-edges must be at least 0, got {max_orbit_edges}")
     low = os.fspath(path).lower()

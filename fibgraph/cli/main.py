@@ -12,6 +12,7 @@ import click
 
 from ..errors import InputError
 from ..progress import shown
+from .checks import check_io, check_rtol
 from .options import json_option, linkage_option, metric_option, quiet_option
 
 SYM_MODEL = ["fibration", "opfibration", "opfibration-flavoured", "covering", "covering-strict",
@@ -20,7 +21,7 @@ GRAPH_EXT = (".edgelist", ".txt", ".graphml", ".gml")
 
 
 def _colouring_options(f):
-    f = click.option("--rtol", type=float, default=1e-5, show_default=True,
+    f = click.option("--rtol", type=float, default=1e-5, show_default=True, callback=check_rtol,
                      help="eps=0: relative tolerance of 'equal up to float rounding'.")(f)
     f = click.option("--no-rescale", is_flag=True,
                      help="Disable the rescaling merge of proportional rows (cosine, ReLU family).")(f)
@@ -67,7 +68,7 @@ def inspect(model, json_out, quiet):
     """Layers, op types, parameter count of MODEL (.onnx) and what is supported."""
     from fibgraph.importers.inspect import inspect_model
 
-    _check_json_out(model, json_out)
+    check_io(models=[model], writes=[("--json", json_out)])
     with shown(quiet):
         info = inspect_model(model)
     if json_out:
@@ -94,6 +95,8 @@ def color(model, symmetry, eps, eps_file, linkage, metric, no_rescale, rtol, jso
     """Colour MODEL (.onnx) or a graph (.edgelist/.txt/.graphml/.gml) by a symmetry."""
     if not model.lower().endswith(".onnx"):
         if model.lower().endswith(GRAPH_EXT):
+            check_io(models=[("graph", model)], reads=[("--eps-file", eps_file), ("--data", data)],
+                     writes=[("--json", json_out), ("--graphml", graphml_out)])
             from .graphs import color_graph_file
 
             if csv_out:
@@ -106,9 +109,8 @@ def color(model, symmetry, eps, eps_file, linkage, metric, no_rescale, rtol, jso
     from fibgraph.importers.api import atomic_write_json, color_model
     from ..report import print_colour_report
 
-    _check_json_out(model, json_out)
-    _check_json_out(model, graphml_out)
-    _check_json_out(model, csv_out)
+    check_io(models=[model], reads=[("--eps-file", eps_file), ("--data", data)],
+             writes=[("--json", json_out), ("--graphml", graphml_out), ("--csv", csv_out)])
     with shown(quiet):
         report, _, col = color_model(model, symmetry, eps, eps_file, linkage, metric, not no_rescale, rtol,
                                      data=data)
@@ -146,16 +148,8 @@ def compress(model, out, symmetry, eps, eps_file, linkage, metric, no_rescale, r
     from fibgraph.importers.api import atomic_write_json, compress_model
     from ..report import print_colour_report
 
-    _check_json_out(model, report_out)
-    _check_json_out(model, csv_out)
-    if report_out and os.path.abspath(report_out) == os.path.abspath(out):
-        raise InputError("--report and -o name the same file")
-    if csv_out and os.path.abspath(csv_out) in (os.path.abspath(out), os.path.abspath(report_out or out)):
-        raise InputError("--csv names the same file as -o or --report")
-    if torch_out:
-        _check_json_out(model, torch_out)
-        if os.path.abspath(torch_out) in {os.path.abspath(p) for p in (out, report_out, csv_out) if p}:
-            raise InputError("--torch names the same file as -o, --report or --csv")
+    check_io(models=[model], reads=[("--eps-file", eps_file), ("--data", data)],
+             writes=[("-o", out), ("--report", report_out), ("--csv", csv_out), ("--torch", torch_out)])
     with shown(quiet):
         report = compress_model(model, out, symmetry, eps, eps_file, linkage, metric, not no_rescale, rtol,
                                 verify=verify, data=data)
@@ -224,7 +218,7 @@ def eval_cmd(model, data, device, batch_size, dtype, repeats, warmup, json_out, 
     from fibgraph.importers.api import atomic_write_json
     from fibgraph.importers.device_eval import evaluate_on
 
-    _check_json_out(model, json_out)
+    check_io(models=[model], reads=[("--data", data)], writes=[("--json", json_out)])
     with shown(quiet):
         res = evaluate_on(model, data, device=device, batch_size=batch_size, dtype=dtype, repeats=repeats,
                           warmup=warmup)
@@ -258,6 +252,7 @@ def draw(model, out, symmetry, eps, eps_file, linkage, metric, no_rescale, rtol,
     """Layered picture of MODEL, one colour per fiber (singletons grey), layers by module name."""
     from .draw import draw_model
 
+    check_io(models=[model], reads=[("--eps-file", eps_file)], writes=[("-o", out)])
     info = draw_model(model, out, symmetry, eps, eps_file, linkage, metric, not no_rescale, rtol, max_edges,
                       layers, aggregate, dpi)
     click.echo(f"wrote {out} ({info['columns']} layers, {info['nodes']} units"
@@ -272,8 +267,10 @@ def draw(model, out, symmetry, eps, eps_file, linkage, metric, no_rescale, rtol,
 def demo(out_dir, quiet):
     """The whole job on the bundled digits model: colour at several tolerances,
     compress, verify, evaluate, print a table, draw the coloured graph."""
-    from .demo import run_demo
+    from .demo import bundled_data, bundled_model, demo_outputs, run_demo
 
+    check_io(models=[bundled_model()], reads=[("test data", bundled_data())],
+             writes=[("demo output", p) for p in demo_outputs(out_dir)], write_dirs=[("--out-dir", out_dir)])
     with shown(quiet):
         run_demo(out_dir)
 
@@ -299,12 +296,6 @@ for _c in cli.commands.values():
     _c.params.append(_max_memory_option(group=False))
 
 
-def _check_json_out(inp, out):
-    from ..fileio import check_output_path
-
-    check_output_path(out, inp)
-
-
 def main(argv=None):
     """Entry point: one-line errors, exit 2 on bad input or usage."""
     args = sys.argv[1:] if argv is None else list(argv)
@@ -312,21 +303,33 @@ def main(argv=None):
         with click.Context(cli, info_name="fibgraph") as ctx:
             click.echo(cli.get_help(ctx))
         return 0
+    import warnings
+
+    import numpy as np
+
+    from ..fileio import output_transaction
+
     try:
-        rv = cli.main(args=args, prog_name="fibgraph", standalone_mode=False)
+        # warnings (numpy, onnx, onnxruntime) are held back: on failure the one
+        # error line is all, on success each is shown once, on one line
+        with warnings.catch_warnings(record=True) as caught, np.errstate(all="warn", under="ignore"):
+            with output_transaction():       # all outputs or none
+                rv = cli.main(args=args, prog_name="fibgraph", standalone_mode=False)
+        for w in dict.fromkeys(f"{w.category.__name__}: {w.message}" for w in caught):
+            click.echo(f"fibgraph: warning: {_one_line(w)}", err=True)
         return rv if isinstance(rv, int) else 0
     except InputError as e:
-        click.echo(f"fibgraph: error: {e}", err=True)
+        click.echo(f"fibgraph: error: {_one_line(str(e))}", err=True)
         return 2
     except click.exceptions.Abort:
         click.echo("fibgraph: aborted", err=True)
         return 1
     except click.exceptions.UsageError as e:
-        msg = e.format_message().replace("\n", " ")
+        msg = _one_line(e.format_message().replace("\n", " "))
         click.echo(f"fibgraph: usage error: {msg} (see 'fibgraph {'' if e.ctx is None else e.ctx.info_name + ' '}--help')".replace("fibgraph fibgraph", "fibgraph"), err=True)
         return 2
     except click.exceptions.ClickException as e:
-        click.echo(f"fibgraph: error: {e.format_message()}", err=True)
+        click.echo(f"fibgraph: error: {_one_line(e.format_message())}", err=True)
         return 2
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 0
@@ -336,9 +339,15 @@ def main(argv=None):
     except Exception as e:  # a bug: still one line, the traceback only on request
         if os.environ.get("FIBGRAPH_DEBUG"):
             raise
-        click.echo(f"fibgraph: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+        click.echo(f"fibgraph: internal error: {type(e).__name__}: {_one_line(str(e).splitlines()[0]) if str(e) else ''} "
                    "(set FIBGRAPH_DEBUG=1 for a traceback)", err=True)
         return 1
+
+
+def _one_line(text):
+    """``text`` with control characters (a newline in a file name, say)
+    escaped as Python writes them, so that a message stays one line."""
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
 
 
 def entry():

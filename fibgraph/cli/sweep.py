@@ -14,8 +14,8 @@ import os
 import click
 
 from ..errors import InputError
-from ..fileio import check_output_path
-from .options import json_option, linkage_option, metric_option, quiet_option
+from .checks import check_io
+from .options import linkage_option, metric_option
 
 __all__ = ["COMMANDS", "sweep"]
 
@@ -92,10 +92,10 @@ def sweep(models, eps_list, symmetries, data, scheduler, workers, linkage, metri
     if not models:
         raise InputError("no models given (fibgraph sweep MODEL... --eps 0,0.1 -o table.csv)")
     settings = make_settings(_symmetries(symmetries), parse_eps_list(eps_list))
-    inputs = list(models) + ([data] if data else [])
-    check_output_path(out, inputs, "table")
+    _check_plots_dir(plots, list(models) + ([data] if data else []) + [out])
+    check_io(optional_models=models, reads=[("--data", data)], writes=[("table", out)],
+             write_dirs=[("--plots", plots)])
     check_table_path(out)
-    _check_plots_dir(plots, inputs + [out])
     if scheduler is None and workers < 1:
         raise InputError(f"--workers must be at least 1, got {workers}")
     if not any(os.path.isfile(m) for m in models):

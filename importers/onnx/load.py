@@ -11,6 +11,7 @@ from fibgraph.errors import InputError
 from fibgraph.fileio import read_input
 
 from .limits import check_model, check_model_file
+from .validate import validate_model
 
 __all__ = ["load_onnx", "tensor_value", "float_tensors", "graph_float_tensors", "outer_refs", "FLOAT_TYPES"]
 
@@ -45,6 +46,9 @@ def load_onnx(path) -> onnx.ModelProto:
         loc = _external_location(t)
         if loc is None:
             raise InputError(f"{path}: tensor {t.name!r} is external but names no location")
+        if not isinstance(loc, str) or "\x00" in loc:
+            raise InputError(f"{path}: tensor {t.name!r} has an external data location {loc!r} "
+                             "that is not a file name (not UTF-8, or a NUL byte)")
         full = os.path.realpath(os.path.join(base, loc))
         if os.path.isabs(loc) or os.path.commonpath([full, os.path.realpath(base)]) != os.path.realpath(base):
             raise InputError(f"{path}: tensor {t.name!r} has external data {loc!r} outside the model's folder; refused")
@@ -56,6 +60,7 @@ def load_onnx(path) -> onnx.ModelProto:
             onnx.external_data_helper.load_external_data_for_model(model, base)
         except Exception as e:
             raise InputError(f"{path}: cannot load external data ({e})") from None
+    validate_model(model, path)
     return model
 
 

@@ -8,6 +8,7 @@ import onnx
 
 from fibgraph.errors import InputError
 from fibgraph.limits import check_elements, npz_headers, read_npz
+from fibgraph.fileio import check_regular
 
 from .feeds import short_error
 from .load import float_tensors, load_onnx
@@ -26,6 +27,7 @@ def data_feeds(data, model):
     or (a model with one input) the array ``x``."""
     inits = {t.name for t in model.graph.initializer}
     inputs = [vi for vi in model.graph.input if vi.name not in inits]
+    check_regular(data, "data file")
     heads = npz_headers(data)               # sizes checked before anything is loaded
     names = {vi.name for vi in inputs} if all(vi.name in heads for vi in inputs) else {"x"}
     arrays = read_npz(data, names)
@@ -106,7 +108,7 @@ def session(model, device="cpu"):
     data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
     try:
         opts = ort.SessionOptions()
-        opts.log_severity_level = 3  # errors only
+        opts.log_severity_level = 4  # none: errors come back as exceptions, one line each
         sess = ort.InferenceSession(data, sess_options=opts, providers=providers)
     except Exception as e:
         raise InputError(f"onnxruntime cannot load the model: {short_error(e)}") from None
@@ -146,6 +148,7 @@ def load_data(path, need_y=False):
     """``(x, y)`` from an .npz (``y`` only when ``need_y``; None otherwise):
     headers checked against the memory limit first, ``x`` real numbers with a
     batch axis, ``y`` whole numbers, one per sample."""
+    check_regular(path, "data file")
     heads = npz_headers(path)
     if "x" not in heads:
         raise InputError(f"{path}: data file needs an array 'x' (and 'y' for eval)")
@@ -205,12 +208,16 @@ def verify_models(a, b, data=None, seed=0, n=64):
     for p, q in zip(ra, rb):
         p, q = np.asarray(p), np.asarray(q)
         if p.dtype.kind == "f":
-            diffs.append(float(np.max(np.abs(p.astype(np.float64) - q.astype(np.float64)))) if p.size else 0.0)
+            with np.errstate(invalid="ignore", over="ignore"):
+                diffs.append(float(np.max(np.abs(p.astype(np.float64) - q.astype(np.float64)))) if p.size else 0.0)
         elif p.dtype.kind in "iub":
             diffs.append(float(np.mean(p != q)))
     first = next(iter(feeds.values()))
     nb = int(first.shape[0]) if first.ndim else 1
     out = {"max_abs_diff": max(diffs) if diffs else 0.0, "n": nb}
+    if not np.isfinite(diffs).all():
+        raise InputError(f"verify: output difference is not finite ({max(diffs)}): the outputs overflow "
+                         "or are NaN on these inputs")
     if data is not None:
         out["inputs"] = "data"
     elif isinstance(a, onnx.ModelProto):
