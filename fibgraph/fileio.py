@@ -288,7 +288,8 @@ def output_transaction():
     try:
         yield t
     except SystemExit as e:
-        (t.commit if e.code in (0, None) else t.rollback)()
+        # exit 1 is a result (``hierarchy`` found a violation; its report is kept)
+        (t.commit if e.code in (0, None, 1) else t.rollback)()
         raise
     except BaseException:
         t.rollback()

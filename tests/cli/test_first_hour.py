@@ -9,7 +9,7 @@ import click
 import numpy as np
 import pytest
 
-from helpers import ROOT, cli, cli_sub, mlp_onnx, planted_mlp, read_json, save
+from helpers import ROOT, cli, mlp_onnx, planted_mlp, read_json, save
 
 
 def _commands(group, prefix=""):
@@ -255,7 +255,6 @@ def test_verify_reports_relative_error_and_scores_on_labelled_data(planted, tmp_
 
 def test_a_model_with_its_weights_behind_an_if_gets_a_sentence_not_an_empty_table(tmp_path, capsys):
     from onnx import TensorProto as T, helper as h, numpy_helper as nh
-    import onnx
 
     W = nh.from_array(np.random.default_rng(0).normal(size=(3, 4)).astype(np.float32), "W")
     then = h.make_graph([h.make_node("Gemm", ["x", "W"], ["t"], transB=1)], "then", [],

@@ -369,15 +369,7 @@ PER_MODEL = {"bytes": 12, "init_dims": 5, "init_dtype": 4, "input": 4, "attr": 4
              "dup_node": 3, "inputs": 4, "order": 3, "opset": 3, "bomb": 3, "external": 8}
 
 
-# Nodes out of topological order: inspect runs them (exit 0), compress writes
-# a base the ONNX checker refuses (exit 1).  The structural checks of issue 16
-# (a parallel branch) refuse such a model at load; until they land this family
-# is expected to fail.
-_PENDING = {"order": "nodes out of topological order are refused by the structural checks of issue 16"}
-
-
-@pytest.mark.parametrize("family", [pytest.param(f, marks=pytest.mark.xfail(reason=_PENDING[f], strict=False))
-                                    if f in _PENDING else f for f in PER_MODEL])
+@pytest.mark.parametrize("family", list(PER_MODEL))
 def test_fuzz_contract(capsys, tmp_path, family):
     cases = mutants(family, PER_MODEL[family])
     assert len(cases) >= PER_MODEL[family]
