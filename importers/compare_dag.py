@@ -188,6 +188,7 @@ class DagMethods:
         labels = group[self.col]
         mode = "merge" if method == "fold" else "prune"
         m2, gid, kept, _ = write_dag_base(self.imp, labels, mode=mode, keep_pref=pref[self.col])
+        self.last = (gid, kept, mode)          # what the repair's output map reads
         if not np.array_equal(self.class_counts(kept), np.minimum(counts, self.cls_size)) or \
                 not np.array_equal(canonical(np.stack([group[self.col], self.slot], 1)), gid):
             raise ValueError("these kept counts per column class cannot be written: the cells of one "
@@ -247,10 +248,17 @@ def evaluate_any(model, data):
             "loss": float(-np.mean(logp[np.arange(y.size), y])), "n": int(y.size)}
 
 
-def compare_dag_methods(model, imp, data, xy, eps_list, eps_files=(), linkage="average", metric="cosine",
-                        methods=METHODS, seed=0, on_point=None):
+def compare_dag_methods(model, imp, data, xy, eps_list, eps_files=(), linkage="complete", metric="cosine",
+                        methods=METHODS, seed=0, on_point=None, keeps=(), calib=None):
     """The rows of :func:`fibgraph.importers.compare.compare_methods` for a model of the
-    hypergraph path (``imp`` its :class:`~fibgraph.importers.onnx.importer.DagImport`)."""
+    hypergraph path (``imp`` its :class:`~fibgraph.importers.onnx.importer.DagImport`).
+
+    ``keeps``: fractions of the parameters; for each, the fibration base of
+    :func:`fibgraph.importers.keep.keep_search` (data-aware on ``calib``, an
+    .npz path, else data-free) fixes the units per column class, and every
+    baseline keeps exactly as many.  ``calib``: also a ``<method>+repair`` row
+    per model, the repair of :mod:`fibgraph.importers.repair` on ``calib``
+    (the same for pruning, folding and fibration)."""
     from .criteria import check_eps, read_eps_table
     from .onnx.runtime import count_params
     from .dag_api import colour_dag
@@ -269,18 +277,44 @@ def compare_dag_methods(model, imp, data, xy, eps_list, eps_files=(), linkage="a
         table = read_eps_table(p, names)
         table = {k: check_eps(v, f"{p}[{k!r}]") for k, v in table.items()}
         points.append((f"eps-file {os.path.basename(p)}", table, 0.0, table))
+    keep_info = {}
+    if keeps:
+        from .keep import check_keep, keep_search
+        from .onnx.runtime import load_data
+        from .tuning import DagCompressor
+
+        mc = DagCompressor(imp.model, linkage, "euclidean", rescale=False, imported=imp)
+        cal_xy = load_data(calib) if calib is not None else None
+        for F in keeps:
+            found = keep_search(mc, check_keep(F), data=cal_xy)
+            keep_info[f"keep={F:g}"] = {k: v for k, v in found.items() if k != "eps"}
+            points.append((f"keep={F:g}", found["eps"], 0.0, found["eps"]))
+    feeds_cal = None
+    if calib is not None:
+        from .onnx.runtime import data_feeds
+        from .repair import output_map, repair_base
+
+        feeds_cal = data_feeds(calib, imp.model)
     kept_whole = set()
     for label, eps_report, eps, table in points:
         # as reported (fibgraph.importers.compare): the magnitude-aware distance, no rescaling merge
         col = colour_dag(imp, "fibration", eps, table, linkage, "euclidean", rescale=False)
-        m_fib, _, kept, why = write_dag_base(imp, col.labels, scales=col.scales)
+        m_fib, gid_fib, kept, why = write_dag_base(imp, col.labels, scales=col.scales)
         kept_whole.update(w for w in why if w)
         counts = dm.class_counts(kept)
         nodes = dm.entry_counts(kept)
         variants = [("fibration", m_fib, kept)]
+        maps = {"fibration": (gid_fib, kept, "merge", col.scales)}
         for meth in methods:
             m2, k2 = dm.write(meth, counts, seed)
             variants.append((meth, m2, k2))
+            maps[meth] = dm.last + (None,)
+        if feeds_cal is not None:
+            for meth, m2, k2 in list(variants):
+                g, kk, mode, sc = maps[meth]
+                fixed, _ = repair_base(imp.model, m2, feeds_cal,
+                                       out_map=output_map(imp, g, kk, sc, prune=(mode == "prune")))
+                variants.append((meth + "+repair", fixed, k2))
         for meth, m2, k2 in variants:
             got = dm.entry_counts(k2)
             assert got == nodes, f"{meth}: nodes per weight {got} != fibration's {nodes}"
@@ -295,5 +329,8 @@ def compare_dag_methods(model, imp, data, xy, eps_list, eps_files=(), linkage="a
              "(no rescaling merge); pruned models drop units (LayerNorm, means and softmax over the kept "
              "ones), merged ones (fibration, folding) carry their multiplicities as constants, counted "
              "as parameters"] + [f"kept whole: {w}" for w in sorted(kept_whole)]
+    if calib is not None:
+        notes.append("<method>+repair: the layers reading merged or pruned units re-fitted by ridge least "
+                     "squares on the calibration data, BatchNorm statistics shifted (importers/repair.py)")
     return {"graph": "hypergraph", "layers": [w for w, _ in dm.entries], "params_before": p0,
-            "rows": rows, "notes": notes}
+            "rows": rows, "notes": notes, "keep": keep_info}

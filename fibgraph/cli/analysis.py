@@ -55,7 +55,7 @@ def _yn(b):
 @click.option("--symmetry", type=click.Choice(SYM_COMPARE), default="fibration", show_default=True,
               help="Partitions compared by ARI / VI (counts are always given for fibers, opfibers, strict covers).")
 @click.option("--eps", type=float, default=0.0, show_default=True, help="Tolerance in [0, 2): 0 = exact.")
-@click.option("--linkage", type=click.Choice(["complete", "average"]), default="average", show_default=True)
+@click.option("--linkage", type=click.Choice(["complete", "average"]), default="complete", show_default=True)
 @click.option("--metric", type=click.Choice(["cosine", "euclidean"]), default="cosine", show_default=True)
 @click.option("--rtol", type=float, default=1e-5, show_default=True, help="eps=0: relative rounding tolerance.")
 @click.option("--align", is_flag=True,

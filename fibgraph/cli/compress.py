@@ -23,7 +23,7 @@ def _check_model(model):
         raise InputError(f"{model}: no such file")
 
 
-def _parse_eps_list(text):
+def _parse_eps_list(text, what="--eps"):
     vals = []
     for part in text.replace(" ", "").split(","):
         if not part:
@@ -31,11 +31,11 @@ def _parse_eps_list(text):
         try:
             v = float(part)
         except ValueError:
-            raise InputError(f"--eps: {part!r} is not a number "
+            raise InputError(f"{what}: {part!r} is not a number "
                              "(give a comma-separated list, e.g. 0.05,0.1,0.2)") from None
         vals.append(v)
     if not vals:
-        raise InputError("--eps: give at least one tolerance")
+        raise InputError(f"{what}: give at least one value")
     return vals
 
 
@@ -47,17 +47,23 @@ def _parse_eps_list(text):
               help="Allowed relative loss increase: loss <= (1 + tau) * original loss.")
 @click.option("--steps", type=int, default=10, show_default=True,
               help="Bisection steps per layer (resolution 2 / 2**steps).")
-@click.option("--linkage", type=click.Choice(["complete", "average"]), default="average", show_default=True)
-@click.option("--metric", type=click.Choice(["cosine", "euclidean"]), default="cosine", show_default=True)
+@click.option("--linkage", type=click.Choice(["complete", "average"]), default="complete", show_default=True)
+@click.option("--metric", type=click.Choice(["cosine", "euclidean"]), default="euclidean", show_default=True,
+              help="Distance for eps > 0 (euclidean: at the same --tau it keeps fewer parameters than cosine).")
 @click.option("--no-rescale", is_flag=True, help="Disable the rescaling merge of proportional rows.")
 @click.option("-o", "--output", "out", type=click.Path(dir_okay=False), required=True,
               help="Eps file to write (JSON {layer weight name: eps}).")
 @click.option("--report", "report_out", type=click.Path(dir_okay=False), default=None,
               help="Write the full report (every evaluation) here.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def tune(model, data, tau, steps, linkage, metric, no_rescale, out, report_out, no_progress):
+@click.option("--keep", type=float, default=None,
+              help="Instead of --tau: the per-layer eps keeping this fraction of the parameters (0, 1] at the "
+                   "least calibration loss (within 2%%).")
+def tune(model, data, tau, steps, linkage, metric, no_rescale, out, report_out, no_progress, keep):
     """Greedy per-layer eps (Algorithm 3): for each layer in turn, the largest
-    eps keeping the calibration loss <= (1 + tau) * the original loss."""
+    eps keeping the calibration loss <= (1 + tau) * the original loss; with
+    --keep F, the eps keeping the fraction F of the parameters where the
+    calibration loss rises least."""
     from fibgraph.importers.api import atomic_write_json
     from fibgraph.importers.tuning import make_compressor, tune_model
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -73,6 +79,10 @@ def tune(model, data, tau, steps, linkage, metric, no_rescale, out, report_out, 
         raise InputError(f"--steps must be in 0..40, got {steps}")
     if not (tau >= 0):
         raise InputError(f"--tau must be >= 0, got {tau}")
+    if keep is not None:
+        from fibgraph.importers.keep import check_keep
+
+        check_keep(keep)
     mc = make_compressor(model, linkage, metric, not no_rescale, data=data)
     if not mc.tunable:
         raise InputError(f"{model}: no compressible (non-output) layer to tune")
@@ -81,13 +91,17 @@ def tune(model, data, tau, steps, linkage, metric, no_rescale, out, report_out, 
                   TimeElapsedColumn(), console=console, disable=no_progress, transient=False) as bar:
         task = bar.add_task("tuning", total=total)
 
-        def on_step(layer, k, eps, loss, ok):
+        def on_step(layer, k, eps, loss, ok=None):
+            if ok is None:       # --keep: a greedy move (loss = the fraction kept)
+                bar.update(task, completed=min(k + 1, total), description=f"{layer}: eps {eps:.4g} "
+                           f"keeps {loss:.1%}")
+                return
             # k = 0: the probe at the top of the range; 1..steps: bisection steps
             bar.update(task, completed=mc.tunable.index(layer) * (steps + 1) + k + 1,
                        description=f"{layer}: eps {eps:.4g} loss {loss:.4g} {'ok' if ok else 'over'}")
 
         report = tune_model(model, data, tau=tau, steps=steps, linkage=linkage, metric=metric,
-                            rescale=not no_rescale, on_step=on_step, compressor=mc)
+                            rescale=not no_rescale, on_step=on_step, compressor=mc, keep=keep)
         bar.update(task, completed=total, description="tuned")
     from rich.table import Table
 
@@ -95,7 +109,8 @@ def tune(model, data, tau, steps, linkage, metric, no_rescale, out, report_out, 
         how = f"{linkage} linkage; " + "; ".join(report["notes"])
     else:
         how = f"{linkage} linkage, {metric}" + (", rescaling merge" if not no_rescale else "")
-    console.print(f"{model}: greedy eps ({report['graph']}; tau {tau:g}, {how})")
+    what = f"keep {keep:g}" if keep is not None else f"tau {tau:g}"
+    console.print(f"{model}: greedy eps ({report['graph']}; {what}, {how})")
     t = Table()
     for c in ("layer (weight)", "eps", "nodes", "kept"):
         t.add_column(c, justify="left" if c.startswith("layer") else "right")
@@ -109,8 +124,11 @@ def tune(model, data, tau, steps, linkage, metric, no_rescale, out, report_out, 
     console.print(t)
     pb, pa = report["params_before"], report["params_after"]
     console.print(f"parameters: {pb:,} -> {pa:,} ({pa / max(pb, 1):.1%} kept)")
-    console.print(f"calibration loss {report['loss_before']:.4f} -> {report['loss_after']:.4f} "
-                  f"(limit {report['limit']:.4f}); accuracy {report['accuracy_before']:.4f} -> "
+    limit = "" if report["limit"] is None else f" (limit {report['limit']:.4f})"
+    if keep is not None:
+        print_keep(report["keep"])
+    console.print(f"calibration loss {report['loss_before']:.4f} -> {report['loss_after']:.4f}"
+                  f"{limit}; accuracy {report['accuracy_before']:.4f} -> "
                   f"{report['accuracy_after']:.4f}; {report['evaluations']} evaluations, "
                   f"{report['distinct_models_run']} distinct models, {report['seconds']:.1f} s")
     atomic_write_json(out, report["eps"])
@@ -120,14 +138,53 @@ def tune(model, data, tau, steps, linkage, metric, no_rescale, out, report_out, 
     console.print(f"wrote {out}; use it with: fibgraph compress {model} --eps-file {out}{flags} -o SMALL.onnx")
 
 
+def print_keep(found):
+    """One line on what ``--keep`` got (:func:`fibgraph.importers.keep.keep_search`)."""
+    from ..report import console
+
+    eps = ", ".join(f"{g} {e:.4g}" for g, e in found["group_eps"].items()) or "none (exact fibers only)"
+    landed = "within" if found["landed"] else "NOT within"
+    console.print(f"--keep {found['target']:g} ({found['mode']}): {found['params_after']:,} of "
+                  f"{found['params_before']:,} parameters kept ({found['kept']:.1%}, {landed} "
+                  f"{found['tolerance']:g} of the target); eps per group: {eps}")
+    if found.get("note"):
+        console.print(f"note: {found['note']}")
+
+
+def print_repair(info):
+    """One line per layer the repair re-fitted (:mod:`fibgraph.importers.repair`)."""
+    from ..report import console
+
+    done = [r for r in info["layers"] if "error_after" in r]
+    bn = [r["node"] for r in info["layers"] if r.get("batchnorm")]
+    if not done and not bn:
+        console.print("repair: no layer reads merged units")
+    for r in done:
+        rel = r["error_after"] / r["error_before"] if r["error_before"] > 0 else 1.0
+        console.print(f"repair {r['node']} ({r['op']}, {r['inputs_before']} -> {r['inputs_after']} inputs): "
+                      f"pre-activation error on the calibration data x{rel:.3g}")
+    if bn:
+        console.print("repair: BatchNorm statistics re-estimated: " + ", ".join(bn))
+    for r in info["layers"]:
+        if "skipped" in r:
+            console.print(f"repair: {r['node']} left as merged ({r['skipped']})")
+
+
 @click.command("compare-methods")
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--data", type=click.Path(dir_okay=False), required=True, help="Test .npz with arrays x, y.")
-@click.option("--eps", "eps_text", default="0.02,0.05,0.1,0.2,0.3,0.4,0.5,0.7", show_default=True,
-              help="Comma-separated tolerances, one fibration point each.")
+@click.option("--eps", "eps_text", default=None,
+              help="Comma-separated tolerances, one fibration point each "
+                   "[default: 0.02,0.05,0.1,0.2,0.3,0.4,0.5,0.7 unless --keep is given].")
+@click.option("--keep", "keep_text", default=None,
+              help="Comma-separated fractions of the parameters (e.g. 0.5,0.3,0.2,0.1): one point each, the "
+                   "fibration base found by --keep sets the units per group for every method.")
+@click.option("--calib", type=click.Path(dir_okay=False), default=None,
+              help="Calibration .npz (x, y; separate from --data): data-aware --keep, and a '+repair' row "
+                   "per method (the same closed-form repair for fibration, pruning and folding).")
 @click.option("--eps-file", "eps_files", multiple=True, type=click.Path(dir_okay=False),
               help="Also a point per eps file (e.g. from 'fibgraph tune'); repeatable.")
-@click.option("--linkage", type=click.Choice(["complete", "average"]), default="average", show_default=True)
+@click.option("--linkage", type=click.Choice(["complete", "average"]), default="complete", show_default=True)
 @click.option("--metric", type=click.Choice(["cosine", "euclidean"]), default="cosine", show_default=True)
 @click.option("--no-rescale", is_flag=True, help="Disable the rescaling merge of proportional rows.")
 @click.option("--methods", default="random,l2,l1,fold", show_default=True,
@@ -136,8 +193,8 @@ def tune(model, data, tau, steps, linkage, metric, no_rescale, out, report_out, 
 @click.option("-o", "--output", "plot_out", type=click.Path(dir_okay=False), default=None,
               help="Plot of accuracy against parameters kept (.png or .svg).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None)
-def compare_methods_cmd(model, data, eps_text, eps_files, linkage, metric, no_rescale, methods, seed,
-                        plot_out, json_out):
+def compare_methods_cmd(model, data, eps_text, keep_text, calib, eps_files, linkage, metric, no_rescale, methods,
+                        seed, plot_out, json_out):
     """Fibration compression against random, L2 and L1 pruning and k-means
     folding, all at the fibration base's node counts per layer."""
     from fibgraph.importers.api import atomic_write_json
@@ -153,10 +210,19 @@ def compare_methods_cmd(model, data, eps_text, eps_files, linkage, metric, no_re
         raise InputError(f"{plot_out}: the plot must end in .png, .svg or .pdf")
     if plot_out and json_out and os.path.abspath(plot_out) == os.path.abspath(json_out):
         raise InputError("-o and --json name the same file")
-    eps_list = _parse_eps_list(eps_text)
+    keeps = []
+    if keep_text is not None:
+        from fibgraph.importers.keep import check_keep
+
+        keeps = [check_keep(v, "--keep") for v in _parse_eps_list(keep_text, "--keep")]
+    if calib is not None:
+        _check_model(calib)
+    if eps_text is None:
+        eps_text = "" if keeps else "0.02,0.05,0.1,0.2,0.3,0.4,0.5,0.7"
+    eps_list = _parse_eps_list(eps_text) if eps_text else []
     meths = tuple(m for m in methods.replace(" ", "").split(",") if m)
     res = compare_methods(model, data, eps_list, eps_files, linkage, metric, not no_rescale,
-                          meths, seed)
+                          meths, seed, keeps=keeps, calib=calib)
     dag = res.get("graph") == "hypergraph"
     how = f"{linkage}, {res['metric']}" + (", rescale" if res["rescale"] else "")
     t = Table(title=f"{model}: equal nodes per {'weight (hypergraph)' if dag else 'layer'} ({how}); "
@@ -164,10 +230,15 @@ def compare_methods_cmd(model, data, eps_text, eps_files, linkage, metric, no_re
     for c in ("point", "method", "nodes", "params kept", "accuracy", "loss"):
         t.add_column(c, justify="left" if c in ("point", "method") else "right")
     for r in res["rows"]:
-        t.add_row(r["point"], METHOD_LABELS.get(r["method"], r["method"]),
+        label = METHOD_LABELS.get(r["method"].replace("+repair", ""), r["method"]) + \
+            (" + repair" if r["method"].endswith("+repair") else "")
+        t.add_row(r["point"], label,
                   "-".join(str(c) for c in r["nodes"]),
                   f"{r['params']:,} ({r['params_kept']:.1%})", f"{r['accuracy']:.4f}", f"{r['loss']:.4f}")
     console.print(t)
+    for point, k in res.get("keep", {}).items():
+        console.print(f"{point} ({k['mode']}): the fibration base keeps {k['kept']:.1%}"
+                      + ("" if k["landed"] else f" (not within {k['tolerance']:g}: {k.get('note', '')})"))
     if dag:
         console.print("nodes per weight: " + ", ".join(res["layers"]))
         for note in res.get("notes", []):
@@ -200,7 +271,7 @@ def compare_methods_cmd(model, data, eps_text, eps_files, linkage, metric, no_re
 @click.option("--max-epochs", type=int, default=50, show_default=True)
 @click.option("--patience", type=int, default=3, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--linkage", type=click.Choice(["complete", "average"]), default="average", show_default=True)
+@click.option("--linkage", type=click.Choice(["complete", "average"]), default="complete", show_default=True)
 @click.option("--metric", type=click.Choice(["cosine", "euclidean"]), default="cosine", show_default=True)
 @click.option("-o", "--output", "out", type=click.Path(dir_okay=False), required=True,
               help="The compressed, retuned ONNX model.")

@@ -22,10 +22,11 @@ def _colouring_options(f):
                      help="eps=0: relative tolerance of 'equal up to float rounding'.")(f)
     f = click.option("--no-rescale", is_flag=True,
                      help="Disable the rescaling merge of proportional rows (cosine, ReLU family).")(f)
-    f = click.option("--metric", type=click.Choice(["cosine", "euclidean"]), default="cosine",
-                     show_default=True, help="Distance between signature rows for eps > 0.")(f)
-    f = click.option("--linkage", type=click.Choice(["complete", "average"]), default="average",
-                     show_default=True, help="Agglomerative linkage for eps > 0 (paper: complete; authors' code: average).")(f)
+    f = click.option("--metric", type=click.Choice(["cosine", "euclidean", "activation"]), default="cosine",
+                     show_default=True, help="Distance between signature rows for eps > 0 (activation: euclidean on "
+                                             "rows weighted by the inputs' RMS activation on --data).")(f)
+    f = click.option("--linkage", type=click.Choice(["complete", "average"]), default="complete",
+                     show_default=True, help="Agglomerative linkage for eps > 0 (default complete: it keeps more accuracy at every size in BENCHMARKS.md; the authors' code: average).")(f)
     f = click.option("--eps-file", type=click.Path(dir_okay=False), default=None,
                      help="JSON {layer weight name: eps} overriding --eps per layer.")(f)
     f = click.option("--eps", type=float, default=0.0, show_default=True,
@@ -70,6 +71,9 @@ def color(model, symmetry, eps, eps_file, linkage, metric, no_rescale, rtol, jso
         if model.lower().endswith(GRAPH_EXT):
             from .graphs import color_graph_file
 
+            if metric == "activation":
+                raise InputError("--metric activation needs an ONNX model and --data (a graph file has no activations)")
+
             color_graph_file(model, symmetry, eps=eps, json_out=json_out, linkage=linkage, metric=metric,
                              rtol=rtol, graphml_out=graphml_out)
             return
@@ -99,7 +103,14 @@ def color(model, symmetry, eps, eps_file, linkage, metric, no_rescale, rtol, jso
 @click.option("--verify", is_flag=True, help="Run both models and report the largest output difference.")
 @click.option("--data", type=click.Path(dir_okay=False), default=None, help=".npz with x (and y) for --verify.")
 @click.option("--report", "report_out", type=click.Path(dir_okay=False), default=None)
-def compress(model, out, symmetry, eps, eps_file, linkage, metric, no_rescale, rtol, verify, data, report_out):
+@click.option("--keep", type=float, default=None,
+              help="Fraction of the parameters to keep, in (0, 1]: per-layer eps found to land within 2%% "
+                   "(with --data: spent where the calibration loss rises least; else data-free).")
+@click.option("--repair/--no-repair", default=None,
+              help="Re-fit the layers reading merged units on --data (ridge least squares) and shift BatchNorm "
+                   "statistics; default: on when --data is given.")
+def compress(model, out, symmetry, eps, eps_file, linkage, metric, no_rescale, rtol, verify, data, report_out,
+             keep, repair):
     """Compress MODEL to its base network and write it to OUT (ONNX)."""
     from fibgraph.importers.api import atomic_write_json, compress_model
     from ..report import print_colour_report
@@ -108,8 +119,16 @@ def compress(model, out, symmetry, eps, eps_file, linkage, metric, no_rescale, r
     if report_out and os.path.abspath(report_out) == os.path.abspath(out):
         raise InputError("--report and -o name the same file")
     report = compress_model(model, out, symmetry, eps, eps_file, linkage, metric, not no_rescale, rtol,
-                            verify=verify, data=data)
+                            verify=verify, data=data, keep=keep, repair=repair)
     print_colour_report(report)
+    if "keep" in report:
+        from .compress import print_keep
+
+        print_keep(report["keep"])
+    if report.get("repair"):
+        from .compress import print_repair
+
+        print_repair(report["repair"])
     if report_out:
         atomic_write_json(report_out, report)
 

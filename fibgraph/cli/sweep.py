@@ -75,7 +75,7 @@ def _summary_line(model, setting, res):
               help="A running Dask scheduler (tcp://host:8786); default: a local cluster.")
 @click.option("--workers", type=int, default=2, show_default=True,
               help="Worker processes of the local cluster (one thread each).")
-@click.option("--linkage", type=click.Choice(["complete", "average"]), default="average", show_default=True)
+@click.option("--linkage", type=click.Choice(["complete", "average"]), default="complete", show_default=True)
 @click.option("--metric", type=click.Choice(["cosine", "euclidean"]), default="cosine", show_default=True)
 @click.option("-o", "--output", "out", type=click.Path(dir_okay=False), required=True,
               help="TABLE.csv (or TABLE.parquet, with pyarrow).")
