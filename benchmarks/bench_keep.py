@@ -46,6 +46,48 @@ def _cnn(path, xtr, ytr):
     return path
 
 
+def torch_pruning_rows(model_path, keeps_nodes, test):
+    """Torch-Pruning's magnitude pruner (``tp.pruner.MagnitudePruner``, L2 group
+    importance) on the MLP rebuilt in torch from the ONNX Gemm weights, pruned
+    to the same units per layer as fibration; accuracy on ``test`` (torch).
+    None when torch_pruning is not installed (``pip install .[studies]``)."""
+    try:
+        import torch
+        import torch_pruning as tp
+    except ImportError:
+        return None
+    import onnx
+    from onnx import numpy_helper
+
+    m = onnx.load(model_path)
+    inits = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    gemms = [n for n in m.graph.node if n.op_type == "Gemm"]
+    x, y = (np.load(test)[k] for k in ("x", "y"))
+    out = {}
+    for point, nodes in keeps_nodes.items():
+        layers = []
+        for n in gemms:
+            W, b = inits[n.input[1]], inits[n.input[2]]
+            lin = torch.nn.Linear(W.shape[1], W.shape[0])
+            with torch.no_grad():
+                lin.weight.copy_(torch.from_numpy(W.astype(np.float32)))
+                lin.bias.copy_(torch.from_numpy(b.astype(np.float32)))
+            layers += [lin, torch.nn.ReLU()]
+        net = torch.nn.Sequential(*layers[:-1]).eval()
+        lins = [l for l in net if isinstance(l, torch.nn.Linear)]
+        ratios = {l: 1.0 - k / l.out_features for l, k in zip(lins[:-1], nodes[:-1])}
+        pruner = tp.pruner.MagnitudePruner(net, torch.zeros(1, lins[0].in_features),
+                                           importance=tp.importance.MagnitudeImportance(p=2),
+                                           pruning_ratio_dict=ratios, ignored_layers=[lins[-1]],
+                                           round_to=None)
+        pruner.step()
+        got = [l.out_features for l in lins]
+        with torch.no_grad():
+            acc = float((net(torch.from_numpy(x)).argmax(1).numpy() == y).mean())
+        out[point] = {"nodes": got, "params": int(sum(p.numel() for p in net.parameters())), "accuracy": acc}
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--keep", default="0.5,0.3,0.2,0.1")
@@ -77,6 +119,19 @@ def main(argv=None):
         acc = {r["method"]: r["accuracy"] for r in pt}
         cells = [f"{acc[m]:.1%} / {acc[m + '+repair']:.1%}" for m in methods]
         lines.append(f"| {F:g} | {pt[0]['params_kept']:.1%} | " + " | ".join(cells) + " |")
+    tp_rows = None if a.cnn else torch_pruning_rows(
+        model, {f"keep={F:g}": next(r["nodes"] for r in rows if r["point"] == f"keep={F:g}") for F in keeps}, test)
+    if tp_rows is not None:
+        lines += ["", "Torch-Pruning 1.6 `MagnitudePruner` (L2 group importance, no repair) on the same MLP rebuilt "
+                  "in torch, pruned to the same units per layer:", "",
+                  "| keep | units per layer (fibration / Torch-Pruning) | params (fibration / Torch-Pruning) | "
+                  "accuracy |", "|---|---|---|---|"]
+        for F in keeps:
+            fr = next(r for r in rows if r["point"] == f"keep={F:g}" and r["method"] == "fibration")
+            t = tp_rows[f"keep={F:g}"]
+            lines.append(f"| {F:g} | {'-'.join(map(str, fr['nodes']))} / {'-'.join(map(str, t['nodes']))} | "
+                         f"{fr['params']:,} / {t['params']:,} | {t['accuracy']:.1%} |")
+        res["torch_pruning"] = tp_rows
     md = "\n".join(lines) + "\n"
     print(md)
     out = os.path.join(ROOT, "benchmarks", "results", f"keep_{name}")

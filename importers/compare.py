@@ -33,7 +33,7 @@ METHOD_LABELS = {"fibration": "fibration (quasi-fibers)", "random": "random prun
 
 def compare_methods(model, data, eps_list=DEFAULT_EPS, eps_files=(), linkage="complete",
                     metric="cosine", rescale=True, methods=METHODS, seed=0, on_point=None, imp=None,
-                    keeps=(), calib=None):
+                    keeps=(), calib=None, finetune_epochs=0):
     """Rows ``{method, point, eps, nodes, params, params_kept, accuracy, loss}``
     for the original model, every fibration point and every baseline at the
     fibration point's node counts (``nodes``: kept units per weight, in the
@@ -59,7 +59,7 @@ def compare_methods(model, data, eps_list=DEFAULT_EPS, eps_files=(), linkage="co
         m = load_onnx(model) if label is not None else model
         imp = import_dag(m, feeds=probe_feeds(data, m), label=label)
     out = compare_dag_methods(model, imp, data, xy, eps_list, eps_files, linkage, metric, methods, seed, on_point,
-                              keeps=keeps, calib=calib)
+                              keeps=keeps, calib=calib, finetune_epochs=finetune_epochs)
     return {"model": _name(model), "data": _name(data), "n": int(xy[0].shape[0]), "linkage": linkage,
             "metric": "euclidean" if any(e > 0 for e in eps_list) or eps_files or keeps else metric,
             "requested_metric": metric, "rescale": False, "seed": seed, **out}

@@ -248,8 +248,23 @@ def evaluate_any(model, data):
             "loss": float(-np.mean(logp[np.arange(y.size), y])), "n": int(y.size)}
 
 
+def _finetune(m2, calib, epochs, seed):
+    """``m2`` trained ``epochs`` epochs on ``calib`` (see :func:`compare_dag_methods`)."""
+    try:
+        from .onnx.to_torch import OnnxModule
+        from .torch_train import retune
+    except ImportError:
+        raise InputError("--finetune-epochs needs torch: pip install torch==2.13.0 (CPU build)") from None
+    from .onnx.runtime import load_data
+
+    xy = load_data(calib, need_y=True)
+    mod = OnnxModule(m2)
+    retune(mod, xy, xy, lr=1e-3, batch=100, max_epochs=int(epochs), patience=int(epochs) + 1, seed=seed)
+    return mod.to_onnx()
+
+
 def compare_dag_methods(model, imp, data, xy, eps_list, eps_files=(), linkage="complete", metric="cosine",
-                        methods=METHODS, seed=0, on_point=None, keeps=(), calib=None):
+                        methods=METHODS, seed=0, on_point=None, keeps=(), calib=None, finetune_epochs=0):
     """The rows of :func:`fibgraph.importers.compare.compare_methods` for a model of the
     hypergraph path (``imp`` its :class:`~fibgraph.importers.onnx.importer.DagImport`).
 
@@ -258,7 +273,12 @@ def compare_dag_methods(model, imp, data, xy, eps_list, eps_files=(), linkage="c
     .npz path, else data-free) fixes the units per column class, and every
     baseline keeps exactly as many.  ``calib``: also a ``<method>+repair`` row
     per model, the repair of :mod:`fibgraph.importers.repair` on ``calib``
-    (the same for pruning, folding and fibration)."""
+    (the same for pruning, folding and fibration).  ``finetune_epochs`` (needs
+    ``calib`` and torch): also a ``<row>+ft`` row per model, the model as an
+    :class:`~fibgraph.importers.onnx.to_torch.OnnxModule` trained that many
+    epochs on ``calib`` with the same optimiser for every method (Adam, lr 1e-3,
+    batch 100, seed ``seed``; the state of lowest calibration loss kept,
+    :func:`fibgraph.importers.torch_train.retune`)."""
     from .criteria import check_eps, read_eps_table
     from .onnx.runtime import count_params
     from .dag_api import colour_dag
@@ -315,6 +335,8 @@ def compare_dag_methods(model, imp, data, xy, eps_list, eps_files=(), linkage="c
                 fixed, _ = repair_base(imp.model, m2, feeds_cal,
                                        out_map=output_map(imp, g, kk, sc, prune=(mode == "prune")))
                 variants.append((meth + "+repair", fixed, k2))
+        if finetune_epochs:
+            variants += [(meth + "+ft", _finetune(m2, calib, finetune_epochs, seed), k2) for meth, m2, k2 in variants]
         for meth, m2, k2 in variants:
             got = dm.entry_counts(k2)
             assert got == nodes, f"{meth}: nodes per weight {got} != fibration's {nodes}"

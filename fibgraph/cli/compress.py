@@ -182,6 +182,9 @@ def print_repair(info):
 @click.option("--calib", type=click.Path(dir_okay=False), default=None,
               help="Calibration .npz (x, y; separate from --data): data-aware --keep, and a '+repair' row "
                    "per method (the same closed-form repair for fibration, pruning and folding).")
+@click.option("--finetune-epochs", type=int, default=0, show_default=True,
+              help="With --calib: also every model after this many epochs of Adam (lr 1e-3, batch 100) on "
+                   "--calib, the same for every method (needs torch).")
 @click.option("--eps-file", "eps_files", multiple=True, type=click.Path(dir_okay=False),
               help="Also a point per eps file (e.g. from 'fibgraph tune'); repeatable.")
 @click.option("--linkage", type=click.Choice(["complete", "average"]), default="complete", show_default=True)
@@ -193,8 +196,8 @@ def print_repair(info):
 @click.option("-o", "--output", "plot_out", type=click.Path(dir_okay=False), default=None,
               help="Plot of accuracy against parameters kept (.png or .svg).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None)
-def compare_methods_cmd(model, data, eps_text, keep_text, calib, eps_files, linkage, metric, no_rescale, methods,
-                        seed, plot_out, json_out):
+def compare_methods_cmd(model, data, eps_text, keep_text, calib, finetune_epochs, eps_files, linkage, metric,
+                        no_rescale, methods, seed, plot_out, json_out):
     """Fibration compression against random, L2 and L1 pruning and k-means
     folding, all at the fibration base's node counts per layer."""
     from fibgraph.importers.api import atomic_write_json
@@ -217,12 +220,14 @@ def compare_methods_cmd(model, data, eps_text, keep_text, calib, eps_files, link
         keeps = [check_keep(v, "--keep") for v in _parse_eps_list(keep_text, "--keep")]
     if calib is not None:
         _check_model(calib)
+    if finetune_epochs < 0 or (finetune_epochs and calib is None):
+        raise InputError("--finetune-epochs needs --calib (the data to fine-tune on) and must be >= 0")
     if eps_text is None:
         eps_text = "" if keeps else "0.02,0.05,0.1,0.2,0.3,0.4,0.5,0.7"
     eps_list = _parse_eps_list(eps_text) if eps_text else []
     meths = tuple(m for m in methods.replace(" ", "").split(",") if m)
     res = compare_methods(model, data, eps_list, eps_files, linkage, metric, not no_rescale,
-                          meths, seed, keeps=keeps, calib=calib)
+                          meths, seed, keeps=keeps, calib=calib, finetune_epochs=finetune_epochs)
     dag = res.get("graph") == "hypergraph"
     how = f"{linkage}, {res['metric']}" + (", rescale" if res["rescale"] else "")
     t = Table(title=f"{model}: equal nodes per {'weight (hypergraph)' if dag else 'layer'} ({how}); "
@@ -230,8 +235,9 @@ def compare_methods_cmd(model, data, eps_text, keep_text, calib, eps_files, link
     for c in ("point", "method", "nodes", "params kept", "accuracy", "loss"):
         t.add_column(c, justify="left" if c in ("point", "method") else "right")
     for r in res["rows"]:
-        label = METHOD_LABELS.get(r["method"].replace("+repair", ""), r["method"]) + \
-            (" + repair" if r["method"].endswith("+repair") else "")
+        base_m = r["method"].replace("+ft", "").replace("+repair", "")
+        label = METHOD_LABELS.get(base_m, base_m) + (" + repair" if "+repair" in r["method"] else "") + \
+            (" + fine-tuned" if r["method"].endswith("+ft") else "")
         t.add_row(r["point"], label,
                   "-".join(str(c) for c in r["nodes"]),
                   f"{r['params']:,} ({r['params_kept']:.1%})", f"{r['accuracy']:.4f}", f"{r['loss']:.4f}")

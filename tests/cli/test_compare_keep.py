@@ -52,3 +52,26 @@ def test_compare_methods_keep_data_free_and_bad_values(tmp_path, capsys):
     assert len({r["params"] for r in rows}) == 1 and len(rows) == 5
     rc, out, err = cli(capsys, "compare-methods", p, "--data", tmp_path / "t.npz", "--keep", "0.5,1.5")
     assert rc == 2 and "--keep" in err and len(err.strip().splitlines()) == 1
+
+
+def test_compare_methods_finetune_rows_keep_the_size(tmp_path, capsys):
+    import pytest
+
+    pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    m = mlp_onnx([rng.standard_normal((20, 6)), rng.standard_normal((3, 20))], [np.zeros(20), np.zeros(3)])
+    p = tmp_path / "m.onnx"
+    onnx.save(m, p)
+    for name, seed in (("t", 1), ("c", 2)):
+        x = np.random.default_rng(seed).standard_normal((100, 6)).astype(np.float32)
+        np.savez(tmp_path / f"{name}.npz", x=x, y=run_onnx(m, x)[0].argmax(1))
+    rc, out, err = cli(capsys, "compare-methods", p, "--data", tmp_path / "t.npz", "--keep", "0.5", "--methods", "l2",
+                       "--calib", tmp_path / "c.npz", "--finetune-epochs", "1", "--json", tmp_path / "r.json")
+    assert rc == 0, err
+    rows = [r for r in read_json(tmp_path / "r.json")["rows"] if r["point"] == "keep=0.5"]
+    assert {r["method"] for r in rows} == {"fibration", "l2", "fibration+repair", "l2+repair", "fibration+ft",
+                                           "l2+ft", "fibration+repair+ft", "l2+repair+ft"}
+    assert len({r["params"] for r in rows}) == 1
+    rc, out, err = cli(capsys, "compare-methods", p, "--data", tmp_path / "t.npz", "--keep", "0.5",
+                       "--finetune-epochs", "1")
+    assert rc == 2 and "--calib" in err
