@@ -101,7 +101,9 @@ def color(model, symmetry, eps, eps_file, linkage, metric, no_rescale, rtol, jso
               default="fibration", show_default=True)
 @_colouring_options
 @click.option("--verify", is_flag=True, help="Run both models and report the largest output difference.")
-@click.option("--data", type=click.Path(dir_okay=False), default=None, help=".npz with x (and y) for --verify.")
+@click.option("--data", type=click.Path(dir_okay=False), default=None,
+              help="Calibration .npz with x (and y): --verify runs on it, the repair re-fits on it (use data "
+                   "apart from your test set), --keep is data-aware on it.")
 @click.option("--report", "report_out", type=click.Path(dir_okay=False), default=None)
 @click.option("--keep", type=float, default=None,
               help="Fraction of the parameters to keep, in (0, 1]: per-layer eps found to land within 2%% "
