@@ -119,7 +119,6 @@ def keep_search(mc, keep, data=None, tol=KEEP_TOL, steps=14, on_step=None):
     loss_fn = make_loss(mc.model, data) if data is not None else None
     probe = _Probe(mc, loss_fn)
     p0 = mc.params_before
-    target = keep * p0
 
     def frac(table):
         return probe(table)[0] / p0
@@ -132,6 +131,10 @@ def keep_search(mc, keep, data=None, tol=KEEP_TOL, steps=14, on_step=None):
         return _result(mc, probe, best, keep, tol, mode, floor,
                        note=f"the smallest base keeps {floor:.1%} (output layers, units feeding a barrier and "
                             "tensors that are not weights cannot shrink): landed as close as possible")
+    top = frac({})
+    if top < keep - tol:          # the exact fibers alone already go below the target: lossless
+        return _result(mc, probe, {}, keep, tol, "data-aware" if data is not None else "data-free", floor,
+                       note=f"the exact base (eps 0, the same function) already keeps {top:.1%}")
     if data is None:
         best = _data_free(probe, tun, keep, tol, frac, steps, on_step)
         mode = "data-free"

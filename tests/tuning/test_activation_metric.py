@@ -3,7 +3,6 @@ calibration data.  Exact fibers stay exactly what they are; a column that reads
 a unit silent on the data no longer keeps two units apart."""
 import numpy as np
 import onnx
-import pytest
 
 from helpers import assert_one_line_error, cli, mlp_onnx, read_json, run_onnx
 

@@ -214,3 +214,18 @@ def test_keep_with_eps_is_refused(models, tmp_path, capsys):
     rc, out, err = cli(capsys, "compress", models["mlp"], "-o", tmp_path / "s.onnx", "--keep", "0.5",
                        "--eps", "0.1")
     assert_one_line_error(rc, err, "--keep")
+
+
+def test_keep_above_the_exact_base_returns_the_exact_base():
+    # half the units are exact copies: the eps = 0 base keeps about half, so a
+    # larger target is answered by the exact base (the same function), said so
+    from fibgraph.importers.keep import keep_search
+    from fibgraph.importers.tuning import DagCompressor
+
+    rng = np.random.default_rng(0)
+    W1 = rng.standard_normal((40, 8))
+    W1[20:] = W1[:20]
+    mc = DagCompressor(mlp_onnx([W1, rng.standard_normal((3, 40))], [np.zeros(40), np.zeros(3)]))
+    r = keep_search(mc, 0.95)
+    assert r["group_eps"] == {} and not r["landed"] and "exact base" in r["note"]
+    assert r["kept"] < 0.95 - TOL
