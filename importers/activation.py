@@ -35,13 +35,13 @@ FLOOR = 1e-3
 def node_rms(imp, feeds):
     """Root mean square activation per node of ``imp.graph`` on ``feeds`` (1 where
     no tensor gives a node's values: constants, inputs of no layout)."""
-    from .repair import _intermediates
+    from .repair import intermediates
 
     # a node carries the value of the LAST tensor that names it (a ReLU aliases
     # its bias add's nodes: what the next layer reads is the activation)
     order = list(feeds) + [o for nd in imp.model.graph.node for o in nd.output]
     names = [t for t in dict.fromkeys(order) if t in imp.layouts]
-    vals = _intermediates(imp.model, [t for t in names if t not in feeds], feeds)
+    vals = intermediates(imp.model, [t for t in names if t not in feeds], feeds)
     vals.update({k: np.asarray(v, dtype=np.float64) for k, v in feeds.items() if k in imp.layouts})
     n = imp.graph.n
     ss, cnt = np.zeros(n), np.zeros(n)

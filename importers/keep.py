@@ -59,7 +59,7 @@ class _Probe:
     """Parameter counts (and losses) of bases, cached by the base's partition."""
 
     def __init__(self, mc, loss_fn=None):
-        from .api import count_params
+        from .onnx.runtime import count_params
 
         self.mc, self.loss_fn, self.count = mc, loss_fn, count_params
         self.by_key, self.by_table = {}, {}
@@ -84,13 +84,12 @@ def make_loss(model, data):
     """``loss(ModelProto) -> float`` on calibration ``data`` (an .npz path, ``(x, y)``
     or ``(x, None)``): mean cross-entropy with labels, else the outputs' mean
     squared difference to ``model``'s over their variance."""
-    from .api import load_data
-    from .compare_dag import _feeds_eval, evaluate_any
-    from .onnx.runtime import data_feeds, run, session
+    from .onnx.runtime import data_feeds, load_data, run, session
+    from .scoring import evaluate_any, feeds_eval
 
     xy = load_data(data) if not isinstance(data, tuple) else data
     if xy[1] is not None:
-        d = _feeds_eval(model, data, xy)
+        d = feeds_eval(model, data, xy)
         return lambda m: evaluate_any(m, d)["loss"]
     if isinstance(data, tuple):
         feeds = {session(model).get_inputs()[0].name: np.asarray(xy[0], dtype=np.float32)}

@@ -36,7 +36,7 @@ import onnx
 from numpy.lib.stride_tricks import sliding_window_view
 from onnx import numpy_helper
 
-__all__ = ["repair_base", "output_map", "RIDGE"]
+__all__ = ["repair_base", "output_map", "intermediates", "RIDGE"]
 
 #: the ridge weight relative to the mean diagonal of the Gram matrix
 RIDGE = 1e-3
@@ -53,7 +53,7 @@ def _attr(node, name, default=None):
     return default
 
 
-def _intermediates(model, names, feeds):
+def intermediates(model, names, feeds):
     """Values of the tensors ``names`` (graph outputs added on a copy)."""
     import onnxruntime as ort
 
@@ -209,11 +209,11 @@ def repair_base(orig, base, feeds, ridge=RIDGE, batchnorm=True, out_map=None):
     rows = []
     cons = _consumers(orig, base)
     if cons:
-        acts_o = _intermediates(orig, sorted({o.input[0] for _, o, _ in cons}), feeds)
+        acts_o = intermediates(orig, sorted({o.input[0] for _, o, _ in cons}), feeds)
     for n, o, axis in cons:
         Wb = numpy_helper.to_array(bi[n.input[1]]).astype(np.float64)
         Wo = numpy_helper.to_array(oi[o.input[1]]).astype(np.float64)
-        Xb = _intermediates(base, [n.input[0]], feeds)[n.input[0]]
+        Xb = intermediates(base, [n.input[0]], feeds)[n.input[0]]
         Xo = acts_o[o.input[0]]
         Mb, Mo = _as_matrix(n, Wb, axis), _as_matrix(o, Wo, axis)
         if Mb.shape[1] != Mo.shape[1]:     # the consumer's own units merged too: target their fibers' mean
@@ -258,8 +258,8 @@ def _repair_batchnorm(orig, base, feeds):
         todo.append((n, o))
     if not todo:
         return []
-    xo = _intermediates(orig, [o.input[0] for _, o in todo], feeds)
-    xb = _intermediates(base, [n.input[0] for n, _ in todo], feeds)
+    xo = intermediates(orig, [o.input[0] for _, o in todo], feeds)
+    xb = intermediates(base, [n.input[0] for n, _ in todo], feeds)
     rows = []
     for n, o in todo:
         a, b = xb[n.input[0]], xo[o.input[0]]

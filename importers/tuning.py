@@ -25,7 +25,8 @@ from fibgraph.errors import InputError
 from fibgraph.engine import DEFAULT_RTOL
 from fibgraph.tune import EPS_MAX, greedy_eps
 
-from .api import count_params, criteria_from_table, evaluate, load_data, probe_feeds
+from .criteria import criteria_from_table
+from .onnx.runtime import count_params, evaluate, load_data, probe_feeds
 from .onnx.importer import import_dag
 from .onnx.load import load_onnx
 

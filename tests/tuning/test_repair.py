@@ -40,9 +40,9 @@ def _repair(m, table, x):
 
 
 def _tensor(model, name, x):
-    from fibgraph.importers.repair import _intermediates
+    from fibgraph.importers.repair import intermediates
 
-    return _intermediates(model, [name], {"x": x})[name]
+    return intermediates(model, [name], {"x": x})[name]
 
 
 @pytest.mark.parametrize("form", ["gemm", "matmul", "gemm_ab"])
