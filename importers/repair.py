@@ -66,7 +66,14 @@ def intermediates(model, names, feeds):
     so.log_severity_level = 3
     s = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
     want = {i.name for i in s.get_inputs()}
-    out = s.run(list(names), {k: v for k, v in feeds.items() if k in want})
+    try:
+        out = s.run(list(names), {k: v for k, v in feeds.items() if k in want})
+    except Exception as e:
+        from fibgraph.errors import InputError
+
+        from .onnx.feeds import short_error
+
+        raise InputError(f"onnxruntime could not run the model on the calibration data: {short_error(e)}") from None
     return {k: np.asarray(v, dtype=np.float64) for k, v in zip(names, out)}
 
 

@@ -58,7 +58,7 @@ def _parse_eps_list(text, what="--eps"):
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--keep", type=float, default=None,
               help="Instead of --tau: the per-layer eps keeping this fraction of the parameters (0, 1] at the "
-                   "least calibration loss (within 2%%).")
+                   "least calibration loss (within 2%).")
 def tune(model, data, tau, steps, linkage, metric, no_rescale, out, report_out, no_progress, keep):
     """Greedy per-layer eps (Algorithm 3): for each layer in turn, the largest
     eps keeping the calibration loss <= (1 + tau) * the original loss; with

@@ -106,7 +106,7 @@ def color(model, symmetry, eps, eps_file, linkage, metric, no_rescale, rtol, jso
                    "apart from your test set), --keep is data-aware on it.")
 @click.option("--report", "report_out", type=click.Path(dir_okay=False), default=None)
 @click.option("--keep", type=float, default=None,
-              help="Fraction of the parameters to keep, in (0, 1]: per-layer eps found to land within 2%% "
+              help="Fraction of the parameters to keep, in (0, 1]: per-layer eps found to land within 2% "
                    "(with --data: spent where the calibration loss rises least; else data-free).")
 @click.option("--repair/--no-repair", default=None,
               help="Re-fit the layers reading merged units on --data (ridge least squares) and shift BatchNorm "

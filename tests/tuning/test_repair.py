@@ -173,3 +173,16 @@ def test_cli_repair_is_on_with_data_and_off_without(tmp_path, capsys):
     assert "repair" not in read_json(tmp_path / "b.json")
     rc, out, err = cli(capsys, "compress", p, "-o", tmp_path / "c.onnx", "--eps", "0.3", "--repair")
     assert rc == 2 and "--data" in err
+
+
+def test_repair_on_data_that_does_not_fit_is_one_line(tmp_path, capsys):
+    from helpers import assert_one_line_error
+
+    m = mlp_onnx(*_planted_mlp(), form="gemm")
+    p = tmp_path / "m.onnx"
+    onnx.save(m, p)
+    np.savez(tmp_path / "bad.npz", x=np.zeros((5, 7), np.float32), y=np.zeros(5, np.int64))
+    rc, out, err = cli(capsys, "compress", p, "-o", tmp_path / "s.onnx", "--eps", "0.3", "--data",
+                       tmp_path / "bad.npz")
+    assert_one_line_error(rc, err)
+    assert not (tmp_path / "s.onnx").exists()
