@@ -88,7 +88,7 @@ class FiberTracker:
     """
 
     def __init__(self, eps=(0.0, 0.05, 0.1), symmetries=("fibration", "opfibration", "covering"),
-                 linkage="average", metric="cosine", rescale=True, rtol=1e-5,
+                 linkage="complete", metric="cosine", rescale=True, rtol=1e-5,
                  include_output=False, keep_labels=True, reader=None):
         if isinstance(eps, (int, float)):
             eps = (eps,)

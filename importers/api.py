@@ -53,7 +53,7 @@ def _dag_eps_table(imp, eps_file):
     return read_eps_table(eps_file, [u.weight for u, _ in weight_uses(imp)])
 
 
-def color_model(path, symmetry="fibration", eps=0.0, eps_file=None, linkage="average",
+def color_model(path, symmetry="fibration", eps=0.0, eps_file=None, linkage="complete",
                 metric="cosine", rescale=True, rtol=DEFAULT_RTOL, imported=None, data=None):
     """Colour an ONNX model; returns ``(report, DagImport, DagColouring)`` (see
     README and :mod:`fibgraph.importers.dag_api`).  ``data`` (.npz) gives the
@@ -61,31 +61,87 @@ def color_model(path, symmetry="fibration", eps=0.0, eps_file=None, linkage="ave
     model made before."""
     from .dag_api import color_dag_model
 
-    eps = check_options(eps, linkage, metric)
     dag = imported if imported is not None else import_any(path, data)[1]
+    metric, act_graph = _activation(metric, data, dag)
+    eps = check_options(eps, linkage, metric)
     return color_dag_model(path, symmetry, eps, _dag_eps_table(dag, eps_file), linkage, metric, rtol,
-                           imp=dag, rescale=rescale)
+                           imp=dag, rescale=rescale, graph=act_graph)
 
 
-def compress_model(path, out, symmetry="fibration", eps=0.0, eps_file=None, linkage="average",
+def _activation(metric, data, dag):
+    """``(engine metric, graph to colour)``: ``metric="activation"`` clusters the
+    activation-weighted rows on ``data`` with the euclidean distance
+    (:mod:`fibgraph.importers.activation`); other metrics colour ``dag.graph``."""
+    if metric != "activation":
+        return metric, None
+    if data is None:
+        raise InputError("--metric activation weighs the rows by the units' activations: give --data CAL.npz")
+    from .activation import activation_graph, node_rms
+
+    return "euclidean", activation_graph(dag.graph, node_rms(dag, data_feeds(data, dag.model)))
+
+
+def compress_model(path, out, symmetry="fibration", eps=0.0, eps_file=None, linkage="complete",
                    metric="cosine", rescale=True, rtol=DEFAULT_RTOL, verify=False, data=None,
-                   seed=0):
-    """Compress an ONNX model to its base and write it atomically to ``out``."""
+                   seed=0, keep=None, repair=None):
+    """Compress an ONNX model to its base and write it atomically to ``out``.
+
+    ``keep`` (0 < keep <= 1): find per-group eps that keep this fraction of the
+    parameters (:func:`fibgraph.importers.keep.keep_search`; data-aware on
+    ``data`` when given, else data-free) instead of ``eps`` / ``eps_file``; the
+    report's ``"keep"`` says what it got."""
     if symmetry not in COMPRESS_SYMMETRIES:
         raise InputError(f"--symmetry {symmetry}: only in-balanced colourings ({', '.join(COMPRESS_SYMMETRIES)}) "
                          "preserve the function; opfibers do not")
     _check_out_path(path, out, (eps_file, data))
     from .dag_api import compress_dag_model
 
-    eps = check_options(eps, linkage, metric)
     _, dag = import_any(path, data)
-    report = compress_dag_model(path, out, symmetry, eps, _dag_eps_table(dag, eps_file), linkage, metric, rtol,
-                                verify=verify, data=data, seed=seed, imp=dag, rescale=rescale)
+    metric, act_graph = _activation(metric, data, dag)
+    eps = check_options(eps, linkage, metric)
+    table = _dag_eps_table(dag, eps_file)
+    found = None
+    if keep is not None:
+        from .keep import check_keep, keep_search
+        from .tuning import DagCompressor
+
+        keep = check_keep(keep)
+        if eps or eps_file:
+            raise InputError("--keep chooses the eps itself: give --keep or --eps/--eps-file, not both")
+        mc = DagCompressor(dag.model, linkage, metric, rescale, symmetry, rtol, imported=dag)
+        mc.colour_graph = act_graph
+        found = keep_search(mc, keep, data=load_data(data) if data is not None else None)
+        table = found["eps"]
+    if repair is None:
+        repair = data is not None
+    if repair and data is None:
+        raise InputError("--repair re-fits the merged layers on calibration data: give --data CAL.npz")
+    post = _repair_hook(data, dag) if repair else None
+    report = compress_dag_model(path, out, symmetry, eps, table, linkage, metric, rtol,
+                                verify=verify, data=data, seed=seed, imp=dag, rescale=rescale, post=post,
+                                graph=act_graph)
+    if act_graph is not None:
+        report["metric"] = "activation (euclidean on activation-weighted rows)"
+    if found is not None:
+        report["keep"] = found
     if data is not None and "verify" in report:
         sc = scores_on_data(dag.model, load_onnx(out), data)
         if sc is not None:
             report["verify"]["scores"] = sc
     return report
+
+
+def _repair_hook(data, dag):
+    """``post`` for :func:`~fibgraph.importers.dag_api.compress_dag_model`: the repair on ``data``."""
+    def post(m2, col, imp):
+        from .repair import RIDGE, output_map, repair_base
+
+        feeds = data_feeds(data, imp.model)
+        _, gid, kept, _ = col.base
+        fixed, rows = repair_base(imp.model, m2, feeds, out_map=output_map(imp, gid, kept, col.scales))
+        return fixed, {"ridge": RIDGE,
+                       "n": int(next(iter(feeds.values())).shape[0]), "layers": rows}
+    return post
 
 
 def scores_on_data(original, base, data):

@@ -31,8 +31,9 @@ METHOD_LABELS = {"fibration": "fibration (quasi-fibers)", "random": "random prun
                  "fold": "folding (k-means, data-free)"}
 
 
-def compare_methods(model, data, eps_list=DEFAULT_EPS, eps_files=(), linkage="average",
-                    metric="cosine", rescale=True, methods=METHODS, seed=0, on_point=None, imp=None):
+def compare_methods(model, data, eps_list=DEFAULT_EPS, eps_files=(), linkage="complete",
+                    metric="cosine", rescale=True, methods=METHODS, seed=0, on_point=None, imp=None,
+                    keeps=(), calib=None, finetune_epochs=0):
     """Rows ``{method, point, eps, nodes, params, params_kept, accuracy, loss}``
     for the original model, every fibration point and every baseline at the
     fibration point's node counts (``nodes``: kept units per weight, in the
@@ -57,9 +58,10 @@ def compare_methods(model, data, eps_list=DEFAULT_EPS, eps_files=(), linkage="av
         label = os.fspath(model) if isinstance(model, (str, os.PathLike)) else None
         m = load_onnx(model) if label is not None else model
         imp = import_dag(m, feeds=probe_feeds(data, m), label=label)
-    out = compare_dag_methods(model, imp, data, xy, eps_list, eps_files, linkage, metric, methods, seed, on_point)
+    out = compare_dag_methods(model, imp, data, xy, eps_list, eps_files, linkage, metric, methods, seed, on_point,
+                              keeps=keeps, calib=calib, finetune_epochs=finetune_epochs)
     return {"model": _name(model), "data": _name(data), "n": int(xy[0].shape[0]), "linkage": linkage,
-            "metric": "euclidean" if any(e > 0 for e in eps_list) or eps_files else metric,
+            "metric": "euclidean" if any(e > 0 for e in eps_list) or eps_files or keeps else metric,
             "requested_metric": metric, "rescale": False, "seed": seed, **out}
 
 
@@ -84,13 +86,15 @@ def plot_comparison(result, path, title=None, ax=None):
     styles = {"fibration": ("tab:red", "o", "-"), "random": ("tab:blue", "v", "--"),
               "l2": ("tab:pink", "s", "--"), "l1": ("tab:purple", "D", "--"),
               "fold": ("tab:green", "^", ":")}
-    for meth in ["fibration"] + [m for m in METHODS]:
+    for meth in [m + rep for rep in ("", "+repair") for m in ["fibration"] + list(METHODS)]:
         pts = sorted((r["params_kept"], r["accuracy"]) for r in rows if r["method"] == meth)
         if not pts:
             continue
-        c, mk, ls = styles.get(meth, ("k", "x", "-"))
-        ax.plot([p[0] * 100 for p in pts], [p[1] * 100 for p in pts], ls, marker=mk, color=c,
-                label=METHOD_LABELS.get(meth, meth), ms=4)
+        c, mk, ls = styles.get(meth.replace("+repair", ""), ("k", "x", "-"))
+        if meth.endswith("+repair"):
+            ls = "-."
+        label = METHOD_LABELS.get(meth.replace("+repair", ""), meth) + (" + repair" if "+repair" in meth else "")
+        ax.plot([p[0] * 100 for p in pts], [p[1] * 100 for p in pts], ls, marker=mk, color=c, label=label, ms=4)
     ax.axhline(orig["accuracy"] * 100, color="k", lw=0.8, ls="-.", label="original")
     ax.set_xlabel("parameters kept (%)")
     ax.set_ylabel("test accuracy (%)")

@@ -45,6 +45,7 @@ from fibgraph.partition import canonical
 from fibgraph.progress import task
 
 from .onnx.write import group_columns, write_dag_base
+from .scoring import evaluate_any, feeds_eval as eval_data
 
 __all__ = ["DagMethods", "compare_dag_methods", "eval_data", "evaluate_any"]
 
@@ -190,6 +191,7 @@ class DagMethods:
         labels = group[self.col]
         mode = "merge" if method == "fold" else "prune"
         m2, gid, kept, _ = write_dag_base(self.imp, labels, mode=mode, keep_pref=pref[self.col])
+        self.last = (gid, kept, mode)          # what the repair's output map reads
         if not np.array_equal(self.class_counts(kept), np.minimum(counts, self.cls_size)) or \
                 not np.array_equal(canonical(np.stack([group[self.col], self.slot], 1)), gid):
             raise ValueError("these kept counts per column class cannot be written: the cells of one "
@@ -197,62 +199,37 @@ class DagMethods:
         return m2, kept
 
 
-def eval_data(model, data, xy):
-    """Evaluation data: ``(x, y)`` for a model with one floating-point input;
-    ``(feeds, y)`` for several inputs (the npz's arrays per input name,
-    ``data_feeds``) or an integer input (token ids: x cast to its type)."""
-    import onnx
+def _finetune(m2, calib, epochs, seed):
+    """``m2`` trained ``epochs`` epochs on ``calib`` (see :func:`compare_dag_methods`)."""
+    try:
+        from .onnx.to_torch import OnnxModule
+        from .torch_train import retune
+    except ImportError:
+        raise InputError("--finetune-epochs needs torch: pip install torch==2.13.0 (CPU build)") from None
+    from .onnx.runtime import load_data
 
-    from .onnx.runtime import data_feeds
-
-    inits = {t.name for t in model.graph.initializer}
-    inputs = [vi for vi in model.graph.input if vi.name not in inits]
-    dtypes = [onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type) for vi in inputs]
-    if len(inputs) == 1 and dtypes[0].kind == "f":
-        return xy
-    if len(inputs) == 1:
-        return {inputs[0].name: np.asarray(xy[0]).astype(dtypes[0])}, xy[1]
-    if isinstance(data, tuple):
-        raise InputError(f"the model has {len(inputs)} inputs: give an .npz with one array per input name")
-    return data_feeds(data, model), xy[1]
+    xy = load_data(calib, need_y=True)
+    mod = OnnxModule(m2)
+    retune(mod, xy, xy, lr=1e-3, batch=100, max_epochs=int(epochs), patience=int(epochs) + 1, seed=seed)
+    return mod.to_onnx()
 
 
-def evaluate_any(model, data):
-    """:func:`fibgraph.importers.api.evaluate` for ``(x, y)``; for ``(feeds, y)`` (a model
-    with several inputs) the same scores with every input fed."""
-    from .onnx.runtime import evaluate, prob_kind, run, session
-
-    if not isinstance(data[0], dict):
-        return evaluate(model, data)
-    feeds, y = data
-    sess = session(model)
-    outs = sess.get_outputs()
-    pick = next((o.name for o in outs if o.type in ("tensor(float)", "tensor(double)") and len(o.shape) == 2),
-                None)
-    if pick is None:
-        raise InputError("the model has no (batch, classes) float output to evaluate")
-    n = int(next(iter(feeds.values())).shape[0])
-    S = np.concatenate([np.asarray(run(sess, [pick], {k: v[s:s + 1024] for k, v in feeds.items()})[0],
-                                   dtype=np.float64) for s in range(0, n, 1024)])
-    y = np.asarray(y).astype(np.int64).reshape(-1)
-    if y.size != S.shape[0] or y.min() < 0 or y.max() >= S.shape[1]:
-        raise InputError("labels 'y' do not match the model's outputs")
-    kind = prob_kind(model, pick)
-    if kind in ("probs", "sigmoid"):
-        S = np.log(np.clip(S, 1e-12, None))
-    if kind == "probs":
-        logp = S
-    else:
-        mx = S.max(axis=1, keepdims=True)
-        logp = S - mx - np.log(np.exp(S - mx).sum(axis=1, keepdims=True))
-    return {"accuracy": float(np.mean(S.argmax(axis=1) == y)),
-            "loss": float(-np.mean(logp[np.arange(y.size), y])), "n": int(y.size)}
-
-
-def compare_dag_methods(model, imp, data, xy, eps_list, eps_files=(), linkage="average", metric="cosine",
-                        methods=METHODS, seed=0, on_point=None):
+def compare_dag_methods(model, imp, data, xy, eps_list, eps_files=(), linkage="complete", metric="cosine",
+                        methods=METHODS, seed=0, on_point=None, keeps=(), calib=None, finetune_epochs=0):
     """The rows of :func:`fibgraph.importers.compare.compare_methods` for a model of the
-    hypergraph path (``imp`` its :class:`~fibgraph.importers.onnx.importer.DagImport`)."""
+    hypergraph path (``imp`` its :class:`~fibgraph.importers.onnx.importer.DagImport`).
+
+    ``keeps``: fractions of the parameters; for each, the fibration base of
+    :func:`fibgraph.importers.keep.keep_search` (data-aware on ``calib``, an
+    .npz path, else data-free) fixes the units per column class, and every
+    baseline keeps exactly as many.  ``calib``: also a ``<method>+repair`` row
+    per model, the repair of :mod:`fibgraph.importers.repair` on ``calib``
+    (the same for pruning, folding and fibration).  ``finetune_epochs`` (needs
+    ``calib`` and torch): also a ``<row>+ft`` row per model, the model as an
+    :class:`~fibgraph.importers.onnx.to_torch.OnnxModule` trained that many
+    epochs on ``calib`` with the same optimiser for every method (Adam, lr 1e-3,
+    batch 100, seed ``seed``; the state of lowest calibration loss kept,
+    :func:`fibgraph.importers.torch_train.retune`)."""
     from .criteria import check_eps, read_eps_table
     from .onnx.runtime import count_params
     from .dag_api import colour_dag
@@ -271,16 +248,33 @@ def compare_dag_methods(model, imp, data, xy, eps_list, eps_files=(), linkage="a
         table = read_eps_table(p, names)
         table = {k: check_eps(v, f"{p}[{k!r}]") for k, v in table.items()}
         points.append((f"eps-file {os.path.basename(p)}", table, 0.0, table))
-    kept_whole = set()
+    keep_info = {}
+    if keeps:
+        from .keep import check_keep, keep_search
+        from .onnx.runtime import load_data
+        from .tuning import DagCompressor
+
+        mc = DagCompressor(imp.model, linkage, "euclidean", rescale=False, imported=imp)
+        cal_xy = load_data(calib) if calib is not None else None
+        for F in keeps:
+            found = keep_search(mc, check_keep(F), data=cal_xy)
+            keep_info[f"keep={F:g}"] = {k: v for k, v in found.items() if k != "eps"}
+            points.append((f"keep={F:g}", found["eps"], 0.0, found["eps"]))
+    feeds_cal = None
+    if calib is not None:
+        from .onnx.runtime import data_feeds
+
+        feeds_cal = data_feeds(calib, imp.model)
     dropped = []                     # eps points whose base is the previous eps point's
     prev = None
+    kept_whole = set()
     with task(f"compare-methods: {len(points)} points x {1 + len(methods)} models",
               total=len(points) * (1 + len(methods))) as advance:
         for label, eps_report, eps, table in points:
             # as reported (fibgraph.importers.compare): the magnitude-aware distance, no rescaling merge
             col = colour_dag(imp, "fibration", eps, table, linkage, "euclidean", rescale=False)
-            m_fib, gid, kept, why = write_dag_base(imp, col.labels, scales=col.scales)
-            key = (gid.tobytes(), kept.tobytes())
+            m_fib, gid_fib, kept, why = write_dag_base(imp, col.labels, scales=col.scales)
+            key = (gid_fib.tobytes(), kept.tobytes())
             if table is None and prev is not None and key == prev[1]:
                 dropped.append({"point": label, "eps": eps_report, "same_as": prev[0]})
                 advance(1 + len(methods))
@@ -288,26 +282,45 @@ def compare_dag_methods(model, imp, data, xy, eps_list, eps_files=(), linkage="a
             if table is None:
                 prev = (label, key)
             kept_whole.update(w for w in why if w)
-            _point_rows(dm, imp, m_fib, kept, label, eps_report, methods, seed, data_eval, p0, rows, on_point,
-                        advance)
+            _point_rows(dm, imp, m_fib, gid_fib, kept, col.scales, label, eps_report, methods, seed, data_eval,
+                        p0, rows, on_point, advance, feeds_cal, calib, finetune_epochs)
     notes = ["hypergraph path: eps > 0 clusters with the magnitude-aware euclidean distance "
              "(no rescaling merge); pruned models drop units (LayerNorm, means and softmax over the kept "
              "ones), merged ones (fibration, folding) carry their multiplicities as constants, counted "
              "as parameters"] + [f"kept whole: {w}" for w in sorted(kept_whole)]
+    if calib is not None:
+        notes.append("<method>+repair: the layers reading merged or pruned units re-fitted by ridge least "
+                     "squares on the calibration data, BatchNorm statistics shifted (importers/repair.py)")
     return {"graph": "hypergraph", "layers": [w for w, _ in dm.entries], "params_before": p0,
-            "rows": rows, "notes": notes, "dropped": dropped}
+            "rows": rows, "notes": notes, "dropped": dropped, "keep": keep_info}
 
 
-def _point_rows(dm, imp, m_fib, kept, label, eps_report, methods, seed, data_eval, p0, rows, on_point, advance):
-    """The rows of one point: the fibration base and every baseline at its counts."""
+def _point_rows(dm, imp, m_fib, gid_fib, kept, scales, label, eps_report, methods, seed, data_eval, p0, rows,
+                on_point, advance, feeds_cal=None, calib=None, finetune_epochs=0):
+    """The rows of one point: the fibration base and every baseline at its
+    counts (with ``feeds_cal`` each also repaired, with ``finetune_epochs``
+    each also fine-tuned)."""
     from .onnx.runtime import count_params
 
     counts = dm.class_counts(kept)
     nodes = dm.entry_counts(kept)
     variants = [("fibration", m_fib, kept)]
+    maps = {"fibration": (gid_fib, kept, "merge", scales)}
     for meth in methods:
         m2, k2 = dm.write(meth, counts, seed)
         variants.append((meth, m2, k2))
+        maps[meth] = dm.last + (None,)
+    if feeds_cal is not None:
+        from .repair import output_map, repair_base
+
+        for meth, m2, k2 in list(variants):
+            g, kk, mode, sc = maps[meth]
+            fixed, _ = repair_base(imp.model, m2, feeds_cal,
+                                   out_map=output_map(imp, g, kk, sc, prune=(mode == "prune")))
+            variants.append((meth + "+repair", fixed, k2))
+    if finetune_epochs:
+        variants += [(meth + "+ft", _finetune(m2, calib, finetune_epochs, seed), k2) for meth, m2, k2 in variants]
+    base_names = {"fibration", *methods}
     for meth, m2, k2 in variants:
         got = dm.entry_counts(k2)
         assert got == nodes, f"{meth}: nodes per weight {got} != fibration's {nodes}"
@@ -316,6 +329,7 @@ def _point_rows(dm, imp, m_fib, kept, label, eps_report, methods, seed, data_eva
         pk = count_params(m2)
         rows.append({"method": meth, "point": label, "eps": eps_report, "nodes": got,
                      "params": pk, "params_kept": pk / p0, "accuracy": r["accuracy"], "loss": r["loss"]})
-        advance(1, f"compare-methods: {label}, {meth}")
+        if meth in base_names:
+            advance(1, f"compare-methods: {label}, {meth}")
         if on_point is not None:
             on_point(rows[-1])

@@ -29,7 +29,7 @@ def check_eps(eps, where="--eps"):
     return eps
 
 
-def make_criteria(names, eps=0.0, eps_file=None, linkage="average", metric="cosine",
+def make_criteria(names, eps=0.0, eps_file=None, linkage="complete", metric="cosine",
                   rescale=True, rtol=DEFAULT_RTOL):
     """Criterion per layer: ``eps`` for all, overridden per layer by ``eps_file``
     (JSON ``{"<weight name>": eps, ...}``; the key ``"*"`` sets the default).
@@ -97,7 +97,7 @@ def _read_json_object(path):
     return table
 
 
-def criteria_from_table(table, eps=0.0, linkage="average", metric="cosine", rescale=True,
+def criteria_from_table(table, eps=0.0, linkage="complete", metric="cosine", rescale=True,
                         rtol=DEFAULT_RTOL, where="eps"):
     """``{None: default criterion, name: criterion}`` from ``{name: eps}``
     (``"*"`` sets the default; eps 0 means exact)."""

@@ -107,17 +107,19 @@ def _criteria(imp, eps, table, linkage, metric, rtol, rescale=True):
     return crit
 
 
-def dag_criteria(imp, eps=0.0, eps_table=None, linkage="average", metric="cosine", rtol=DEFAULT_RTOL,
+def dag_criteria(imp, eps=0.0, eps_table=None, linkage="complete", metric="cosine", rtol=DEFAULT_RTOL,
                  rescale=True) -> dict:
     """The criterion per node set that :func:`colour_dag` uses (``{node set: criterion, None: default}``)."""
     return _criteria(imp, eps, eps_table or {}, linkage, metric, rtol, rescale)
 
 
-def colour_dag(imp, symmetry="fibration", eps=0.0, eps_table=None, linkage="average", metric="cosine",
-               rtol=DEFAULT_RTOL, rescale=True) -> DagColouring:
-    """Colour the hypergraph of ``imp`` (see the module doc for the criteria)."""
+def colour_dag(imp, symmetry="fibration", eps=0.0, eps_table=None, linkage="complete", metric="cosine",
+               rtol=DEFAULT_RTOL, rescale=True, graph=None) -> DagColouring:
+    """Colour the hypergraph of ``imp`` (see the module doc for the criteria);
+    ``graph``: colour this graph instead (same nodes; the activation-weighted
+    graph of :mod:`fibgraph.importers.activation`)."""
     crit = _criteria(imp, eps, eps_table or {}, linkage, metric, rtol, rescale)
-    r = colour(imp.graph, symmetry, crit)
+    r = colour(imp.graph if graph is None else graph, symmetry, crit)
     return DagColouring(imp.graph, r.labels, symmetry, {"criteria": crit, **r.info}, scales=r.scales)
 
 
@@ -200,14 +202,14 @@ def _barriers(imp, total):
     return [{**b, "share": (b["params"] / total) if total else 0.0} for b in imp.barriers]
 
 
-def color_dag_model(path, symmetry="fibration", eps=0.0, eps_table=None, linkage="average", metric="cosine",
-                    rtol=DEFAULT_RTOL, imp=None, feeds=None, rescale=True):
+def color_dag_model(path, symmetry="fibration", eps=0.0, eps_table=None, linkage="complete", metric="cosine",
+                    rtol=DEFAULT_RTOL, imp=None, feeds=None, rescale=True, graph=None):
     from .criteria import COMPRESS_SYMMETRIES
     from .onnx.runtime import count_params
 
     t0 = time.perf_counter()
     imp = imp or import_dag(path, feeds=feeds)
-    col = colour_dag(imp, symmetry, eps, eps_table, linkage, metric, rtol, rescale)
+    col = colour_dag(imp, symmetry, eps, eps_table, linkage, metric, rtol, rescale, graph=graph)
     t1 = time.perf_counter()
     total = count_params(imp.model)
     report = {"model": os.fspath(path), "symmetry": symmetry, "graph": "hypergraph", "params_before": total}
@@ -328,17 +330,22 @@ def _verify_runs(sa, sb, names, imp, data, seed, runs, batch, specs, advance):
             "inputs": describe(feeds, specs, drawn.given), "draws": runs, "seed": seed, "n": n}
 
 
-def compress_dag_model(path, out, symmetry="fibration", eps=0.0, eps_table=None, linkage="average",
+def compress_dag_model(path, out, symmetry="fibration", eps=0.0, eps_table=None, linkage="complete",
                        metric="cosine", rtol=DEFAULT_RTOL, verify=False, data=None, seed=0, imp=None,
-                       rescale=True):
+                       rescale=True, post=None, graph=None):
+    """Colour, write the base to ``out``, verify; ``post(base, col, imp) -> (base, info)``
+    may change the base before it is checked and written (the repair), its
+    ``info`` goes to ``report["repair"]``."""
     from fibgraph.fileio import write_atomic as atomic_write_bytes
 
     from .onnx.runtime import check_loads
 
     t0 = time.perf_counter()
     report, imp, col = color_dag_model(path, symmetry, eps, eps_table, linkage, metric, rtol, imp=imp,
-                                       rescale=rescale)
+                                       rescale=rescale, graph=graph)
     m2 = col.base[0]                         # written once, by color_dag_model
+    if post is not None:
+        m2, report["repair"] = post(m2, col, imp)
     try:
         onnx.checker.check_model(m2)
     except Exception as e:                 # a writer bug, never the user's input

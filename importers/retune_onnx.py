@@ -58,7 +58,7 @@ def _to_model(model, example):
 
 
 def compress_retune_onnx(model, train, val, check=None, cal=None, example=None, q=1.05, rho=0.05, tau=0.01,
-                         steps=8, max_iters=10, linkage="average", metric="cosine", rescale=True,
+                         steps=8, max_iters=10, linkage="complete", metric="cosine", rescale=True,
                          retune_kw=None, eps_floor=0.0, eps0=None, log=None) -> RetuneResult:
     """Algorithm 2 on an ONNX model (path or ModelProto) or a torch module
     (exported with ``example``).

@@ -119,7 +119,7 @@ def _base_model(imported, col):
     return col.base[0]                        # written by color_dag_model
 
 
-def sweep_task(path, symmetry, eps, data=None, linkage="average", metric="cosine", max_memory=None):
+def sweep_task(path, symmetry, eps, data=None, linkage="complete", metric="cosine", max_memory=None):
     """One (model, setting) on a worker: a small dict, never an exception.
 
     ``{"params_before", "params_after", "accuracy", "loss", "seconds", "error",
@@ -176,7 +176,7 @@ def _client(scheduler, workers):
 
 
 def run_sweep(models, settings, scheduler=None, workers=2, data=None, on_done=None,
-              linkage="average", metric="cosine"):
+              linkage="complete", metric="cosine"):
     """Run every (model, setting) on Dask; returns the tidy DataFrame (:data:`COLUMNS`).
 
     ``models``: paths the workers can read (sorted naturally, duplicates

@@ -21,7 +21,7 @@ def _check_model(model):
         raise InputError(f"{model}: no such file")
 
 
-def _parse_eps_list(text):
+def _parse_eps_list(text, what="--eps"):
     vals = []
     for part in text.replace(" ", "").split(","):
         if not part:
@@ -29,11 +29,11 @@ def _parse_eps_list(text):
         try:
             v = float(part)
         except ValueError:
-            raise InputError(f"--eps: {part!r} is not a number "
+            raise InputError(f"{what}: {part!r} is not a number "
                              "(give a comma-separated list, e.g. 0.05,0.1,0.2)") from None
         vals.append(v)
     if not vals:
-        raise InputError("--eps: give at least one tolerance")
+        raise InputError(f"{what}: give at least one value")
     return vals
 
 
@@ -53,10 +53,15 @@ def _parse_eps_list(text):
               help="Eps file to write (JSON {layer weight name: eps}).")
 @click.option("--report", "report_out", type=click.Path(dir_okay=False), default=None,
               help="Write the full report (every evaluation) here.")
+@click.option("--keep", type=float, default=None,
+              help="Instead of --tau: the per-layer eps keeping this fraction of the parameters (0, 1] at the "
+                   "least calibration loss (within 2%).")
 @quiet_option("--no-progress")
-def tune(model, data, tau, steps, linkage, metric, no_rescale, out, report_out, quiet):
+def tune(model, data, tau, steps, linkage, metric, no_rescale, out, report_out, keep, quiet):
     """Greedy per-layer eps of MODEL (Algorithm 3): for each layer in turn, the largest
-    eps keeping the calibration loss <= (1 + tau) * the original loss."""
+    eps keeping the calibration loss <= (1 + tau) * the original loss; with
+    --keep F, the eps keeping the fraction F of the parameters where the
+    calibration loss rises least."""
     from fibgraph.importers.api import atomic_write_json
     from fibgraph.importers.tuning import make_compressor, tune_model
 
@@ -69,15 +74,25 @@ def tune(model, data, tau, steps, linkage, metric, no_rescale, out, report_out, 
         raise InputError(f"--steps must be in 0..40, got {steps}")
     if not (tau >= 0):
         raise InputError(f"--tau must be >= 0, got {tau}")
+    if keep is not None:
+        from fibgraph.importers.keep import check_keep
+
+        check_keep(keep)
     with shown(quiet):
         mc = make_compressor(model, linkage, metric, not no_rescale, data=data)
         if not mc.tunable:
             raise InputError(f"{model}: no compressible (non-output) layer to tune")
         total = len(mc.tunable) * (steps + 1)
         done = [0]
-        with task(f"tuning {len(mc.tunable)} layers (ok = loss <= (1+tau) x original)", total=total) as advance:
+        what = "keeping the fraction of parameters" if keep is not None else "ok = loss <= (1+tau) x original"
+        with task(f"tuning {len(mc.tunable)} layers ({what})", total=total) as advance:
 
-            def on_step(layer, k, eps, loss, ok):
+            def on_step(layer, k, eps, loss, ok=None):
+                if ok is None:       # --keep: a greedy move (loss = the fraction kept)
+                    now = min(k + 1, total)
+                    advance(max(0, now - done[0]), f"tuning {layer}: eps {eps:.3g} keeps {loss:.1%}")
+                    done[0] = max(done[0], now)
+                    return
                 # k = 0: the probe at the top of the range; 1..steps: bisection steps
                 now = mc.tunable.index(layer) * (steps + 1) + k + 1
                 advance(now - done[0], f"tuning {layer}: eps {eps:.3g} loss {loss:.4g} {'ok' if ok else 'over'}"
@@ -85,14 +100,15 @@ def tune(model, data, tau, steps, linkage, metric, no_rescale, out, report_out, 
                 done[0] = now
 
             report = tune_model(model, data, tau=tau, steps=steps, linkage=linkage, metric=metric,
-                                rescale=not no_rescale, on_step=on_step, compressor=mc)
+                                rescale=not no_rescale, on_step=on_step, compressor=mc, keep=keep)
     from rich.table import Table
 
     if report["notes"]:
         how = f"{linkage} linkage; " + "; ".join(report["notes"])
     else:
         how = f"{linkage} linkage, {metric}" + (", rescaling merge" if not no_rescale else "")
-    console.print(f"{model}: greedy eps ({report['graph']}; tau {tau:g}, {how})", soft_wrap=True)
+    what = f"keep {keep:g}" if keep is not None else f"tau {tau:g}"
+    console.print(f"{model}: greedy eps ({report['graph']}; {what}, {how})", soft_wrap=True)
     t = Table()
     for c in ("layer (weight)", "eps", "nodes", "kept"):
         t.add_column(c, justify="left" if c.startswith("layer") else "right")
@@ -106,8 +122,11 @@ def tune(model, data, tau, steps, linkage, metric, no_rescale, out, report_out, 
     console.print(t)
     pb, pa = report["params_before"], report["params_after"]
     console.print(f"parameters: {pb:,} -> {pa:,} ({pa / max(pb, 1):.1%} kept)")
-    console.print(f"calibration loss {report['loss_before']:.4f} -> {report['loss_after']:.4f} "
-                  f"(limit {report['limit']:.4f}); accuracy {report['accuracy_before']:.4f} -> "
+    limit = "" if report["limit"] is None else f" (limit {report['limit']:.4f})"
+    if keep is not None:
+        print_keep(report["keep"])
+    console.print(f"calibration loss {report['loss_before']:.4f} -> {report['loss_after']:.4f}"
+                  f"{limit}; accuracy {report['accuracy_before']:.4f} -> "
                   f"{report['accuracy_after']:.4f}; {report['evaluations']} evaluations, "
                   f"{report['distinct_models_run']} distinct models, {report['seconds']:.1f} s")
     atomic_write_json(out, report["eps"])
@@ -121,12 +140,54 @@ def tune(model, data, tau, steps, linkage, metric, no_rescale, out, report_out, 
     click.echo(f"  fibgraph compress {shlex.quote(model)} --eps-file {shlex.quote(out)}{flags} -o SMALL.onnx")
 
 
+def print_keep(found):
+    """One line on what ``--keep`` got (:func:`fibgraph.importers.keep.keep_search`)."""
+    from ..report import console
+
+    eps = ", ".join(f"{g} {e:.4g}" for g, e in found["group_eps"].items()) or "none (exact fibers only)"
+    landed = "within" if found["landed"] else "NOT within"
+    console.print(f"--keep {found['target']:g} ({found['mode']}): {found['params_after']:,} of "
+                  f"{found['params_before']:,} parameters kept ({found['kept']:.1%}, {landed} "
+                  f"{found['tolerance']:g} of the target); eps per group: {eps}")
+    if found.get("note"):
+        console.print(f"note: {found['note']}")
+
+
+def print_repair(info):
+    """One line per layer the repair re-fitted (:mod:`fibgraph.importers.repair`)."""
+    from ..report import console
+
+    done = [r for r in info["layers"] if "error_after" in r]
+    bn = [r["node"] for r in info["layers"] if r.get("batchnorm")]
+    if not done and not bn:
+        console.print("repair: no layer reads merged units")
+    for r in done:
+        rel = r["error_after"] / r["error_before"] if r["error_before"] > 0 else 1.0
+        console.print(f"repair {r['node']} ({r['op']}, {r['inputs_before']} -> {r['inputs_after']} inputs): "
+                      f"pre-activation error on the calibration data x{rel:.3g}")
+    if bn:
+        console.print("repair: BatchNorm statistics re-estimated: " + ", ".join(bn))
+    for r in info["layers"]:
+        if "skipped" in r:
+            console.print(f"repair: {r['node']} left as merged ({r['skipped']})")
+
+
 @click.command("compare-methods")
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--data", type=click.Path(dir_okay=False), required=True, help="Test .npz with arrays x, y.")
-@click.option("--eps", "eps_text", default="0.02,0.05,0.1,0.2,0.3,0.4,0.5,0.7", show_default=True,
-              help="Comma-separated tolerances, one fibration point each (a tolerance giving the same base "
-                   "as the one before is dropped, and the output says so).")
+@click.option("--eps", "eps_text", default=None,
+              help="Comma-separated tolerances, one fibration point each; a tolerance giving the same base "
+                   "as the one before is dropped, and the output says so "
+                   "[default: 0.02,0.05,0.1,0.2,0.3,0.4,0.5,0.7 unless --keep is given].")
+@click.option("--keep", "keep_text", default=None,
+              help="Comma-separated fractions of the parameters (e.g. 0.5,0.3,0.2,0.1): one point each, the "
+                   "fibration base found by --keep sets the units per group for every method.")
+@click.option("--calib", type=click.Path(dir_okay=False), default=None,
+              help="Calibration .npz (x, y; separate from --data): data-aware --keep, and a '+repair' row "
+                   "per method (the same closed-form repair for fibration, pruning and folding).")
+@click.option("--finetune-epochs", type=int, default=0, show_default=True,
+              help="With --calib: also every model after this many epochs of Adam (lr 1e-3, batch 100) on "
+                   "--calib, the same for every method (needs torch).")
 @click.option("--eps-file", "eps_files", multiple=True, type=click.Path(dir_okay=False),
               help="Also a point per eps file (e.g. from 'fibgraph tune'); repeatable.")
 @linkage_option
@@ -139,8 +200,8 @@ def tune(model, data, tau, steps, linkage, metric, no_rescale, out, report_out, 
               help="Plot of accuracy against parameters kept (.png or .svg).")
 @json_option("every row")
 @quiet_option()
-def compare_methods_cmd(model, data, eps_text, eps_files, linkage, metric, no_rescale, methods, seed,
-                        plot_out, json_out, quiet):
+def compare_methods_cmd(model, data, eps_text, keep_text, calib, finetune_epochs, eps_files, linkage, metric,
+                        no_rescale, methods, seed, plot_out, json_out, quiet):
     """Fibration compression of MODEL against random, L2 and L1 pruning and k-means
     folding, all at the fibration base's node counts per layer."""
     from fibgraph.importers.api import atomic_write_json
@@ -152,15 +213,24 @@ def compare_methods_cmd(model, data, eps_text, eps_files, linkage, metric, no_re
     _check_model(model)
     if plot_out and os.path.splitext(plot_out)[1].lower() not in (".png", ".svg", ".pdf"):
         raise InputError(f"{plot_out}: the plot must end in .png, .svg or .pdf")
-    check_io(models=[model], reads=[("--data", data)] + [("--eps-file", f) for f in eps_files],
+    check_io(models=[model], reads=[("--data", data), ("--calib", calib)] + [("--eps-file", f) for f in eps_files],
              writes=[("-o", plot_out), ("--json", json_out)])
-    eps_list = _parse_eps_list(eps_text)
+    keeps = []
+    if keep_text is not None:
+        from fibgraph.importers.keep import check_keep
+
+        keeps = [check_keep(v, "--keep") for v in _parse_eps_list(keep_text, "--keep")]
+    if finetune_epochs < 0 or (finetune_epochs and calib is None):
+        raise InputError("--finetune-epochs needs --calib (the data to fine-tune on) and must be >= 0")
+    if eps_text is None:
+        eps_text = "" if keeps else "0.02,0.05,0.1,0.2,0.3,0.4,0.5,0.7"
+    eps_list = _parse_eps_list(eps_text) if eps_text else []
     meths = tuple(m for m in methods.replace(" ", "").split(",") if m)
     from ..progress import shown
 
     with shown(quiet):
         res = compare_methods(model, data, eps_list, eps_files, linkage, metric, not no_rescale,
-                              meths, seed)
+                              meths, seed, keeps=keeps, calib=calib, finetune_epochs=finetune_epochs)
     dag = res.get("graph") == "hypergraph"
     how = f"{linkage}, {res['metric']}" + (", rescale" if res["rescale"] else "")
     t = Table(title=f"{model}: equal nodes per {'weight (hypergraph)' if dag else 'layer'} ({how}); "
@@ -168,7 +238,10 @@ def compare_methods_cmd(model, data, eps_text, eps_files, linkage, metric, no_re
     for c in ("point", "method", "nodes", "params kept", "accuracy", "loss"):
         t.add_column(c, justify="left" if c in ("point", "method") else "right")
     for r in res["rows"]:
-        t.add_row(r["point"], METHOD_LABELS.get(r["method"], r["method"]),
+        base_m = r["method"].replace("+ft", "").replace("+repair", "")
+        label = METHOD_LABELS.get(base_m, base_m) + (" + repair" if "+repair" in r["method"] else "") + \
+            (" + fine-tuned" if r["method"].endswith("+ft") else "")
+        t.add_row(r["point"], label,
                   "-".join(str(c) for c in r["nodes"]),
                   f"{r['params']:,} ({r['params_kept']:.1%})", f"{r['accuracy']:.4f}", f"{r['loss']:.4f}")
     console.print(t)
@@ -177,6 +250,9 @@ def compare_methods_cmd(model, data, eps_text, eps_files, linkage, metric, no_re
         same = "; ".join(f"{d['point']} = {d['same_as']}" for d in dropped)
         console.print(f"{len(dropped)} of {len(eps_list)} eps points dropped: the same base as the eps before "
                       f"({same})", soft_wrap=True)
+    for point, k in res.get("keep", {}).items():
+        console.print(f"{point} ({k['mode']}): the fibration base keeps {k['kept']:.1%}"
+                      + ("" if k["landed"] else f" (not within {k['tolerance']:g}: {k.get('note', '')})"))
     if dag:
         console.print("nodes per weight: " + ", ".join(res["layers"]))
         for note in res.get("notes", []):

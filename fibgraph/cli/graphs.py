@@ -49,7 +49,7 @@ def partition_json(graph, labels) -> bytes:
     return (json.dumps(doc) + "\n").encode()
 
 
-def color_graph_file(path, symmetry, eps=0.0, json_out=None, linkage="average", metric="cosine",
+def color_graph_file(path, symmetry, eps=0.0, json_out=None, linkage="complete", metric="cosine",
                      rtol=None, graphml_out=None, quiet=False) -> None:
     """Colour the graph in ``path`` by ``symmetry`` (fibration, opfibration,
     opfibration-flavoured, covering, covering-strict, automorphism); see module doc."""

@@ -13,7 +13,7 @@ import click
 from ..errors import InputError
 from ..progress import shown
 from .checks import check_io, check_rtol
-from .options import json_option, linkage_option, metric_option, quiet_option
+from .options import DEFAULT_METRIC, json_option, linkage_option, quiet_option
 
 SYM_MODEL = ["fibration", "opfibration", "opfibration-flavoured", "covering", "covering-strict",
              "automorphism"]
@@ -25,7 +25,11 @@ def _colouring_options(f):
                      help="eps=0: relative tolerance of 'equal up to float rounding'.")(f)
     f = click.option("--no-rescale", is_flag=True,
                      help="Disable the rescaling merge of proportional rows (cosine, ReLU family).")(f)
-    f = metric_option(f)
+    f = click.option("--metric", type=click.Choice(["cosine", "euclidean", "activation"]), default=DEFAULT_METRIC,
+                     show_default=True, help="Distance between signature rows for eps > 0 (cosine only where the "
+                                             "activation is positively homogeneous, elsewhere the magnitude-aware "
+                                             "distance; activation: euclidean on rows weighted by the inputs' RMS "
+                                             "activation on --data).")(f)
     f = linkage_option(f)
     f = click.option("--eps-file", type=click.Path(dir_okay=False), default=None,
                      help="JSON {layer weight name: eps} overriding --eps per layer.")(f)
@@ -101,6 +105,8 @@ def color(model, symmetry, eps, eps_file, linkage, metric, no_rescale, rtol, jso
 
             if csv_out:
                 raise InputError("--csv: the per-layer table is for models (.onnx); use --json for a graph file")
+            if metric == "activation":
+                raise InputError("--metric activation needs an ONNX model and --data (a graph file has no activations)")
 
             color_graph_file(model, symmetry, eps=eps, json_out=json_out, linkage=linkage, metric=metric,
                              rtol=rtol, graphml_out=graphml_out)
@@ -134,16 +140,24 @@ def color(model, symmetry, eps, eps_file, linkage, metric, no_rescale, rtol, jso
               help="In-balanced symmetry whose classes are merged (these preserve the function).")
 @_colouring_options
 @click.option("--verify", is_flag=True, help="Run both models and report the largest output difference.")
-@click.option("--data", type=click.Path(dir_okay=False), default=None, help=".npz with x (and y) for --verify.")
+@click.option("--data", type=click.Path(dir_okay=False), default=None,
+              help="Calibration .npz with x (and y): --verify runs on it, the repair re-fits on it (use data "
+                   "apart from your test set), --keep is data-aware on it.")
 @click.option("--report", "report_out", type=click.Path(dir_okay=False), default=None,
               help="Also write the per-layer report (and the verification) as JSON to this file.")
 @click.option("--csv", "csv_out", type=click.Path(dir_okay=False), default=None,
               help="Also write the per-layer table (layer, group, units, classes, kept, params, eps) as CSV.")
 @click.option("--torch", "torch_out", type=click.Path(dir_okay=False), default=None,
               help="Also save the base as a torch module (torch.save; load with torch.load(p, weights_only=False)).")
+@click.option("--keep", type=float, default=None,
+              help="Fraction of the parameters to keep, in (0, 1]: per-layer eps found to land within 2% "
+                   "(with --data: spent where the calibration loss rises least; else data-free).")
+@click.option("--repair/--no-repair", default=None,
+              help="Re-fit the layers reading merged units on --data (ridge least squares) and shift BatchNorm "
+                   "statistics; default: on when --data is given.")
 @quiet_option()
 def compress(model, out, symmetry, eps, eps_file, linkage, metric, no_rescale, rtol, verify, data, report_out,
-             csv_out, torch_out, quiet):
+             csv_out, torch_out, keep, repair, quiet):
     """Compress MODEL to its base network and write it to OUT (ONNX)."""
     from fibgraph.importers.api import atomic_write_json, compress_model
     from ..report import print_colour_report
@@ -152,7 +166,7 @@ def compress(model, out, symmetry, eps, eps_file, linkage, metric, no_rescale, r
              writes=[("-o", out), ("--report", report_out), ("--csv", csv_out), ("--torch", torch_out)])
     with shown(quiet):
         report = compress_model(model, out, symmetry, eps, eps_file, linkage, metric, not no_rescale, rtol,
-                                verify=verify, data=data)
+                                verify=verify, data=data, keep=keep, repair=repair)
         if torch_out:
             from fibgraph.importers.torch_out import onnx_to_torch, save_torch
 
@@ -160,6 +174,14 @@ def compress(model, out, symmetry, eps, eps_file, linkage, metric, no_rescale, r
             save_torch(module, torch_out)
             report["torch"] = {"path": os.fspath(torch_out), "module": type(module).__name__, "how": how}
     print_colour_report(report)
+    if "keep" in report:
+        from .compress import print_keep
+
+        print_keep(report["keep"])
+    if report.get("repair"):
+        from .compress import print_repair
+
+        print_repair(report["repair"])
     if torch_out:
         click.echo(f"torch module: {type(module).__name__} ({how}) -> {torch_out}")
     if report_out:

@@ -51,7 +51,7 @@ class Tolerance:
     """Quasi-fibration: signature rows clustered at distance ``eps``."""
 
     eps: float
-    linkage: str = "average"
+    linkage: str = "complete"
     metric: str = "cosine"
     rescale: bool = True
 
@@ -64,7 +64,7 @@ class Tolerance:
             raise ValueError(f"metric must be one of {METRICS}, got {self.metric!r}")
 
 
-def make_criterion(eps=0.0, linkage="average", metric="cosine", rescale=True, rtol=DEFAULT_RTOL):
+def make_criterion(eps=0.0, linkage="complete", metric="cosine", rescale=True, rtol=DEFAULT_RTOL):
     """``Exact`` for ``eps == 0``, else ``Tolerance``."""
     if eps is None or eps == 0:
         return Exact(rtol)

@@ -142,7 +142,8 @@ def test_cli_tune_writes_an_eps_file_that_compress_accepts(tmp_path, capsys):
     assert "parameters:" in out
     rep = read_json(rep_path)
     assert rep["loss_after"] <= rep["limit"]
-    rc, out, err = cli(capsys, "compress", MODEL, "--eps-file", eps_path, "-o", small)
+    # with the metric tune ran (reported, and in the command it prints when it is not compress's default)
+    rc, out, err = cli(capsys, "compress", MODEL, "--eps-file", eps_path, "--metric", rep["metric"], "-o", small)
     assert rc == 0, err
     assert f"{rep['params_after']:,}" in out
 

@@ -96,7 +96,7 @@ def test_residual_tune_keeps_the_loss_within_tau_and_compresses(tuned_res, model
     eps_file = tmp_path / "eps.json"
     eps_file.write_text(json.dumps(tuned_res["eps"]))
     out = tmp_path / "small.onnx"
-    rep = compress_model(models["res"], str(out), eps_file=str(eps_file))
+    rep = compress_model(models["res"], str(out), eps_file=str(eps_file), metric=tuned_res["metric"])
     assert rep["params_after"] == tuned_res["params_after"]
     after = evaluate(str(out), models["cal_flat"])
     assert after["loss"] == pytest.approx(tuned_res["loss_after"], rel=1e-6)
