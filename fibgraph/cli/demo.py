@@ -81,7 +81,7 @@ def run_demo(out_dir="fibgraph-demo", eps_grid=EPS_GRID, draw_eps=0.1):
     _, imp, col = color_model(model, "fibration", draw_eps)
     png = _picture_path(out_dir, draw_eps)
     draw_layered(col.graph, col.labels, png, max_edges=2, dpi=100, names=space_display_names(imp),
-                 title=f"digits MLP: fibers at eps={draw_eps:g} (average linkage, cosine)")
+                 title=f"digits MLP: fibers at eps={draw_eps:g} (complete linkage, cosine)")
     console.print(f"compressed models and the picture are in {out_dir}/ (picture: {png})")
     console.print("eps = 0: exact fibers (equal up to float rounding); eps > 0: quasi-fibers "
                   "(agglomerative clustering of aggregated rows), outputs change by the 'max |diff|' shown.")

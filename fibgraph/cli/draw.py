@@ -15,7 +15,7 @@ CLASS_WORD = {"fibration": "fiber", "opfibration": "opfiber", "opfibration-flavo
               "covering": "cover", "covering-strict": "cover", "automorphism": "orbit"}
 
 
-def draw_model(model, out, symmetry="fibration", eps=0.0, eps_file=None, linkage="average", metric="cosine",
+def draw_model(model, out, symmetry="fibration", eps=0.0, eps_file=None, linkage="complete", metric="cosine",
                rescale=True, rtol=None, max_edges=3, layers=None, aggregate=None, dpi=200, title=None,
                err=True) -> dict:
     """Colour ``model`` and draw it to ``out`` (.svg, .pdf, .png, .dot); prints

@@ -29,6 +29,7 @@ import click
 
 from ..errors import HierarchyViolation, InputError
 from .checks import check_rtol
+from .options import linkage_option, metric_option
 
 __all__ = ["COMMANDS", "hierarchy_cmd", "hierarchy_file", "model_hierarchy", "hierarchy_table", "side_by_side",
            "SHORT"]
@@ -53,7 +54,7 @@ def _check_list(checks):
     return [{"fine": f, "coarse": c, "ok": ok} for f, c, ok in checks]
 
 
-def model_hierarchy(path, eps=0.0, linkage="average", metric="cosine", rtol=None, rescale=True, data=None,
+def model_hierarchy(path, eps=0.0, linkage="complete", metric="cosine", rtol=None, rescale=True, data=None,
                     orbits=True, max_orbit_edges=None, imported=None) -> dict:
     """The hierarchy of the ONNX model at ``path`` as a JSON-ready dict:
     ``levels``, ``checks`` (the inclusions checked), ``graph`` (whole-graph
@@ -206,10 +207,8 @@ def hierarchy_file(path, criterion=None, json_out=None, max_orbit_edges=None, or
 @click.argument("path", type=click.Path(dir_okay=False))
 @click.option("--eps", type=float, default=0.0, show_default=True,
               help="Tolerance in [0, 2): 0 = exact; > 0 checks only the inclusions that hold by construction.")
-@click.option("--linkage", type=click.Choice(["complete", "average"]), default="average", show_default=True,
-              help="Agglomerative linkage for eps > 0.")
-@click.option("--metric", type=click.Choice(["cosine", "euclidean"]), default="cosine", show_default=True,
-              help="Distance between signature rows for eps > 0.")
+@linkage_option
+@metric_option
 @click.option("--rtol", type=float, default=1e-5, show_default=True, callback=check_rtol,
               help="eps=0: relative tolerance of 'equal up to float rounding'.")
 @click.option("--no-orbits", is_flag=True, help="Skip the automorphism orbits (bliss on the whole graph).")

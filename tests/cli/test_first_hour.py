@@ -285,10 +285,10 @@ def test_compare_methods_drops_eps_points_with_the_same_base(tmp_path, capsys):
     model = os.path.join(ROOT, "fibgraph", "data", "digits_mlp.onnx")
     data = os.path.join(ROOT, "fibgraph", "data", "digits_test.npz")
     js = tmp_path / "c.json"
-    rc, so, err = cli(capsys, "compare-methods", model, "--data", data, "--eps", "0.2,0.3",
+    rc, so, err = cli(capsys, "compare-methods", model, "--data", data, "--eps", "0.2,0.201",
                       "--methods", "random", "--json", js)
     assert rc == 0, err
     res = read_json(js)
     assert [r["point"] for r in res["rows"]] == ["original", "eps=0.2", "eps=0.2"]
-    assert res["dropped"] == [{"point": "eps=0.3", "eps": 0.3, "same_as": "eps=0.2"}]
-    assert "1 of 2 eps points dropped: the same base as the eps before (eps=0.3 = eps=0.2)" in so
+    assert res["dropped"] == [{"point": "eps=0.201", "eps": 0.201, "same_as": "eps=0.2"}]
+    assert "1 of 2 eps points dropped: the same base as the eps before (eps=0.201 = eps=0.2)" in so

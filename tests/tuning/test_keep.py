@@ -188,7 +188,7 @@ def test_cli_compress_keep_and_tune_keep(models, tmp_path, capsys):
     assert "(data-aware)" in out
     eps = tmp_path / "eps.json"
     rc, out, err = cli(capsys, "tune", models["mlp"], "--data", models["mlp_cal"], "--keep", "0.4",
-                       "-o", eps, "--no-progress")
+                       "--metric", "euclidean", "-o", eps, "--no-progress")
     assert rc == 0, err
     assert "keep 0.4" in out
     # the eps file reproduces the size through compress --eps-file (with tune's metric)
