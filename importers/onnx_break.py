@@ -45,14 +45,14 @@ def onnx_covers(imp, eps=0.0, symmetry="covering", linkage="average", metric="co
                 rescale=True):
     """``(labels, scales)`` per node of a :class:`DagImport`: the covers under
     the hypergraph path's criteria (:func:`fibgraph.importers.dag_api.colour_dag`'s)."""
-    from .dag_api import _criteria
+    from .dag_api import colour_dag
 
     if symmetry not in BREAK_SYMMETRIES:
         raise InputError(f"--symmetry {symmetry}: breaking takes {' or '.join(BREAK_SYMMETRIES)}")
-    crit = _criteria(imp, eps, {}, linkage, metric, rtol, rescale)
-    r = refine(imp.graph, "in", crit)
-    if symmetry == "covering":
-        r = refine(imp.graph, "out", crit, r.labels, scales=r.scales)
+    fib = colour_dag(imp, "fibration", eps, None, linkage, metric, rtol, rescale)
+    if symmetry == "fibration":
+        return fib.labels, fib.scales
+    r = refine(imp.graph, "out", fib.info["criteria"], fib.labels, scales=fib.scales)
     return r.labels, r.scales
 
 

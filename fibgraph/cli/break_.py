@@ -41,9 +41,8 @@ def _summary(rep):
 def break_cmd(model, out, eps, symmetry, seed, data, report_out):
     """Break the covers of MODEL: per cover one unit keeps the summed outgoing
     weights, the others get fresh input weights and zero outgoing weights."""
-    from fibgraph.importers.api import (atomic_write_bytes, atomic_write_json, check_options, evaluate,
-                                        import_any, verify_models)
-    from fibgraph.importers.api import _check_out_path
+    from fibgraph.importers.api import atomic_write_bytes, atomic_write_json, check_options, evaluate, import_any
+    from fibgraph.importers.dag_api import verify_dag
     from fibgraph.importers.onnx.runtime import load_data
     from fibgraph.importers.onnx_break import break_onnx_model
 
@@ -51,7 +50,9 @@ def break_cmd(model, out, eps, symmetry, seed, data, report_out):
 
     if not model.lower().endswith(".onnx"):
         raise InputError(f"{model}: expected an .onnx model")
-    _check_out_path(model, out)
+    if out is None:
+        raise InputError("an output path is required (-o OUT.onnx)")
+    check_output_path(out, [model])
     if report_out is not None:
         check_output_path(report_out, [model, out], "--report")
     eps = check_options(eps, "average", "cosine")
@@ -59,9 +60,9 @@ def break_cmd(model, out, eps, symmetry, seed, data, report_out):
     _, imp = import_any(model, data)
     lifted, rep = break_onnx_model(imp, eps=eps, symmetry=symmetry, seed=seed)
     rep["model"], rep["out"] = model, out
-    v = verify_models(imp.model, lifted, data=xy[0] if xy is not None else None, seed=seed)
+    v = verify_dag(imp.model, lifted, imp, data=data, seed=seed)
     rep["max_output_change"] = v["max_abs_diff"]
-    rep["measured_on"] = "data" if xy is not None else f"{v['n']} random inputs (seed {seed})"
+    rep["measured_on"] = "data" if data is not None else {"inputs": v["inputs"], "draws": v["draws"], "seed": seed}
     if xy is not None and xy[1] is not None:
         rep["loss_before"] = evaluate(imp.model, xy)["loss"]
         rep["loss_after"] = evaluate(lifted, xy)["loss"]
