@@ -23,6 +23,7 @@ through whatever op touches them.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 
@@ -173,11 +174,18 @@ class _Lifter:
                          "(it lifts Gemm/MatMul/Conv layers and their bias adds: MLPs and CNNs)")
 
     def other(self, rec):
-        names = [getattr(rec, k, None) for k in ("input", "output")]
-        names += list(getattr(rec, "streams", ()) or ())
-        for t in names:
-            if isinstance(t, str) and self.touched(t):
-                return self.refuse(rec, getattr(rec, "op", "") or rec.kind.value)
+        """Refuse a record of any other kind that reads or writes a node set with
+        covers (every tensor name and node set index among its fields)."""
+        what = getattr(rec, "op", "") or rec.kind.value
+        for f in dataclasses.fields(rec):
+            v = getattr(rec, f.name)
+            items = v if isinstance(v, (tuple, list)) else (v,)
+            for it in items:
+                if isinstance(it, str) and self.touched(it):
+                    return self.refuse(rec, what)
+                if f.name in ("space", "spaces", "hidden") and isinstance(it, (int, np.integer)) \
+                        and 0 <= it < len(self.imp.spaces) and not self.kept[self.imp.spaces[it].ids].all():
+                    return self.refuse(rec, what)
 
     def run(self):
         for rec in self.imp.records:

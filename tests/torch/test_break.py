@@ -186,3 +186,38 @@ def test_reinit_units_and_bad_inputs():
         break_symmetry(net, torch.randn(2, 6), symmetry="orbits")
     with pytest.raises(InputError):
         break_symmetry(net, torch.randn(2, 6), eps=3.0)
+
+
+class WrappedCNN(nn.Module):
+    def __init__(self, seq):
+        super().__init__()
+        self.seq = seq
+
+    def forward(self, x):
+        return self.seq(x) * 1.0
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_cnn_export_route_and_refusals():
+    torch.manual_seed(0)
+    seq = nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 3, 3), nn.ReLU(),
+                        nn.Flatten(), nn.Linear(3 * 2 * 2, 2))
+    with torch.no_grad():
+        seq[0].weight[2] = seq[0].weight[0]
+        seq[0].bias[2] = seq[0].bias[0]
+        seq[3].weight[:, 2] = seq[3].weight[:, 0]
+    net = WrappedCNN(seq)
+    x = torch.randn(8, 2, 10, 10)
+    y0 = net(x)
+    rep = break_symmetry(net, x, eps=0.0, seed=0)
+    assert rep["route"] == "onnx" and rep["reinit"] == 1
+    assert _maxdiff(net(x), y0) < 1e-5
+    assert torch.all(seq[3].weight[:, 2] == 0)
+    # covers that reach an LSTM (planted fibers) are refused with one line, the module untouched
+    from planted_nets import example_input, planted_lstm
+
+    lstm, info = planted_lstm(0)
+    before = [p.detach().clone() for p in lstm.parameters()]
+    with pytest.raises(InputError, match="LSTM"):
+        break_symmetry(lstm, example_input(info), symmetry="fibration")
+    assert all(torch.equal(a, b) for a, b in zip(before, lstm.parameters()))
