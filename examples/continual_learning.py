@@ -315,11 +315,32 @@ def summarise(out, n_bins=10, late_frac=0.2, dpi=200):
                      if "loss_after" in fsb else np.nan,
                      "wall_s_per_run": wall.mean()})
     summ = pd.DataFrame(rows)
+    order = {(c, m): i for i, (c, m) in enumerate((c, m) for c in CONFIGS for m in METHODS)}
+    summ = summ.iloc[np.argsort([order[(c, m)] for c, m in zip(summ["config"], summ["method"])], kind="stable")]
     summ.to_csv(os.path.join(out, "continual_summary.csv"), index=False)
+    with open(os.path.join(out, "continual_summary.md"), "w") as f:
+        f.write(markdown(summ))
     plot(df, out, n_bins, dpi)
     with pd.option_context("display.width", 200, "display.max_columns", 30):
         print(summ.round(4).to_string(index=False))
     return summ
+
+
+def markdown(summ):
+    """The summary as one markdown table per config (accuracy: mean +- std over seeds)."""
+    lines = []
+    for cfg, g in summ.groupby("config", sort=False):
+        lines += [f"**{cfg}** ({int(g['tasks'].max())} tasks, {int(g['seeds'].max())} seeds)", "",
+                  "| method | seeds | acc. first 20% of tasks | acc. last 20% of tasks | units re-init. / task "
+                  "| covers / task | largest cover | FSB max output change | wall s / run |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for _, r in g.iterrows():
+            ch = "" if not np.isfinite(r["max_change_mean"]) else f"{r['max_change_mean']:.2g}"
+            lines.append(f"| {r['method']} | {r['seeds']} | {r['first_acc_mean']:.3f} ± {r['first_acc_std']:.3f} "
+                         f"| {r['late_acc_mean']:.3f} ± {r['late_acc_std']:.3f} | {r['reinit_per_task']:.3g} "
+                         f"| {r['covers_per_task']:.3g} | {r['largest_cover_max']} | {ch} | {r['wall_s_per_run']:.0f} |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def plot(df, out, n_bins, dpi=200):
