@@ -73,3 +73,23 @@ def test_break_cli_bad_inputs(tmp_path, capsys):
     assert not os.path.exists(tmp_path / "o.onnx")
     rc, _, err = cli_sub("break", tmp_path / "model.txt", "-o", tmp_path / "o.onnx")
     assert_one_line_error(rc, err, ".onnx")
+
+
+def test_break_cli_near_covers_eps(tmp_path, capsys):
+    """Near-covers (weights perturbed by 1e-3 relative): none at eps 0, all
+    found at eps 0.05, and the output change is reported, small but nonzero."""
+    rng = np.random.default_rng(4)
+    W1, b1, _, _ = planted_layer(rng, np.arange(4), L1, split=0.0)
+    W2, b2, _, _ = planted_layer(rng, L1, L2, split=0.0)
+    W3, b3, _, _ = planted_layer(rng, L2, np.arange(3), split=0.0)
+    Ws = [W * (1 + 1e-3 * rng.standard_normal(W.shape)) for W in (W1, W2, W3)]
+    m = save(mlp_onnx(Ws, [b1, b2, b3]), tmp_path / "near.onnx")
+    reps = {}
+    for eps in ("0", "0.05"):
+        out, rep = tmp_path / f"o{eps}.onnx", tmp_path / f"r{eps}.json"
+        rc, _, err = cli(capsys, "break", m, "-o", out, "--eps", eps, "--report", rep)
+        assert rc == 0, err
+        reps[eps] = read_json(rep)
+    assert reps["0"]["reinit"] == 0 and reps["0"]["max_output_change"] < 1e-5
+    assert reps["0.05"]["reinit"] == 5
+    assert 0 < reps["0.05"]["max_output_change"] < 0.05

@@ -40,3 +40,27 @@ def test_continual_quick_smoke(tmp_path):
     fsb = summ[summ["method"].str.startswith("fsb")]
     assert fsb["max_change_mean"].notna().all() and (fsb["max_change_mean"] >= 0).all()
     assert (summ["late_acc_mean"].between(0, 1)).all()
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_cbp_replaces_lowest_utility_mature_unit():
+    import torch
+
+    cl = _example()
+    torch.manual_seed(0)
+    model = cl.make_model("mlp", 2, side=8)
+    cbp = cl.ContinualBackprop(model, np.random.default_rng(0))
+    x = torch.rand(16, 64)
+    model(x)                                   # the hooks record |h|
+    for l in range(2):
+        cbp.age[l][:] = 200                    # every unit mature
+        cbp.u[l][:] = 1.0
+        cbp.u[l][5] = -1.0                     # unit 5: the lowest running utility by far
+    cbp.acc[0] = 1.0 - cl.CBP["rate"] * 64 + 1e-9   # this step accrues one replacement in layer 0 only
+    w_in = model[1].weight[5].detach().clone()
+    cbp.step()
+    assert cbp.replaced == 1
+    assert torch.all(model[3].weight[:, 5] == 0)          # zero outgoing weights
+    assert not torch.allclose(model[1].weight[5], w_in)   # fresh input weights
+    assert cbp.age[0][5] == 0 and cbp.u[0][5] == 0
+    assert np.all(np.delete(cbp.age[0], 5) == 201)
