@@ -379,7 +379,7 @@ def plot(df, out, n_bins, dpi=200):
         ax.set_ylabel("accuracy (mean ± std over seeds, binned)")
         ax2.set_title("units re-initialised per task")
         ax2.set_xlabel("task")
-        ax2.set_yscale("symlog", linthresh=1)
+        ax2.set_ylim(bottom=0)
         if j == 0:
             ax.legend(fontsize=7, ncol=3)
             ax2.legend(fontsize=7, ncol=3)
