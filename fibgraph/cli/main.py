@@ -301,7 +301,8 @@ def _register_extra_commands():
     """Commands defined in their own modules (analysis, compression studies)."""
     import importlib
 
-    for mod in ("fibgraph.cli.analysis", "fibgraph.cli.compress", "fibgraph.cli.sweep", "fibgraph.cli.hierarchy"):
+    for mod in ("fibgraph.cli.analysis", "fibgraph.cli.compress", "fibgraph.cli.sweep", "fibgraph.cli.hierarchy",
+                "fibgraph.cli.break_"):
         try:
             m = importlib.import_module(mod)
         except ModuleNotFoundError as e:
