@@ -11,6 +11,7 @@ from __future__ import annotations
 import click
 
 from ..errors import InputError
+from .options import quiet_option
 
 __all__ = ["COMMANDS", "break_cmd"]
 
@@ -38,7 +39,8 @@ def _summary(rep):
               help=".npz calibration data: x (and y for the loss before/after); default random inputs.")
 @click.option("--report", "report_out", type=click.Path(dir_okay=False), default=None,
               help="Write the report (JSON) here.")
-def break_cmd(model, out, eps, symmetry, seed, data, report_out):
+@quiet_option()
+def break_cmd(model, out, eps, symmetry, seed, data, report_out, quiet):
     """Break the covers of MODEL: per cover one unit keeps the summed outgoing
     weights, the others get fresh input weights and zero outgoing weights."""
     from fibgraph.importers.api import atomic_write_bytes, atomic_write_json, check_options, evaluate, import_any
@@ -46,21 +48,21 @@ def break_cmd(model, out, eps, symmetry, seed, data, report_out):
     from fibgraph.importers.onnx.runtime import load_data
     from fibgraph.importers.onnx_break import break_onnx_model
 
-    from ..fileio import check_output_path
+    from ..progress import shown
+    from .checks import check_io
 
     if not model.lower().endswith(".onnx"):
         raise InputError(f"{model}: expected an .onnx model")
     if out is None:
         raise InputError("an output path is required (-o OUT.onnx)")
-    check_output_path(out, [model])
-    if report_out is not None:
-        check_output_path(report_out, [model, out], "--report")
-    eps = check_options(eps, "average", "cosine")
+    check_io(models=[model], reads=[("--data", data)], writes=[("-o", out), ("--report", report_out)])
+    eps = check_options(eps, "complete", "cosine")
     xy = load_data(data) if data is not None else None
-    _, imp = import_any(model, data)
-    lifted, rep = break_onnx_model(imp, eps=eps, symmetry=symmetry, seed=seed)
-    rep["model"], rep["out"] = model, out
-    v = verify_dag(imp.model, lifted, imp, data=data, seed=seed)
+    with shown(quiet):
+        _, imp = import_any(model, data)
+        lifted, rep = break_onnx_model(imp, eps=eps, symmetry=symmetry, seed=seed)
+        rep["model"], rep["out"] = model, out
+        v = verify_dag(imp.model, lifted, imp, data=data, seed=seed)
     rep["max_output_change"] = v["max_abs_diff"]
     rep["measured_on"] = "data" if data is not None else {"inputs": v["inputs"], "draws": v["draws"], "seed": seed}
     if xy is not None and xy[1] is not None:

@@ -145,7 +145,8 @@ def _check_values(path, name, v, labels=False):
 
 
 def load_data(path, need_y=False):
-    """``(x, y)`` from an .npz (``y`` only when ``need_y``; None otherwise):
+    """``(x, y)`` from an .npz (``y`` None when the file has none; required
+    with ``need_y``):
     headers checked against the memory limit first, ``x`` real numbers with a
     batch axis, ``y`` whole numbers, one per sample."""
     check_regular(path, "data file")
@@ -154,7 +155,7 @@ def load_data(path, need_y=False):
         raise InputError(f"{path}: data file needs an array 'x' (and 'y' for eval)")
     if need_y and "y" not in heads:
         raise InputError(f"{path}: data file needs an array 'y' (labels)")
-    arrays = read_npz(path, {"x", "y"} if need_y else {"x"})
+    arrays = read_npz(path, {"x", "y"} if "y" in heads else {"x"})
     x, y = arrays["x"], arrays.get("y")
     _check_values(path, "x", x)
     if x.ndim == 0:
@@ -194,7 +195,7 @@ def verify_models(a, b, data=None, seed=0, n=64):
     """Run both models on the same inputs; the largest absolute difference of
     every floating output (inputs from :func:`fibgraph.importers.onnx.feeds.make_feeds`:
     floats standard normal, integers in the range they index; or ``data``)."""
-    from .onnx.feeds import describe, make_feeds
+    from .feeds import describe, make_feeds
 
     sa, sb = session(a), session(b)
     if data is None and isinstance(a, onnx.ModelProto):
