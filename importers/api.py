@@ -65,8 +65,9 @@ def color_model(path, symmetry="fibration", eps=0.0, eps_file=None, linkage="ave
 
 def compress_model(path, out, symmetry="fibration", eps=0.0, eps_file=None, linkage="average",
                    metric="cosine", rescale=True, rtol=DEFAULT_RTOL, verify=False, data=None,
-                   seed=0):
-    """Compress an ONNX model to its base and write it atomically to ``out``."""
+                   seed=0, external_data=None):
+    """Compress an ONNX model to its base and write it atomically to ``out``
+    (``external_data``: its weights in ``<out>.data``; None: above 2 GB)."""
     if symmetry not in COMPRESS_SYMMETRIES:
         raise InputError(f"--symmetry {symmetry}: only in-balanced colourings ({', '.join(COMPRESS_SYMMETRIES)}) "
                          "preserve the function; opfibers do not")
@@ -76,7 +77,8 @@ def compress_model(path, out, symmetry="fibration", eps=0.0, eps_file=None, link
     eps = check_options(eps, linkage, metric)
     _, dag = import_any(path, data)
     return compress_dag_model(path, out, symmetry, eps, _dag_eps_table(dag, eps_file), linkage, metric, rtol,
-                              verify=verify, data=data, seed=seed, imp=dag, rescale=rescale)
+                              verify=verify, data=data, seed=seed, imp=dag, rescale=rescale,
+                              external_data=external_data)
 
 
 def _check_out_path(inp, out):

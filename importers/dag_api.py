@@ -233,42 +233,66 @@ def _feeds_like(imp, seed, data=None, specs=None, batch=None):
 
 
 def verify_dag(a, b, imp, data=None, seed=0, repeats=3, batch=64):
-    """Largest absolute output difference of models ``a`` and ``b`` on ``repeats``
-    made-up inputs shaped like the probe's, at ``batch`` samples where the
-    model's batch axis is free (or on ``data``); ``inputs`` in the result says
-    what was fed to each input."""
+    """Largest absolute output difference of models ``a`` and ``b`` (ModelProtos
+    or paths) on ``repeats`` made-up inputs shaped like the probe's, at
+    ``batch`` samples where the model's batch axis is free (or on ``data``);
+    ``inputs`` in the result says what was fed to each input.  One session at
+    a time: ``a``'s outputs are kept, its session closed, then ``b`` runs."""
+    import gc
+
     import onnxruntime as ort
 
+    from .onnx.external import session
     from .onnx.feeds import describe, input_specs, short_error
 
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    sa = ort.InferenceSession(a.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    sb = ort.InferenceSession(b.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    def options():
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        return so
+
+    sa = session(a, options())
     names = [i.name for i in sa.get_inputs()]
-    diff, scale = 0.0, 0.0
     runs = 1 if data is not None else repeats
     specs = input_specs(imp.model)
-    for r in range(runs):
-        drawn = _feeds_like(imp, seed + r, data, specs, batch=batch)
-        feeds = {k: v for k, v in drawn.items() if k in names}
+
+    def draws(batch):
+        out = []
+        for r in range(runs):
+            drawn = _feeds_like(imp, seed + r, data, specs, batch=batch)
+            out.append((drawn, {k: v for k, v in drawn.items() if k in names}))
+        return out
+
+    fed = draws(batch)
+    try:
+        ra = [sa.run(None, f) for _, f in fed]
+    except Exception as e:
+        if batch is None or data is not None:
+            raise InputError(f"verification run failed: {short_error(e)}") from None
+        fed = draws(None)                 # the batch axis is not free after all: the probe's shapes
         try:
-            ra, rb = sa.run(None, feeds), sb.run(None, feeds)
+            ra = [sa.run(None, f) for _, f in fed]
+        except Exception as e2:
+            raise InputError(f"verification run failed: {short_error(e2)}") from None
+    del sa
+    gc.collect()
+    try:
+        sb = session(b, options())
+    except Exception as e:                 # a writer bug, never the user's input
+        raise RuntimeError("the written base model does not load in onnxruntime "
+                           f"({short_error(e)}); nothing was written") from None
+    diff, scale = 0.0, 0.0
+    for (_, feeds), outs in zip(fed, ra):
+        try:
+            rb = sb.run(None, feeds)
         except Exception as e:
-            if batch is None or data is not None:
-                raise InputError(f"verification run failed: {short_error(e)}") from None
-            batch = None                  # the batch axis is not free after all: the probe's shapes
-            drawn = _feeds_like(imp, seed + r, data, specs)
-            feeds = {k: v for k, v in drawn.items() if k in names}
-            try:
-                ra, rb = sa.run(None, feeds), sb.run(None, feeds)
-            except Exception as e2:
-                raise InputError(f"verification run failed: {short_error(e2)}") from None
-        for p, q in zip(ra, rb):
+            raise InputError(f"verification run failed: {short_error(e)}") from None
+        for p, q in zip(outs, rb):
             p, q = np.asarray(p, dtype=np.float64), np.asarray(q, dtype=np.float64)
             if p.size:
                 diff = max(diff, float(np.max(np.abs(p - q))))
                 scale = max(scale, float(np.max(np.abs(p))))
+    del sb
+    drawn, feeds = fed[-1]
     if data is not None:
         return {"max_abs_diff": diff, "max_abs_output": scale, "inputs": "data"}
     n = int(next((np.shape(v)[0] for v in feeds.values() if np.ndim(v)), 1))
@@ -278,24 +302,49 @@ def verify_dag(a, b, imp, data=None, seed=0, repeats=3, batch=64):
 
 def compress_dag_model(path, out, symmetry="fibration", eps=0.0, eps_table=None, linkage="average",
                        metric="cosine", rtol=DEFAULT_RTOL, verify=False, data=None, seed=0, imp=None,
-                       rescale=True):
-    from fibgraph.fileio import write_atomic as atomic_write_bytes
+                       rescale=True, external_data=None):
+    """Compress, write ``out`` (streamed: with ``external_data``, or
+    automatically above :data:`fibgraph.importers.onnx.external.EXTERNAL_DATA_BYTES`,
+    its weights in ``<out>.data`` beside it), check the file written (the ONNX
+    checker and onnxruntime over its path) and verify it against the original;
+    a failure leaves nothing written."""
+    import gc
 
+    from fibgraph.fileio import atomic_path
+
+    from .onnx import external
     from .onnx.runtime import check_loads
 
     t0 = time.perf_counter()
     report, imp, col = color_dag_model(path, symmetry, eps, eps_table, linkage, metric, rtol, imp=imp,
                                        rescale=rescale)
     m2 = col.base[0]                         # written once, by color_dag_model
-    try:
-        onnx.checker.check_model(m2)
-    except Exception as e:                 # a writer bug, never the user's input
-        raise RuntimeError(f"the written base model does not pass the ONNX checker: {e}") from None
-    check_loads(m2)
-    t1 = time.perf_counter()
+    col.base = (None,) + tuple(col.base[1:])
+    data_name = os.path.basename(os.fspath(out)) + ".data"
+    data_path = os.path.join(os.path.dirname(os.path.abspath(out)), data_name)
+    if os.path.realpath(data_path) in {os.path.realpath(f) for f in external.external_files(imp.model)}:
+        raise InputError(f"{out}: its data file {data_name} would overwrite the input's external data")
     report["output"] = os.fspath(out)
-    if verify or data is not None:
-        report["verify"] = verify_dag(imp.model, m2, imp, data=data, seed=seed)
-    atomic_write_bytes(out, m2.SerializeToString())
+    with atomic_path(out, suffix=".onnx") as tmp:
+        written = external.save_model(m2, tmp, external=external_data, data_name=data_name)
+        del m2
+        gc.collect()
+        external.release()                         # the original's weights: not needed in memory until verify
+        try:
+            try:
+                external.check(tmp)                # a path: external data and > 2 GB alike
+            except Exception as e:                 # a writer bug, never the user's input
+                raise RuntimeError(f"the written base model does not pass the ONNX checker: {e}") from None
+            if not (verify or data is not None):
+                check_loads(tmp)                   # verify opens it anyway (verify_dag)
+            t1 = time.perf_counter()
+            if verify or data is not None:
+                report["verify"] = verify_dag(imp.model, tmp, imp, data=data, seed=seed)
+        except BaseException:
+            if written:
+                os.unlink(written)
+            raise
+    if written:
+        report["external_data"] = data_name
     report["seconds"]["compress_write"] = round(time.perf_counter() - t1 + (t1 - t0) - report["seconds"]["colour"], 4)
     return report

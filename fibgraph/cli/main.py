@@ -99,7 +99,10 @@ def color(model, symmetry, eps, eps_file, linkage, metric, no_rescale, rtol, jso
 @click.option("--verify", is_flag=True, help="Run both models and report the largest output difference.")
 @click.option("--data", type=click.Path(dir_okay=False), default=None, help=".npz with x (and y) for --verify.")
 @click.option("--report", "report_out", type=click.Path(dir_okay=False), default=None)
-def compress(model, out, symmetry, eps, eps_file, linkage, metric, no_rescale, rtol, verify, data, report_out):
+@click.option("--external-data", "external_data", is_flag=True, default=None,
+              help="Write the weights to OUT.data beside OUT (automatic above 2 GB).")
+def compress(model, out, symmetry, eps, eps_file, linkage, metric, no_rescale, rtol, verify, data, report_out,
+             external_data):
     """Compress MODEL to its base network and write it to OUT (ONNX)."""
     from fibgraph.importers.api import atomic_write_json, compress_model
     from ..report import print_colour_report
@@ -108,7 +111,7 @@ def compress(model, out, symmetry, eps, eps_file, linkage, metric, no_rescale, r
     if report_out and os.path.abspath(report_out) == os.path.abspath(out):
         raise InputError("--report and -o name the same file")
     report = compress_model(model, out, symmetry, eps, eps_file, linkage, metric, not no_rescale, rtol,
-                            verify=verify, data=data)
+                            verify=verify, data=data, external_data=external_data)
     print_colour_report(report)
     if report_out:
         atomic_write_json(report_out, report)

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+
+from .load import tensor_value
 
 __all__ = ["Graph", "Fail", "nodename", "trace_back", "trace_forward", "candidates", "run_path", "needed",
            "evaluate", "SHAPE_OPS", "SCALE_OPS", "BIAS_OPS", "SCORE_PATH", "PROB_PATH"]
@@ -333,7 +334,7 @@ class _Values(dict):
 
     def __missing__(self, k):
         if k in self.G.inits:
-            v = numpy_helper.to_array(self.G.inits[k])
+            v = tensor_value(self.G.inits[k])
             self[k] = v
             return v
         raise KeyError(k)
