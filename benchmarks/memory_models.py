@@ -115,6 +115,47 @@ def export(model, args, names, dyn, path, dynamo=False, external=False):
                 onnx.save(m, path, save_as_external_data=True, location=os.path.basename(path) + ".data")
 
 
+def big_mlp(path, width, depth, d_in=256, d_out=10, seed=0):
+    """An MLP written straight to ONNX with external data, one layer at a time
+    (no torch, never the whole model in memory): for models too big to export."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(seed)
+    data = os.path.basename(path) + ".data"
+    nodes, inits, x, d, off = [], [], "x", d_in, 0
+    dims = [width] * depth + [d_out]
+    with open(os.path.join(os.path.dirname(path), data), "wb") as f:
+        for k, n in enumerate(dims):
+            for name, shape in ((f"W{k}", (n, d)), (f"b{k}", (n,))):
+                a = (rng.standard_normal(shape, dtype=np.float32) / np.sqrt(d)).astype(np.float32)
+                t = helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)   # for the dims only
+                tp = onnx.TensorProto(name=name, data_type=TensorProto.FLOAT, dims=list(shape))
+                tp.data_location = TensorProto.EXTERNAL
+                pad = (-off) % 4096
+                f.write(b"\0" * pad)
+                off += pad
+                for key, v in (("location", data), ("offset", str(off)), ("length", str(a.nbytes))):
+                    tp.external_data.add(key=key, value=v)
+                f.write(a.tobytes())
+                off += a.nbytes
+                inits.append(tp)
+                del a, t
+            y = f"z{k}" if k < len(dims) - 1 else "y"
+            nodes.append(helper.make_node("Gemm", [x, f"W{k}", f"b{k}"], [y], transB=1))
+            if k < len(dims) - 1:
+                nodes.append(helper.make_node("Relu", [y], [f"h{k}"]))
+                x = f"h{k}"
+            d = n
+    g = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", d_in])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", d_out])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    with open(path, "wb") as f:
+        f.write(m.SerializeToString())
+    return sum(int(np.prod(t.dims)) for t in inits)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
@@ -126,6 +167,12 @@ def main():
     torch.manual_seed(0)
     for spec in a.models:
         kind, _, arg = spec.partition(":")
+        if kind == "bigmlp":                  # bigmlp:WIDTHxDEPTH, external data, written directly
+            w, d = (int(v) for v in arg.split("x"))
+            path = os.path.join(a.out, f"bigmlp_{w}x{d}", "model.onnx")
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            print(f"{path}: {big_mlp(path, w, d):,} parameters", flush=True)
+            continue
         if kind == "mlp":
             w, d = (int(v) for v in arg.split("x"))
             built = mlp(w, d)
