@@ -67,9 +67,10 @@ def main():
     ap.add_argument("--md", default=None)
     ap.add_argument("--extra", nargs="*", default=[])
     ap.add_argument("--pythonpath", default=ROOT, help="the fibgraph checkout to measure")
+    ap.add_argument("--plot", default=None, help="time and RSS vs parameters (.png, and .svg beside it)")
     a = ap.parse_args()
     rows = json.load(open(a.json)) if os.path.exists(a.json) else []
-    for spec in a.models:
+    for spec in a.models if a.models != ["-"] else []:        # "-": only redraw the table and plot
         name, _, path = spec.rpartition("=")
         name = name or os.path.basename(path)
         size, params = model_size(path)
@@ -85,6 +86,9 @@ def main():
             json.dump(rows, f, indent=1)
     if a.md:
         write_md(rows, a.md)
+    if a.plot:
+        plot([r for r in rows if r.get("code") == a.pythonpath], a.plot,
+             [("mlp", "o-"), ("gpt2", "s-"), ("bert", "^"), ("minilm", "v"), ("resnet", "D")])
 
 
 def write_md(rows, path):

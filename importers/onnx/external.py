@@ -315,6 +315,13 @@ def _raw(t):
     return numpy_helper.from_array(numpy_helper.to_array(t)).raw_data
 
 
+def _embedded(t):
+    """``t`` with its data inside (a small lean tensor is read from its file)."""
+    if t.data_location != onnx.TensorProto.EXTERNAL:
+        return t
+    return numpy_helper.from_array(np.array(tensor_array(t)), t.name)
+
+
 def _header(t):
     """The tensor without its data (name, dims, type, ...)."""
     h = onnx.TensorProto()
@@ -359,7 +366,7 @@ def save_model(model, path, external=None, data_name=None):
         with open(data_path, "wb") as fd:
             for t, b in zip(inits, big):
                 if not b:
-                    graph.initializer.add().CopyFrom(t)
+                    graph.initializer.add().CopyFrom(_embedded(t))
                     continue
                 h = graph.initializer.add()
                 h.CopyFrom(_header(t))
@@ -385,7 +392,7 @@ def save_model(model, path, external=None, data_name=None):
             n = _nbytes(t)
             parts.append((hb + _enc(9 << 3 | 2) + _enc(n), n, t))
         else:
-            parts.append((t.SerializeToString(), 0, None))
+            parts.append((_embedded(t).SerializeToString(), 0, None))
     gbytes = graph.SerializeToString()
     glen = len(gbytes) + sum(len(_enc(5 << 3 | 2)) + len(_enc(len(h) + n)) + len(h) + n for h, n, _ in parts)
     with open(path, "wb") as fo:

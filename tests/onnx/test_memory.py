@@ -61,7 +61,11 @@ def test_embedded_model_is_imported_without_copying_its_weights(tmp_path, lean):
     assert np.shares_memory(blk.weight, W1)           # the hypergraph's block: the same bytes
 
 
-def test_external_data_input_is_memory_mapped(tmp_path, lean):
+@pytest.mark.parametrize("flag", ["--external-data", None])
+def test_external_data_input_is_memory_mapped(tmp_path, capsys, lean, flag):
+    """Every tensor external, small ones (biases below EXTERNAL_MIN_BYTES) too:
+    read in place, and written back embedded or external, never as a
+    reference to the input's file."""
     _, m = _planted(1)
     path = str(tmp_path / "m.onnx")
     onnx.save_model(m, path, save_as_external_data=True, location="weights.bin", size_threshold=0)
@@ -71,6 +75,14 @@ def test_external_data_input_is_memory_mapped(tmp_path, lean):
     assert _mapped(W2)
     assert os.path.realpath(dict((kv.key, kv.value) for kv in t.external_data)["location"]) == \
         os.path.realpath(tmp_path / "weights.bin")
+    out = tmp_path / "b.onnx"
+    rc, _, err = cli(capsys, "compress", path, "-o", out, "--verify", *([flag] if flag else []))
+    assert rc == 0, err
+    skel = onnx.load(str(out), load_external_data=False)
+    locs = {kv.value for t in skel.graph.initializer for kv in t.external_data if kv.key == "location"}
+    assert locs == ({"b.onnx.data"} if flag else set())
+    x = np.random.default_rng(0).normal(size=(8, 32))
+    assert max_rel_diff(run_onnx(str(out), x)[0], run_onnx(path, x)[0]) < 1e-5
 
 
 @pytest.mark.parametrize("flag", ["--external-data", None])
