@@ -41,7 +41,7 @@ EXTERNAL_MIN_BYTES = 1024
 #: offsets of the external tensors written (onnxruntime maps page-aligned ones)
 ALIGN = 4096
 
-_MAPS = {}          # absolute path -> mmap (read-only), shared by every view of that file
+_MAPS = {}          # (absolute path, inode, size, mtime) -> mmap (read-only), shared by every view
 
 
 # ------------------------------------------------------------ wire format
@@ -209,11 +209,15 @@ def is_lean(model):
 
 
 def _map(path):
-    mm = _MAPS.get(path)
+    """A read-only map of ``path``, shared while the file is the same (a file
+    replaced at that path gets a new map: the key holds its inode, size and time)."""
+    st = os.stat(path)
+    key = (path, st.st_ino, st.st_size, st.st_mtime_ns)
+    mm = _MAPS.get(key)
     if mm is None or mm.closed:
         with open(path, "rb") as fh:
             mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-        _MAPS[path] = mm
+        _MAPS[key] = mm
     return mm
 
 
@@ -230,7 +234,10 @@ def tensor_array(t) -> np.ndarray:
     count = int(np.prod(t.dims, dtype=np.int64)) if len(t.dims) else 1
     offset = int(e.get("offset", 0))
     length = int(e.get("length", count * dtype.itemsize))
-    mm = _map(loc)
+    try:
+        mm = _map(loc)
+    except (OSError, ValueError) as e:
+        raise InputError(f"tensor {t.name!r}: cannot read its external data {os.path.basename(loc)} ({e})") from None
     if length != count * dtype.itemsize or offset + length > len(mm) or dtype.kind not in "fiub":
         raise InputError(f"tensor {t.name!r}: its external data ({length} bytes at {offset} of "
                          f"{os.path.basename(loc)}, {len(mm)} bytes) does not hold {list(t.dims)} {dtype}")

@@ -182,3 +182,18 @@ def test_truncated_external_data_is_one_line(tmp_path, capsys, lean):
     rc, _, err = cli(capsys, "compress", path, "-o", tmp_path / "b.onnx")
     assert rc == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     assert not (tmp_path / "b.onnx").exists()
+
+
+def test_a_file_replaced_at_the_same_path_is_read_anew(tmp_path, lean):
+    """The maps are shared per file, not per path: a model rewritten in place
+    (an output compressed again) is not read through a stale map."""
+    path = str(tmp_path / "m.onnx")
+    vals = []
+    for seed in (7, 8):
+        _, m = _planted(seed)
+        tmp = str(tmp_path / f"t{seed}.onnx")
+        save(m, tmp)
+        os.replace(tmp, path)
+        vals.append(np.array(tensor_value(next(t for t in load_onnx(path).graph.initializer if t.name == "W1"))))
+        np.testing.assert_array_equal(vals[-1], onnx.numpy_helper.to_array(m.graph.initializer[0]))
+    assert not np.array_equal(vals[0], vals[1])
