@@ -50,7 +50,7 @@ def measure(path, extra=(), timeout=1800, pythonpath=ROOT):
         cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "fibgraph", "compress", path, "-o", out,
                "--eps", "0", "--verify", "--report", rep, *extra]
         t = time.perf_counter()
-        p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+        p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=pythonpath)  # -m: cwd first
         wall = time.perf_counter() - t
         m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", p.stderr)
         rss = int(m.group(1)) * 1024 if m else None
@@ -72,6 +72,7 @@ def main():
     rows = json.load(open(a.json)) if os.path.exists(a.json) else []
     for spec in a.models if a.models != ["-"] else []:        # "-": only redraw the table and plot
         name, _, path = spec.rpartition("=")
+        path = os.path.abspath(path)
         name = name or os.path.basename(path)
         size, params = model_size(path)
         wall, rss, rc, rep = measure(path, a.extra, pythonpath=a.pythonpath)
@@ -82,6 +83,8 @@ def main():
         print(f"{name}: {size / 2**20:.0f} MB, {params:,} params: {wall:.1f} s, peak RSS {row['peak_rss_mb']:.0f} MB "
               f"({row['ratio']:.2f}x), exit {rc}, verify {row['max_abs_diff']}", flush=True)
         rows = [r for r in rows if not (r["model"] == name and r.get("code") == a.pythonpath)] + [row]
+        rows = json.load(open(a.json)) + [row] if os.path.exists(a.json) else rows   # another run may have added
+        rows = list({(r["model"], r.get("code")): r for r in rows}.values())
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=1)
     if a.md:
