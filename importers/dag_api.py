@@ -37,7 +37,6 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-import onnx
 
 from fibgraph.errors import InputError
 from fibgraph.partition import canonical, classes
