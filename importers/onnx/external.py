@@ -221,27 +221,50 @@ def _map(path):
     return mm
 
 
-def tensor_array(t) -> np.ndarray:
-    """The value of a TensorProto; a lean (absolute external) one as a
-    read-only view of its memory-mapped file, without a copy."""
-    if t.data_location != onnx.TensorProto.EXTERNAL:
-        return numpy_helper.to_array(t)
+def _span(t):
+    """(map, offset, length) of a lean tensor's bytes in its file."""
     e = _ext(t)
     loc = e.get("location", "")
     if not os.path.isabs(loc):
         raise ValueError(f"tensor {t.name!r}: external data {loc!r} not resolved (load the model with load_onnx)")
-    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type))
-    count = int(np.prod(t.dims, dtype=np.int64)) if len(t.dims) else 1
-    offset = int(e.get("offset", 0))
-    length = int(e.get("length", count * dtype.itemsize))
     try:
         mm = _map(loc)
-    except (OSError, ValueError) as e:
-        raise InputError(f"tensor {t.name!r}: cannot read its external data {os.path.basename(loc)} ({e})") from None
-    if length != count * dtype.itemsize or offset + length > len(mm) or dtype.kind not in "fiub":
-        raise InputError(f"tensor {t.name!r}: its external data ({length} bytes at {offset} of "
-                         f"{os.path.basename(loc)}, {len(mm)} bytes) does not hold {list(t.dims)} {dtype}")
-    return np.frombuffer(mm, dtype=dtype.newbyteorder("<"), count=count, offset=offset).reshape(tuple(t.dims))
+    except (OSError, ValueError) as err:
+        raise InputError(f"tensor {t.name!r}: cannot read its external data {os.path.basename(loc)} ({err})") \
+            from None
+    offset = int(e.get("offset", 0))
+    length = int(e["length"]) if "length" in e else len(mm) - offset
+    if offset < 0 or length < 0 or offset + length > len(mm):
+        raise InputError(f"tensor {t.name!r}: its external data ({length} bytes at {offset}) runs past the end of "
+                         f"{os.path.basename(loc)} ({len(mm)} bytes)")
+    return mm, offset, length
+
+
+def tensor_array(t) -> np.ndarray:
+    """The value of a TensorProto; a lean (absolute external) one as a
+    read-only view of its memory-mapped file, without a copy (a type numpy
+    cannot view, bfloat16, float8 or 4-bit, is decoded by onnx: a copy)."""
+    if t.data_location != onnx.TensorProto.EXTERNAL:
+        return numpy_helper.to_array(t)
+    mm, offset, length = _span(t)
+    count = int(np.prod(t.dims, dtype=np.int64)) if len(t.dims) else 1
+    try:
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type))
+    except Exception:
+        dtype = None
+    if dtype is not None and dtype.kind in "fiub" and dtype.itemsize in (1, 2, 4, 8) and \
+            t.data_type not in (onnx.TensorProto.BFLOAT16,) and length == count * dtype.itemsize:
+        return np.frombuffer(mm, dtype=dtype.newbyteorder("<"), count=count, offset=offset).reshape(tuple(t.dims))
+    tp = onnx.TensorProto()
+    tp.CopyFrom(t)
+    tp.ClearField("external_data")
+    tp.ClearField("data_location")
+    tp.raw_data = mm[offset:offset + length]
+    try:
+        return numpy_helper.to_array(tp)
+    except Exception as err:
+        raise InputError(f"tensor {t.name!r}: its external data ({length} bytes) does not hold "
+                         f"{list(t.dims)} of its type ({err})") from None
 
 
 def release():
@@ -316,7 +339,8 @@ _FIXED = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOA
 def _raw(t):
     """The little-endian bytes of a numeric tensor's data (a view for a lean tensor)."""
     if t.data_location == onnx.TensorProto.EXTERNAL:
-        return memoryview(np.ascontiguousarray(tensor_array(t))).cast("B")
+        mm, offset, length = _span(t)
+        return memoryview(mm)[offset:offset + length]
     if t.HasField("raw_data"):
         return t.raw_data
     return numpy_helper.from_array(numpy_helper.to_array(t)).raw_data

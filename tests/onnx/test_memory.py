@@ -197,3 +197,23 @@ def test_a_file_replaced_at_the_same_path_is_read_anew(tmp_path, lean):
         vals.append(np.array(tensor_value(next(t for t in load_onnx(path).graph.initializer if t.name == "W1"))))
         np.testing.assert_array_equal(vals[-1], onnx.numpy_helper.to_array(m.graph.initializer[0]))
     assert not np.array_equal(vals[0], vals[1])
+
+
+def test_lean_tensors_of_every_type_read_as_onnx_reads_them(tmp_path, lean):
+    """float16 is a view; bfloat16 (numpy has no such type) is decoded by onnx, equal to its reading."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(9)
+    h = onnx.numpy_helper.from_array(rng.normal(size=(64, 8)).astype(np.float16), "h")
+    bf = helper.make_tensor("bf", TensorProto.BFLOAT16, [64, 8], rng.normal(size=512).astype(np.float32).tolist())
+    i8 = onnx.numpy_helper.from_array(rng.integers(-100, 100, (64, 8)).astype(np.int8), "i8")
+    g = helper.make_graph([helper.make_node("Identity", ["h"], ["y"])], "g", [],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [64, 8])], [h, bf, i8])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    want = {t.name: onnx.numpy_helper.to_array(t) for t in m.graph.initializer}
+    path = str(tmp_path / "m.onnx")
+    onnx.save_model(m, path, save_as_external_data=True, location="d.bin", size_threshold=0)
+    got = {t.name: tensor_value(t) for t in load_onnx(path).graph.initializer}
+    for k in want:
+        np.testing.assert_array_equal(np.asarray(got[k], np.float64), np.asarray(want[k], np.float64))
+    assert _mapped(got["h"]) and _mapped(got["i8"])
