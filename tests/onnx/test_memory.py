@@ -217,3 +217,44 @@ def test_lean_tensors_of_every_type_read_as_onnx_reads_them(tmp_path, lean):
     for k in want:
         np.testing.assert_array_equal(np.asarray(got[k], np.float64), np.asarray(want[k], np.float64))
     assert _mapped(got["h"]) and _mapped(got["i8"])
+
+
+def test_lean_attention_model_compresses_like_the_in_memory_one(tmp_path, monkeypatch):
+    """A lean attention model compresses to the same base; the attention analysis's own
+    onnxruntime session (attention_trace.evaluate) reads the weights in place too."""
+    pytest.importorskip("torch")
+    import test_dag_packed_attention as pa
+
+    from fibgraph.importers.dag_api import compress_dag_model
+
+    name = next(iter(pa.PLANTS))
+    net, _ = pa._planted(name)
+    src = pa._export(net, tmp_path / "a.onnx", "legacy")
+    reports = {}
+    import sys
+
+    callers, real = [], external.session
+
+    def spy(model, *a, **k):
+        callers.append(sys._getframe(1).f_code.co_name)
+        return real(model, *a, **k)
+
+    monkeypatch.setattr(external, "session", spy)
+    for mode, lean_bytes in (("mem", 1 << 40), ("lean", 1)):
+        monkeypatch.setattr(external, "LEAN_BYTES", lean_bytes)
+        monkeypatch.setattr(external, "EXTERNAL_MIN_BYTES", 64)
+        reports[mode] = compress_dag_model(src, tmp_path / f"{mode}.onnx", eps=0.0, verify=True)
+    assert external.is_lean(load_onnx(src))
+    assert reports["lean"]["params_after"] == reports["mem"]["params_after"] < reports["mem"]["params_before"]
+    assert [ly["nodes_after"] for ly in reports["lean"]["layers"]] == \
+        [ly["nodes_after"] for ly in reports["mem"]["layers"]]
+    assert reports["lean"]["verify"]["max_abs_diff"] < 1e-4
+    # the attention analysis (inspect, metrics) runs its own session: over the lean model too
+    from fibgraph.importers.onnx.attention_blocks import find_attention
+
+    callers.clear()
+    blocks, problems = find_attention(load_onnx(src))
+    assert "evaluate" in callers and blocks and not problems
+    monkeypatch.setattr(external, "LEAN_BYTES", 1 << 40)
+    ref, _ = find_attention(load_onnx(src))
+    assert [len(b.heads) for b in blocks] == [len(b.heads) for b in ref]
