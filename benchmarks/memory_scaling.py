@@ -70,6 +70,7 @@ def main():
     ap.add_argument("--plot", default=None, help="time and RSS vs parameters (.png, and .svg beside it)")
     a = ap.parse_args()
     rows = json.load(open(a.json)) if os.path.exists(a.json) else []
+    code = "this branch" if os.path.abspath(a.pythonpath) == ROOT else a.pythonpath
     for spec in a.models if a.models != ["-"] else []:        # "-": only redraw the table and plot
         name, _, path = spec.rpartition("=")
         path = os.path.abspath(path)
@@ -79,10 +80,10 @@ def main():
         row = {"model": name, "path": path, "file_mb": size / 2**20, "params": params, "seconds": wall,
                "peak_rss_mb": (rss or 0) / 2**20, "ratio": (rss or 0) / size, "exit": rc,
                "max_abs_diff": (rep or {}).get("verify", {}).get("max_abs_diff"),
-               "params_after": (rep or {}).get("params_after"), "code": a.pythonpath}
+               "params_after": (rep or {}).get("params_after"), "code": code}
         print(f"{name}: {size / 2**20:.0f} MB, {params:,} params: {wall:.1f} s, peak RSS {row['peak_rss_mb']:.0f} MB "
               f"({row['ratio']:.2f}x), exit {rc}, verify {row['max_abs_diff']}", flush=True)
-        rows = [r for r in rows if not (r["model"] == name and r.get("code") == a.pythonpath)] + [row]
+        rows = [r for r in rows if not (r["model"] == name and r.get("code") == code)] + [row]
         rows = json.load(open(a.json)) + [row] if os.path.exists(a.json) else rows   # another run may have added
         rows = list({(r["model"], r.get("code")): r for r in rows}.values())
         with open(a.json, "w") as f:
@@ -90,7 +91,7 @@ def main():
     if a.md:
         write_md(rows, a.md)
     if a.plot:
-        plot([r for r in rows if r.get("code") == a.pythonpath], a.plot,
+        plot([r for r in rows if r.get("code") == code], a.plot,
              [("mlp", "o-"), ("gpt2", "s-"), ("bert", "^"), ("minilm", "v"), ("resnet", "D")])
 
 
