@@ -83,8 +83,9 @@ def _activation(metric, data, dag):
 
 def compress_model(path, out, symmetry="fibration", eps=0.0, eps_file=None, linkage="complete",
                    metric="cosine", rescale=True, rtol=DEFAULT_RTOL, verify=False, data=None,
-                   seed=0, keep=None, repair=None):
-    """Compress an ONNX model to its base and write it atomically to ``out``.
+                   seed=0, keep=None, repair=None, external_data=None):
+    """Compress an ONNX model to its base and write it atomically to ``out``
+    (``external_data``: its weights in ``<out>.data``; None: above 2 GB).
 
     ``keep`` (0 < keep <= 1): find per-group eps that keep this fraction of the
     parameters (:func:`fibgraph.importers.keep.keep_search`; data-aware on
@@ -119,7 +120,7 @@ def compress_model(path, out, symmetry="fibration", eps=0.0, eps_file=None, link
     post = _repair_hook(data, dag) if repair else None
     report = compress_dag_model(path, out, symmetry, eps, table, linkage, metric, rtol,
                                 verify=verify, data=data, seed=seed, imp=dag, rescale=rescale, post=post,
-                                graph=act_graph)
+                                graph=act_graph, external_data=external_data)
     if act_graph is not None:
         report["metric"] = "activation (euclidean on activation-weighted rows)"
     if found is not None:

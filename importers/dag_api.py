@@ -37,7 +37,6 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-import onnx
 
 from fibgraph.errors import InputError
 from fibgraph.partition import canonical, classes
@@ -273,55 +272,88 @@ def _feeds_like(imp, seed, data=None, specs=None, batch=None):
 
 
 def verify_dag(a, b, imp, data=None, seed=0, repeats=3, batch=64):
-    """Largest absolute output difference of models ``a`` and ``b`` on ``repeats``
-    made-up inputs shaped like the probe's, at ``batch`` samples where the
-    model's batch axis is free (or on ``data``); ``inputs`` in the result says
-    what was fed to each input."""
+    """Largest absolute output difference of models ``a`` and ``b`` (ModelProtos
+    or paths) on ``repeats`` made-up inputs shaped like the probe's, at
+    ``batch`` samples where the model's batch axis is free (or on ``data``);
+    ``inputs`` in the result says what was fed to each input, ``rel_diff`` the
+    difference over the original's largest absolute output.  One session at a
+    time: ``a``'s outputs are kept, its session closed, then ``b`` runs.  A
+    difference that is not finite is an error, not a number."""
+    import gc
+
     import onnxruntime as ort
 
-    from .onnx.feeds import input_specs
+    from .onnx.external import session
+    from .onnx.feeds import describe, input_specs, short_error
 
-    so = ort.SessionOptions()
-    so.log_severity_level = 4      # errors come back as exceptions
-    sa = ort.InferenceSession(a.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    sb = ort.InferenceSession(b.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    names = [i.name for i in sa.get_inputs()]
+    def options():
+        so = ort.SessionOptions()
+        so.log_severity_level = 4            # errors come back as exceptions
+        so.enable_cpu_mem_arena = False      # intermediates freed as they die, not pooled at their peak
+        return so
+
     runs = 1 if data is not None else repeats
-    specs = input_specs(imp.model)
-    with task("verifying: both models on the same inputs", total=runs) as advance:
-        return _verify_runs(sa, sb, names, imp, data, seed, runs, batch, specs, advance)
+    with task("verifying: both models on the same inputs", total=2 * runs) as advance:
+        sa = session(a, options())
+        names = [i.name for i in sa.get_inputs()]
+        specs = input_specs(imp.model)
 
+        def draws(batch):
+            out = []
+            for r in range(runs):
+                drawn = _feeds_like(imp, seed + r, data, specs, batch=batch)
+                out.append((drawn, {k: v for k, v in drawn.items() if k in names}))
+            return out
 
-def _verify_runs(sa, sb, names, imp, data, seed, runs, batch, specs, advance):
-    from .onnx.feeds import describe, short_error
+        def run_all(sess, fed):
+            res = []
+            for _, f in fed:
+                res.append(sess.run(None, f))
+                advance(1)
+            return res
 
-    diff, scale = 0.0, 0.0
-    for r in range(runs):
-        drawn = _feeds_like(imp, seed + r, data, specs, batch=batch)
-        feeds = {k: v for k, v in drawn.items() if k in names}
+        fed = draws(batch)
         try:
-            ra, rb = sa.run(None, feeds), sb.run(None, feeds)
+            ra = run_all(sa, fed)
         except Exception as e:
             if batch is None or data is not None:
                 raise InputError(f"verification run failed: {short_error(e)}") from None
-            batch = None                  # the batch axis is not free after all: the probe's shapes
-            drawn = _feeds_like(imp, seed + r, data, specs)
-            feeds = {k: v for k, v in drawn.items() if k in names}
+            fed = draws(None)                 # the batch axis is not free after all: the probe's shapes
             try:
-                ra, rb = sa.run(None, feeds), sb.run(None, feeds)
+                ra = run_all(sa, fed)
             except Exception as e2:
                 raise InputError(f"verification run failed: {short_error(e2)}") from None
-        for p, q in zip(ra, rb):
-            p, q = np.asarray(p, dtype=np.float64), np.asarray(q, dtype=np.float64)
-            if p.size:
-                with np.errstate(invalid="ignore", over="ignore"):
-                    d = float(np.max(np.abs(p - q)))
-                if not np.isfinite(d):
-                    raise InputError(f"verify: output difference is not finite ({d}): the outputs overflow "
-                                     "or are NaN on these inputs")
-                diff = max(diff, d)
-                scale = max(scale, float(np.max(np.abs(p))))
-        advance(1)
+        del sa
+        gc.collect()
+        try:
+            sb = session(b, options())
+        except Exception as e:                 # a writer bug, never the user's input
+            raise RuntimeError("the written base model does not load in onnxruntime "
+                               f"({short_error(e)}); nothing was written") from None
+        diff, scale = 0.0, 0.0
+        for (_, feeds), outs in zip(fed, ra):
+            try:
+                rb = sb.run(None, feeds)
+            except Exception as e:
+                raise InputError(f"verification run failed: {short_error(e)}") from None
+            for p, q in zip(outs, rb):
+                if np.shape(p) != np.shape(q):         # a writer bug, never the user's input
+                    raise RuntimeError(f"the base's output has shape {list(np.shape(q))}, the original's "
+                                       f"{list(np.shape(p))}")
+                p, q = np.asarray(p).reshape(-1), np.asarray(q).reshape(-1)
+                for k in range(0, p.size, 1 << 20):     # in float64, a slice at a time (a LM's logits are big)
+                    pk, qk = p[k:k + (1 << 20)].astype(np.float64), q[k:k + (1 << 20)].astype(np.float64)
+                    with np.errstate(invalid="ignore", over="ignore"):
+                        d = float(np.max(np.abs(pk - qk)))
+                    if not np.isfinite(d):
+                        raise InputError(f"verify: output difference is not finite ({d}): the outputs overflow "
+                                         "or are NaN on these inputs")
+                    diff = max(diff, d)
+                    scale = max(scale, float(np.max(np.abs(pk))))
+            del rb
+            advance(1)
+        del sb
+    drawn, feeds = fed[-1]
     n = int(next((np.shape(v)[0] for v in feeds.values() if np.ndim(v)), 1))
     rel = diff / scale if scale > 0 else (0.0 if diff == 0 else float("inf"))
     if data is not None:
@@ -332,12 +364,19 @@ def _verify_runs(sa, sb, names, imp, data, seed, runs, batch, specs, advance):
 
 def compress_dag_model(path, out, symmetry="fibration", eps=0.0, eps_table=None, linkage="complete",
                        metric="cosine", rtol=DEFAULT_RTOL, verify=False, data=None, seed=0, imp=None,
-                       rescale=True, post=None, graph=None):
-    """Colour, write the base to ``out``, verify; ``post(base, col, imp) -> (base, info)``
+                       rescale=True, post=None, graph=None, external_data=None):
+    """Colour, write the base to ``out`` (streamed: with ``external_data``, or
+    automatically above :data:`fibgraph.importers.onnx.external.EXTERNAL_DATA_BYTES`,
+    its weights in ``<out>.data`` beside it), check the file written (the ONNX
+    checker and onnxruntime over its path) and verify it against the original;
+    a failure leaves nothing written.  ``post(base, col, imp) -> (base, info)``
     may change the base before it is checked and written (the repair), its
     ``info`` goes to ``report["repair"]``."""
-    from fibgraph.fileio import write_atomic as atomic_write_bytes
+    import gc
 
+    from fibgraph.fileio import atomic_path
+
+    from .onnx import external
     from .onnx.runtime import check_loads
 
     t0 = time.perf_counter()
@@ -346,15 +385,32 @@ def compress_dag_model(path, out, symmetry="fibration", eps=0.0, eps_table=None,
     m2 = col.base[0]                         # written once, by color_dag_model
     if post is not None:
         m2, report["repair"] = post(m2, col, imp)
-    try:
-        onnx.checker.check_model(m2)
-    except Exception as e:                 # a writer bug, never the user's input
-        raise RuntimeError(f"the written base model does not pass the ONNX checker: {e}") from None
-    check_loads(m2)
-    t1 = time.perf_counter()
+    col.base = (None,) + tuple(col.base[1:])
+    data_name = os.path.basename(os.fspath(out)) + ".data"
+    data_path = os.path.join(os.path.dirname(os.path.abspath(out)), data_name)
+    if os.path.realpath(data_path) in {os.path.realpath(f) for f in external.external_files(imp.model)}:
+        raise InputError(f"{out}: its data file {data_name} would overwrite the input's external data")
     report["output"] = os.fspath(out)
-    if verify or data is not None:
-        report["verify"] = verify_dag(imp.model, m2, imp, data=data, seed=seed)
-    atomic_write_bytes(out, m2.SerializeToString())
+    with atomic_path(out, suffix=".onnx") as tmp:
+        written = external.save_model(m2, tmp, external=external_data, data_name=data_name)
+        del m2
+        gc.collect()
+        external.release()                         # the original's weights: not needed in memory until verify
+        try:
+            try:
+                external.check(tmp)                # a path: external data and > 2 GB alike
+            except Exception as e:                 # a writer bug, never the user's input
+                raise RuntimeError(f"the written base model does not pass the ONNX checker: {e}") from None
+            if not (verify or data is not None):
+                check_loads(tmp)                   # verify opens it anyway (verify_dag)
+            t1 = time.perf_counter()
+            if verify or data is not None:
+                report["verify"] = verify_dag(imp.model, tmp, imp, data=data, seed=seed)
+        except BaseException:
+            if written:
+                os.unlink(written)
+            raise
+    if written:
+        report["external_data"] = data_name
     report["seconds"]["compress_write"] = round(time.perf_counter() - t1 + (t1 - t0) - report["seconds"]["colour"], 4)
     return report

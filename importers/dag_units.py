@@ -44,9 +44,9 @@ from fibgraph.graph import PER_UNIT
 import re
 
 import numpy as np
-from onnx import numpy_helper
 
 from .onnx.groups import weight_uses
+from .onnx.load import tensor_value
 
 __all__ = ["DagLayer", "tie_labels", "dag_layers", "output_mask", "layer_view", "find_qk_pairs"]
 
@@ -260,8 +260,8 @@ def find_qk_pairs(model) -> list:
                         break
                 if kname is None:
                     continue
-                WQ = numpy_helper.to_array(inits[name])
-                WK = numpy_helper.to_array(inits[kname])
+                WQ = tensor_value(inits[name])
+                WK = tensor_value(inits[kname])
                 if WQ.ndim != 2 or WK.ndim != 2 or WQ.dtype.kind != "f" or WK.dtype.kind != "f":
                     continue
                 WQ = WQ.T if name in trans else WQ

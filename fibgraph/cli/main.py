@@ -155,9 +155,11 @@ def color(model, symmetry, eps, eps_file, linkage, metric, no_rescale, rtol, jso
 @click.option("--repair/--no-repair", default=None,
               help="Re-fit the layers reading merged units on --data (ridge least squares) and shift BatchNorm "
                    "statistics; default: on when --data is given.")
+@click.option("--external-data", "external_data", is_flag=True, default=None,
+              help="Write the weights to OUT.data beside OUT (automatic above 2 GB).")
 @quiet_option()
 def compress(model, out, symmetry, eps, eps_file, linkage, metric, no_rescale, rtol, verify, data, report_out,
-             csv_out, torch_out, keep, repair, quiet):
+             csv_out, torch_out, keep, repair, external_data, quiet):
     """Compress MODEL to its base network and write it to OUT (ONNX)."""
     from fibgraph.importers.api import atomic_write_json, compress_model
     from ..report import print_colour_report
@@ -166,7 +168,8 @@ def compress(model, out, symmetry, eps, eps_file, linkage, metric, no_rescale, r
              writes=[("-o", out), ("--report", report_out), ("--csv", csv_out), ("--torch", torch_out)])
     with shown(quiet):
         report = compress_model(model, out, symmetry, eps, eps_file, linkage, metric, not no_rescale, rtol,
-                                verify=verify, data=data, keep=keep, repair=repair)
+                                verify=verify, data=data, keep=keep, repair=repair,
+                                external_data=external_data)
         if torch_out:
             from fibgraph.importers.torch_out import onnx_to_torch, save_torch
 

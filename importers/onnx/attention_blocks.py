@@ -40,7 +40,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+
+from .load import tensor_value
 
 from .attention_trace import (SCALE_OPS, Fail, Graph, candidates, evaluate, needed, nodename, run_path,
                               trace_back, trace_forward)
@@ -103,7 +104,7 @@ class AttentionBlock:
 def projection_weights(proj, G, vals):
     """The projection's weight oriented ``(d_in, d_out)`` (``x @ W``), float64."""
     w = proj["weight"]
-    W = numpy_helper.to_array(G.inits[w]) if w in G.inits else np.asarray(vals[w])
+    W = tensor_value(G.inits[w]) if w in G.inits else np.asarray(vals[w])
     if W.ndim != 2:
         raise Fail(f"projection weight {w!r} has shape {W.shape}, not 2-D")
     if proj.get("transB"):
@@ -129,7 +130,7 @@ def _side_scale(G, path, vals, notes, side):
 
 
 def _value(G, t, vals):
-    return numpy_helper.to_array(G.inits[t]) if t in G.inits else np.asarray(vals[t])
+    return tensor_value(G.inits[t]) if t in G.inits else np.asarray(vals[t])
 
 
 def _side_bias(G, proj, path, vals, C):

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+
+from . import external
+from .load import tensor_value
 
 __all__ = ["Graph", "Fail", "nodename", "trace_back", "trace_forward", "candidates", "run_path", "needed",
            "evaluate", "SHAPE_OPS", "SCALE_OPS", "BIAS_OPS", "SCORE_PATH", "PROB_PATH"]
@@ -333,7 +335,7 @@ class _Values(dict):
 
     def __missing__(self, k):
         if k in self.G.inits:
-            v = numpy_helper.to_array(self.G.inits[k])
+            v = tensor_value(self.G.inits[k])
             self[k] = v
             return v
         raise KeyError(k)
@@ -358,11 +360,11 @@ def evaluate(G, names):
             so = ort.SessionOptions()
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
             so.log_severity_level = 4      # its errors come back as exceptions
-            sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+            sess = external.session(m, so)           # a big model's weights read in place
             return _Values(G, {**feeds, **dict(zip(names, sess.run(names, feeds)))})
         except Exception as e:                          # noqa: BLE001 - try the reference evaluator
             errors.append(str(e).splitlines()[0] if str(e) else type(e).__name__)
-        if m.ByteSize() > 200 * 2 ** 20:              # the reference evaluator would take ages
+        if m.ByteSize() > 200 * 2 ** 20 or external.is_lean(m):   # the reference evaluator would take ages
             continue
         try:
             from onnx.reference import ReferenceEvaluator

@@ -19,12 +19,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from fibgraph.errors import InputError
 from fibgraph.graph import FACTOR, PER_UNIT, Block
 
-from .load import graph_float_tensors, outer_refs
+from .load import graph_float_tensors, outer_refs, tensor_value
 from .probe import probe_model
 from .records import EmbeddingRecord
 
@@ -79,6 +78,13 @@ def _rank_of(col_ids, uniq):
     return np.array([lookup[int(c)] for c in col_ids], dtype=np.int64)
 
 
+def as_float(x):
+    """``x`` as a float array: float32 and float64 as they are (a weight stays a
+    view of its tensor; the engine sums in float64), other types as float64."""
+    a = np.asarray(x)
+    return a if a.dtype in (np.float32, np.float64) else a.astype(np.float64)
+
+
 def dedupe_cols(W, col_ids):
     """(n_out, L, K) weights over positions with node ids -> (src nodes, (n_out, n_src, D*K))."""
     col_ids = np.asarray(col_ids).reshape(-1)
@@ -127,7 +133,7 @@ class Builder:
         self.input_axis = input_axis
         self.label = label
         g = model.graph
-        self.consts = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+        self.consts = {t.name: tensor_value(t) for t in g.initializer}
         for node in g.node:
             if node.op_type == "Constant":
                 self.consts[node.output[0]] = self._constant_value(node)
@@ -162,7 +168,7 @@ class Builder:
     def _constant_value(self, node):
         a = attrs(node)
         if "value" in a:
-            return numpy_helper.to_array(a["value"])
+            return tensor_value(a["value"])
         for k in ("value_float", "value_int", "value_floats", "value_ints"):
             if k in a:
                 return np.array(a[k])
@@ -190,7 +196,7 @@ class Builder:
         return self.new_space(1, "const", node, distinct=True, level=0).start
 
     def dense(self, src, dst, W, name):
-        W = np.asarray(W, dtype=np.float64)
+        W = as_float(W)
         if W.ndim == 2:
             W = W[:, :, None]
         self.blocks.append(Block(src=np.asarray(src), dst=np.asarray(dst), weight=W, name=name))
@@ -315,7 +321,7 @@ class Builder:
         v = self.values.get(out)
         if node.op_type == "Gather" and kinds[0] == "const" and node.input[1] in self.datameta and \
                 int(attrs(node).get("axis", 0)) == 0 and np.asarray(self.consts[node.input[0]]).dtype.kind == "f":
-            T = np.asarray(self.consts[node.input[0]], dtype=np.float64)
+            T = as_float(self.consts[node.input[0]])
             if T.ndim != 2:
                 raise Barrier("embedding table of rank != 2")
             vocab = self.new_space(T.shape[0], "input", name + ":vocab", distinct=True, level=0)

@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+
+from .load import tensor_value
 
 from fibgraph.limits import check_elements
 
@@ -106,7 +107,7 @@ def _const_array(name, consts, prod, depth=0):
     """The value of ``name`` when it is a constant (or an Identity/Cast of one)."""
     if name in consts:
         try:
-            return numpy_helper.to_array(consts[name])
+            return tensor_value(consts[name])
         except Exception:
             return None
     n = prod.get(name)

@@ -5,7 +5,6 @@ import os
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from fibgraph.errors import InputError
 from fibgraph.fileio import read_input
@@ -29,18 +28,32 @@ def load_onnx(path) -> onnx.ModelProto:
     External-data tensors must lie inside the model's folder (a path that
     leaves it is refused, never read).
     """
+    from . import external
+
     path = os.fspath(path)
     check_model_file(path)
-    data = read_input(path)
-    if not data:
-        raise InputError(f"{path}: empty file, not an ONNX model")
-    try:
-        model = onnx.load_model_from_string(data)
-    except Exception:
-        raise InputError(f"{path}: not an ONNX model (cannot parse the protobuf; truncated or another format)") from None
+    model, read = None, False
+    if os.path.isfile(path) and os.path.getsize(path) >= external.LEAN_BYTES:
+        try:                               # a big model: its weights stay in the file (external.open_lean)
+            model = external.open_lean(path)
+        except Exception:
+            raise InputError(f"{path}: not an ONNX model (cannot parse the protobuf; truncated or another format)") \
+                from None
+    if model is None:
+        read = True
+        data = read_input(path)
+        if not data:
+            raise InputError(f"{path}: empty file, not an ONNX model")
+        try:
+            model = onnx.load_model_from_string(data)
+        except Exception:
+            raise InputError(f"{path}: not an ONNX model (cannot parse the protobuf; truncated or another format)") \
+                from None
+        del data
     if model.ir_version <= 0 or not model.HasField("graph") or len(model.graph.node) == 0:
         raise InputError(f"{path}: not an ONNX model (no graph; truncated or another format)")
     base = os.path.dirname(os.path.abspath(path))
+    lean = not read
     ext = [t for t in _all_tensors(model) if t.data_location == onnx.TensorProto.EXTERNAL]
     for t in ext:
         loc = _external_location(t)
@@ -55,6 +68,10 @@ def load_onnx(path) -> onnx.ModelProto:
         if not os.path.isfile(full):
             raise InputError(f"{path}: external data file {loc!r} of tensor {t.name!r} is missing")
     check_model(model, base, label=path)
+    if ext and (lean or sum(os.path.getsize(os.path.join(base, f)) for f in
+                            {_external_location(t) for t in ext}) >= external.LEAN_BYTES):
+        validate_model(model, path)
+        return external.absolutize(model, base)     # big external data: read in place, never loaded
     if ext:
         try:
             onnx.external_data_helper.load_external_data_for_model(model, base)
@@ -73,7 +90,10 @@ def _all_tensors(model):
 
 
 def tensor_value(t) -> np.ndarray:
-    return numpy_helper.to_array(t)
+    """A tensor's value; the weights of a big model as read-only views of their file (:mod:`.external`)."""
+    from .external import tensor_array
+
+    return tensor_array(t)
 
 
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,

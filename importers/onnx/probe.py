@@ -7,6 +7,7 @@ import onnx
 
 from fibgraph.errors import InputError
 
+from . import external
 from .feeds import describe, input_specs, make_feeds, short_error
 from .limits import check_model
 
@@ -41,7 +42,7 @@ def probe_model(model, feeds=None):
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     so.log_severity_level = 4          # a size that does not fit is tried quietly
     try:
-        sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        sess = external.session(m, so)          # a big model's weights read in place, not serialised
     except Exception as e:
         raise InputError(f"onnxruntime cannot load the model: {short_error(e)}") from None
     names = [o.name for o in sess.get_outputs()]

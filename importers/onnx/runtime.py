@@ -76,13 +76,17 @@ def probe_feeds(data, model):
 
 def check_loads(m2):
     """The base must load in onnxruntime before it is written (the checker
-    does not run shape inference through every op)."""
+    does not run shape inference through every op); ``m2``: a ModelProto or
+    the path of the file written (a session over the file: its weights are
+    mapped, not copied)."""
     import onnxruntime as ort
+
+    from .external import session as ext_session
 
     so = ort.SessionOptions()
     so.log_severity_level = 4
     try:
-        ort.InferenceSession(m2.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        ext_session(m2, so)
     except Exception as e:                 # a writer bug, never the user's input
         raise RuntimeError("the written base model does not load in onnxruntime "
                            f"({short_error(e)}); nothing was written") from None
@@ -105,11 +109,12 @@ def session(model, device="cpu"):
         providers = ["CPUExecutionProvider"]
     else:
         raise InputError(f"--device must be cpu or cuda, got {device!r}")
-    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
+    from .external import session as ext_session
+
     try:
         opts = ort.SessionOptions()
         opts.log_severity_level = 4  # none: errors come back as exceptions, one line each
-        sess = ort.InferenceSession(data, sess_options=opts, providers=providers)
+        sess = ext_session(model, opts, providers)
     except Exception as e:
         raise InputError(f"onnxruntime cannot load the model: {short_error(e)}") from None
     if isinstance(model, onnx.ModelProto):

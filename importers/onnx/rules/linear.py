@@ -11,7 +11,7 @@ import numpy as np
 from fibgraph.errors import InputError
 from fibgraph.graph import FACTOR, PER_UNIT, Block
 
-from ..build import Barrier, dedupe_cols, etype
+from ..build import Barrier, as_float, dedupe_cols, etype
 from ..records import ContractRecord, LinearRecord
 from .registry import rule
 
@@ -33,18 +33,20 @@ def matmul(b, node, name, a, kinds):
             raise Barrier("Gemm whose weight is not constant")
         if a.get("transA", 0):
             raise Barrier("Gemm with transA=1")
-        Bm = np.asarray(b.consts[B], dtype=np.float64)
-        W = float(a.get("alpha", 1.0)) * (Bm if a.get("transB", 0) else Bm.T)      # (N, K)
+        Bm = as_float(b.consts[B])
+        W = Bm if a.get("transB", 0) else Bm.T                                   # (N, K), a view
+        if float(a.get("alpha", 1.0)) != 1.0:
+            W = float(a.get("alpha", 1.0)) * W
         xi, x_axis = A, 1
     else:
         if kinds[1] == "const" and kinds[0] == "stream":
-            Bm = np.asarray(b.consts[B], dtype=np.float64)
+            Bm = as_float(b.consts[B])
             if Bm.ndim != 2:
                 raise Barrier("MatMul with a weight of rank != 2")
             W = Bm.T
             xi, x_axis = A, -1
         elif kinds[0] == "const" and kinds[1] == "stream":
-            Am = np.asarray(b.consts[A], dtype=np.float64)
+            Am = as_float(b.consts[A])
             if Am.ndim != 2:
                 raise Barrier("MatMul with a weight of rank != 2")
             W = Am
@@ -142,7 +144,7 @@ def conv(b, node, name, a, kinds):
     ids = b.layout[x]
     if any(ids.shape[k] > 1 for k in range(ids.ndim) if k != 1):
         raise Barrier(f"{op} over a tensor whose units are not on axis 1")
-    W = np.asarray(b.consts[node.input[1]], dtype=np.float64)
+    W = as_float(b.consts[node.input[1]])
     if np.any(~np.isfinite(W)):
         raise InputError(f"{b.label}: node {name!r} ({op}): weight {node.input[1]!r} holds NaN or Inf")
     group = int(a.get("group", 1))

@@ -9,7 +9,9 @@ import numpy as np
 import onnx
 import torch
 from fibgraph.errors import InputError
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
+
+from ..load import tensor_value
 
 DTYPES = {
     TensorProto.FLOAT: torch.float32, TensorProto.DOUBLE: torch.float64, TensorProto.FLOAT16: torch.float16,
@@ -31,7 +33,7 @@ def tensor_from_proto(t):
     if t.data_type not in DTYPES:
         raise InputError(f"onnx -> torch: tensor {t.name!r} has data type "
                          f"{TensorProto.DataType.Name(t.data_type)}, which is not supported")
-    arr = numpy_helper.to_array(t)
+    arr = tensor_value(t)
     if t.data_type == TensorProto.BFLOAT16:
         return torch.from_numpy(np.asarray(arr, dtype=np.float32).copy()).to(torch.bfloat16)
     return torch.from_numpy(np.array(arr, copy=True)).to(DTYPES[t.data_type])

@@ -1,0 +1,260 @@
+"""Big models in bounded memory (importers/onnx/external.py): weights read as
+views of the memory-mapped file, not copies; the base streamed to disk with
+in-folder external data (on request, or automatically above a threshold);
+onnxruntime sessions built over the file, never over the serialised weights;
+and the lean path giving the same base as the in-memory one.  The thresholds
+are module constants, made small here so that small models take the big-model
+path."""
+import mmap
+import os
+import weakref
+
+import numpy as np
+import onnx
+import pytest
+
+from helpers import cli, max_rel_diff, mlp_onnx, planted_mlp, run_onnx, save
+
+from fibgraph.importers.onnx import external
+from fibgraph.importers.onnx.importer import import_dag
+from fibgraph.importers.onnx.load import load_onnx, tensor_value
+
+
+@pytest.fixture
+def lean(monkeypatch):
+    """Every model counts as big: opened lean, weights read in place."""
+    monkeypatch.setattr(external, "LEAN_BYTES", 1)
+    monkeypatch.setattr(external, "EXTERNAL_MIN_BYTES", 64)
+
+
+def _planted(seed=0):
+    rng = np.random.default_rng(seed)
+    p = planted_mlp(rng, 32, [np.repeat(np.arange(16), 4), np.tile(np.arange(12), 4)], 3)
+    return p, mlp_onnx(p.Ws, p.bs)
+
+
+def _mapped(arr):
+    """Whether ``arr`` is a view whose base chain ends in a memory map (no copy)."""
+    b = arr
+    while isinstance(b, np.ndarray):
+        if b.flags.owndata:
+            return False
+        b = b.base
+    if isinstance(b, memoryview):
+        b = b.obj
+    return isinstance(b, mmap.mmap)
+
+
+def test_embedded_model_is_imported_without_copying_its_weights(tmp_path, lean):
+    p, m = _planted()
+    path = save(m, tmp_path / "m.onnx")
+    model = load_onnx(path)
+    assert external.is_lean(model)
+    # the protobuf in memory holds no weight bytes: only references into the file
+    assert model.ByteSize() < sum(w.size * 4 for w in p.Ws) // 4
+    W1 = tensor_value(next(t for t in model.graph.initializer if t.name == "W1"))
+    assert _mapped(W1) and not W1.flags.writeable
+    np.testing.assert_array_equal(W1, np.asarray(p.Ws[0], np.float32))
+    imp = import_dag(model)
+    assert _mapped(imp.consts["W1"]) and np.shares_memory(imp.consts["W1"], W1)
+    blk = next(b for b in imp.graph.blocks if b.name == "W1")
+    assert np.shares_memory(blk.weight, W1)           # the hypergraph's block: the same bytes
+
+
+@pytest.mark.parametrize("flag", ["--external-data", None])
+def test_external_data_input_is_memory_mapped(tmp_path, capsys, lean, flag):
+    """Every tensor external, small ones (biases below EXTERNAL_MIN_BYTES) too:
+    read in place, and written back embedded or external, never as a
+    reference to the input's file."""
+    _, m = _planted(1)
+    path = str(tmp_path / "m.onnx")
+    onnx.save_model(m, path, save_as_external_data=True, location="weights.bin", size_threshold=0)
+    model = load_onnx(path)
+    t = next(t for t in model.graph.initializer if t.name == "W2")
+    W2 = tensor_value(t)
+    assert _mapped(W2)
+    assert os.path.realpath(dict((kv.key, kv.value) for kv in t.external_data)["location"]) == \
+        os.path.realpath(tmp_path / "weights.bin")
+    out = tmp_path / "b.onnx"
+    rc, _, err = cli(capsys, "compress", path, "-o", out, "--verify", *([flag] if flag else []))
+    assert rc == 0, err
+    skel = onnx.load(str(out), load_external_data=False)
+    locs = {kv.value for t in skel.graph.initializer for kv in t.external_data if kv.key == "location"}
+    assert locs == ({"b.onnx.data"} if flag else set())
+    x = np.random.default_rng(0).normal(size=(8, 32))
+    assert max_rel_diff(run_onnx(str(out), x)[0], run_onnx(path, x)[0]) < 1e-5
+
+
+@pytest.mark.parametrize("flag", ["--external-data", None])
+def test_external_data_output_is_in_folder_relative_and_verifies(tmp_path, capsys, lean, monkeypatch, flag):
+    p, m = _planted(2)
+    src = save(m, tmp_path / "m.onnx")
+    out = tmp_path / "b.onnx"
+    if flag is None:               # automatic: the base's tensors exceed the threshold
+        monkeypatch.setattr(external, "EXTERNAL_DATA_BYTES", 100)
+    rc, _, err = cli(capsys, "compress", src, "-o", out, "--verify", *([flag] if flag else []))
+    assert rc == 0, err
+    assert (tmp_path / "b.onnx.data").is_file()
+    locs = {dict((kv.key, kv.value) for kv in t.external_data).get("location")
+            for t in onnx.load(str(out), load_external_data=False).graph.initializer
+            if t.data_location == onnx.TensorProto.EXTERNAL}
+    assert locs == {"b.onnx.data"}                   # relative, in the output's folder
+    base = onnx.load(str(out))                        # loads with its data
+    onnx.checker.check_model(str(out))
+    n = sum(int(np.prod(t.dims)) for t in base.graph.initializer)
+    assert n == p.params_after()                      # the planted base
+    x = np.random.default_rng(0).normal(size=(16, 32))
+    assert max_rel_diff(run_onnx(str(out), x)[0], run_onnx(m, x)[0]) < 1e-5
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".fibgraph")]    # no temporaries left
+
+
+def test_embedded_output_by_default_streamed_equal(tmp_path, capsys, lean):
+    """Without the flag (below the threshold) one protobuf, written tensor by
+    tensor, equal to the base the in-memory path writes."""
+    _, m = _planted(3)
+    src = save(m, tmp_path / "m.onnx")
+    rc, _, err = cli(capsys, "compress", src, "-o", tmp_path / "lean.onnx", "--verify")
+    assert rc == 0, err
+    assert not (tmp_path / "lean.onnx.data").exists()
+    external.LEAN_BYTES = 1 << 40                     # the in-memory path (monkeypatch restores it)
+    rc, _, err = cli(capsys, "compress", src, "-o", tmp_path / "mem.onnx", "--verify")
+    assert rc == 0, err
+    a, b = onnx.load(str(tmp_path / "lean.onnx")), onnx.load(str(tmp_path / "mem.onnx"))
+    assert [t.name for t in a.graph.initializer] == [t.name for t in b.graph.initializer]
+    for s, t in zip(a.graph.initializer, b.graph.initializer):
+        np.testing.assert_array_equal(onnx.numpy_helper.to_array(s), onnx.numpy_helper.to_array(t))
+    assert a.graph.node == b.graph.node
+
+
+def test_save_model_round_trip(tmp_path):
+    """Embedded: the same ModelProto back; external: the same tensors, page-aligned offsets."""
+    _, m = _planted(4)
+    external.save_model(m, tmp_path / "e.onnx", external=False)
+    assert onnx.load(str(tmp_path / "e.onnx")) == m
+    external.save_model(m, tmp_path / "x.onnx", external=True)
+    back = onnx.load(str(tmp_path / "x.onnx"))
+    for s, t in zip(m.graph.initializer, back.graph.initializer):
+        np.testing.assert_array_equal(onnx.numpy_helper.to_array(s), onnx.numpy_helper.to_array(t))
+    skel = onnx.load(str(tmp_path / "x.onnx"), load_external_data=False)
+    offs = [int(dict((kv.key, kv.value) for kv in t.external_data)["offset"]) for t in skel.graph.initializer
+            if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert offs and all(o % external.ALIGN == 0 for o in offs)
+
+
+def test_sessions_are_built_from_the_file_not_the_weights(tmp_path, capsys, lean, monkeypatch):
+    """The probe and verify hand onnxruntime a protobuf without the weights (or
+    the written file's path), and verify opens one session at a time."""
+    _, m = _planted(5)
+    src = save(m, tmp_path / "m.onnx")
+    weights = sum(t.ByteSize() for t in m.graph.initializer if t.name.startswith("W"))
+    seen, live = [], weakref.WeakSet()
+    real = external.session
+
+    class Tracked:
+        def __init__(self, s):
+            self.s = s
+            live.add(self)
+
+        def __getattr__(self, k):
+            return getattr(self.s, k)
+
+    def spy(model, options=None, providers=("CPUExecutionProvider",)):
+        seen.append((model.ByteSize(), external.is_lean(model)) if isinstance(model, onnx.ModelProto)
+                    else os.fspath(model))
+        assert len(live) == 0, "a second session while one is open"
+        return Tracked(real(model, options, providers))
+
+    monkeypatch.setattr(external, "session", spy)
+    rc, _, err = cli(capsys, "compress", src, "-o", tmp_path / "b.onnx", "--verify")
+    assert rc == 0, err
+    protos = [s for s in seen if isinstance(s, tuple)]
+    paths = [s for s in seen if isinstance(s, str)]
+    assert protos and all(lean_ and size < weights for size, lean_ in protos)   # probe, verify's original
+    assert len(paths) == 1 and os.path.dirname(paths[0]) == str(tmp_path)       # the base: its file
+
+
+def test_truncated_external_data_is_one_line(tmp_path, capsys, lean):
+    _, m = _planted(6)
+    path = str(tmp_path / "m.onnx")
+    onnx.save_model(m, path, save_as_external_data=True, location="w.bin", size_threshold=0)
+    with open(tmp_path / "w.bin", "r+b") as f:
+        f.truncate(os.path.getsize(tmp_path / "w.bin") // 2)
+    rc, _, err = cli(capsys, "compress", path, "-o", tmp_path / "b.onnx")
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert not (tmp_path / "b.onnx").exists()
+
+
+def test_a_file_replaced_at_the_same_path_is_read_anew(tmp_path, lean):
+    """The maps are shared per file, not per path: a model rewritten in place
+    (an output compressed again) is not read through a stale map."""
+    path = str(tmp_path / "m.onnx")
+    vals = []
+    for seed in (7, 8):
+        _, m = _planted(seed)
+        tmp = str(tmp_path / f"t{seed}.onnx")
+        save(m, tmp)
+        os.replace(tmp, path)
+        vals.append(np.array(tensor_value(next(t for t in load_onnx(path).graph.initializer if t.name == "W1"))))
+        np.testing.assert_array_equal(vals[-1], onnx.numpy_helper.to_array(m.graph.initializer[0]))
+    assert not np.array_equal(vals[0], vals[1])
+
+
+def test_lean_tensors_of_every_type_read_as_onnx_reads_them(tmp_path, lean):
+    """float16 is a view; bfloat16 (numpy has no such type) is decoded by onnx, equal to its reading."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(9)
+    h = onnx.numpy_helper.from_array(rng.normal(size=(64, 8)).astype(np.float16), "h")
+    bf = helper.make_tensor("bf", TensorProto.BFLOAT16, [64, 8], rng.normal(size=512).astype(np.float32).tolist())
+    i8 = onnx.numpy_helper.from_array(rng.integers(-100, 100, (64, 8)).astype(np.int8), "i8")
+    g = helper.make_graph([helper.make_node("Identity", ["h"], ["y"])], "g", [],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [64, 8])], [h, bf, i8])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    want = {t.name: onnx.numpy_helper.to_array(t) for t in m.graph.initializer}
+    path = str(tmp_path / "m.onnx")
+    onnx.save_model(m, path, save_as_external_data=True, location="d.bin", size_threshold=0)
+    got = {t.name: tensor_value(t) for t in load_onnx(path).graph.initializer}
+    for k in want:
+        np.testing.assert_array_equal(np.asarray(got[k], np.float64), np.asarray(want[k], np.float64))
+    assert _mapped(got["h"]) and _mapped(got["i8"])
+
+
+def test_lean_attention_model_compresses_like_the_in_memory_one(tmp_path, monkeypatch):
+    """A lean attention model compresses to the same base; the attention analysis's own
+    onnxruntime session (attention_trace.evaluate) reads the weights in place too."""
+    pytest.importorskip("torch")
+    import test_dag_packed_attention as pa
+
+    from fibgraph.importers.dag_api import compress_dag_model
+
+    name = next(iter(pa.PLANTS))
+    net, _ = pa._planted(name)
+    src = pa._export(net, tmp_path / "a.onnx", "legacy")
+    reports = {}
+    import sys
+
+    callers, real = [], external.session
+
+    def spy(model, *a, **k):
+        callers.append(sys._getframe(1).f_code.co_name)
+        return real(model, *a, **k)
+
+    monkeypatch.setattr(external, "session", spy)
+    for mode, lean_bytes in (("mem", 1 << 40), ("lean", 1)):
+        monkeypatch.setattr(external, "LEAN_BYTES", lean_bytes)
+        monkeypatch.setattr(external, "EXTERNAL_MIN_BYTES", 64)
+        reports[mode] = compress_dag_model(src, tmp_path / f"{mode}.onnx", eps=0.0, verify=True)
+    assert external.is_lean(load_onnx(src))
+    assert reports["lean"]["params_after"] == reports["mem"]["params_after"] < reports["mem"]["params_before"]
+    assert [ly["nodes_after"] for ly in reports["lean"]["layers"]] == \
+        [ly["nodes_after"] for ly in reports["mem"]["layers"]]
+    assert reports["lean"]["verify"]["max_abs_diff"] < 1e-4
+    # the attention analysis (inspect, metrics) runs its own session: over the lean model too
+    from fibgraph.importers.onnx.attention_blocks import find_attention
+
+    callers.clear()
+    blocks, problems = find_attention(load_onnx(src))
+    assert "evaluate" in callers and blocks and not problems
+    monkeypatch.setattr(external, "LEAN_BYTES", 1 << 40)
+    ref, _ = find_attention(load_onnx(src))
+    assert [len(b.heads) for b in blocks] == [len(b.heads) for b in ref]
