@@ -224,6 +224,13 @@ def validate_model(model: onnx.ModelProto, path) -> None:
         if v is not None and not MIN_OPSET <= v <= newest:
             raise _Bad(f"{where}: opset {v} of the default domain is not supported "
                        f"(supported: {MIN_OPSET} to {newest}, the newest the installed onnx knows)")
+        for msg, what in ((model, "the model's"), (model.graph, "the graph's")):
+            for fd, val in msg.ListFields():      # producer, domain, doc strings: written back as they are
+                if fd.type == fd.TYPE_STRING and isinstance(val, bytes):
+                    raise _Bad(f"{where}: {what} {fd.name} {val!r} is not UTF-8 text")
+        for kv in model.metadata_props:
+            _text(kv.key, f"{where}: a metadata key")
+            _text(kv.value, f"{where}: a metadata value")
         _check_graph(model.graph, opsets, set(), where)
     except _Bad as e:
         raise InputError(str(e)) from None
