@@ -220,7 +220,7 @@ def _compressor(mp, linkage, metric, rescale, rtol=DEFAULT_RTOL, symmetry="fibra
     return DagCompressor(mp, linkage, metric, rescale, symmetry=symmetry, rtol=rtol, feeds=feeds)
 
 
-def compress_module(model, example_inputs=None, eps=None, linkage="average", metric="cosine", rescale=True,
+def compress_module(model, example_inputs=None, eps=None, linkage="complete", metric="cosine", rescale=True,
                     rtol=DEFAULT_RTOL, symmetry="fibration", example=None, data=None, fallback=True,
                     eps_by_layer=None) -> ModuleCompression:
     """Compress a torch module to its base: a :class:`ModuleCompression`
@@ -283,7 +283,7 @@ def _as_xy(data):
     return x.astype(np.float32), y.astype(np.int64)
 
 
-def tune_module(model, cal, tau=0.01, steps=8, linkage="average", metric="cosine", rescale=True,
+def tune_module(model, cal, tau=0.01, steps=8, linkage="complete", metric="cosine", rescale=True,
                 hi=EPS_MAX, example=None) -> TuneResult:
     """Algorithm 3 on a torch module (the loss of each compressed base measured
     with onnxruntime on ``cal`` = (x, y)); returns
@@ -300,7 +300,7 @@ def tune_module(model, cal, tau=0.01, steps=8, linkage="average", metric="cosine
 
 
 def compress_retune(model, train, val, eps0=None, q=1.05, rho=0.05, tau=0.01, steps=8,
-                    max_iters=10, linkage="average", metric="cosine", rescale=True, cal=None,
+                    max_iters=10, linkage="complete", metric="cosine", rescale=True, cal=None,
                     check=None, retune_kw=None, log=None, eps_floor=0.0, example=None) -> RetuneResult:
     """Algorithm 2 on a torch module: :func:`fibgraph.importers.retune_onnx.compress_retune_onnx`
     on its export, the result rebuilt as a module of the base's shapes

@@ -164,7 +164,7 @@ def make_compressor(model, linkage="complete", metric="cosine", rescale=True, rt
     return DagCompressor(m, linkage, metric, rescale, rtol=rtol, imported=imp)
 
 
-def tune_model(model, data, tau=0.01, steps=10, linkage="complete", metric="cosine", rescale=True,
+def tune_model(model, data, tau=0.01, steps=8, linkage="complete", metric="cosine", rescale=True,
                rtol=DEFAULT_RTOL, on_step=None, compressor=None, max_eps=EPS_MAX, keep=None):
     """Algorithm 3 on an ONNX classifier: returns the report dict.
 

@@ -43,9 +43,8 @@ def _parse_eps_list(text, what="--eps"):
               help="Calibration .npz with arrays x, y.")
 @click.option("--tau", type=float, default=0.01, show_default=True,
               help="Allowed relative loss increase: loss <= (1 + tau) * original loss.")
-@click.option("--steps", type=int, default=10, show_default=True,
-              help="Bisection steps per layer (resolution 2 / 2**steps; retune uses 8, running this search "
-                   "once per round).")
+@click.option("--steps", type=int, default=8, show_default=True,
+              help="Bisection steps per layer (resolution 2 / 2**steps; the same default as retune's).")
 @linkage_option
 @metric_option
 @click.option("--no-rescale", is_flag=True, help="Disable the rescaling merge of proportional rows.")
@@ -281,8 +280,8 @@ def compare_methods_cmd(model, data, eps_text, keep_text, calib, finetune_epochs
 @click.option("--max-iters", type=int, default=10, show_default=True,
               help="Most compress-retune rounds.")
 @click.option("--steps", type=int, default=8, show_default=True,
-              help="Bisection steps per layer of each round's greedy eps (8, not tune's 10: the search runs "
-                   "once per round; resolution 2 / 2**steps).")
+              help="Bisection steps per layer of each round's greedy eps (resolution 2 / 2**steps; the same "
+                   "default as tune's).")
 @click.option("--lr", type=float, default=1e-3, show_default=True, help="Adam learning rate of the retuning.")
 @click.option("--batch", type=int, default=100, show_default=True, help="Mini-batch size of the retuning.")
 @click.option("--max-epochs", type=int, default=50, show_default=True, help="Most epochs of retuning per round.")
