@@ -31,6 +31,7 @@ for instance) is refused with the hint to use the ONNX model as it is
 """
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import replace
 
@@ -222,7 +223,7 @@ def _compressor(mp, linkage, metric, rescale, rtol=DEFAULT_RTOL, symmetry="fibra
 
 def compress_module(model, example_inputs=None, eps=None, linkage="complete", metric="cosine", rescale=True,
                     rtol=DEFAULT_RTOL, symmetry="fibration", example=None, data=None, fallback=True,
-                    eps_by_layer=None) -> ModuleCompression:
+                    eps_by_layer=None, keep=None) -> ModuleCompression:
     """Compress a torch module to its base: a :class:`ModuleCompression`
     (unpacks as ``module, base ONNX, colouring``).
 
@@ -238,7 +239,11 @@ def compress_module(model, example_inputs=None, eps=None, linkage="complete", me
     layer classes, return an ``OnnxModule`` of the base and say why in
     ``report["fallback"]`` (the module path that blocks), instead of raising.
     As everywhere on the hypergraph path, there is no rescaling merge and
-    cosine is replaced by the magnitude-aware distance."""
+    cosine is replaced by the magnitude-aware distance.  ``keep`` (0 < keep
+    <= 1, instead of ``eps``): the per-layer eps that keep this fraction of
+    the parameters (:func:`fibgraph.importers.keep.keep_search`: data-aware
+    when ``data`` is ``(x, y)`` or an .npz with labels, else data-free); the
+    report's ``"keep"`` says what it got."""
     from .onnx.runtime import count_params
     from .torch_rebuild import base_tensors, export_named, param_count
 
@@ -252,7 +257,20 @@ def compress_module(model, example_inputs=None, eps=None, linkage="complete", me
     if data is not None:
         feeds = {"x": np.asarray(_data_x(data)[:1], dtype=ex.cpu().numpy().dtype)}
     mc = _compressor(mp, linkage, metric, rescale, rtol, symmetry, feeds)
-    if isinstance(eps, (int, float)) and not isinstance(eps, bool):
+    found = None
+    if keep is not None:
+        from .keep import check_keep, keep_search
+
+        if eps:
+            raise InputError("keep= chooses the eps itself: give keep= or eps=, not both")
+        xy = None
+        if isinstance(data, (tuple, list)) and len(data) == 2:
+            xy = _as_xy(data)
+        elif isinstance(data, (str, os.PathLike)):
+            xy = data
+        found = keep_search(mc, check_keep(keep), data=xy)
+        table = dict(found["eps"])
+    elif isinstance(eps, (int, float)) and not isinstance(eps, bool):
         table = {w: float(eps) for w in mc.tunable} if eps else {}
     else:
         table = dict(eps or {})
@@ -260,6 +278,8 @@ def compress_module(model, example_inputs=None, eps=None, linkage="complete", me
     report = {"params_before": n_params(model), "onnx_params_before": count_params(mp),
               "onnx_params_after": count_params(m2), "eps": mc.eps_file(table),
               "layers": mc.layer_rows(table, base), "notes": list(mc.notes), "fallback": None}
+    if found is not None:
+        report["keep"] = found
     try:
         small = module_from_onnx(m2, model, original=mp, example=ex, data=data)
         report["params_after"] = param_count(model, base_tensors(m2, src))

@@ -193,3 +193,29 @@ def test_one_eps_for_every_layer_and_data_for_the_probe():
 def test_unknown_layer_names_are_refused_in_torch_names():
     with pytest.raises(InputError, match="0.weight"):
         compress_module(_planted_mlp(), torch.zeros(1, 10), eps={"9.weight": 0.1})
+
+
+@pytest.mark.parametrize("with_data", [False, True])
+def test_compress_module_keep_lands_on_the_budget_with_real_layers(one_torch_thread, with_data):
+    """compress_module(keep=F): the returned module keeps F of the parameters
+    (within the 2% of --keep, or the report says why not), with real
+    nn.Linear layers of the original's attribute structure."""
+    import torch
+    from torch import nn
+
+    from fibgraph.importers import compress_module
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(12, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 4)).eval()
+    x = torch.randn(64, 12)
+    data = (x, m(x).argmax(1)) if with_data else None
+    res = compress_module(m, x[:1], keep=0.5, data=data)
+    small, rep = res.module, res.report
+    k = rep["keep"]
+    assert k["mode"] == ("data-aware" if with_data else "data-free")
+    n0 = sum(p.numel() for p in m.parameters())
+    n1 = sum(p.numel() for p in small.parameters())
+    assert n1 == rep["params_after"] < n0
+    assert abs(n1 / n0 - 0.5) <= 0.02 or not k["landed"]
+    assert [type(a) for a in small] == [type(a) for a in m]
+    assert dict(m.named_modules()).keys() == dict(small.named_modules()).keys()
