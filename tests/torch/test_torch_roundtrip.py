@@ -219,3 +219,36 @@ def test_compress_module_keep_lands_on_the_budget_with_real_layers(one_torch_thr
     assert abs(n1 / n0 - 0.5) <= 0.02 or not k["landed"]
     assert [type(a) for a in small] == [type(a) for a in m]
     assert dict(m.named_modules()).keys() == dict(small.named_modules()).keys()
+
+
+def test_a_submodule_the_forward_never_reaches_is_kept_as_it_is(one_torch_thread):
+    """A module with a layer its forward does not use (as a BERT pooler under
+    last_hidden_state): not in the export, so it is kept unchanged and
+    counted once; the used layers shrink. (It used to be refused as
+    'not found in its ONNX export'.)"""
+    import torch
+    from torch import nn
+
+    from fibgraph.importers import compress_module
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2, self.pooler = nn.Linear(4, 6), nn.Linear(6, 2), nn.Linear(6, 6)
+
+        def forward(self, x):
+            return self.fc2(torch.relu(self.fc1(x)))
+
+    torch.manual_seed(0)
+    m = Net().eval()
+    with torch.no_grad():                      # plant 3 pairs of equal units in fc1
+        m.fc1.weight[3:] = m.fc1.weight[:3]
+        m.fc1.bias[3:] = m.fc1.bias[:3]
+    res = compress_module(m, torch.randn(1, 4), eps=0.0)
+    small = res.module
+    assert type(small) is Net and small.fc1.out_features == 3 and small.fc2.in_features == 3
+    assert torch.equal(small.pooler.weight, m.pooler.weight)
+    assert res.report["params_after"] == sum(p.numel() for p in small.parameters())
+    x = torch.randn(8, 4)
+    with torch.no_grad():
+        assert float((small(x) - m(x)).abs().max()) < 1e-5
