@@ -133,7 +133,7 @@ def plot_keep(res, path, title):
         ax.set_xlabel("parameters kept (%)")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("test accuracy (%)")
-    axes[0].legend(fontsize=7, loc="lower right")
+    axes[0].legend(fontsize=6, loc="best")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     out = save_figure(fig, path)
@@ -191,8 +191,16 @@ def main(argv=None):
                     choices=["digits_mlp", "digits_cnn", "mnist_mlp", "digits_lstm", "digits_tf"])
     ap.add_argument("--finetune-epochs", type=int, default=0)
     ap.add_argument("--tag", default="", help="suffix of the output names")
+    ap.add_argument("--replot", action="store_true", help="redraw the figure from the saved JSON")
     a = ap.parse_args(argv)
     name = "digits_cnn" if a.cnn else a.model
+    if a.replot:
+        with open(os.path.join(ROOT, "benchmarks", "results", f"keep_{name}{a.tag}.json")) as f:
+            res = json.load(f)
+        orig = res["rows"][0]["accuracy"]
+        print(plot_keep(res, os.path.join(ROOT, "benchmarks", "figures", f"keep_{name}{a.tag}.png"),
+                        f"{name}: accuracy at equal size (orig. {orig:.1%})"))
+        return
     keeps = [float(v) for v in a.keep.split(",")]
     tmp = tempfile.mkdtemp()
     cal, test = os.path.join(tmp, "cal.npz"), os.path.join(tmp, "test.npz")
