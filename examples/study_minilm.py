@@ -170,6 +170,41 @@ def baselines(src, cal_path, rep, args, ev, ref, repair_data):
     return out
 
 
+def plot_results(paths, png):
+    """Mean cosine to the original against the parameters kept, one line per
+    method, from the results files ``paths``; ``png`` (+ .svg) at 200 dpi."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from fibgraph.figures import save_figure
+
+    by = {}
+    for p in paths:
+        with open(p) as f:
+            for r in json.load(f)["rows"]:
+                by.setdefault(r["method"], {})[r["kept"]] = r["mean_cos"]
+    styles = {"fibration": ("tab:red", "o", "-"), "fibration+repair": ("tab:red", "o", "-."),
+              "l2": ("tab:pink", "s", "--"), "l2+repair": ("tab:pink", "s", "-."),
+              "fold": ("tab:green", "^", ":"), "fold+repair": ("tab:green", "^", "-.")}
+    fig, ax = plt.subplots(figsize=(5.6, 4.0))
+    for m, pts in by.items():
+        c, mk, ls = styles.get(m, ("k", "x", "-"))
+        xs = sorted(pts)
+        ax.plot([100 * x for x in xs], [pts[x] for x in xs], ls, color=c, marker=mk, ms=4,
+                label=m.replace("fold", "folding").replace("l2", "L2 pruning").replace("+repair", " + repair"))
+    ax.set_xlabel("parameters kept (%)")
+    ax.set_ylabel("mean cosine to the original's embedding")
+    ax.set_title("all-MiniLM-L6-v2, data-free --keep, 256 evaluation sentences", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    out = save_figure(fig, png)
+    plt.close(fig)
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--keep", default="0.9,0.7,0.5", help="parameter budgets (fractions kept)")
@@ -179,10 +214,17 @@ def main(argv=None):
     ap.add_argument("--no-data", action="store_true", help="data-free compression (no calibration set)")
     ap.add_argument("--linkage", default=None)
     ap.add_argument("--metric", default=None)
+    ap.add_argument("--repair", action="store_true", help="with --no-data --keep: also the data-free base "
+                    "(the same eps) repaired on the calibration sentences (compress --eps-file --data)")
     ap.add_argument("--baseline", default="", help="with --keep: also these pruning/folding baselines "
                     "(comma list of random, l2, l1, fold) at the fibration base's units per group, "
                     "without and with the repair on the calibration set")
+    ap.add_argument("--plot", nargs="+", metavar="RESULTS_JSON", help="only draw the figure from these files "
+                    "(to benchmarks/figures/keep_minilm.png)")
     args = ap.parse_args(argv)
+    if args.plot:
+        print(plot_results(args.plot, os.path.join(ROOT, "benchmarks", "figures", "keep_minilm.png")))
+        return
 
     from fibgraph.importers.api import compress_model
 
@@ -224,11 +266,28 @@ def main(argv=None):
             row["keep_search"] = {k: v for k, v in rep["keep"].items() if k != "eps"}
         rows.append(row)
         print(json.dumps(row), flush=True)
+        if args.repair and args.no_data and kind == "keep":
+            eps_json = os.path.join(OUT, f"eps_keep{value}.json")
+            with open(eps_json, "w") as f:
+                json.dump(rep["keep"]["eps"], f)
+            out2 = os.path.join(OUT, f"minilm_keep{value}_repair.onnx")
+            t0 = time.perf_counter()
+            rep2 = compress_model(src, out2, eps_file=eps_json, data=cal_path, **{k: v for k, v in kw.items()
+                                                                                 if k != "keep"})
+            cos = (embed(out2, ev) * ref).sum(1)
+            row2 = {"keep": value, "method": "fibration+repair", "params": rep2["params_after"],
+                    "kept": round(rep2["params_after"] / p0, 4), "mean_cos": round(float(cos.mean()), 4),
+                    "min_cos": round(float(cos.min()), 4), "p05_cos": round(float(np.percentile(cos, 5)), 4),
+                    "seconds": round(time.perf_counter() - t0, 1), "data": "repair only"}
+            rows.append(row2)
+            print(json.dumps(row2), flush=True)
         if args.baseline and kind == "keep":
-            for brow in baselines(src, cal_path, rep, args, ev, ref, None if args.no_data else cal_path):
+            repair_data = cal_path if (not args.no_data or args.repair) else None
+            for brow in baselines(src, cal_path, rep, args, ev, ref, repair_data):
                 rows.append(brow)
                 print(json.dumps(brow), flush=True)
-    name = f"results_{'eps' if args.eps else 'keep'}_{'nodata' if args.no_data else 'data'}.json"
+    name = f"results_{'eps' if args.eps else 'keep'}_{'nodata' if args.no_data else 'data'}" \
+        f"{'_repair' if args.repair and args.no_data else ''}.json"
     with open(os.path.join(OUT, name), "w") as f:
         json.dump({"n_cal": args.n_cal, "n_eval": args.n_eval, "seq": SEQ, "rows": rows}, f, indent=1)
 
