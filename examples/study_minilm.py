@@ -17,6 +17,14 @@ extra).  Run::
 
     python examples/study_minilm.py --keep 0.9,0.7,0.5
     python examples/study_minilm.py --eps 0,0.1,0.3 --no-data
+    # data-free --keep, then the same eps repaired on the calibration sentences, and
+    # L2 pruning / k-means folding at the same units per group (with and without the repair)
+    python examples/study_minilm.py --keep 0.9,0.7 --no-data --repair --baseline l2,fold
+    python examples/study_minilm.py --plot RESULTS.json ...   # benchmarks/figures/keep_minilm.png
+
+The data-aware ``--keep`` (calibration sentences, no ``--no-data``) re-evaluates every
+group at every greedy step on this 22.6M-parameter model: it did not finish one target
+in 10 minutes on 2 shared cores (BENCHMARKS.md).
 
 Writes ``examples/out/minilm/results_<keep|eps>_<data|nodata>.json`` and prints
 one row per setting (with ``--keep``: also what the search landed at and why).
