@@ -229,8 +229,9 @@ def main(argv=None):
     rows = res["rows"]
     orig = rows[0]
     methods = ["fibration", "random", "l2", "l1", "fold"]
-    ft = " ({} epoch(s) of Adam lr 1e-3, batch 100 on the calibration set)".format(a.finetune_epochs)
-    lines = [f"##### bench_keep.py --model {name}{' --finetune-epochs %d' % a.finetune_epochs if a.finetune_epochs else ''}"
+    ft = f" ({a.finetune_epochs} epoch(s) of Adam lr 1e-3, batch 100 on the calibration set)"
+    ft_opt = f" --finetune-epochs {a.finetune_epochs}" if a.finetune_epochs else ""
+    lines = [f"##### bench_keep.py --model {name}{ft_opt}"
              f", {time.strftime('%Y-%m-%d %H:%M')}, {secs:.0f} s (training {t_train:.0f} s)", "",
              f"original: {orig['params']:,} params, test accuracy {orig['accuracy']:.2%} (n = {res['n']}); "
              f"{setting}; complete linkage, euclidean; "
