@@ -111,7 +111,7 @@ def compress_model(path, out, symmetry="fibration", eps=0.0, eps_file=None, link
             raise InputError("--keep chooses the eps itself: give --keep or --eps/--eps-file, not both")
         mc = DagCompressor(dag.model, linkage, metric, rescale, symmetry, rtol, imported=dag)
         mc.colour_graph = act_graph
-        found = keep_search(mc, keep, data=load_data(data) if data is not None else None)
+        found = keep_search(mc, keep, data=data)
         table = found["eps"]
     if repair is None:
         repair = data is not None

@@ -84,10 +84,13 @@ def make_loss(model, data):
     """``loss(ModelProto) -> float`` on calibration ``data`` (an .npz path, ``(x, y)``
     or ``(x, None)``): mean cross-entropy with labels, else the outputs' mean
     squared difference to ``model``'s over their variance."""
-    from .onnx.runtime import data_feeds, load_data, run, session
+    from .onnx.runtime import data_feeds, load_data, npz_headers, run, session
     from .scoring import evaluate_any, feeds_eval
 
-    xy = load_data(data) if not isinstance(data, tuple) else data
+    if isinstance(data, tuple):
+        xy = data
+    else:       # an .npz with one array per model input (no 'x') is unlabelled calibration data
+        xy = load_data(data) if "x" in npz_headers(data) else (None, None)
     if xy[1] is not None:
         d = feeds_eval(model, data, xy)
         return lambda m: evaluate_any(m, d)["loss"]

@@ -229,3 +229,34 @@ def test_keep_above_the_exact_base_returns_the_exact_base():
     r = keep_search(mc, 0.95)
     assert r["group_eps"] == {} and not r["landed"] and "exact base" in r["note"]
     assert r["kept"] < 0.95 - TOL
+
+
+def test_compress_keep_data_aware_on_a_model_with_two_inputs(tmp_path):
+    # calibration data for a model with several inputs is an .npz with one
+    # array per input name (no 'x', no labels): --keep's data-aware search
+    # takes it as unlabelled (distillation loss) instead of asking for 'x'
+    import onnx
+
+    from fibgraph.importers.api import compress_model
+    from fibgraph.importers.onnx.runtime import count_params
+
+    class TwoIn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(16, 48), nn.Linear(48, 5)
+
+        def forward(self, a, b):
+            return self.fc2(torch.relu(self.fc1(a * b)))
+
+    torch.manual_seed(0)
+    path, out, cal = str(tmp_path / "two.onnx"), str(tmp_path / "base.onnx"), str(tmp_path / "cal.npz")
+    z = torch.zeros(2, 16)
+    torch.onnx.export(TwoIn().eval(), (z, z), path, dynamo=False, opset_version=17, input_names=["a", "b"],
+                      output_names=["y"], dynamic_axes={"a": {0: "n"}, "b": {0: "n"}, "y": {0: "n"}})
+    rng = np.random.default_rng(0)
+    np.savez(cal, a=rng.standard_normal((64, 16)).astype(np.float32),
+             b=rng.standard_normal((64, 16)).astype(np.float32))
+    rep = compress_model(path, out, keep=0.5, data=cal)
+    assert rep["keep"]["mode"] == "data-aware" and rep["keep"]["landed"], rep["keep"]
+    assert np.isfinite(rep["keep"]["calibration_loss"])
+    assert abs(count_params(onnx.load(out)) / count_params(onnx.load(path)) - 0.5) <= TOL
