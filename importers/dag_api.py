@@ -271,6 +271,20 @@ def _feeds_like(imp, seed, data=None, specs=None, batch=None):
     return feeds
 
 
+def _heavy(model) -> bool:
+    """Whether ``model`` (a path or a ModelProto) holds weights of
+    :data:`~fibgraph.importers.onnx.external.LEAN_BYTES` or more (then freeing
+    them at once matters more than the cost of ``gc.collect``)."""
+    from .onnx.external import LEAN_BYTES
+
+    try:
+        if isinstance(model, (str, os.PathLike)):
+            return os.path.getsize(model) >= LEAN_BYTES
+        return sum(len(t.raw_data) for t in model.graph.initializer) >= LEAN_BYTES
+    except (OSError, AttributeError):
+        return False
+
+
 def verify_dag(a, b, imp, data=None, seed=0, repeats=3, batch=64):
     """Largest absolute output difference of models ``a`` and ``b`` (ModelProtos
     or paths) on ``repeats`` made-up inputs shaped like the probe's, at
@@ -324,7 +338,8 @@ def verify_dag(a, b, imp, data=None, seed=0, repeats=3, batch=64):
             except Exception as e2:
                 raise InputError(f"verification run failed: {short_error(e2)}") from None
         del sa
-        gc.collect()
+        if _heavy(a):                          # a full collection costs time in a big process: only for big models
+            gc.collect()
         try:
             sb = session(b, options())
         except Exception as e:                 # a writer bug, never the user's input
@@ -393,8 +408,10 @@ def compress_dag_model(path, out, symmetry="fibration", eps=0.0, eps_table=None,
     report["output"] = os.fspath(out)
     with atomic_path(out, suffix=".onnx") as tmp:
         written = external.save_model(m2, tmp, external=external_data, data_name=data_name)
+        heavy = _heavy(m2) or _heavy(path)
         del m2
-        gc.collect()
+        if heavy:                                  # a full collection costs time in a big process: only for big models
+            gc.collect()
         external.release()                         # the original's weights: not needed in memory until verify
         try:
             try:
