@@ -29,7 +29,7 @@ import tempfile
 
 from .errors import InputError
 
-__all__ = ["read_input", "check_regular", "check_paths", "show", "atomic_path", "write_atomic",
+__all__ = ["read_input", "check_regular", "check_paths", "path_items", "show", "atomic_path", "write_atomic",
            "write_json_atomic", "check_output_path", "make_output_dir", "output_transaction"]
 
 
@@ -78,7 +78,7 @@ def read_input(path) -> bytes:
 
 
 # ------------------------------------------------------------------ checks
-def _items(paths, default):
+def path_items(paths, default):
     """(what, path) pairs from paths or (what, path) tuples; None entries dropped."""
     out = []
     for p in paths or ():
@@ -176,10 +176,10 @@ def check_paths(reads=(), writes=(), write_dirs=(), optional_reads=()):
     remembered by the active :func:`output_transaction`, so that no output
     written later (into an output folder, say) can replace one of them.
     """
-    reads = _items(reads, "input")
-    optional = _items(optional_reads, "input")
-    writes = _items(writes, "output")
-    dirs = _items(write_dirs, "output folder")
+    reads = path_items(reads, "input")
+    optional = path_items(optional_reads, "input")
+    writes = path_items(writes, "output")
+    dirs = path_items(write_dirs, "output folder")
     for what, p in reads:
         check_regular(p, what)
     for what, p in optional:

@@ -206,18 +206,9 @@ def _data_free(probe, tun, keep, tol, frac, steps, on_step):
     # in between by one group at a time
     cur = {g: lo for g in tun}
     for g in tun:
-        a, b = lo, hi
-        for _ in range(steps):
-            mid = 0.5 * (a + b)
-            t = {**cur, g: mid}
-            seen.append(t)
-            f = frac(t)
-            if abs(f - keep) <= tol / 4:
-                return t
-            if f >= keep:
-                a = mid
-            else:
-                b = mid
+        hit, a = _bisect(cur, g, lo, hi, keep, tol, frac, steps, seen)
+        if hit is not None:
+            return hit
         cur = {**cur, g: a}
         seen.append(dict(cur))
         if abs(frac(cur) - keep) <= tol:
@@ -258,9 +249,9 @@ def _greedy(probe, tun, keep, tol, frac, steps, on_step, p0):
         if frac(t) < keep - tol / 4:
             # passed the target: bisect this group's eps between its last two
             # values; if that jumps too, every other group's eps from where it is
-            found = _bisect_group(probe, cur, g, cur[g], EPS_GRID[j], keep, tol, frac, steps, seen)
+            found = _bisect_group(cur, g, cur[g], EPS_GRID[j], keep, tol, frac, steps, seen)
             for h in ([] if found else [h for h in tun if h != g]):
-                if _bisect_group(probe, cur, h, cur[h], EPS_MAX, keep, tol, frac, steps, seen):
+                if _bisect_group(cur, h, cur[h], EPS_MAX, keep, tol, frac, steps, seen):
                     break
             break
         cur, idx[g] = t, j
@@ -270,21 +261,29 @@ def _greedy(probe, tun, keep, tol, frac, steps, on_step, p0):
     return _closest(seen, frac, keep, probe)
 
 
-def _bisect_group(probe, cur, g, a, b, keep, tol, frac, steps, seen):
+def _bisect(cur, g, a, b, keep, tol, frac, steps, seen):
     """Bisect group ``g``'s eps in ``[a, b]`` (others as in ``cur``) towards the
-    target; every table tried goes to ``seen``; True once within ``tol``."""
+    target; every table tried goes to ``seen``.  Returns ``(table, a)``: the
+    table within ``tol / 4`` of the target (None when none was), and the last
+    eps that kept at least the target."""
     for _ in range(steps):
         mid = 0.5 * (a + b)
         t = {**cur, g: mid}
         seen.append(t)
         f = frac(t)
         if abs(f - keep) <= tol / 4:
-            return True
+            return t, a
         if f >= keep:
             a = mid
         else:
             b = mid
-    return any(abs(frac(t) - keep) <= tol for t in seen)
+    return None, a
+
+
+def _bisect_group(cur, g, a, b, keep, tol, frac, steps, seen):
+    """:func:`_bisect`; True once any table tried is within ``tol``."""
+    hit, _ = _bisect(cur, g, a, b, keep, tol, frac, steps, seen)
+    return hit is not None or any(abs(frac(t) - keep) <= tol for t in seen)
 
 
 def _result(mc, probe, best, keep, tol, mode, floor, note=None):

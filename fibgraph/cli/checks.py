@@ -8,18 +8,9 @@ import os
 
 import click
 
-from ..fileio import check_paths
+from ..fileio import check_paths, path_items as _pairs
 
 __all__ = ["check_io", "check_rtol"]
-
-
-def _pairs(paths, default):
-    out = []
-    for p in paths or ():
-        what, p = p if isinstance(p, tuple) else (default, p)
-        if p is not None:
-            out.append((what, os.fspath(p)))
-    return out
 
 
 def check_io(models=(), reads=(), writes=(), write_dirs=(), optional_models=()):
