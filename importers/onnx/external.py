@@ -150,17 +150,18 @@ def open_lean(path):
     return onnx.load_model_from_string(bytes(out))
 
 
-def _tensors(graph):
+def all_tensors(graph):
+    """Every TensorProto of ``graph``: initializers and tensor attributes, in subgraphs too."""
     yield from graph.initializer
     for node in graph.node:
         for a in node.attribute:
             if a.type == onnx.AttributeProto.TENSOR:
                 yield a.t
             elif a.type == onnx.AttributeProto.GRAPH:
-                yield from _tensors(a.g)
+                yield from all_tensors(a.g)
             elif a.type == onnx.AttributeProto.GRAPHS:
                 for sub in a.graphs:
-                    yield from _tensors(sub)
+                    yield from all_tensors(sub)
 
 
 def _ext(t):
@@ -169,7 +170,7 @@ def _ext(t):
 
 def absolutize(model, base):
     """Make the external locations of ``model`` (relative to folder ``base``) absolute: the model is lean."""
-    for t in _tensors(model.graph):
+    for t in all_tensors(model.graph):
         if t.data_location == onnx.TensorProto.EXTERNAL:
             for kv in t.external_data:
                 if kv.key == "location":
@@ -180,7 +181,7 @@ def absolutize(model, base):
 def data_bytes(model):
     """Bytes of tensor data the model holds or references."""
     n = 0
-    for t in _tensors(model.graph):
+    for t in all_tensors(model.graph):
         if t.data_location == onnx.TensorProto.EXTERNAL:
             e = _ext(t)
             n += int(e.get("length", 0)) or _nbytes(t)
@@ -199,7 +200,7 @@ def _nbytes(t):
 
 def external_files(model):
     """The absolute paths of a lean model's external data files."""
-    return {_ext(t)["location"] for t in _tensors(model.graph)
+    return {_ext(t)["location"] for t in all_tensors(model.graph)
             if t.data_location == onnx.TensorProto.EXTERNAL and os.path.isabs(_ext(t).get("location", ""))}
 
 
@@ -313,14 +314,14 @@ def session(model, options=None, providers=("CPUExecutionProvider",)):
         model = absolutize(lean, os.path.dirname(os.path.abspath(model)))   # not the whole protobuf, then its tensors
     if not is_lean(model):
         return ort.InferenceSession(model.SerializeToString(), so, providers=list(providers))
-    folders = {os.path.dirname(_ext(t)["location"]) for t in _tensors(model.graph)
+    folders = {os.path.dirname(_ext(t)["location"]) for t in all_tensors(model.graph)
                if t.data_location == onnx.TensorProto.EXTERNAL}
     if len(folders) != 1:
         raise ValueError("a lean model's external data lies in several folders")
     folder = folders.pop()
     m = onnx.ModelProto()
     m.CopyFrom(model)
-    for t in _tensors(m.graph):
+    for t in all_tensors(m.graph):
         if t.data_location == onnx.TensorProto.EXTERNAL:
             for kv in t.external_data:
                 if kv.key == "location":

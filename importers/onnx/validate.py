@@ -258,21 +258,10 @@ def external_data_files(path) -> list:
         return []
     base = os.path.dirname(os.path.abspath(path))
     out = []
-
-    def tensors(g):
-        yield from g.initializer
-        for node in g.node:
-            for a in node.attribute:
-                if a.type == onnx.AttributeProto.TENSOR:
-                    yield a.t
-                elif a.type == onnx.AttributeProto.GRAPH:
-                    yield from tensors(a.g)
-                elif a.type == onnx.AttributeProto.GRAPHS:
-                    for sg in a.graphs:
-                        yield from tensors(sg)
+    from .external import all_tensors
 
     try:
-        for t in tensors(model.graph):
+        for t in all_tensors(model.graph):
             if t.data_location != TensorProto.EXTERNAL:
                 continue
             for kv in t.external_data:
