@@ -38,7 +38,7 @@ def prepare_rows(X, metric):
     Returns ``(Y, norms, zero_mask)``.
     """
     X = X.toarray() if sp.issparse(X) else np.asarray(X, dtype=np.float64)
-    norms = np.linalg.norm(X, axis=1)
+    norms = np.sqrt(np.einsum("ij,ij->i", X, X))          # no |X|^2 temporary
     zero = norms <= 0
     if metric == "cosine":
         Y = X / np.where(zero, 1.0, norms)[:, None]
@@ -50,7 +50,7 @@ def prepare_rows(X, metric):
     return Y, norms, zero
 
 
-def _neighbour_components(Y, radius, unit=False, block_elems=1 << 24):
+def _neighbour_components(Y, radius, unit=False, block_elems=1 << 22):
     """Connected components of the graph joining rows at euclidean distance <= radius.
 
     Only the upper triangle of the Gram matrix is computed, in float32 blocks
@@ -97,10 +97,48 @@ def _neighbour_components(Y, radius, unit=False, block_elems=1 << 24):
         rows.append((i[keep] + s).astype(np.int64))
         cols.append((j[keep] + s).astype(np.int64))
         held += int(keep.sum())
-        if held > block_elems:
+        if held > block_elems or held >= n:
             fold()
+            if lab.size and np.all(lab == lab[0]):     # one component: nothing left to join
+                return lab
     fold()
     return lab
+
+
+#: below this many multiply-adds a condensed distance matrix comes from
+#: ``pdist``; above it from BLAS Gram products (many times faster on wide rows)
+GRAM_MIN_WORK = 1 << 22
+
+
+def _condensed(Z, cosine):
+    """Condensed distances of the rows of ``Z`` in the order ``pdist`` gives them:
+    ``|u - v|^2 / 2`` (``cosine``) or ``|u - v|``.
+
+    Large inputs use ``|u|^2 + |v|^2 - 2 <u, v>`` from blockwise BLAS products
+    (float64; clipped at 0, so equal rows are at distance 0 up to ~1e-16 of the
+    rows' squared norm), small ones ``scipy.spatial.distance.pdist``.
+    """
+    m, K = Z.shape
+    if m * m * K < 2 * GRAM_MIN_WORK:
+        d = pdist(Z, "euclidean")
+        return 0.5 * d * d if cosine else d
+    Z = np.ascontiguousarray(Z, dtype=np.float64)
+    sq = np.einsum("ij,ij->i", Z, Z)
+    out = np.empty(m * (m - 1) // 2)
+    bs = max(1, (1 << 22) // m)
+    pos = 0
+    for s in range(0, m - 1, bs):
+        e = min(m - 1, s + bs)
+        G = Z[s:e] @ Z[s:].T                      # rows s..e-1 against columns s..m-1
+        G *= -2.0
+        G += sq[s:e, None]
+        G += sq[None, s:]
+        np.maximum(G, 0.0, out=G)
+        upper = np.arange(s, m)[None, :] > np.arange(s, e)[:, None]
+        vals = G[upper]                            # row-major: pdist's order
+        out[pos:pos + vals.size] = 0.5 * vals if cosine else np.sqrt(vals)
+        pos += vals.size
+    return out
 
 
 #: the most rows one eps-neighbourhood component may hold: linkage on them needs
@@ -124,7 +162,7 @@ def threshold_clusters(X, eps, linkage_method="average", metric="cosine", prepar
         raise ValueError(f"unknown linkage {linkage_method!r}; choose from {LINKAGES}")
     if prepared:
         Y = np.asarray(X, dtype=np.float64)
-        norms = np.linalg.norm(Y, axis=1)
+        norms = np.sqrt(np.einsum("ij,ij->i", Y, Y))
         zero = norms <= 0
     else:
         Y, norms, zero = prepare_rows(X, metric)
@@ -134,7 +172,7 @@ def threshold_clusters(X, eps, linkage_method="average", metric="cosine", prepar
     if metric == "cosine" and zero.any():
         labels[zero] = 0  # all-zero rows: one class
     if nz.size:
-        Z = Y[nz]
+        Z = Y if nz.size == n else Y[nz]
         # cosine distance d = |u - v|^2 / 2 on unit rows
         radius = np.sqrt(2.0 * eps) if metric == "cosine" else eps
         comp = _neighbour_components(Z, radius, unit=(metric == "cosine" and not prepared))
@@ -161,9 +199,8 @@ def threshold_clusters(X, eps, linkage_method="average", metric="cosine", prepar
                 raise InputError(f"eps {eps:g}: {members.size:,} rows lie within one another's eps-neighbourhood; "
                                  f"{linkage_method} linkage on them needs {members.size ** 2 * 4 / 2 ** 30:.1f} GiB "
                                  f"(limit {MAX_LINKAGE_ROWS:,} rows): use a smaller eps")
-            d = pdist(Z[members], "euclidean")
-            if metric == "cosine":
-                d = 0.5 * d * d
+            # one component holding every row: members is arange (stable sort), no copy
+            d = _condensed(Z if members.size == Z.shape[0] else Z[members], cosine=(metric == "cosine"))
             if members.size == 2:  # one pair: merged iff its distance is within eps
                 lab = np.array([1, 1]) if d[0] <= eps else np.array([1, 2])
             else:

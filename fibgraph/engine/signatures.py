@@ -81,16 +81,25 @@ def _parts(graph: WeightedDigraph, nodes_mask, direction, colours, scales):
             uc, inv = np.unique(colours[others], return_inverse=True)
             s = scales[others]
             if uc.size == n_o and np.all(s == 1):
-                A = np.empty((n_t, n_o, D), dtype=np.float64)
-                A[:, inv, :] = W
-            else:
-                # columns sorted by colour, then one segmented sum (float64)
-                order = np.argsort(inv, kind="stable")
-                Wo = np.take(W, order, axis=1).astype(np.float64, copy=False)
-                if not np.all(s == 1):
-                    Wo = Wo * s[order][None, :, None]
-                starts = np.flatnonzero(np.r_[True, inv[order][1:] != inv[order][:-1]])
-                A = np.add.reduceat(Wo, starts, axis=1)
+                # every other end has a colour of its own: the signature is W
+                # itself (a view, float32 as stored), its columns keyed in place
+                A = W[:, :, 0] if D == 1 else W.reshape(n_t, n_o * D)
+                keys = _key(np.repeat(colours[others], D), np.tile(np.arange(D), n_o))
+                yield {"targets": targets, "A": A, "keys": keys, "exact": b.exact}
+                continue
+            # columns sorted by colour, then one segmented sum (float64), in
+            # row chunks so that no float64 copy of the whole block is made
+            order = np.argsort(inv, kind="stable")
+            starts = np.flatnonzero(np.r_[True, inv[order][1:] != inv[order][:-1]])
+            so = None if np.all(s == 1) else s[order][None, :, None]
+            A = np.empty((n_t, uc.size, D), dtype=np.float64)
+            step = max(1, _CHUNK // max(n_o * D, 1))
+            for r0 in range(0, n_t, step):
+                Wo = np.take(W[r0:r0 + step], order, axis=1).astype(np.float64, copy=False)
+                if so is not None:
+                    Wo = Wo * so
+                A[r0:r0 + step] = np.add.reduceat(Wo, starts, axis=1)
+                del Wo
             keys = _key(np.repeat(uc, D), np.tile(np.arange(D), uc.size))
             yield {"targets": targets, "A": A.reshape(n_t, uc.size * D), "keys": keys,
                    "exact": b.exact}
@@ -153,18 +162,40 @@ _PROBE_COLUMNS = 8
 _SINGLETON_SALT = np.uint64(0xD6E8FEB86659FD93)
 
 
+_CHUNK = 1 << 21       # entries of one float64 chunk of a dense block (16 MB)
+
+
+def _col_chunks(n_rows, K):
+    """Column ranges of about ``_CHUNK`` entries for a block of ``n_rows`` rows."""
+    step = max(1, _CHUNK // max(n_rows, 1))
+    return [(k0, min(K, k0 + step)) for k0 in range(0, K, step)]
+
+
+def _abs_max(values):
+    """max |values| without a temporary of the values' size."""
+    if values.size == 0:
+        return 0.0
+    return max(float(values.max()), -float(values.min()))
+
+
 def _hash_dense(A, keys, tol):
     """Hashes of the rows of a dense signature block: values grouped per column
     (rule of :mod:`fibgraph.engine.sparse`), then ``(key, group)`` mixes summed per row.
 
-    Large blocks are first probed on a few columns: a row whose probe groups no
-    other row shares differs from every row in this block, so it gets a hash
-    of its own and only the remaining rows are grouped on every column.
+    The block may be a float32 view of a weight; it is read in column chunks
+    of about ``_CHUNK`` entries (a row's hash is a sum over columns), so the
+    float64 temporaries stay bounded whatever the block's size.  Large blocks
+    are first probed on a few columns: a row whose probe groups no other row
+    shares differs from every row in this block, so it gets a hash of its own
+    and only the remaining rows are grouped on every column.
     """
     n_t, K = A.shape
     if n_t > 256 and K > 4 * _PROBE_COLUMNS:
-        cols = np.argsort(-A.var(axis=0), kind="stable")[:_PROBE_COLUMNS]
-        p1, p2 = _hash_dense_all(np.ascontiguousarray(A[:, cols]), keys[cols], tol)
+        var = np.concatenate([np.asarray(A[:, k0:k1], dtype=np.float64).var(axis=0)
+                              for k0, k1 in _col_chunks(n_t, K)])
+        cols = np.argsort(-var, kind="stable")[:_PROBE_COLUMNS]
+        del var
+        p1, p2 = _hash_columns(np.asarray(A[:, cols], dtype=np.float64), keys[cols], tol)
         probe = np.stack([p1.view(np.int64), p2.view(np.int64)], 1)
         _, inv, cnt = np.unique(probe, axis=0, return_inverse=True, return_counts=True)
         shared = cnt[inv.reshape(-1)] > 1
@@ -176,12 +207,29 @@ def _hash_dense(A, keys, tol):
             h2[lone] = mix(lone.astype(np.uint64) ^ _SINGLETON_SALT)
             rest = np.flatnonzero(shared)
             if rest.size:
-                h1[rest], h2[rest] = _hash_dense_all(A[rest], keys, tol)
+                h1[rest], h2[rest] = _hash_dense_all(A, keys, tol, rest)
             return h1, h2
     return _hash_dense_all(A, keys, tol)
 
 
-def _hash_dense_all(A, keys, tol):
+def _hash_dense_all(A, keys, tol, rows=None):
+    """Row hashes of ``A`` (or of its rows ``rows``), one column chunk at a time."""
+    n_t = A.shape[0] if rows is None else rows.size
+    K = A.shape[1]
+    h1 = np.zeros(n_t, np.uint64)
+    h2 = np.zeros(n_t, np.uint64)
+    if n_t == 0 or K == 0:
+        return h1, h2
+    for k0, k1 in _col_chunks(n_t, K):
+        sub = A[:, k0:k1] if rows is None else A[rows, k0:k1]
+        a, b = _hash_columns(np.ascontiguousarray(sub, dtype=np.float64), keys[k0:k1], tol)
+        h1 += a
+        h2 += b
+    return h1, h2
+
+
+def _hash_columns(A, keys, tol):
+    """Row hashes of one float64 block (all its columns at once)."""
     n_t, K = A.shape
     if n_t == 0 or K == 0:
         return np.zeros(n_t, np.uint64), np.zeros(n_t, np.uint64)
@@ -230,7 +278,7 @@ def _tol(values, exact, rtol, wscale=0.0):
     (sums that cancel to rounding residue must not shrink the tolerance)."""
     if exact or values.size == 0:
         return 0.0
-    return float(rtol * max(np.abs(values).max(), wscale))
+    return float(rtol * max(_abs_max(values), wscale))
 
 
 def _weight_scale(graph, mask, direction, scales):
@@ -290,9 +338,12 @@ def signature_matrix(graph, nodes, directions, colours, scales):
         for p in dense:
             exact &= p["exact"]
             tl = local[p["targets"]]
+            if np.array_equal(tl, np.arange(nodes.size)):
+                mats.append(p["A"])                  # no copy (a float32 view of a weight stays one)
+                continue
             M = np.zeros((nodes.size, p["A"].shape[1]))
             M[tl] = p["A"]
-            mats.append(sp.csr_matrix(M) if not np.array_equal(tl, np.arange(nodes.size)) else M)
+            mats.append(sp.csr_matrix(M))
         for p in sparse:
             exact &= p["exact"]
             uk, kcol = np.unique(p["key"], return_inverse=True)
@@ -300,13 +351,15 @@ def signature_matrix(graph, nodes, directions, colours, scales):
     if not mats:
         return np.zeros((nodes.size, 0)), exact
     if all(isinstance(m, np.ndarray) for m in mats):
-        return np.hstack(mats), exact
+        return (mats[0] if len(mats) == 1 else np.hstack(mats)), exact
     return sp.hstack([sp.csr_matrix(m) for m in mats]).tocsr(), exact
 
 
 def dense_rows(X, members):
     """The rows ``members`` of a signature matrix as a dense array (of a sparse
     matrix: only the columns those rows use)."""
+    if not sp.issparse(X) and members.size == X.shape[0] and np.array_equal(members, np.arange(members.size)):
+        return X                                     # every row, in order: no copy
     rows = X[members]
     if sp.issparse(rows):  # only the columns these rows use
         rows = rows.tocsc()

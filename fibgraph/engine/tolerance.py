@@ -126,7 +126,7 @@ def split_tolerance(graph, nodes, directions, colours, scales, crit, info_key, i
         out[members] = nxt + lab
         nxt += int(lab.max()) + 1
         if rescale:
-            norms = np.linalg.norm(rows, axis=1)
+            norms = np.sqrt(np.einsum("ij,ij->i", rows, rows))
             for c in np.unique(lab):
                 m = lab == c
                 mean = norms[m].mean()
@@ -161,7 +161,15 @@ def and_rule_classes(graph, nodes, directions, colours):
     const = graph.kind.astype(str) == "const"
     h = np.zeros(nodes.size, dtype=np.uint64)
     for b in graph.blocks:
-        src, dst, _, et = b.coo()
+        rows = local[b.dst] >= 0
+        if not rows.any():                      # the block feeds none of them
+            continue
+        if b.dense:                              # only the rows of those nodes
+            sel = np.flatnonzero(rows)
+            r, c = np.nonzero(np.any(b.weight[sel] != 0, axis=2))
+            src, dst, et = b.src[c], b.dst[sel[r]], None
+        else:
+            src, dst, et = b.src[b.cols], b.dst[b.rows], b.etype
         t = local[dst]
         keep = (t >= 0) & ~const[src]
         if not keep.any():
@@ -199,7 +207,7 @@ def _split_tied(graph, nodes, X, colours, crit, info_key, info, cols):
     if sp.issparse(X):
         norm = np.sqrt(np.asarray(X.multiply(X).sum(axis=1)).reshape(-1))
     else:
-        norm = np.linalg.norm(X, axis=1)
+        norm = np.sqrt(np.einsum("ij,ij->i", X, X))
     set_scale = np.zeros(n_pos)
     np.maximum.at(set_scale, pos, norm)
     joint = 0

@@ -51,3 +51,37 @@ def test_a_component_too_large_for_linkage_is_a_clear_error(monkeypatch):
     X = np.random.default_rng(0).normal(scale=1e-3, size=(120, 3)) + 1.0
     with pytest.raises(InputError, match="smaller eps"):
         threshold_clusters(X, 0.5, "average", "euclidean")
+
+
+@settings(max_examples=12, deadline=None)
+@given(seed=st.integers(0, 10_000), eps=st.sampled_from([0.01, 0.05, 0.2]),
+       link=st.sampled_from(["average", "complete"]), metric=st.sampled_from(["cosine", "euclidean"]))
+def test_gram_distances_give_algorithm1s_clusters(seed, eps, link, metric):
+    # GRAM_MIN_WORK 1: every component's distances come from BLAS Gram products
+    X = _planted_rows(seed, k=8, per=6, dim=40)
+    X[::7] = X[1::7][: X[::7].shape[0]]                   # exact duplicates: distance 0
+    old, cluster.GRAM_MIN_WORK = cluster.GRAM_MIN_WORK, 1
+    try:
+        got = threshold_clusters(X, eps, link, metric)
+    finally:
+        cluster.GRAM_MIN_WORK = old
+    assert np.array_equal(got, algorithm1(X, eps, link, metric))
+
+
+def test_condensed_gram_distances_equal_pdist():
+    from scipy.spatial.distance import pdist
+    Z = np.random.default_rng(3).normal(size=(301, 70))
+    Z[5] = Z[200]
+    for cosine in (False, True):
+        ref = pdist(Z, "euclidean")
+        ref = 0.5 * ref * ref if cosine else ref
+        got = cluster._condensed(Z, cosine)
+        assert got.shape == ref.shape
+        np.testing.assert_allclose(got, ref, rtol=1e-9, atol=1e-6)
+        assert got[np.flatnonzero(ref == 0)].max() < 1e-6   # the duplicate pair stays (near) 0
+
+
+def test_one_neighbour_component_stops_early():
+    # every row within the radius of every other: one component after the first fold
+    Y = np.ones((500, 4)) / 2.0 + np.random.default_rng(0).normal(scale=1e-4, size=(500, 4))
+    assert np.all(_neighbour_components(Y, 0.1, block_elems=500) == _neighbour_components(Y, 0.1)[0])
