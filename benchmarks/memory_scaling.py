@@ -1,4 +1,5 @@
 """Peak memory and wall time of ``fibgraph compress M -o B --eps 0 --verify``
+(or ``--keep F --verify`` with ``--keep F``)
 against the model's size: one fresh process per model, measured with
 ``/usr/bin/time -v`` (its "Maximum resident set size"), so the numbers are
 what a user sees.
@@ -42,13 +43,13 @@ def model_size(path):
     return os.path.getsize(path) + sum(os.path.getsize(f) for f in files), params
 
 
-def measure(path, extra=(), timeout=1800, pythonpath=ROOT):
+def measure(path, extra=(), timeout=1800, pythonpath=ROOT, keep=None):
     """Run the CLI under /usr/bin/time -v; (seconds, peak RSS bytes, exit code, report)."""
     with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(path))) as d:
         out, rep = os.path.join(d, "base.onnx"), os.path.join(d, "report.json")
         env = dict(os.environ, PYTHONPATH=pythonpath)
         cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "fibgraph", "compress", path, "-o", out,
-               "--eps", "0", "--verify", "--report", rep, *extra]
+               *(["--eps", "0"] if keep is None else ["--keep", str(keep)]), "--verify", "--report", rep, *extra]
         t = time.perf_counter()
         p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=pythonpath)  # -m: cwd first
         wall = time.perf_counter() - t
@@ -66,6 +67,7 @@ def main():
     ap.add_argument("--json", required=True)
     ap.add_argument("--md", default=None)
     ap.add_argument("--extra", nargs="*", default=[])
+    ap.add_argument("--keep", type=float, default=None, help="compress --keep F instead of --eps 0")
     ap.add_argument("--pythonpath", default=ROOT, help="the fibgraph checkout to measure")
     ap.add_argument("--plot", default=None, help="time and RSS vs parameters (.png, and .svg beside it)")
     a = ap.parse_args()
@@ -76,16 +78,15 @@ def main():
         path = os.path.abspath(path)
         name = name or os.path.basename(path)
         size, params = model_size(path)
-        wall, rss, rc, rep = measure(path, a.extra, pythonpath=a.pythonpath)
-        row = {"model": name, "path": path, "file_mb": size / 2**20, "params": params, "seconds": wall,
+        wall, rss, rc, rep = measure(path, a.extra, pythonpath=a.pythonpath, keep=a.keep)
+        row = {"model": name, "setting": "eps 0" if a.keep is None else f"keep {a.keep:g}", "path": path, "file_mb": size / 2**20, "params": params, "seconds": wall,
                "peak_rss_mb": (rss or 0) / 2**20, "ratio": (rss or 0) / size, "exit": rc,
                "max_abs_diff": (rep or {}).get("verify", {}).get("max_abs_diff"),
                "params_after": (rep or {}).get("params_after"), "code": code}
         print(f"{name}: {size / 2**20:.0f} MB, {params:,} params: {wall:.1f} s, peak RSS {row['peak_rss_mb']:.0f} MB "
               f"({row['ratio']:.2f}x), exit {rc}, verify {row['max_abs_diff']}", flush=True)
-        rows = [r for r in rows if not (r["model"] == name and r.get("code") == code)] + [row]
-        rows = json.load(open(a.json)) + [row] if os.path.exists(a.json) else rows   # another run may have added
-        rows = list({(r["model"], r.get("code")): r for r in rows}.values())
+        rows = json.load(open(a.json)) + [row] if os.path.exists(a.json) else rows + [row]   # another run may have added
+        rows = list({(r["model"], r.get("code"), r.get("setting", "eps 0")): r for r in rows}.values())
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=1)
     if a.md:
@@ -96,11 +97,12 @@ def main():
 
 
 def write_md(rows, path):
-    lines = ["| model | file MB | params | wall s | peak RSS MB | RSS / file | verify max abs diff |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| model | setting | file MB | params | kept | wall s | peak RSS MB | RSS / file | verify max abs diff |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['file_mb']:.0f} | {r['params'] / 1e6:.1f}M | {r['seconds']:.0f} | "
-                     f"{r['peak_rss_mb']:.0f} | {r['ratio']:.2f} | {r['max_abs_diff']} |")
+        kept = f"{r['params_after'] / r['params']:.1%}" if r.get("params_after") else ""
+        lines.append(f"| {r['model']} | {r.get('setting', 'eps 0')} | {r['file_mb']:.0f} | {r['params'] / 1e6:.1f}M | "
+                     f"{kept} | {r['seconds']:.0f} | {r['peak_rss_mb']:.0f} | {r['ratio']:.2f} | {r['max_abs_diff']} |")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -114,7 +116,8 @@ def plot(rows, out, family):
 
     fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
     for fam, mark in family:
-        rs = sorted((r for r in rows if r["model"].startswith(fam) and r["exit"] == 0), key=lambda r: r["params"])
+        rs = sorted((r for r in rows if r["model"].startswith(fam) and r["exit"] == 0
+                     and r.get("setting", "eps 0") == "eps 0"), key=lambda r: r["params"])
         if not rs:
             continue
         p = [r["params"] / 1e6 for r in rs]

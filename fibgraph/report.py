@@ -80,9 +80,10 @@ def print_colour_report(report):
         c = ly.get("criterion", {})
         if c.get("note"):
             notes.add(c["note"])
+        name = ly.get("torch_name", ly["weight"])     # a torch export's copy: the tensor it stands for
         if ly.get("kept_whole"):
-            notes.add(f"{ly['weight']}: units kept whole ({ly['kept_whole']})")
-        t.add_row(ly["weight"], ly.get("kind", ly.get("op", "")), ly.get("activation", ""), str(ly["nodes_before"]),
+            notes.add(f"{name}: units kept whole ({ly['kept_whole']})")
+        t.add_row(name, ly.get("kind", ly.get("op", "")), ly.get("activation", ""), str(ly["nodes_before"]),
                   str(len(ly["fibers"])) + (" (output kept)" if ly.get("output_layer") else ""),
                   kept, _crit_text(c))
     console.print(t)
@@ -107,7 +108,8 @@ def layer_table(report):
     """The per-layer results of a ``color``/``compress`` report as a pandas
     DataFrame, one row per layer entry (as WeightWatcher's ``analyze()``):
 
-    ``layer`` the ONNX node reading the weight (a torch export's module path),
+    ``layer`` the ONNX node reading the weight (a torch export's module path,
+    also for the dynamo exporter's ``node_MatMul_12``),
     ``weight`` its weight tensor, ``group`` the tied group it belongs to,
     ``op``, ``units`` (its output units), ``classes`` (fibers, or the classes
     of the chosen symmetry), ``kept`` (units in the base), ``kept_fraction``,
@@ -119,7 +121,8 @@ def layer_table(report):
     rows = []
     for ly in report.get("layers", []):
         c = ly.get("criterion") or {}
-        rows.append({"layer": ly.get("node", ly["weight"]), "weight": ly["weight"],
+        tn = ly.get("torch_name")
+        rows.append({"layer": tn.rsplit(".", 1)[0] if tn else ly.get("node", ly["weight"]), "weight": ly["weight"],
                      "group": ly.get("group", ly["weight"]), "op": ly.get("op", ly.get("kind", "")),
                      "units": int(ly["nodes_before"]), "classes": len(ly["fibers"]),
                      "kept": int(ly["nodes_after"]),

@@ -48,9 +48,14 @@ def import_any(path, data=None):
 def _dag_eps_table(imp, eps_file):
     if eps_file is None:
         return {}
-    from .onnx.groups import weight_uses
+    from .onnx.groups import eps_names, weight_uses
 
-    return read_eps_table(eps_file, [u.weight for u, _ in weight_uses(imp)])
+    weights = [u.weight for u, _ in weight_uses(imp)]
+    aliases = {}
+    for w, name in eps_names(imp, weights).items():
+        if name != w:
+            aliases.setdefault(name, []).append(w)
+    return read_eps_table(eps_file, weights, aliases)
 
 
 def color_model(path, symmetry="fibration", eps=0.0, eps_file=None, linkage="complete",

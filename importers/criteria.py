@@ -42,19 +42,29 @@ def make_criteria(names, eps=0.0, eps_file=None, linkage="complete", metric="cos
     return criteria_from_table(table, eps, linkage, metric, rescale, rtol, where=eps_file)
 
 
-def read_eps_table(path, names):
+def read_eps_table(path, names, aliases=None):
     """``{layer weight name: eps}`` from a JSON eps file; names must be layers
-    of the model (``"*"`` sets the default)."""
+    of the model (``"*"`` sets the default).  ``aliases``: ``{other name:
+    [weight names]}`` (the torch module names of a model exported from torch,
+    :func:`fibgraph.importers.onnx.groups.eps_names`), accepted as keys too and
+    given to each of their weights."""
     check_regular(path, "eps file")
     table = _read_json_object(path)
     for k, v in table.items():
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise InputError(f"{path}: eps of {k!r} must be a number, got {json.dumps(v)[:40]}")
-    unknown = sorted(k for k in table if k != "*" and k not in set(names))
+    aliases = {a: ws for a, ws in (aliases or {}).items() if a not in set(names)}
+    unknown = sorted(k for k in table if k != "*" and k not in set(names) and k not in aliases)
     if unknown:
+        aliased = {w for ws in aliases.values() for w in ws}
+        shown = sorted(aliases) + [n for n in names if n not in aliased] if aliases else list(names)
         raise InputError(f"{path}: layers not in the model: {', '.join(unknown)} "
-                         f"(layers: {', '.join(names)})")
-    return table
+                         f"(layers: {', '.join(shown)})")
+    out = {}
+    for k, v in table.items():
+        for w in aliases.get(k, [k]):
+            out[w] = v
+    return out
 
 
 def _parse_int(text):

@@ -173,8 +173,11 @@ def _layer_params(imp, base, layers):
     module's path in an export), ``weight_params`` and ``weight_params_after``
     (elements of the weight tensor in the original and in the base; the base's
     copy is the writer's ``<weight>__base<k>``, or the weight itself when the
-    base keeps it as it is)."""
+    base keeps it as it is), and ``torch_name`` where the ONNX name is not the
+    torch tensor's (:func:`fibgraph.importers.onnx.groups.torch_names`)."""
     import re
+
+    from .onnx.groups import torch_names
 
     node_of = {}
     for rec in imp.records:
@@ -187,9 +190,12 @@ def _layer_params(imp, base, layers):
         for t in base.graph.initializer:
             m = re.fullmatch(r"(.*)__base\d+", t.name)
             after.setdefault(m.group(1) if m else t.name, int(np.prod(t.dims)))
+    names = torch_names(imp)
     for ly in layers:
         w = ly["weight"]
         ly["node"] = node_of.get(w) or w
+        if w in names:                      # the torch tensor an exported copy stands for
+            ly["torch_name"] = names[w]
         n0 = before.get(w)
         if n0 is None and w in imp.consts:          # a Constant node's tensor
             n0 = int(np.asarray(imp.consts[w]).size)

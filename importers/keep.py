@@ -292,7 +292,8 @@ def _result(mc, probe, best, keep, tol, mode, floor, note=None):
     out = {"target": keep, "tolerance": tol, "mode": mode, "params_before": mc.params_before,
            "params_after": int(p), "kept": p / mc.params_before,
            "landed": bool(abs(p / mc.params_before - keep) <= tol), "floor": floor,
-           "eps": mc.table(best), "group_eps": best, "evaluations": probe.evaluations}
+           "eps": mc.table(best), "group_eps": best, "evaluations": probe.evaluations,
+           "names": {g: mc.name(g) for g in best}}
     if probe.loss_fn is not None:
         out["calibration_loss"] = loss
         out["calibration_loss_before"] = float(probe.loss_fn(mc.model))

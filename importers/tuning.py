@@ -144,7 +144,20 @@ class DagCompressor:
         return rows
 
     def eps_file(self, eps_by_layer):
-        return self.table(eps_by_layer)
+        """The eps file of ``eps_by_layer``: every weight of each group, named
+        as reports name it (torch names for a model exported from torch,
+        :func:`fibgraph.importers.onnx.groups.eps_names`)."""
+        from .onnx.groups import eps_names
+
+        table = self.table(eps_by_layer)
+        names = eps_names(self.imp, list(table))
+        return {names[w]: e for w, e in table.items()}
+
+    def name(self, weight):
+        """The name reports give ``weight`` (its torch name when it has one)."""
+        from .onnx.groups import eps_names
+
+        return eps_names(self.imp, [weight])[weight]
 
 
 def _check_options(linkage, metric):
@@ -251,7 +264,7 @@ def _tune_keep(model, data, xy, mc, keep, base_eval, on_step, t0):
         "data": os.fspath(data) if isinstance(data, (str, os.PathLike)) else "<arrays>",
         "graph": mc.graph, "notes": list(mc.notes) + ([found["note"]] if "note" in found else []),
         "n": int(xy[0].shape[0]), "keep": found, "linkage": mc.linkage, "metric": mc.metric,
-        "rescale": bool(mc.rescale), "symmetry": "fibration", "eps": found["eps"],
+        "rescale": bool(mc.rescale), "symmetry": "fibration", "eps": mc.eps_file(found["group_eps"]),
         "loss_before": base_eval["loss"], "accuracy_before": base_eval["accuracy"],
         "limit": None, "loss_after": final["loss"], "accuracy_after": final["accuracy"],
         "params_before": mc.params_before, "params_after": count_params(m2),

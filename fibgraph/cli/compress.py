@@ -143,7 +143,8 @@ def print_keep(found):
     """One line on what ``--keep`` got (:func:`fibgraph.importers.keep.keep_search`)."""
     from ..report import console
 
-    eps = ", ".join(f"{g} {e:.4g}" for g, e in found["group_eps"].items()) or "none (exact fibers only)"
+    names = found.get("names", {})
+    eps = ", ".join(f"{names.get(g, g)} {e:.4g}" for g, e in found["group_eps"].items()) or "none (exact fibers only)"
     landed = "within" if found["landed"] else "NOT within"
     console.print(f"--keep {found['target']:g} ({found['mode']}): {found['params_after']:,} of "
                   f"{found['params_before']:,} parameters kept ({found['kept']:.1%}, {landed} "

@@ -9,6 +9,8 @@ in record order (what the report has one row for).
 """
 from __future__ import annotations
 
+import ast
+
 import numpy as np
 
 from fibgraph.groups import Group, GroupKind, WeightUse, set_components, tie_columns
@@ -16,6 +18,7 @@ from fibgraph.groups import Group, GroupKind, WeightUse, set_components, tie_col
 from .records import Kind
 
 __all__ = ["columns_of", "group_of_weight", "groups_of", "weight_uses", "module_name", "display_names",
+           "node_module", "torch_names", "eps_names",
            "space_display_names"]
 
 
@@ -165,16 +168,101 @@ def module_name(weight, node_set_name="") -> str:
     node = str(node_set_name or "").split(":")[0].strip("/")
     parts = [p for p in node.split("/") if p]
     if len(parts) > 1:
-        return ".".join(parts[:-1])
+        return join_scopes(parts[:-1])
     return parts[0] if parts else (w or "layer")
+
+
+_SCOPES = "pkg.torch.onnx.name_scopes"
+
+
+def node_module(node) -> str:
+    """The torch module path an exporter recorded for an ONNX node, or ``""``.
+
+    The dynamo exporter stores the scopes in the node's metadata
+    (``pkg.torch.onnx.name_scopes``: ``['', 'enc', 'enc.fc1', 'linear']``, the
+    module path grows by ``.part`` and ends with the op's name); the
+    TorchScript exporter names the node ``/enc/fc1/MatMul``.
+    """
+    for p in node.metadata_props:
+        if p.key == _SCOPES:
+            try:
+                scopes = ast.literal_eval(p.value)
+            except (ValueError, SyntaxError, MemoryError, RecursionError):
+                return ""
+            path = ""
+            for sc in scopes if isinstance(scopes, (list, tuple)) else ():
+                if not isinstance(sc, str) or not sc:
+                    continue
+                if path and not sc.startswith(path + "."):
+                    break
+                path = sc
+            return path
+    parts = [q for q in str(node.name).split("/") if q] if str(node.name).startswith("/") else []
+    return join_scopes(parts[:-1]) if len(parts) > 1 else ""
+
+
+def join_scopes(parts) -> str:
+    """A module path from the TorchScript exporter's scope names: a child of a
+    called container repeats its parent's name (``/enc/enc.0/MatMul``: the
+    path is ``enc.0``), a child of a ModuleList does not
+    (``/encoder/layer.0/...``: ``encoder.layer.0``)."""
+    path = []
+    for q in parts:
+        if path and q.startswith(path[-1] + "."):
+            path[-1] = q
+        else:
+            path.append(q)
+    return ".".join(path)
+
+
+def torch_names(imp) -> dict:
+    """``{weight: torch name}`` for the weights whose ONNX name is not a torch
+    tensor's (``val_60``, ``onnx::MatMul_1351``: transposed or folded copies)
+    when the model came from torch (producer ``pytorch``): the module of the
+    node that reads it (:func:`node_module`) plus ``.weight`` (``.weight_ih`` /
+    ``.weight_hh`` for a recurrent op's W / R), so ``val_60`` reads
+    ``encoder.layer.0.attention.self.query.weight``.  Weights already named
+    like torch tensors (``fc1.weight``) are left out.  Reports, pictures and
+    eps files name layers by it; eps files accept both names."""
+    cached = getattr(imp, "_torch_names", None)
+    if cached is not None:
+        return cached
+    out = {}
+    if str(imp.model.producer_name).lower() == "pytorch":
+        by_node = {n.name: n for n in imp.model.graph.node}
+        taken = {t.name for t in imp.model.graph.initializer}
+        for rec in imp.records:
+            node = by_node.get(getattr(rec, "node", None))
+            path = node_module(node) if node is not None else ""
+            for attr, suffix in (("weight", ".weight"), ("W", ".weight_ih"), ("R", ".weight_hh")):
+                w = getattr(rec, attr, None)
+                if not w or not isinstance(w, str) or w in out or not path:
+                    continue
+                if module_name(w) != w and "::" not in w:      # already a torch tensor's name
+                    continue
+                name, k = path + suffix, 1
+                while name in taken:
+                    k += 1
+                    name = f"{path}{suffix}#{k}"
+                taken.add(name)
+                out[w] = name
+    imp._torch_names = out
+    return out
+
+
+def eps_names(imp, weights) -> dict:
+    """``{weight: the name reports and eps files give it}`` (:func:`torch_names`, else the weight)."""
+    names = torch_names(imp)
+    return {w: names.get(w, w) for w in weights}
 
 
 def display_names(imp) -> dict:
     """Group index -> readable unique layer name (:func:`module_name` of its first use)."""
     out, seen = {}, {}
+    names = torch_names(imp)
     for g in groups_of(imp):
         u = g.uses[0]
-        name = module_name(u.weight, u.node_sets[0] if u.node_sets else "")
+        name = module_name(names.get(u.weight, u.weight), u.node_sets[0] if u.node_sets else "")
         k = seen.get(name, 0)
         seen[name] = k + 1
         out[g.index] = name if k == 0 else f"{name}#{k + 1}"
@@ -189,7 +277,7 @@ def space_display_names(imp) -> list:
     for sp in imp.spaces:
         node, _, kind = str(sp.name).partition(":")
         parts = [p for p in node.strip("/").split("/") if p]
-        base = ".".join(parts) if parts else str(sp.name)
+        base = join_scopes(parts) if parts else str(sp.name)
         names.append(base if not kind or base == kind else f"{base} ({kind})")
     layer = display_names(imp)
     for g in groups_of(imp):
