@@ -17,6 +17,9 @@ Distances (both dimensionless, range [0, 2]):
 """
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
+
 import numpy as np
 import scipy.sparse as sp
 from scipy.cluster.hierarchy import fcluster, linkage
@@ -141,6 +144,37 @@ def _condensed(Z, cosine):
     return out
 
 
+#: rows up to which a large clustering computes its whole dendrogram at once
+#: (condensed distances: m^2 / 2 doubles, 67 MB at 4096) and keeps it, so that
+#: another eps on the same rows (the next step of an eps search) is one cut
+FULL_LINKAGE_ROWS = 4096
+_DENDROGRAMS = OrderedDict()      # (rows digest, shape, metric, method) -> linkage matrix
+_DENDROGRAMS_KEPT = 64
+
+
+def _whole_dendrogram(Z, eps, linkage_method, metric):
+    """Labels (0-based) of ``Z``'s rows cut at ``eps`` from the whole dendrogram,
+    remembered by the rows' digest, or None where the neighbour components are
+    the better way (few rows, little work, or too many rows for m^2 memory).
+
+    This is Algorithm 1 itself (one linkage on all rows); the per-component
+    path gives the same partition."""
+    m, K = Z.shape
+    if m <= 2 or m > FULL_LINKAGE_ROWS or m * m * K < 2 * GRAM_MIN_WORK:
+        return None
+    Zc = np.ascontiguousarray(Z, dtype=np.float64)
+    key = (hashlib.sha1(Zc.data).hexdigest(), Zc.shape, metric, linkage_method)
+    link = _DENDROGRAMS.get(key)
+    if link is None:
+        link = linkage(_condensed(Zc, cosine=(metric == "cosine")), method=linkage_method)
+        _DENDROGRAMS[key] = link
+        while len(_DENDROGRAMS) > _DENDROGRAMS_KEPT:
+            _DENDROGRAMS.popitem(last=False)
+    else:
+        _DENDROGRAMS.move_to_end(key)
+    return fcluster(link, t=eps, criterion="distance") - 1
+
+
 #: the most rows one eps-neighbourhood component may hold: linkage on them needs
 #: their condensed distance matrix (m^2 / 2 doubles: 1.5 GiB at 20,000)
 MAX_LINKAGE_ROWS = 20_000
@@ -173,6 +207,10 @@ def threshold_clusters(X, eps, linkage_method="average", metric="cosine", prepar
         labels[zero] = 0  # all-zero rows: one class
     if nz.size:
         Z = Y if nz.size == n else Y[nz]
+        whole = _whole_dendrogram(Z, eps, linkage_method, metric)
+        if whole is not None:
+            labels[nz] = whole + (1 if (metric == "cosine" and zero.any()) else 0)
+            return canonical(labels)
         # cosine distance d = |u - v|^2 / 2 on unit rows
         radius = np.sqrt(2.0 * eps) if metric == "cosine" else eps
         comp = _neighbour_components(Z, radius, unit=(metric == "cosine" and not prepared))

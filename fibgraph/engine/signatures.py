@@ -352,6 +352,12 @@ def signature_matrix(graph, nodes, directions, colours, scales):
         return np.zeros((nodes.size, 0)), exact
     if all(isinstance(m, np.ndarray) for m in mats):
         return (mats[0] if len(mats) == 1 else np.hstack(mats)), exact
+    dense_size = sum(m.size for m in mats if isinstance(m, np.ndarray))
+    sparse_size = sum(m.shape[0] * m.shape[1] for m in mats if not isinstance(m, np.ndarray))
+    if dense_size and sparse_size <= dense_size:
+        # a dense block beside narrow sparse ones (a weight and its bias): one
+        # dense matrix, never a sparse copy of the dense block (~3x its size)
+        return np.hstack([m if isinstance(m, np.ndarray) else m.toarray() for m in mats]), exact
     return sp.hstack([sp.csr_matrix(m) for m in mats]).tocsr(), exact
 
 

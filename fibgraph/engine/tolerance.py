@@ -125,13 +125,12 @@ def split_tolerance(graph, nodes, directions, colours, scales, crit, info_key, i
         lab = threshold_clusters(rows, crit.eps, crit.linkage, metric)
         out[members] = nxt + lab
         nxt += int(lab.max()) + 1
-        if rescale:
+        if rescale:     # each member over its cluster's mean row norm (clusters of 2+ rows)
             norms = np.sqrt(np.einsum("ij,ij->i", rows, rows))
-            for c in np.unique(lab):
-                m = lab == c
-                mean = norms[m].mean()
-                if m.sum() > 1 and mean > 0:
-                    new_scales[members[m]] = np.where(norms[m] > 0, norms[m] / mean, 1.0)
+            cnt = np.bincount(lab)
+            mean = np.bincount(lab, weights=norms) / np.maximum(cnt, 1)
+            sel = (cnt[lab] > 1) & (mean[lab] > 0)
+            new_scales[members[sel]] = np.where(norms[sel] > 0, norms[sel] / np.where(sel, mean[lab], 1.0)[sel], 1.0)
     info[info_key] = {"eps": crit.eps, "linkage": crit.linkage, "metric": metric,
                       "metric_requested": crit.metric, "rescale": rescale,
                       **({"note": note} if note else {})}

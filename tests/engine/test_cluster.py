@@ -55,17 +55,21 @@ def test_a_component_too_large_for_linkage_is_a_clear_error(monkeypatch):
 
 @settings(max_examples=12, deadline=None)
 @given(seed=st.integers(0, 10_000), eps=st.sampled_from([0.01, 0.05, 0.2]),
-       link=st.sampled_from(["average", "complete"]), metric=st.sampled_from(["cosine", "euclidean"]))
-def test_gram_distances_give_algorithm1s_clusters(seed, eps, link, metric):
-    # GRAM_MIN_WORK 1: every component's distances come from BLAS Gram products
+       link=st.sampled_from(["average", "complete"]), metric=st.sampled_from(["cosine", "euclidean"]),
+       whole=st.booleans())
+def test_gram_distances_give_algorithm1s_clusters(seed, eps, link, metric, whole):
+    # GRAM_MIN_WORK 1: distances from BLAS Gram products, either for the whole
+    # dendrogram at once (kept, then cut again at a second eps) or per component
     X = _planted_rows(seed, k=8, per=6, dim=40)
     X[::7] = X[1::7][: X[::7].shape[0]]                   # exact duplicates: distance 0
-    old, cluster.GRAM_MIN_WORK = cluster.GRAM_MIN_WORK, 1
+    old = cluster.GRAM_MIN_WORK, cluster.FULL_LINKAGE_ROWS
+    cluster.GRAM_MIN_WORK, cluster.FULL_LINKAGE_ROWS = 1, (4096 if whole else 2)
     try:
-        got = threshold_clusters(X, eps, link, metric)
+        got = [threshold_clusters(X, e, link, metric) for e in (eps, 2 * eps)]
     finally:
-        cluster.GRAM_MIN_WORK = old
-    assert np.array_equal(got, algorithm1(X, eps, link, metric))
+        cluster.GRAM_MIN_WORK, cluster.FULL_LINKAGE_ROWS = old
+    assert np.array_equal(got[0], algorithm1(X, eps, link, metric))
+    assert np.array_equal(got[1], algorithm1(X, 2 * eps, link, metric))
 
 
 def test_condensed_gram_distances_equal_pdist():
