@@ -21,7 +21,9 @@ Transformer).  Batches 1, 64, 8192 (``--batches``); on CPU the 100M MLP runs
 at batch ``--big-cpu-batch`` (256) instead of 8192.  Reported per model and
 batch: parameters, latency (median ms), speed-up = original / base latency,
 and speed-up / parameter ratio (1.0 = the speed-up the parameter count
-promises).  Models missing under ``--models`` are built by
+promises), and the ratio of multiply-adds per sample (Linear / Conv / LSTM /
+GRU layers, counted by forward hooks; "-" for the ``OnnxModule``): a
+convolution's work scales with its output's spatial size, not its parameters.  Models missing under ``--models`` are built by
 ``benchmarks/bench_latency.py`` / ``examples/study_tune_dag.py``.
 
     python benchmarks/gpu_latency.py --device cuda --md gpu.md     # on a GPU machine
@@ -81,6 +83,37 @@ def _mlp_100m():
             lin.bias.copy_(lin.bias[:q].repeat(4))
     res = compress_module(m, torch.zeros(1, 1024))
     return m, res.module, n_params(m), res.report["params_after"], [1024], "nn.Sequential / rebuilt nn.Sequential"
+
+
+def macs(module, shape):
+    """Multiply-adds per sample of the module's Linear / Conv / LSTM / GRU
+    layers (forward hooks on one sample), or None when none ran (an
+    ``OnnxModule`` interpreter): the work the parameter count stands for."""
+    import torch
+    from torch import nn
+
+    total = [0]
+
+    def hook(mod, inp, out):
+        if isinstance(mod, nn.Linear):
+            total[0] += out.numel() * mod.in_features
+        elif isinstance(mod, nn.modules.conv._ConvNd):
+            k = int(torch.tensor(mod.kernel_size).prod())
+            total[0] += out.numel() * (mod.in_channels // mod.groups) * k
+        elif isinstance(mod, (nn.LSTM, nn.GRU)):
+            gates = 4 if isinstance(mod, nn.LSTM) else 3
+            steps = inp[0].shape[1 if mod.batch_first else 0]
+            total[0] += steps * gates * mod.hidden_size * (mod.input_size + mod.hidden_size) * mod.num_layers
+
+    hs = [m.register_forward_hook(hook) for m in module.modules()
+          if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd, nn.LSTM, nn.GRU))]
+    try:
+        with torch.no_grad():
+            module(torch.zeros([1] + list(shape)))
+    finally:
+        for h in hs:
+            h.remove()
+    return total[0] or None
 
 
 def cases(models):
@@ -144,6 +177,8 @@ def main(argv=None):
         if a.only and name not in a.only.split(","):
             continue
         mo, mb, po, pb, shape, how = build()
+        mac_o, mac_b = macs(mo, shape), macs(mb, shape)
+        mac_ratio = mac_o / mac_b if mac_o and mac_b else None
         for bs in batches:
             note = ""
             if name == "mlp_100m" and a.device == "cpu" and bs > a.big_cpu_batch:
@@ -165,6 +200,7 @@ def main(argv=None):
             ratio = po / pb
             row = {"model": name, "batch": bs, "params": po, "params_base": pb, "param_ratio": ratio,
                    "ms": to, "ms_base": tb, "speedup": to / tb, "speedup_per_param_ratio": to / tb / ratio,
+                   "macs": mac_o, "macs_base": mac_b, "mac_ratio": mac_ratio,
                    "cuda_graph": [go, gb], "modules": how, "note": note}
             rows.append(row)
             print(f"{name:19s} batch {bs:5d}  params {po:>11,d} -> {pb:>10,d} ({ratio:5.2f}x)  "
@@ -180,11 +216,12 @@ def main(argv=None):
         lines = [f"Device {a.device} ({info['machine']}), {a.dtype}, torch {torch.__version__}, median of "
                  f"{a.repeats} timed calls after {a.warmup} warm-up (a quarter of the repeats at batch > 1024), original and "
                  f"base alternating in {a.rounds} rounds (median of the round medians).", "",
-                 "| model | batch | params | base params | param ratio | original ms | base ms | speed-up | "
-                 "speed-up / param ratio |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                 "| model | batch | params | base params | param ratio | MAC ratio | original ms | base ms | "
+                 "speed-up | speed-up / param ratio |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in rows:
+            mr = f"{r['mac_ratio']:.2f}" if r.get("mac_ratio") else "-"
             lines.append(f"| {r['model']} | {r['batch']}{' *' if r['note'] else ''} | {r['params']:,} | "
-                         f"{r['params_base']:,} | {r['param_ratio']:.2f} | {r['ms']:.3f} | {r['ms_base']:.3f} | "
+                         f"{r['params_base']:,} | {r['param_ratio']:.2f} | {mr} | {r['ms']:.3f} | {r['ms_base']:.3f} | "
                          f"{r['speedup']:.2f} | {r['speedup_per_param_ratio']:.2f} |")
         if any(r["note"] for r in rows):
             lines += ["", f"\\* the 100M MLP at batch {a.big_cpu_batch} on CPU, not 8192."]

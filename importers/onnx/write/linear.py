@@ -23,6 +23,25 @@ from .groups import nodes_along
 from .registry import writes
 
 
+_CHUNK = 1 << 21     # float64 entries of one chunk of a weight (16 MB)
+
+
+def _two_sided(Rm, W, C):
+    """``Rm @ W @ C.T`` in float64 for a 2-D weight ``W`` (any float dtype,
+    maybe a view of the mapped file), one chunk of ``W``'s columns (then of
+    the product's rows) at a time: no float64 copy of the whole weight."""
+    n_out, n_in = W.shape
+    Y = np.empty((Rm.shape[0], n_in))
+    step = max(1, _CHUNK // max(n_out, 1))
+    for j in range(0, n_in, step):
+        Y[:, j:j + step] = Rm @ np.asarray(W[:, j:j + step], dtype=np.float64)
+    out = np.empty((Rm.shape[0], C.shape[0]))
+    step = max(1, _CHUNK // max(n_in, 1))
+    for r in range(0, Y.shape[0], step):
+        out[r:r + step] = (C @ np.ascontiguousarray(Y[r:r + step].T)).T
+    return out
+
+
 @writes(Kind.LINEAR)
 def linear(w, rec):
     k, node = w.node(rec)
@@ -33,9 +52,8 @@ def linear(w, rec):
     op = rec.op
     wname = node.input[1] if op != "MatMul" or rec.x_axis == -1 else node.input[0]
     slot = 1 if wname == node.input[1] else 0
-    W = w.value(wname)
+    W = w.value(wname)                  # as stored (a float32 view of the mapped file); float64 per chunk
     dt = W.dtype
-    W = W.astype(np.float64)
     a = rec.attrs
     Rm = ax_out.mean_matrix(scaled=True)
     fold = row_factor(w, rec.output, ax_out)          # q.k multiplicities folded into W_Q
@@ -44,6 +62,9 @@ def linear(w, rec):
     C = ax_in.sum_matrix(scaled=True)
 
     def rows_cols(M):          # M (n_out, n_in, ...) -> compressed
+        if M.ndim == 2:
+            return _two_sided(Rm, M, C)
+        M = M.astype(np.float64)
         sh = M.shape
         M2 = M.reshape(sh[0], -1)
         M2 = Rm @ M2
@@ -67,7 +88,7 @@ def linear(w, rec):
     else:                                            # MatMul A @ x: A (N, K)
         Wh = rows_cols(W)
     if not (op == "Conv" and group > 1):
-        w.put(node, slot, Wh, W.astype(dt))
+        w.put(node, slot, Wh, np.empty(0, dt))
     bslot = 2 if op in ("Gemm", "Conv", "ConvTranspose") else None
     if bslot is not None and len(node.input) > 2 and node.input[2] and not (ax_out.identity and not ax_out.scaled):
         b = w.value(node.input[2])
@@ -120,7 +141,7 @@ def grouped_conv(w, k, node, W, dt, group, rows_cols, ax_in):
             for at in node.attribute:
                 if at.name == "group":
                     at.i = 1
-            w.put(node, 1, Wh, W.astype(dt))
+            w.put(node, 1, Wh, np.empty(0, dt))
             return
         # quasi-fibers (eps > 0) mixing input colours: each base output reads
         # the input it reads most (exact fibers never get here)
@@ -129,7 +150,7 @@ def grouped_conv(w, k, node, W, dt, group, rows_cols, ax_in):
         support[np.arange(n_out), best] = True
         reads = support.sum(axis=1)
     j = np.where(reads == 1, support.argmax(axis=1), 0)
-    w.put(node, 1, Wh[np.arange(n_out), j][:, None], W.astype(dt))
+    w.put(node, 1, Wh[np.arange(n_out), j][:, None], np.empty(0, dt))
     for at in node.attribute:
         if at.name == "group":
             at.i = n_out

@@ -7,6 +7,8 @@ and the final clean-up of dead nodes and initializers.
 """
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
@@ -81,7 +83,7 @@ class Writer:
         arr = np.ascontiguousarray(np.asarray(value).astype(dt))
         # a weight shared by several nodes (an unrolled recurrence) that they all
         # shrink alike is written once
-        key = (node.input[slot], arr.shape, arr.dtype.str, hash(arr.tobytes()))
+        key = (node.input[slot], arr.shape, arr.dtype.str, hashlib.sha1(arr.data).hexdigest())
         name = self.written.get(key)
         if name is None:
             name = self.fresh(lambda c: f"{node.input[slot] or 'fib'}__base{c}")
