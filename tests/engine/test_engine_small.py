@@ -5,7 +5,7 @@ import pytest
 from fibgraph.graph import Block, WeightedDigraph
 from fibgraph.hierarchy import hierarchy
 from fibgraph.orbits import automorphism_orbits
-from fibgraph.partition import classes
+from fibgraph.partition import canonical, classes
 from fibgraph.symmetry import colour, covering, fibration, opfibration
 from fibgraph.trees import expand, input_tree_certificates
 
@@ -138,3 +138,29 @@ def test_colour_dispatch(sym):
     g = G([(0, 1, 1), (0, 2, 1), (1, 3, 1), (2, 3, 1)])
     lab = colour(g, sym).labels
     assert lab[1] == lab[2] and lab[0] != lab[3]
+
+
+@pytest.mark.parametrize("direction", ["in", "out"])
+def test_dense_blocks_hash_the_same_in_small_column_chunks(direction, monkeypatch):
+    # a dense block with planted equal rows (in) / columns (out), float32 as a
+    # weight is stored, some columns merged by colour: chunks of 7 entries give
+    # the colouring of one chunk
+    from fibgraph.engine import signatures as sig
+
+    rng = np.random.default_rng(0)
+    src, dst = np.arange(40), np.arange(40, 340)
+    W = rng.normal(size=(6, 40)).astype(np.float32)[rng.integers(0, 6, 300)]        # 300 rows, 6 distinct
+    if direction == "out":
+        W = np.ascontiguousarray(rng.normal(size=(300, 6)).astype(np.float32)[:, rng.integers(0, 6, 40)])
+    g = WeightedDigraph(n=340, blocks=[Block(src=src, dst=dst, weight=W)])
+    nodes = dst if direction == "in" else src
+    others = src if direction == "in" else dst
+    for merged in (False, True):
+        colours = np.full(340, 1000)                # the targets: one old colour
+        colours[others] = others // (3 if merged else 1)   # the other ends: own colours, or by threes
+        want = sig.split_exact(g, nodes, [direction], colours, np.ones(340), 1e-5)
+        monkeypatch.setattr(sig, "_CHUNK", 7)
+        got = sig.split_exact(g, nodes, [direction], colours, np.ones(340), 1e-5)
+        monkeypatch.undo()
+        assert np.array_equal(canonical(got), canonical(want))
+        assert len(np.unique(want)) == 6           # the planted rows (in) / columns (out)
