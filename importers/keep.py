@@ -72,7 +72,9 @@ class _Probe:
         col = self.mc.colouring(dict(t))
         key = self.mc.key(col)
         if key not in self.by_key:
-            m2 = self.mc.write(col)
+            # data-free: only the parameter count is needed, so the new weights
+            # are written as shapes (no copy of the base's data per probe)
+            m2 = self.mc.write(col, dry=self.loss_fn is None)
             self.evaluations += 1
             loss = float(self.loss_fn(m2)) if self.loss_fn is not None else 0.0
             self.by_key[key] = (self.count(m2), loss, key)

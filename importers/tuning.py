@@ -113,11 +113,15 @@ class DagCompressor:
             h.update(np.round(np.ascontiguousarray(col.scales, dtype=np.float64), 12).tobytes())
         return h.hexdigest()
 
-    def write(self, col):
+    def write(self, col, dry=False):
+        """The base of ``col`` (``dry``: new weights as shapes only, enough for
+        a parameter count)."""
         from .onnx.write import write_dag_base
 
-        col.base = write_dag_base(self.imp, col.labels, groups=col.groups, scales=col.scales)
-        return col.base[0]
+        base = write_dag_base(self.imp, col.labels, groups=col.groups, scales=col.scales, dry=dry)
+        if not dry:
+            col.base = base
+        return base[0]
 
     def compressed(self, eps_by_layer, check=False):
         """(ModelProto, base (model, gid, kept, why), colouring)."""

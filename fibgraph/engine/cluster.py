@@ -35,22 +35,23 @@ METRICS = ("cosine", "euclidean")
 LINKAGES = ("complete", "average")
 
 
-def prepare_rows(X, metric):
+def prepare_rows(X, metric, overwrite=False):
     """Rows scaled for ``metric``: unit rows (cosine) or rows over the largest norm.
 
-    Returns ``(Y, norms, zero_mask)``.
+    Returns ``(Y, norms, zero_mask)``.  ``overwrite``: ``X`` (a float64 array
+    the caller owns and no longer needs) is scaled in place, no copy.
     """
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; choose from {METRICS}")
     X = X.toarray() if sp.issparse(X) else np.asarray(X, dtype=np.float64)
     norms = np.sqrt(np.einsum("ij,ij->i", X, X))          # no |X|^2 temporary
     zero = norms <= 0
-    if metric == "cosine":
-        Y = X / np.where(zero, 1.0, norms)[:, None]
-    elif metric == "euclidean":
-        scale = norms.max() if norms.size and norms.max() > 0 else 1.0
-        Y = X / scale
-    else:
-        raise ValueError(f"unknown metric {metric!r}; choose from {METRICS}")
-    return Y, norms, zero
+    div = np.where(zero, 1.0, norms)[:, None] if metric == "cosine" else \
+        (norms.max() if norms.size and norms.max() > 0 else 1.0)
+    if overwrite and X.dtype == np.float64 and X.flags.writeable and X.flags.owndata:
+        X /= div
+        return X, norms, zero
+    return X / div, norms, zero
 
 
 def _neighbour_components(Y, radius, unit=False, block_elems=1 << 22):
@@ -180,7 +181,7 @@ def _whole_dendrogram(Z, eps, linkage_method, metric):
 MAX_LINKAGE_ROWS = 20_000
 
 
-def threshold_clusters(X, eps, linkage_method="average", metric="cosine", prepared=False):
+def threshold_clusters(X, eps, linkage_method="average", metric="cosine", prepared=False, overwrite=False):
     """Flat clusters of the rows of ``X`` cut at distance ``eps``.
 
     Equal to ``fcluster(linkage(pdist(rows), method), eps, 'distance')`` (the
@@ -190,7 +191,8 @@ def threshold_clusters(X, eps, linkage_method="average", metric="cosine", prepar
     ``prepared``: the rows are already scaled for ``metric`` (e.g. the
     concatenation of several node sets' prepared rows over ``sqrt(sets)``, see
     :func:`joint_rows`); the distance is then ``|u - v|`` (euclidean) or
-    ``|u - v|^2 / 2`` (cosine) on the given rows.
+    ``|u - v|^2 / 2`` (cosine) on the given rows.  ``overwrite``: ``X`` may be
+    scaled in place (:func:`prepare_rows`).
     """
     if linkage_method not in LINKAGES:
         raise ValueError(f"unknown linkage {linkage_method!r}; choose from {LINKAGES}")
@@ -199,7 +201,7 @@ def threshold_clusters(X, eps, linkage_method="average", metric="cosine", prepar
         norms = np.sqrt(np.einsum("ij,ij->i", Y, Y))
         zero = norms <= 0
     else:
-        Y, norms, zero = prepare_rows(X, metric)
+        Y, norms, zero = prepare_rows(X, metric, overwrite=overwrite)
     n = Y.shape[0]
     labels = np.full(n, -1, dtype=np.int64)
     nz = np.flatnonzero(~zero) if metric == "cosine" else np.arange(n)

@@ -122,11 +122,15 @@ def split_tolerance(graph, nodes, directions, colours, scales, crit, info_key, i
             nxt += 1
             continue
         rows = dense_rows(X, members)
-        lab = threshold_clusters(rows, crit.eps, crit.linkage, metric)
+        norms = np.sqrt(np.einsum("ij,ij->i", rows, rows)) if rescale else None
+        # the rows are scaled in place when they are this loop's own copy (or X's
+        # every row, X being a fresh array), never a view of a weight
+        own = rows is not X or (not sp.issparse(X) and X.flags.owndata)
+        lab = threshold_clusters(rows, crit.eps, crit.linkage, metric, overwrite=own)
+        del rows
         out[members] = nxt + lab
         nxt += int(lab.max()) + 1
         if rescale:     # each member over its cluster's mean row norm (clusters of 2+ rows)
-            norms = np.sqrt(np.einsum("ij,ij->i", rows, rows))
             cnt = np.bincount(lab)
             mean = np.bincount(lab, weights=norms) / np.maximum(cnt, 1)
             sel = (cnt[lab] > 1) & (mean[lab] > 0)

@@ -10,6 +10,7 @@ in record order (what the report has one row for).
 from __future__ import annotations
 
 import ast
+import re
 
 import numpy as np
 
@@ -173,6 +174,9 @@ def module_name(weight, node_set_name="") -> str:
 
 
 _SCOPES = "pkg.torch.onnx.name_scopes"
+#: the exporters' names for tensors that are not a parameter as it is (a
+#: transposed or folded copy), also after fibgraph's writer (``__base3``)
+_ANONYMOUS = re.compile(r"(val_\d+|onnx::.+)(__base\d+)?")
 
 
 def node_module(node) -> str:
@@ -216,8 +220,8 @@ def join_scopes(parts) -> str:
 
 
 def torch_names(imp) -> dict:
-    """``{weight: torch name}`` for the weights whose ONNX name is not a torch
-    tensor's (``val_60``, ``onnx::MatMul_1351``: transposed or folded copies)
+    """``{weight: torch name}`` for the weights whose ONNX name is an exporter's
+    anonymous one (``val_60``, ``onnx::MatMul_1351``: transposed or folded copies)
     when the model came from torch (producer ``pytorch``): the module of the
     node that reads it (:func:`node_module`) plus ``.weight`` (``.weight_ih`` /
     ``.weight_hh`` for a recurrent op's W / R), so ``val_60`` reads
@@ -238,7 +242,7 @@ def torch_names(imp) -> dict:
                 w = getattr(rec, attr, None)
                 if not w or not isinstance(w, str) or w in out or not path:
                     continue
-                if module_name(w) != w and "::" not in w:      # already a torch tensor's name
+                if not _ANONYMOUS.fullmatch(w):               # a name of its own (fc1.weight, W1)
                     continue
                 name, k = path + suffix, 1
                 while name in taken:

@@ -49,7 +49,7 @@ from .writer import Writer
 __all__ = ["RULES", "Writer", "dag_groups", "group_columns", "write_dag_base"]
 
 
-def write_dag_base(imp, labels, mode="merge", keep_pref=None, groups=None, scales=None):
+def write_dag_base(imp, labels, mode="merge", keep_pref=None, groups=None, scales=None, dry=False):
     """The compressed ONNX model of ``imp`` under the colouring ``labels``;
     returns ``(model, gid, kept, why)``.
 
@@ -61,12 +61,13 @@ def write_dag_base(imp, labels, mode="merge", keep_pref=None, groups=None, scale
     every multiplicity is 1 (LayerNorm, means and softmax over the kept units).
     ``groups``: ``dag_groups(imp, labels, keep_pref)`` when the caller has it.
     ``scales``: per node, the rescaling merge's scales (``Refinement.scales``;
-    None: all 1)."""
+    None: all 1).  ``dry``: the new weights are written as shapes only (for a
+    parameter count: the model cannot run)."""
     if mode not in ("merge", "prune"):
         raise ValueError(f"mode must be 'merge' or 'prune', got {mode!r}")
     records = imp.records
     gid, kept, why = groups if groups is not None else dag_groups(imp, labels, keep_pref)
-    w = Writer(imp, gid, kept, prune=mode == "prune", scales=scales, labels=labels)
+    w = Writer(imp, gid, kept, prune=mode == "prune", scales=scales, labels=labels, dry=dry)
     with task("writing the base", total=len(records) + 1) as advance:
         for rec in records:
             w.write(rec)

@@ -29,8 +29,9 @@ class Writer:
     ``prune``: kept nodes stand for themselves only; ``scales``: per node, the
     rescaling merge's scales; ``labels``: the colouring (merge mode)."""
 
-    def __init__(self, imp, gid, kept, prune=False, scales=None, labels=None):
+    def __init__(self, imp, gid, kept, prune=False, scales=None, labels=None, dry=False):
         self.imp = imp
+        self.dry = dry               # new weights as shapes only (a parameter count, no data)
         self.labels = None if prune else labels
         self.gid, self.kept = gid, kept
         self.prune = prune
@@ -87,7 +88,12 @@ class Writer:
         name = self.written.get(key)
         if name is None:
             name = self.fresh(lambda c: f"{node.input[slot] or 'fib'}__base{c}")
-            self.g.initializer.append(numpy_helper.from_array(arr, name))
+            if self.dry:
+                t = onnx.TensorProto(name=name, dims=arr.shape,
+                                     data_type=helper.np_dtype_to_tensor_dtype(arr.dtype))
+                self.g.initializer.append(t)
+            else:
+                self.g.initializer.append(numpy_helper.from_array(arr, name))
             self.written[key] = name
         node.input[slot] = name
         return name
