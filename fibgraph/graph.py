@@ -129,6 +129,8 @@ class WeightedDigraph:
     homogeneous: np.ndarray | None = None
     cyclic: set | None = None                # indices of levels with edges inside them (a loop)
     tie: np.ndarray | None = None            # column id per node (-1: none), for joint clustering
+    relieve: object = None                   # called after each level is refined: an importer's hook
+    #                                          handing back memory the level's weights held (mapped pages)
 
     def __post_init__(self):
         n = self.n

@@ -178,6 +178,8 @@ def _refine_levels(graph, direction, criterion, tie, colours, scales, info, adva
                     if not loop or k_after == k_before:
                         break
                     k_before = k_after
+                if graph.relieve is not None:   # e.g. the pages of a mapped weight file, read again when touched
+                    graph.relieve()
             colours = canonical(colours)
             rounds += 1
         after = colours.max() + 1 if n else 0
