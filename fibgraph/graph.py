@@ -110,6 +110,10 @@ class WeightedDigraph:
     ``cyclic`` names levels whose nodes also read each other (a recurrence,
     e.g. an LSTM's gates, cell and hidden state): such a level is refined
     repeatedly until its colouring is a fixed point.
+    ``relieve`` (optional, no arguments) is called by the engine after each
+    level it refines: an importer's way to hand back memory the level's
+    weights held (the ONNX importer drops the resident pages of a mapped
+    weight file; they are read again when touched).
     ``tie`` (optional, int per node, -1 = untied) groups nodes of one level
     that sit at the same position in several node sets (``layer``), e.g. the
     gates, cell and hidden node of one LSTM unit: under a tolerance criterion
