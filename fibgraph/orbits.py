@@ -66,7 +66,9 @@ class Orbits:
 
 def weighted_edges(graph: WeightedDigraph):
     """Summed edges ``(src, dst, etype, values[m, D], exact)``: one row per
-    ``(src, dst, edge type)``; rows whose summed weight is exactly 0 are dropped.
+    ``(src, dst, edge type)``; rows whose summed weight is 0 are dropped (for
+    float weights: below the quantisation step relative to the largest single
+    weight, so multi-edges that cancel to rounding residue are no edge).
     ``etype`` is -1 for blocks without types."""
     parts = [b.coo() for b in graph.blocks]
     exact = all(b.exact for b in graph.blocks)
@@ -95,7 +97,11 @@ def weighted_edges(graph: WeightedDigraph):
     np.minimum.at(first, inv, np.arange(src.size))
     summed = np.zeros((u.shape[0], D))
     np.add.at(summed, inv, vals)
-    keep = np.any(summed != 0, axis=1)
+    if exact:
+        keep = np.any(summed != 0, axis=1)
+    else:   # multi-edges that cancel to rounding residue (0.3 + 0.6 - 0.3 - 0.6) are no edge
+        ref = float(np.abs(vals).max())
+        keep = np.any(np.abs(summed) > 0.5 * 10.0 ** -QUANT_DIGITS * ref, axis=1)
     f = first[keep]
     return src[f], dst[f], et[f], summed[keep], exact
 
