@@ -23,8 +23,9 @@ def paper_rc() -> dict:
     return {"font.family": FONT, "svg.fonttype": "none", "pdf.fonttype": 42, "svg.hashsalt": "fibgraph"}
 
 
-def save_figure(fig, path, dpi=DPI) -> list:
-    """Write ``fig`` to ``path`` (a .png, at ``dpi``) and to the .svg beside it; returns both paths."""
+def save_figure(fig, path, dpi=DPI, same_layout=False) -> list:
+    """Write ``fig`` to ``path`` (a .png, at ``dpi``) and to the .svg beside it; returns both paths.
+    ``same_layout``: the figure is laid out once, for the PNG, and the SVG keeps those positions."""
     stem, ext = os.path.splitext(os.fspath(path))
     if ext.lower() != ".png":
         raise ValueError(f"{path}: save_figure writes a .png and the .svg beside it")
@@ -36,4 +37,6 @@ def save_figure(fig, path, dpi=DPI) -> list:
         with atomic_path(p, suffix=f".{fmt}") as tmp:
             fig.savefig(tmp, format=fmt, dpi=dpi)
         out.append(p)
+        if same_layout:
+            fig.set_layout_engine("none")
     return out

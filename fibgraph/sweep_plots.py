@@ -18,8 +18,8 @@ import os
 import re
 
 from .errors import InputError
-from .fileio import atomic_path, make_output_dir
-from .figures import DPI, FONT  # one font and resolution for every study figure
+from .fileio import make_output_dir
+from .figures import DPI, FONT, save_figure  # one font and resolution for every study figure
 
 __all__ = ["plot_sweep", "natural_key"]
 
@@ -49,14 +49,8 @@ def _eps_label(e):
 
 
 def _save(fig, stem, dpi):
-    paths = []
-    for ext in ("png", "svg"):
-        path = f"{stem}.{ext}"
-        with atomic_path(path, suffix=f".{ext}") as tmp:
-            fig.savefig(tmp, format=ext, dpi=dpi)
-        paths.append(path)
-        fig.set_layout_engine("none")         # laid out once: the second format keeps the positions
-    return paths
+    # laid out once: the SVG keeps the PNG's positions
+    return save_figure(fig, f"{stem}.png", dpi, same_layout=True)
 
 
 def _figure(n_lines):

@@ -54,6 +54,16 @@ def prepare_rows(X, metric, overwrite=False):
     return X / div, norms, zero
 
 
+def _sq_dists(Z, sq, s, e):
+    """``|z_i - z_j|^2`` of rows ``s..e-1`` against rows ``s..`` of ``Z`` (``sq``:
+    the rows' squared norms) from one BLAS Gram product, in ``Z``'s dtype."""
+    G = Z[s:e] @ Z[s:].T
+    G *= -2.0
+    G += sq[s:e, None]
+    G += sq[None, s:]
+    return G
+
+
 def _neighbour_components(Y, radius, unit=False, block_elems=1 << 22):
     """Connected components of the graph joining rows at euclidean distance <= radius.
 
@@ -88,15 +98,10 @@ def _neighbour_components(Y, radius, unit=False, block_elems=1 << 22):
 
     for s in range(0, n, bs):
         e = min(n, s + bs)
-        G = Y32[s:e] @ Y32[s:].T
         if unit:
-            i, j = np.nonzero(G >= gmin)
+            i, j = np.nonzero(Y32[s:e] @ Y32[s:].T >= gmin)
         else:
-            G *= -2.0
-            G += sq[s:e, None]
-            G += sq[None, s:]
-            i, j = np.nonzero(G <= np.float32(r2))
-        del G
+            i, j = np.nonzero(_sq_dists(Y32, sq, s, e) <= np.float32(r2))
         keep = i + s != j + s
         rows.append((i[keep] + s).astype(np.int64))
         cols.append((j[keep] + s).astype(np.int64))
@@ -133,10 +138,7 @@ def _condensed(Z, cosine):
     pos = 0
     for s in range(0, m - 1, bs):
         e = min(m - 1, s + bs)
-        G = Z[s:e] @ Z[s:].T                      # rows s..e-1 against columns s..m-1
-        G *= -2.0
-        G += sq[s:e, None]
-        G += sq[None, s:]
+        G = _sq_dists(Z, sq, s, e)
         np.maximum(G, 0.0, out=G)
         upper = np.arange(s, m)[None, :] > np.arange(s, e)[:, None]
         vals = G[upper]                            # row-major: pdist's order

@@ -288,9 +288,7 @@ def _weight_scale(graph, mask, direction, scales):
         targets = b.dst if direction == "in" else b.src
         if not mask[targets].any():
             continue
-        w = b.weight if b.dense else b.values
-        if w.size:                                   # no |w| temporary: max and -min
-            m = max(m, float(w.max()), -float(w.min()))
+        m = max(m, _abs_max(b.weight if b.dense else b.values))
     return m * (float(scales.max()) if scales.size else 1.0)
 
 

@@ -123,11 +123,9 @@ def split_tolerance(graph, nodes, directions, colours, scales, crit, info_key, i
             continue
         rows = dense_rows(X, members)
         norms = np.sqrt(np.einsum("ij,ij->i", rows, rows)) if rescale else None
-        # the rows are scaled in place when they are this loop's own copy (or X's
-        # every row, X being a fresh array), never a view of a weight
-        own = rows is not X or (not sp.issparse(X) and X.flags.owndata)
-        lab = threshold_clusters(rows, crit.eps, crit.linkage, metric, overwrite=own)
-        del rows
+        # scaled in place: the rows are this loop's own copy, or every row of a
+        # fresh X; prepare_rows never overwrites a view (of a weight)
+        lab = threshold_clusters(rows, crit.eps, crit.linkage, metric, overwrite=True)
         out[members] = nxt + lab
         nxt += int(lab.max()) + 1
         if rescale:     # each member over its cluster's mean row norm (clusters of 2+ rows)

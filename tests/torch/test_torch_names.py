@@ -6,7 +6,6 @@ by the torch tensor they stand for (``enc.0.weight``); eps files with either
 name are read; a model from another producer keeps its ONNX names."""
 import json
 
-import numpy as np
 import onnx
 import pytest
 

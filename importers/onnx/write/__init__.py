@@ -69,11 +69,10 @@ def write_dag_base(imp, labels, mode="merge", keep_pref=None, groups=None, scale
     gid, kept, why = groups if groups is not None else dag_groups(imp, labels, keep_pref)
     w = Writer(imp, gid, kept, prune=mode == "prune", scales=scales, labels=labels, dry=dry)
     with task("writing the base", total=len(records) + 1) as advance:
-        relieve = getattr(imp.graph, "relieve", None)
         for rec in records:
             w.write(rec)
-            if relieve is not None:          # the record's weight pages (a mapped file) go back
-                relieve()
+            if imp.graph.relieve is not None:   # the record's weight pages (a mapped file) go back
+                imp.graph.relieve()
             advance(1)
         w.cuts()
         attention.packed_cuts(w)
