@@ -112,14 +112,17 @@ def make_loss(model, data):
     return lambda m: float(np.mean([np.mean((a - r) ** 2) / v for a, r, v in zip(outputs(m), ref, var)]))
 
 
-def keep_search(mc, keep, data=None, tol=KEEP_TOL, steps=14, on_step=None):
+def keep_search(mc, keep, data=None, tol=KEEP_TOL, steps=14, on_step=None, fixed=()):
     """Per-group eps keeping ``keep`` of ``mc``'s parameters (module doc).
+    ``fixed``: groups left out of the search (their eps stays 0: exact
+    fibers only).
 
     Returns ``{"eps": {weight: eps}, "target", "params_before", "params_after",
     "kept", "landed", "floor", "mode", "evaluations", "note"?}``; ``eps`` holds
     every weight of every group with eps > 0 (what ``--eps-file`` reads)."""
     keep = check_keep(keep)
-    tun = list(mc.tunable)
+    fixed = set(fixed)
+    tun = [g for g in mc.tunable if g not in fixed]
     loss_fn = make_loss(mc.model, data) if data is not None else None
     probe = _Probe(mc, loss_fn)
     p0 = mc.params_before

@@ -42,7 +42,7 @@ from fibgraph.engine import DEFAULT_RTOL
 from fibgraph.retune import RetuneResult
 from fibgraph.tune import EPS_MAX, TuneResult
 
-from .torch_train import as_tensors, module_loss, retune  # noqa: F401  (part of this API)
+from .torch_train import as_tensors, first_tensor, module_loss, retune  # noqa: F401  (part of this API)
 
 __all__ = ["compress_module", "ModuleCompression", "module_from_onnx", "module_loss", "n_params", "tune_module", "retune",
            "compress_retune", "RetuneResult"]
@@ -94,11 +94,20 @@ _SHAPE_OPS = frozenset({"Shape", "Constant", "ConstantOfShape", "Gather", "Unsqu
                         "Reshape", "Transpose", "Cast", "Identity", "Expand", "Range", "Size"})
 
 
-def _same_nodes(original, base):
-    """Refuse a base that computes with nodes the export does not have (e.g.
-    multiplicities of merged units read by a LayerNorm), naming the torch
-    module where they sit.  The writer may drop or rewrite shape
-    arithmetic (an LSTM's initial state): only computing ops count."""
+class RebuildBlocked(InputError):
+    """The base computes some modules with nodes of its own; ``paths`` names
+    them (torch module paths)."""
+
+    def __init__(self, message, paths):
+        super().__init__(message)
+        self.paths = paths
+
+
+def _blocking(original, base):
+    """``(extra op types, module paths)``: computing ops the base has beyond
+    the export's, and the torch modules where they sit (a layer the writer
+    replaced, e.g. a LayerNorm of merged units; else the nearest named node
+    before each new node)."""
     from collections import Counter
 
     def compute(m):
@@ -106,19 +115,83 @@ def _same_nodes(original, base):
 
     extra = compute(base) - compute(original)
     if not extra:
-        return
+        return [], []
     nodes = list(base.graph.node)
     kept = {n.name for n in nodes}
-    gone = [n.name for n in original.graph.node if n.op_type not in _SHAPE_OPS and n.name not in kept
-            and "/" in n.name]                      # a torch layer the writer replaced (LayerNormalization)
-    k = next((i for i, n in enumerate(nodes) if n.op_type in extra and n.name not in
-              {m.name for m in original.graph.node}), 0)
-    near = [n.name for n in nodes[k::-1] + nodes[k + 1:] if "/" in n.name]    # its own nodes carry no scope
-    where = list(dict.fromkeys(_scope(nm) for nm in (gone or near[:1])))
-    where = ", ".join(repr(w) for w in where[:4]) + (", ..." if len(where) > 4 else "") if where else f"node {k}"
-    raise InputError(f"module {where}: the base computes it with {', '.join(sorted(extra))} nodes of its own "
-                     f"(multiplicities of merged units read by a LayerNorm, attention with shrunk head dims): "
-                     f"no torch layer of that class computes them")
+    own = {m.name for m in original.graph.node}
+    gone = [n for n in original.graph.node if n.op_type not in _SHAPE_OPS and n.name not in kept and "/" in n.name]
+    paths = [_scope(n.name) for n in gone]          # a torch layer the writer replaced (LayerNormalization)
+    producer = {t: k for k, n in enumerate(nodes) for t in n.output}
+    readers = {}
+    for k, n in enumerate(nodes):
+        for t in n.input:
+            readers.setdefault(t, []).append(k)
+    covered = set()                                 # the nodes that stand for a replaced layer
+    for g in gone:
+        stack = [producer[t] for t in g.output if t in producer]
+        while stack:
+            k = stack.pop()
+            if k in covered or nodes[k].name in own:
+                continue
+            covered.add(k)
+            stack += [producer[t] for t in nodes[k].input if t in producer and t not in g.input]
+    for k, n in enumerate(nodes):
+        if n.op_type not in extra or n.name in own or k in covered:
+            continue
+        # a node of the writer's own (no scope): the module of the first original node it feeds
+        seen, stack, hit = set(), [k], None
+        while stack and hit is None:
+            j = stack.pop(0)
+            for t in nodes[j].output:
+                for r in readers.get(t, []):
+                    if nodes[r].name in own and "/" in nodes[r].name:
+                        hit = nodes[r].name
+                        break
+                    if r not in seen:
+                        seen.add(r)
+                        stack.append(r)
+        if hit:
+            paths.append(_scope(hit))
+    return sorted(extra), list(dict.fromkeys(paths))
+
+
+def _same_nodes(original, base):
+    """Refuse a base that computes with nodes the export does not have (e.g.
+    multiplicities of merged units read by a LayerNorm, attention heads of
+    shrunk dims), naming the torch modules where they sit
+    (:class:`RebuildBlocked`).  The writer may drop or rewrite shape
+    arithmetic (an LSTM's initial state): only computing ops count."""
+    extra, paths = _blocking(original, base)
+    if not extra:
+        return
+    where = ", ".join(repr(w) for w in paths[:4]) + (", ..." if len(paths) > 4 else "") if paths else "a node"
+    raise RebuildBlocked(f"module {where}: the base computes it with {', '.join(extra)} nodes of its own "
+                         f"(multiplicities of merged units read by a LayerNorm, attention with shrunk head dims): "
+                         f"no torch layer of that class computes them", paths)
+
+
+def _groups_at(mc, original, paths):
+    """Tunable groups of ``mc`` whose merges a torch rebuild cannot hold, from
+    the module paths that block it: groups with a weight of the module
+    (``enc.0.attention.self`` -> its query/key/value), else the groups whose
+    units the module's nodes read or write (a LayerNorm -> the residual
+    stream it normalises); and the same groups of every repeated block
+    (``encoder.layer.3.`` -> ``encoder.layer.<k>.``)."""
+    tun = set(mc.tunable)
+    out = set()
+    for path in paths:
+        pre = f"{path}." if path else ""
+        hit = {g.name for g in mc.groups if g.name in tun and any(w.startswith(pre) for w in g.weights)}
+        if not hit:
+            tensors = {t for n in original.graph.node if _scope(n.name) == path or _scope(n.name).startswith(pre)
+                       for t in list(n.input) + list(n.output) if t in mc.imp.layouts}
+            if tensors:
+                ids = np.unique(np.concatenate([np.asarray(mc.imp.layouts[t]).reshape(-1) for t in tensors]))
+                hit = {g.name for g in mc.groups if g.name in tun and np.isin(g.nodes, ids).any()}
+        out |= hit
+    pats = [re.compile(re.sub(r"\\\.\d+\\\.", r"\\.\\d+\\.", re.escape(g))) for g in out]
+    out |= {g for g in tun if any(p.fullmatch(g) for p in pats)}
+    return out
 
 
 def module_from_onnx(base, template, original=None, example=None, check=True, data=None):
@@ -164,7 +237,7 @@ def _check_same(small, base, example, data=None, rtol=1e-5):
     small.eval()
     try:
         with torch.no_grad():
-            got = small(x)
+            got = first_tensor(small(x))
     except Exception as e:
         raise InputError(f"the rebuilt module does not run ({str(e).splitlines()[0][:200]})") from None
     finally:
@@ -223,7 +296,7 @@ def _compressor(mp, linkage, metric, rescale, rtol=DEFAULT_RTOL, symmetry="fibra
 
 def compress_module(model, example_inputs=None, eps=None, linkage="complete", metric="cosine", rescale=True,
                     rtol=DEFAULT_RTOL, symmetry="fibration", example=None, data=None, fallback=True,
-                    eps_by_layer=None, keep=None) -> ModuleCompression:
+                    eps_by_layer=None, keep=None, pin=True) -> ModuleCompression:
     """Compress a torch module to its base: a :class:`ModuleCompression`
     (unpacks as ``module, base ONNX, colouring``).
 
@@ -235,8 +308,15 @@ def compress_module(model, example_inputs=None, eps=None, linkage="complete", me
     exact fibers.  (A dict or float as the second positional argument is
     read as ``eps``, as before.)  ``data``: an .npz path, ``(x, y)`` or an
     input array: the importer's probe input and the rebuilt module's check.
-    ``fallback``: when the base cannot be rebuilt from the module's own
-    layer classes, return an ``OnnxModule`` of the base and say why in
+    ``pin`` (default): where a merge needs nodes no layer of the module's
+    classes computes (a LayerNorm over merged units needs their
+    multiplicities; attention heads need equal head dims), keep the units of
+    the groups the blocking modules read or write whole (no merges, at any
+    eps: :meth:`DagCompressor.pin`) and compress the rest, so the result
+    stays the module's own class; ``report["exact_for_torch"]`` names those
+    groups and a note says why (with ``keep=``, the search then runs over the
+    other groups).  ``fallback``: when the base still cannot be rebuilt (or
+    ``pin=False``), return an ``OnnxModule`` of the base and say why in
     ``report["fallback"]`` (the module path that blocks), instead of raising.
     As everywhere on the hypergraph path, there is no rescaling merge and
     cosine is replaced by the magnitude-aware distance.  ``keep`` (0 < keep
@@ -257,43 +337,103 @@ def compress_module(model, example_inputs=None, eps=None, linkage="complete", me
     if data is not None:
         feeds = {"x": np.asarray(_data_x(data)[:1], dtype=ex.cpu().numpy().dtype)}
     mc = _compressor(mp, linkage, metric, rescale, rtol, symmetry, feeds)
-    found = None
     if keep is not None:
-        from .keep import check_keep, keep_search
+        from .keep import check_keep
 
         if eps:
             raise InputError("keep= chooses the eps itself: give keep= or eps=, not both")
-        xy = None
-        if isinstance(data, (tuple, list)) and len(data) == 2:
-            xy = _as_xy(data)
-        elif isinstance(data, (str, os.PathLike)):
-            xy = data
-        found = keep_search(mc, check_keep(keep), data=xy)
-        table = dict(found["eps"])
+        keep = check_keep(keep)
     elif isinstance(eps, (int, float)) and not isinstance(eps, bool):
-        table = {w: float(eps) for w in mc.tunable} if eps else {}
+        eps = {w: float(eps) for w in mc.tunable} if eps else {}
     else:
-        table = dict(eps or {})
-    m2, base, col = mc.compressed(table, check=True)
+        eps = dict(eps or {})
+    pinned, small, blocked, first = set(), None, None, None
+    for _ in range(_PIN_ROUNDS):
+        table, found = _choose(mc, eps, keep, data, pinned)
+        m2, base, col = mc.compressed(table, check=True)
+        first = first or (table, found, m2, base, col)
+        try:
+            small = module_from_onnx(m2, model, original=mp, example=ex, data=data)
+            break
+        except RebuildBlocked as e:
+            blocked = e
+            more = _groups_at(mc, mp, e.paths) - pinned if pin else set()
+            if not more:
+                break                     # nothing left to pin
+            pinned |= more
+            mc.pin(more)
+        except InputError as e:
+            blocked = e
+            break
+    if small is not None and pinned and fallback:
+        lost = _pins_lose(first, found, m2, count_params(mp))
+        if lost:
+            small, blocked = None, f"{blocked}; {lost}"
+    if small is None:                 # the base asked for, as an interpreter
+        table, found, m2, base, col = first
+        pinned = set()
     report = {"params_before": n_params(model), "onnx_params_before": count_params(mp),
               "onnx_params_after": count_params(m2), "eps": mc.eps_file(table),
-              "layers": mc.layer_rows(table, base), "notes": list(mc.notes), "fallback": None}
+              "layers": mc.layer_rows(table, base), "notes": list(mc.notes), "fallback": None,
+              "exact_for_torch": sorted(mc.name(g) for g in pinned)}
+    if pinned and small is not None:
+        report["notes"].append(
+            f"units kept whole (no merges) so that the base is a {type(model).__name__}: "
+            f"{', '.join(report['exact_for_torch'][:6])}{', ...' if len(pinned) > 6 else ''} "
+            f"(merging their units needs nodes no torch layer of that class computes: {blocked})")
     if found is not None:
         report["keep"] = found
-    try:
-        small = module_from_onnx(m2, model, original=mp, example=ex, data=data)
+    if small is not None:
         report["params_after"] = param_count(model, base_tensors(m2, src))
         report["module"] = type(model).__name__
-    except InputError as e:
+    else:
         if not fallback:
-            raise InputError(f"{e}; {_REBUILD_HINT}") from None
+            raise InputError(f"{blocked}; {_REBUILD_HINT}") from None
         from .onnx.to_torch import OnnxModule
 
         small = OnnxModule(m2).train(model.training)
-        report["fallback"] = f"{e} -> the base is an OnnxModule (ONNX interpreter), not a {type(model).__name__}"
+        report["fallback"] = (f"{blocked} -> the base is an OnnxModule (ONNX interpreter), "
+                              f"not a {type(model).__name__}")
         report["params_after"] = small.n_params()
         report["module"] = "OnnxModule"
     return ModuleCompression(small, m2, col, report)
+
+
+def _pins_lose(first, found, m2, p0):
+    """Why the base with units kept whole is not what was asked for (None
+    when it is): with ``keep``, it misses the target the unpinned base met;
+    with eps, it shrinks nothing where the unpinned base did."""
+    from .onnx.runtime import count_params
+
+    f0 = first[1]
+    if found is not None and f0 is not None:
+        if f0["landed"] and not found["landed"]:
+            return (f"kept whole, the units its classes cannot merge leave {found['kept']:.1%} of the parameters "
+                    f"(asked: {f0['target']:.0%})")
+        return None
+    if count_params(m2) >= p0 > count_params(first[2]):
+        return "kept whole, the units its classes cannot merge leave every parameter"
+    return None
+
+
+_PIN_ROUNDS = 4     # rebuild tries: each one keeps the groups that blocked the last exact
+
+
+def _choose(mc, eps, keep, data, pinned):
+    """The eps table to write: ``eps`` without the pinned groups, or the
+    ``keep`` search over the groups not pinned; and the search's result."""
+    if keep is None:
+        drop = {w for g in pinned for w in mc.ties[g]}
+        return {w: e for w, e in eps.items() if w not in drop and w not in pinned}, None
+    from .keep import keep_search
+
+    xy = None
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        xy = _as_xy(data)
+    elif isinstance(data, (str, os.PathLike)):
+        xy = data
+    found = keep_search(mc, keep, data=xy, fixed=pinned)
+    return dict(found["eps"]), found
 
 
 def _as_xy(data):

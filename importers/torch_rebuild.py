@@ -260,6 +260,27 @@ def _needs(module):
     return bn, attn
 
 
+_CALL_SLOT = "m"
+
+
+def _Call(module):
+    """``module`` called from a module of our own (``forward(x)`` is the first
+    tensor of ``module(x)``), held in the attribute ``_CALL_SLOT``."""
+    nn = _torch().nn
+
+    class Call(nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            setattr(self, _CALL_SLOT, m)
+
+        def forward(self, x):
+            from .torch_train import first_tensor
+
+            return first_tensor(getattr(self, _CALL_SLOT)(x))    # not a cache object (transformers' DynamicCache)
+
+    return Call(module)
+
+
 def export_named(module, example, opset=17):
     """``(ModelProto, sources)``: the module's ONNX export (input ``x``,
     output ``y``, dynamic batch) with initializers named by the torch tensors
@@ -274,16 +295,29 @@ def export_named(module, example, opset=17):
               opset_version=opset)
     if bn:
         kw["do_constant_folding"] = False
+    wrapped = False
     try:
         module.eval()
         with warnings.catch_warnings(), torch.set_grad_enabled(attn):
             warnings.simplefilter("ignore")
-            torch.onnx.export(module, (example,), f, dynamo=False, **kw)
+            try:
+                torch.onnx.export(module, (example,), f, dynamo=False, **kw)
+            except TypeError:
+                # a forward behind keyword-binding decorators (transformers'
+                # models: "got multiple values for argument 'use_cache'")
+                # traces when it is called from a module of our own
+                f = io.BytesIO()
+                torch.onnx.export(_Call(module), (example,), f, dynamo=False, **kw)
+                wrapped = True
     except Exception as e:
         raise InputError(f"torch -> ONNX export failed: {str(e).splitlines()[0][:300]}") from None
     finally:
         module.train(was)
     mp = onnx.load_from_string(f.getvalue())
+    if wrapped:
+        for n in mp.graph.node:                     # node scopes as the module's own: /encoder/..., not /m/encoder/...
+            if n.name.startswith(f"/{_CALL_SLOT}/"):
+                n.name = n.name[len(_CALL_SLOT) + 1:]
     _split_shared(mp)
     src, rename = tensor_sources(mp, module)
     done = _rename(mp, rename)

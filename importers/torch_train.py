@@ -7,7 +7,24 @@ import copy
 
 import numpy as np
 
-__all__ = ["as_tensors", "module_loss", "retune"]
+__all__ = ["as_tensors", "first_tensor", "module_loss", "retune"]
+
+
+def first_tensor(out):
+    """The first tensor of a module's output: the tensor itself, the first of
+    a tuple/list (an LSTM's ``(y, (h, c))``), or the first field of a
+    ``dict``/transformers ``ModelOutput`` (``last_hidden_state``, ``logits``),
+    which is what the ONNX export's first output holds."""
+    import torch
+
+    while not isinstance(out, torch.Tensor):
+        if isinstance(out, dict) and any(v is not None for v in out.values()):
+            out = next(v for v in out.values() if v is not None)
+        elif isinstance(out, (tuple, list)) and out:
+            out = out[0]
+        else:
+            raise TypeError(f"a module output of type {type(out).__name__} holds no tensor")
+    return out
 
 
 def as_tensors(data):
@@ -27,7 +44,7 @@ def module_loss(model, data, batch=4096):
     tot, correct = 0.0, 0
     with torch.no_grad():
         for s in range(0, x.shape[0], batch):
-            out = model(x[s:s + batch])
+            out = first_tensor(model(x[s:s + batch]))
             tot += float(torch.nn.functional.cross_entropy(out, y[s:s + batch], reduction="sum"))
             correct += int((out.argmax(1) == y[s:s + batch]).sum())
     model.train(was)

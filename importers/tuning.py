@@ -87,6 +87,25 @@ class DagCompressor:
         if tun and rescale and metric == "cosine" and not any(bool(homog[ids].all()) for ids in tun):
             self.notes.append("no layer licenses the rescaling merge (no positively homogeneous activation)")
 
+    def pin(self, names):
+        """Keep every node of the groups ``names`` distinct, as the inputs of a
+        barrier are: their initial colours become singletons (no fiber merges
+        them, at any eps) and the writer keeps their columns.  The other
+        groups' fibers are those of the graph with these nodes fixed, so the
+        base stays exact at eps 0.  Used where a merge of these units has no
+        place to go (a torch class that cannot hold multiplicities)."""
+        ids = [g.nodes for g in self.groups if g.name in set(names)]
+        if not ids:
+            return
+        ids = np.unique(np.concatenate(ids))
+        g = self.imp.graph
+        init = g.initial.copy()
+        init[ids] = init.max() + 1 + np.arange(ids.size)
+        g.initial = np.unique(init, return_inverse=True)[1].astype(np.int64)
+        keep = np.array(self.imp.keep, dtype=bool)
+        keep[ids] = True
+        self.imp.keep = keep
+
     @property
     def tunable(self):
         return [w for w, _, is_out, whole in self._entries if not is_out and not whole]

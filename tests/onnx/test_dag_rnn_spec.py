@@ -32,7 +32,6 @@ def _model(op, rng, layout, bidirectional, peephole, seq_lens, init_state):
                    for _ in range(dirs)])
     inits = {"W": W, "R": R, "B": Bv}
     ins = ["x", "W", "R", "B", "seq" if seq_lens else "", "", ""]
-    shape_state = [dirs, B, H] if layout == 0 else [B, dirs, H]
     if init_state:
         small = rng.normal(0, 0.5, [dirs, B, h] if layout == 0 else [B, dirs, h])
         inits["h0"] = small[..., F]

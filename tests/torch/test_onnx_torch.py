@@ -353,6 +353,9 @@ def test_op(case):
 
 OPSET_CASES = {   # (op, inputs, attrs, opset, n_out)
     "softmax11_coerce": ("Softmax", [X], dict(axis=1), 11, 1),
+    "trilu_upper": ("Trilu", [_r(2, 4, 5)], {}, 14, 1),
+    "trilu_lower_k": ("Trilu", [_r(2, 4, 5), I(np.array(-1, np.int64))], dict(upper=0), 14, 1),
+    "trilu_upper_k": ("Trilu", [_r(4, 5), I(np.array(2, np.int64))], dict(upper=1), 14, 1),
     "softmax11_default": ("Softmax", [X], {}, 11, 1),
     "logsoftmax11": ("LogSoftmax", [X], dict(axis=-1), 11, 1),
     "clip13_inputs": ("Clip", [X, I(np.array(-0.3, np.float32)), I(np.array(0.5, np.float32))], {}, 13, 1),

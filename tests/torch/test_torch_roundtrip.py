@@ -162,7 +162,7 @@ def test_transformer_encoder_ffn_shrinks_attention_kept():
 def test_transformer_with_a_merged_residual_stream_falls_back_and_names_the_module():
     big, _ = pn.planted_transformer(0)
     x = torch.randn(3, 5, 7)
-    res = compress_module(big, torch.zeros(1, 5, 7))
+    res = compress_module(big, torch.zeros(1, 5, 7), pin=False)
     from fibgraph.importers.onnx.to_torch import OnnxModule
 
     assert isinstance(res.module, OnnxModule)
@@ -172,7 +172,45 @@ def test_transformer_with_a_merged_residual_stream_falls_back_and_names_the_modu
         got = res.module(x).numpy()
     np.testing.assert_allclose(got, _run_base(res.onnx, x), rtol=TOL, atol=TOL)
     with pytest.raises(InputError, match="module 'enc"):
-        compress_module(big, torch.zeros(1, 5, 7), fallback=False)
+        compress_module(big, torch.zeros(1, 5, 7), fallback=False, pin=False)
+
+
+def test_transformer_keeps_the_residual_stream_whole_and_stays_its_class():
+    """The default: the residual stream the LayerNorms read is kept whole (a
+    torch LayerNorm has no multiplicities), the rest compresses, and the
+    result is the module's own class computing the same function."""
+    big, _ = pn.planted_transformer(0)
+    x = torch.randn(3, 5, 7)
+    res = compress_module(big, torch.zeros(1, 5, 7))
+    assert type(res.module) is type(big) and res.report["fallback"] is None
+    assert res.report["exact_for_torch"] and any("kept whole" in n for n in res.report["notes"])
+    assert res.report["params_after"] == n_params(res.module)
+    assert res.report["params_after"] < n_params(big)
+    assert isinstance(res.module.enc.linear1, nn.Linear) and \
+        res.module.enc.linear1.out_features < big.enc.linear1.out_features
+    with torch.no_grad():
+        np.testing.assert_allclose(res.module(x).numpy(), big(x).numpy(), rtol=TOL, atol=TOL)
+        np.testing.assert_allclose(res.module(x).numpy(), _run_base(res.onnx, x), rtol=TOL, atol=TOL)
+
+
+def test_layernorm_over_planted_copies_keeps_them_and_merges_the_rest():
+    """Planted copies read by a LayerNorm stay (no merge), the planted copies
+    after it merge 12 -> 6; exact at eps 0."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 6), nn.LayerNorm(6), nn.ReLU(), nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 3))
+    with torch.no_grad():
+        for a, b in ((1, 0), (3, 2), (5, 4)):
+            for p in (m[0].weight, m[0].bias, m[1].weight, m[1].bias):
+                p[a] = p[b]
+        m[3].weight[6:] = m[3].weight[:6]
+        m[3].bias[6:] = m[3].bias[:6]
+    res = compress_module(m, torch.zeros(1, 8))
+    assert type(res.module) is nn.Sequential and res.report["exact_for_torch"] == ["0.weight"]
+    assert [type(x) for x in res.module] == [type(x) for x in m]
+    assert res.module[0].out_features == 6 and res.module[3].out_features == 6 and res.module[5].in_features == 6
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(res.module(x), m(x), rtol=1e-5, atol=1e-5)
 
 
 def test_one_eps_for_every_layer_and_data_for_the_probe():

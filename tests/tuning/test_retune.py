@@ -154,15 +154,22 @@ def test_what_cannot_be_rebuilt_is_refused():
         m[0].weight[4:] = m[0].weight[:4]
         m[0].bias[4:] = m[0].bias[:4]
     with pytest.raises(InputError, match="OnnxModule"):
-        compress_module(m, fallback=False)
-    # by default the base comes back as the ONNX interpreter, and the report says which module blocks
+        compress_module(m, fallback=False, pin=False)
+    # without pinning the base comes back as the ONNX interpreter, and the report says which module blocks
     from fibgraph.importers.onnx.to_torch import OnnxModule
 
-    res = compress_module(m)
+    res = compress_module(m, pin=False)
     assert isinstance(res.module, OnnxModule) and "module '1'" in res.report["fallback"]
+    assert res.report["params_after"] < n_params(m)
     x = torch.randn(5, 6)
     with torch.no_grad():
         torch.testing.assert_close(res.module(x), m(x), rtol=1e-4, atol=1e-5)
+    # by default the units the LayerNorm reads would be kept whole, but that leaves every
+    # parameter here (nothing else merges): the interpreter of the smaller base, and why
+    res = compress_module(m)
+    assert isinstance(res.module, OnnxModule) and res.report["exact_for_torch"] == []
+    assert "kept whole" in res.report["fallback"] and "leave every parameter" in res.report["fallback"]
+    assert res.report["params_after"] < n_params(m)
     with pytest.raises(InputError, match="nn.Module"):
         compress_module("model.onnx")
     with pytest.raises(InputError, match="not in the model"):

@@ -196,6 +196,14 @@ def _where(n, xs):
     return torch.where(c.bool(), a, b)
 
 
+@op("Trilu")
+def _trilu(n, xs):
+    """The upper (``upper=1``, default) or lower triangle of the last two axes,
+    shifted by the optional diagonal ``k``."""
+    k = int(xs[1].item()) if len(xs) > 1 and xs[1] is not None and xs[1].numel() else 0
+    return torch.triu(xs[0], k) if n.get("upper", 1) else torch.tril(xs[0], k)
+
+
 @op("Pad")
 def _pad(n, xs):
     x = xs[0]
