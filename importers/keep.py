@@ -36,6 +36,7 @@ import numpy as np
 
 from fibgraph.errors import InputError
 from fibgraph.tune import EPS_MAX
+from .onnx.external import trim
 
 __all__ = ["keep_search", "check_keep", "EPS_GRID", "KEEP_TOL"]
 
@@ -78,6 +79,8 @@ class _Probe:
             self.evaluations += 1
             loss = float(self.loss_fn(m2)) if self.loss_fn is not None else 0.0
             self.by_key[key] = (self.count(m2), loss, key)
+            del m2, col
+            trim()                  # each probe's transients back to the system
         self.by_table[t] = self.by_key[key]
         return self.by_key[key]
 

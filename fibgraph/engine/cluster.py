@@ -28,6 +28,7 @@ from scipy.spatial.distance import pdist
 
 from ..errors import InputError
 from ..partition import canonical
+from .signatures import F32_ROWS_MIN
 
 __all__ = ["threshold_clusters", "joint_rows", "algorithm1", "prepare_rows", "METRICS", "LINKAGES"]
 
@@ -43,21 +44,66 @@ def prepare_rows(X, metric, overwrite=False):
     """
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}; choose from {METRICS}")
-    X = X.toarray() if sp.issparse(X) else np.asarray(X, dtype=np.float64)
-    norms = np.sqrt(np.einsum("ij,ij->i", X, X))          # no |X|^2 temporary
+    X = X.toarray() if sp.issparse(X) else _rows(X)
+    norms = row_norms(X)
     zero = norms <= 0
     div = np.where(zero, 1.0, norms)[:, None] if metric == "cosine" else \
         (norms.max() if norms.size and norms.max() > 0 else 1.0)
-    if overwrite and X.dtype == np.float64 and X.flags.writeable and X.flags.owndata:
+    if overwrite and X.flags.writeable and X.flags.owndata:
         X /= div
         return X, norms, zero
+    if X.dtype == np.float32:
+        return np.divide(X, div, dtype=np.float32), norms, zero
     return X / div, norms, zero
+
+
+def _rows(X):
+    """``X`` as float64 rows, or as it is when it is big float32 rows (kept
+    float32 to halve their memory; every product on them accumulates in
+    float64: :func:`row_norms`, :func:`_gram`)."""
+    X = np.asarray(X)
+    if X.dtype == np.float32 and X.size >= F32_ROWS_MIN:
+        return X
+    return np.asarray(X, dtype=np.float64)
+
+
+#: entries of one float64 column chunk of float32 rows
+_F64_CHUNK = 1 << 20
+
+
+def _col_steps(n_rows, K):
+    step = max(1, _F64_CHUNK // max(n_rows, 1))
+    return [(k0, min(K, k0 + step)) for k0 in range(0, K, step)]
+
+
+def row_norms(X):
+    """Euclidean norms of the rows of ``X`` in float64 (float32 rows read in
+    float64 column chunks), without an ``|X|^2`` temporary."""
+    if X.dtype == np.float64:
+        return np.sqrt(np.einsum("ij,ij->i", X, X))
+    sq = np.zeros(X.shape[0])
+    for k0, k1 in _col_steps(X.shape[0], X.shape[1]):
+        c = np.asarray(X[:, k0:k1], dtype=np.float64)
+        sq += np.einsum("ij,ij->i", c, c)
+    return np.sqrt(sq)
+
+
+def _gram(Z, s, e):
+    """``Z[s:e] @ Z[s:].T`` in float64 (float32 rows: in float64 column chunks)."""
+    if Z.dtype == np.float64:
+        return Z[s:e] @ Z[s:].T
+    G = np.zeros((e - s, Z.shape[0] - s))
+    for k0, k1 in _col_steps(Z.shape[0] - s, Z.shape[1]):
+        c = np.asarray(Z[s:, k0:k1], dtype=np.float64)
+        G += c[:e - s] @ c.T
+    return G
 
 
 def _sq_dists(Z, sq, s, e):
     """``|z_i - z_j|^2`` of rows ``s..e-1`` against rows ``s..`` of ``Z`` (``sq``:
-    the rows' squared norms) from one BLAS Gram product, in ``Z``'s dtype."""
-    G = Z[s:e] @ Z[s:].T
+    the rows' squared norms) from one BLAS Gram product, in ``sq``'s dtype
+    (float32 rows with float64 ``sq``: a float64 product, :func:`_gram`)."""
+    G = Z[s:e] @ Z[s:].T if sq.dtype == np.float32 else _gram(Z, s, e)
     G *= -2.0
     G += sq[s:e, None]
     G += sq[None, s:]
@@ -131,8 +177,8 @@ def _condensed(Z, cosine):
     if m * m * K < 2 * GRAM_MIN_WORK:
         d = pdist(Z, "euclidean")
         return 0.5 * d * d if cosine else d
-    Z = np.ascontiguousarray(Z, dtype=np.float64)
-    sq = np.einsum("ij,ij->i", Z, Z)
+    Z = np.ascontiguousarray(Z) if Z.dtype == np.float32 else np.ascontiguousarray(Z, dtype=np.float64)
+    sq = row_norms(Z) ** 2
     out = np.empty(m * (m - 1) // 2)
     bs = max(1, (1 << 22) // m)
     pos = 0
@@ -165,8 +211,8 @@ def _whole_dendrogram(Z, eps, linkage_method, metric):
     m, K = Z.shape
     if m <= 2 or m > FULL_LINKAGE_ROWS or m * m * K < 2 * GRAM_MIN_WORK:
         return None
-    Zc = np.ascontiguousarray(Z, dtype=np.float64)
-    key = (hashlib.sha1(Zc.data).hexdigest(), Zc.shape, metric, linkage_method)
+    Zc = np.ascontiguousarray(Z) if Z.dtype == np.float32 else np.ascontiguousarray(Z, dtype=np.float64)
+    key = (hashlib.sha1(Zc.data).hexdigest(), Zc.shape, Zc.dtype.str, metric, linkage_method)
     link = _DENDROGRAMS.get(key)
     if link is None:
         link = linkage(_condensed(Zc, cosine=(metric == "cosine")), method=linkage_method)
@@ -199,8 +245,8 @@ def threshold_clusters(X, eps, linkage_method="average", metric="cosine", prepar
     if linkage_method not in LINKAGES:
         raise ValueError(f"unknown linkage {linkage_method!r}; choose from {LINKAGES}")
     if prepared:
-        Y = np.asarray(X, dtype=np.float64)
-        norms = np.sqrt(np.einsum("ij,ij->i", Y, Y))
+        Y = _rows(X)
+        norms = row_norms(Y)
         zero = norms <= 0
     else:
         Y, norms, zero = prepare_rows(X, metric, overwrite=overwrite)

@@ -162,7 +162,7 @@ _PROBE_COLUMNS = 8
 _SINGLETON_SALT = np.uint64(0xD6E8FEB86659FD93)
 
 
-_CHUNK = 1 << 21       # entries of one float64 chunk of a dense block (16 MB)
+_CHUNK = 1 << 19       # entries of one float64 chunk of a dense block (4 MB)
 
 
 def _col_chunks(n_rows, K):
@@ -348,15 +348,25 @@ def signature_matrix(graph, nodes, directions, colours, scales):
             mats.append(sp.csr_matrix((p["v"], (local[p["t"]], kcol)), shape=(nodes.size, uk.size)))
     if not mats:
         return np.zeros((nodes.size, 0)), exact
-    if all(isinstance(m, np.ndarray) for m in mats):
-        return (mats[0] if len(mats) == 1 else np.hstack(mats)), exact
-    dense_size = sum(m.size for m in mats if isinstance(m, np.ndarray))
+    dense_mats = [m for m in mats if isinstance(m, np.ndarray)]
+    # rows of float32 weights that are big stay float32 (half the memory; the
+    # clustering computes in float64 from them: fibgraph.engine.cluster)
+    dt = np.float32 if dense_mats and all(m.dtype == np.float32 for m in dense_mats) and \
+        nodes.size * sum(m.shape[1] for m in mats) >= F32_ROWS_MIN else np.float64
+    if len(dense_mats) == len(mats):
+        return (mats[0] if len(mats) == 1 else np.hstack(mats, dtype=dt)), exact
+    dense_size = sum(m.size for m in dense_mats)
     sparse_size = sum(m.shape[0] * m.shape[1] for m in mats if not isinstance(m, np.ndarray))
     if dense_size and sparse_size <= dense_size:
         # a dense block beside narrow sparse ones (a weight and its bias): one
         # dense matrix, never a sparse copy of the dense block (~3x its size)
-        return np.hstack([m if isinstance(m, np.ndarray) else m.toarray() for m in mats]), exact
+        return np.hstack([m if isinstance(m, np.ndarray) else m.toarray() for m in mats], dtype=dt), exact
     return sp.hstack([sp.csr_matrix(m) for m in mats]).tocsr(), exact
+
+
+#: signature rows of at least this many entries built from float32 weights
+#: are kept in float32 (32 MB of float64 and more)
+F32_ROWS_MIN = 1 << 22
 
 
 def dense_rows(X, members):

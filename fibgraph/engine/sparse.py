@@ -295,15 +295,17 @@ def sparse_hash(graph, nodes, mask, local, direction, colours, scales, rtol, wsc
     DE = D * E
     exact = all(bool(b.exact) for b in blocks)
     A = _edge_matrix(graph, blocks, direction, mask, local, n_t, D, E, etu)
-    n = graph.n
-    pcol = colours.astype(np.int64) * DE
-    if DE > 1:
-        pcol = (pcol[:, None] + np.arange(DE)[None, :]).reshape(-1)
-    pval = np.ones(n * DE) if np.all(scales == 1) else np.repeat(scales.astype(np.float64), DE)
-    P = sp.csr_matrix((pval, pcol, np.arange(n * DE + 1)), shape=(n * DE, ncol * DE))
-    del pcol, pval
-    S = A @ P
-    del P
+    # S = A @ P without P (n * DE rows: most of them never read): A's column
+    # (o, d, e) goes to (colour(o), d, e) times scale(o), duplicates summed and
+    # zero sums dropped, as the sparse product does
+    o = A.indices // DE
+    col = colours[o].astype(np.int64) * DE + A.indices % DE
+    val = A.data.astype(np.float64, copy=True) if np.all(scales == 1) else A.data * scales[o].astype(np.float64)
+    del o
+    S = sp.csr_matrix((val, col, A.indptr.copy()), shape=(n_t, ncol * DE))
+    del col, val
+    S.sum_duplicates()
+    S.eliminate_zeros()
     key = S.indices.astype(np.int64)
     v = S.data
     t = np.repeat(np.arange(n_t, dtype=np.int64), np.diff(S.indptr))

@@ -61,7 +61,7 @@ import scipy.sparse as sp
 from ..hashing import mix
 from ..partition import canonical
 from ..graph import AND_KINDS
-from .cluster import joint_rows, threshold_clusters
+from .cluster import joint_rows, row_norms, threshold_clusters
 from .signatures import dense_rows, signature_matrix
 
 __all__ = ["AND_KINDS", "split_tolerance", "tied_columns", "and_rule_classes", "metric_for"]
@@ -122,7 +122,7 @@ def split_tolerance(graph, nodes, directions, colours, scales, crit, info_key, i
             nxt += 1
             continue
         rows = dense_rows(X, members)
-        norms = np.sqrt(np.einsum("ij,ij->i", rows, rows)) if rescale else None
+        norms = row_norms(rows) if rescale else None
         # scaled in place: the rows are this loop's own copy, or every row of a
         # fresh X; prepare_rows never overwrites a view (of a weight)
         lab = threshold_clusters(rows, crit.eps, crit.linkage, metric, overwrite=True)

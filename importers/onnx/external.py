@@ -29,7 +29,8 @@ from onnx import numpy_helper
 from fibgraph.errors import InputError
 
 __all__ = ["LEAN_BYTES", "EXTERNAL_DATA_BYTES", "EXTERNAL_MIN_BYTES", "ALIGN", "open_lean", "absolutize",
-           "tensor_array", "is_lean", "external_files", "session", "release", "save_model", "data_bytes", "check"]
+           "tensor_array", "is_lean", "external_files", "session", "release", "trim", "save_model", "data_bytes",
+           "check"]
 
 #: models with at least this many bytes of weights are opened lean
 LEAN_BYTES = 64 << 20
@@ -278,6 +279,26 @@ def release():
                 pass
 
 
+def trim():
+    """Give the C heap's free pages back to the system (glibc ``malloc_trim``;
+    elsewhere nothing).  numpy's freed temporaries stay in the process heap
+    otherwise, so a loop of colourings (the ``--keep`` search) holds the
+    largest transient of any step as resident memory."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+
+            _LIBC = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC(0)
+
+
+_LIBC = None
+
+
 def check(path):
     """The ONNX checker on the file at ``path``; a big embedded one on its
     protobuf without the weights' bytes (:func:`open_lean`), not parsed whole."""
@@ -409,7 +430,7 @@ def save_model(model, path, external=None, data_name=None):
                 h.data_location = onnx.TensorProto.EXTERNAL
                 for k, v in (("location", data_name), ("offset", str(pos + pad)), ("length", str(len(raw)))):
                     h.external_data.add(key=k, value=v)
-                fd.write(raw)
+                _write(fd, raw, t)
                 del raw
         skel.graph.CopyFrom(graph)
         with open(path, "wb") as fo:
@@ -437,5 +458,33 @@ def save_model(model, path, external=None, data_name=None):
                 raw = _raw(t)
                 if len(raw) != n:
                     raise ValueError(f"tensor {t.name!r}: {len(raw)} bytes of data, {n} expected")
-                fo.write(raw)
+                _write(fo, raw, t)
     return None
+
+
+def _write(fo, raw, t):
+    """``raw`` to ``fo``; a lean tensor's bytes in chunks whose mapped pages
+    are handed back once written (writing reads them in: without this a
+    model's every weight page would be resident at the end of the write)."""
+    if t.data_location != onnx.TensorProto.EXTERNAL:
+        fo.write(raw)
+        return
+    mm, offset, _ = _span(t)
+    for a in range(0, len(raw), _WRITE_CHUNK):
+        b = min(a + _WRITE_CHUNK, len(raw))
+        fo.write(raw[a:b])
+        _drop(mm, offset + a, b - a)
+
+
+_WRITE_CHUNK = 16 << 20
+
+
+def _drop(mm, start, length):
+    """MADV_DONTNEED on the whole pages inside ``[start, start + length)`` of ``mm``."""
+    lo = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+    hi = (start + length) // mmap.PAGESIZE * mmap.PAGESIZE
+    if hi > lo:
+        try:
+            mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+        except (AttributeError, OSError, ValueError):
+            pass

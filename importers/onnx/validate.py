@@ -238,19 +238,43 @@ def validate_model(model: onnx.ModelProto, path) -> None:
         raise InputError(f"{where}: subgraphs nested too deeply") from None
 
 
+def _holds(mm, key, step=64 << 20):
+    """Whether the map ``mm`` holds ``key``, scanned ``step`` bytes at a time,
+    each span's pages handed back once searched (a model of several GB is
+    never resident as a whole)."""
+    import mmap
+
+    n = len(mm)
+    for a in range(0, n, step):
+        hit = mm.find(key, a, min(n, a + step + len(key) - 1)) >= 0
+        try:
+            mm.madvise(mmap.MADV_DONTNEED, a, min(step, n - a))
+        except (AttributeError, OSError, ValueError):
+            pass
+        if hit:
+            return True
+    return False
+
+
 def external_data_files(path) -> list:
     """Absolute paths of the files the external-data tensors of the ONNX model
     at ``path`` name (initializers and tensor attributes, in subgraphs too);
     [] for a file that is not an ONNX model or has no external data.  Cheap
     when there is none: the file is parsed only when it holds the key
     ``location``."""
-    from fibgraph.fileio import read_input
+    import mmap
+
+    from fibgraph.fileio import check_regular, read_input
 
     try:
+        with open(check_regular(path), "rb") as f:      # searched on a map: a big model is not read in
+            if os.fstat(f.fileno()).st_size == 0:
+                return []
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+                if not _holds(mm, b"location"):
+                    return []
         data = read_input(path)
-    except InputError:
-        return []
-    if b"location" not in data:
+    except (InputError, OSError, ValueError):
         return []
     try:
         model = onnx.load_model_from_string(data)

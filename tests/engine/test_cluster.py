@@ -89,3 +89,46 @@ def test_one_neighbour_component_stops_early():
     # every row within the radius of every other: one component after the first fold
     Y = np.ones((500, 4)) / 2.0 + np.random.default_rng(0).normal(scale=1e-4, size=(500, 4))
     assert np.all(_neighbour_components(Y, 0.1, block_elems=500) == _neighbour_components(Y, 0.1)[0])
+
+
+@settings(max_examples=8, deadline=None)
+@given(seed=st.integers(0, 10_000), eps=st.sampled_from([0.01, 0.05, 0.2]),
+       link=st.sampled_from(["average", "complete"]), metric=st.sampled_from(["cosine", "euclidean"]),
+       whole=st.booleans())
+def test_float32_rows_give_the_clusters_of_their_float64_values(seed, eps, link, metric, whole):
+    # big float32 rows (signature rows of float32 weights) stay float32; norms and
+    # Gram products accumulate in float64, so the clusters are those of the same
+    # values held in float64, at every path (whole dendrogram or per component)
+    X = _planted_rows(seed, k=8, per=6, dim=40).astype(np.float32)
+    X[::7] = X[1::7][: X[::7].shape[0]]
+    old = cluster.F32_ROWS_MIN, cluster.GRAM_MIN_WORK, cluster.FULL_LINKAGE_ROWS
+    cluster.F32_ROWS_MIN, cluster.GRAM_MIN_WORK, cluster.FULL_LINKAGE_ROWS = 1, 1, (4096 if whole else 2)
+    try:
+        Y, norms, _ = prepare_rows(X, metric)
+        assert Y.dtype == np.float32 and norms.dtype == np.float64
+        got = threshold_clusters(X, eps, link, metric)
+    finally:
+        cluster.F32_ROWS_MIN, cluster.GRAM_MIN_WORK, cluster.FULL_LINKAGE_ROWS = old
+    assert np.array_equal(got, algorithm1(X.astype(np.float64), eps, link, metric))
+    Z = np.random.default_rng(seed).normal(size=(40, 30)).astype(np.float32)
+    np.testing.assert_allclose(cluster._condensed(Z, False), cluster._condensed(Z.astype(np.float64), False),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_signature_rows_of_big_float32_weights_stay_float32(monkeypatch):
+    from fibgraph.engine import signatures
+    from fibgraph.graph import Block, WeightedDigraph
+
+    rng = np.random.default_rng(0)
+    W = rng.normal(size=(6, 4, 1)).astype(np.float32)          # 4 inputs -> 6 outputs, dense float32
+    blk = Block(src=np.arange(4), dst=np.arange(4, 10), weight=W)
+    bias = Block(src=np.array([10]), dst=np.arange(4, 10), rows=np.arange(6), cols=np.zeros(6),
+                 values=rng.normal(size=6))
+    g = WeightedDigraph(n=11, blocks=[blk, bias], initial=np.r_[np.arange(4), np.full(6, 4), 5])
+    colours, scales = np.r_[np.arange(4), np.full(6, 4), 5], np.ones(11)
+    nodes = np.arange(4, 10)
+    X64, _ = signatures.signature_matrix(g, nodes, ["in"], colours, scales)
+    monkeypatch.setattr(signatures, "F32_ROWS_MIN", 1)
+    X32, _ = signatures.signature_matrix(g, nodes, ["in"], colours, scales)
+    assert X64.dtype == np.float64 and X32.dtype == np.float32 and X32.shape == X64.shape == (6, 5)
+    np.testing.assert_allclose(X32, X64, rtol=1e-6)

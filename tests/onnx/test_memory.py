@@ -258,3 +258,24 @@ def test_lean_attention_model_compresses_like_the_in_memory_one(tmp_path, monkey
     monkeypatch.setattr(external, "LEAN_BYTES", 1 << 40)
     ref, _ = find_attention(load_onnx(src))
     assert [len(b.heads) for b in blocks] == [len(b.heads) for b in ref]
+
+
+@pytest.mark.parametrize("ext", [False, True])
+def test_writing_a_lean_model_hands_each_tensors_pages_back(tmp_path, lean, monkeypatch, ext):
+    """A lean model's tensors are written from the map in chunks whose pages
+    are released as they go (not left resident), and the file is the one
+    the in-memory model gives."""
+    _, m = _planted(5)
+    src = save(m, tmp_path / "m.onnx")
+    lm = load_onnx(str(src))
+    assert external.is_lean(lm)
+    dropped = []
+    real = external._drop
+    monkeypatch.setattr(external, "_drop", lambda mm, a, n: (dropped.append(n), real(mm, a, n)))
+    monkeypatch.setattr(external, "_WRITE_CHUNK", 256)
+    external.save_model(lm, tmp_path / "o.onnx", external=ext)
+    big = [t for t in lm.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert big and sum(dropped) == sum(external._nbytes(t) for t in big) and len(dropped) > len(big)
+    back = onnx.load(str(tmp_path / "o.onnx"))
+    for s, t in zip(m.graph.initializer, back.graph.initializer):
+        np.testing.assert_array_equal(onnx.numpy_helper.to_array(s), onnx.numpy_helper.to_array(t))

@@ -185,5 +185,10 @@ def embedding(w, rec):
     ax = w.axis(rec.output)
     if ax.identity:
         return
-    T = w.value(node.input[0])
-    w.put(node, 0, (ax.mean_matrix() @ T.astype(np.float64).T).T, T)
+    T = w.value(node.input[0])          # (vocab, L): a view of the mapped table
+    Rm = ax.mean_matrix()
+    out = np.empty((T.shape[0], Rm.shape[0]), dtype=T.dtype)
+    step = max(1, _CHUNK // max(T.shape[1], 1))
+    for r in range(0, T.shape[0], step):      # float64 per chunk of rows, never the whole table
+        out[r:r + step] = (Rm @ np.asarray(T[r:r + step], dtype=np.float64).T).T
+    w.put(node, 0, out, T)

@@ -81,7 +81,7 @@ class Writer:
     def put(self, node, slot, value, like):
         """Replace input ``slot`` of ``node`` by a new initializer holding ``value``."""
         dt = like.dtype if like is not None else np.float32
-        arr = np.ascontiguousarray(np.asarray(value).astype(dt))
+        arr = np.ascontiguousarray(np.asarray(value).astype(dt, copy=False))
         # a weight shared by several nodes (an unrolled recurrence) that they all
         # shrink alike is written once
         key = (node.input[slot], arr.shape, arr.dtype.str, hashlib.sha1(arr.data).hexdigest())
