@@ -291,6 +291,27 @@ def _heavy(model) -> bool:
         return False
 
 
+def verify_batch(imp, most=64, least=2):
+    """The made-up batch for verify: ``most``, or fewer where one sample's
+    activations (every tensor of the probe run) are big, so that a batch's
+    activations stay within half the model's weights or
+    :data:`VERIFY_ACTIVATIONS` (a 25M-parameter CNN at 32 x 32: a few
+    samples, not 64); at least ``least``, so a free batch axis is still
+    exercised."""
+    inits = {t.name for t in imp.model.graph.initializer}
+    act = sum(int(np.prod(s)) for k, s in imp.shapes.items() if k not in inits and s is not None) * 4
+    probe_batch = max([int(np.shape(v)[0]) for v in imp.feeds.values() if np.ndim(v)] or [1])
+    per_sample = act / max(probe_batch, 1)
+    if per_sample <= 0:
+        return most
+    budget = max(2 * imp.n_params, VERIFY_ACTIVATIONS)
+    return int(min(most, max(least, budget // per_sample)))
+
+
+#: activations a verify batch may always take, whatever the model's size
+VERIFY_ACTIVATIONS = 64 << 20
+
+
 def verify_dag(a, b, imp, data=None, seed=0, repeats=3, batch=64):
     """Largest absolute output difference of models ``a`` and ``b`` (ModelProtos
     or paths) on ``repeats`` made-up inputs shaped like the probe's, at
@@ -303,17 +324,21 @@ def verify_dag(a, b, imp, data=None, seed=0, repeats=3, batch=64):
 
     import onnxruntime as ort
 
-    from .onnx.external import session
+    from .onnx.external import release, session, trim
     from .onnx.feeds import describe, input_specs, short_error
 
     def options():
         so = ort.SessionOptions()
         so.log_severity_level = 4            # errors come back as exceptions
         so.enable_cpu_mem_arena = False      # intermediates freed as they die, not pooled at their peak
+        so.add_session_config_entry("session.disable_prepacking", "1")   # no packed second copy of the weights
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC   # no re-laid-out (NCHWc) copies
         return so
 
     runs = 1 if data is not None else repeats
     with task("verifying: both models on the same inputs", total=2 * runs) as advance:
+        release()                              # the colouring's mapped pages and freed heap back first
+        trim()
         sa = session(a, options())
         names = [i.name for i in sa.get_inputs()]
         specs = input_specs(imp.model)
@@ -346,6 +371,7 @@ def verify_dag(a, b, imp, data=None, seed=0, repeats=3, batch=64):
         del sa
         if _heavy(a):                          # a full collection costs time in a big process: only for big models
             gc.collect()
+        trim()                                 # the first session's weights back to the system before the second
         try:
             sb = session(b, options())
         except Exception as e:                 # a writer bug, never the user's input
@@ -428,7 +454,7 @@ def compress_dag_model(path, out, symmetry="fibration", eps=0.0, eps_table=None,
                 check_loads(tmp)                   # verify opens it anyway (verify_dag)
             t1 = time.perf_counter()
             if verify or data is not None:
-                report["verify"] = verify_dag(imp.model, tmp, imp, data=data, seed=seed)
+                report["verify"] = verify_dag(imp.model, tmp, imp, data=data, seed=seed, batch=verify_batch(imp))
         except BaseException:
             if written:
                 os.unlink(written)

@@ -23,6 +23,7 @@ import onnx
 from fibgraph.errors import InputError
 from fibgraph.graph import FACTOR, PER_UNIT, Block
 
+from . import external as _external
 from .load import graph_float_tensors, outer_refs, tensor_value
 from .probe import probe_model
 from .records import EmbeddingRecord
@@ -268,6 +269,8 @@ class Builder:
         for i, node in enumerate(g.node):
             if tick is not None:
                 tick(1)
+            if i % 8 == 7:
+                _external.release()     # the weight pages the last nodes read: not all resident at the end
             self.tag_records()
             self.node_index = i
             if node.op_type == "Constant":

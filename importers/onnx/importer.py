@@ -233,6 +233,7 @@ def import_dag(path_or_model, feeds=None, label=None) -> DagImport:
         model, label = load_onnx(path_or_model), str(path_or_model)
     with task(f"probing {os.path.basename(label)} in onnxruntime"):
         probe = probe_model(model, feeds)
+    _external.trim()               # the probe session's weights and arena back to the system
     # where the inputs' units lie is not written in ONNX: try the layouts a
     # model may mean (features last, channels first, no unit axis: a signal
     # whose samples are positions) and keep the one with the fewest barriers

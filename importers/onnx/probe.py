@@ -41,6 +41,8 @@ def probe_model(model, feeds=None):
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     so.log_severity_level = 4          # a size that does not fit is tried quietly
+    so.enable_cpu_mem_arena = False    # one run: intermediates freed as they die, not pooled
+    so.add_session_config_entry("session.disable_prepacking", "1")   # no packed second copy of the weights
     try:
         sess = external.session(m, so)          # a big model's weights read in place, not serialised
     except Exception as e:

@@ -279,3 +279,21 @@ def test_writing_a_lean_model_hands_each_tensors_pages_back(tmp_path, lean, monk
     back = onnx.load(str(tmp_path / "o.onnx"))
     for s, t in zip(m.graph.initializer, back.graph.initializer):
         np.testing.assert_array_equal(onnx.numpy_helper.to_array(s), onnx.numpy_helper.to_array(t))
+
+
+def test_verify_batch_bounds_the_activations(monkeypatch):
+    """64 made-up samples for a model whose activations are small; fewer (but
+    at least 2) where one sample's activations are big against the budget."""
+    from fibgraph.importers import dag_api
+    from fibgraph.importers.onnx.importer import import_dag
+
+    _, m = _planted(6)
+    imp = import_dag(m)
+    assert dag_api.verify_batch(imp) == 64
+    inits = {t.name for t in imp.model.graph.initializer}
+    per_sample = 4 * sum(int(np.prod(s)) for k, s in imp.shapes.items() if k not in inits and s is not None)
+    monkeypatch.setattr(dag_api, "VERIFY_ACTIVATIONS", 5 * per_sample)
+    imp.n_params = 0
+    assert dag_api.verify_batch(imp) == 5
+    monkeypatch.setattr(dag_api, "VERIFY_ACTIVATIONS", 1)
+    assert dag_api.verify_batch(imp) == 2
