@@ -138,7 +138,6 @@ def planted_layer(rng, n_in, n_out, prev_exact, frac_exact=0.25, frac_near=0.25,
 def planted_mlp(widths, seed=0, **kw):
     """ONNX ModelProto of a ReLU MLP with planted structure in every hidden layer;
     the output layer is random.  Input ``x`` (batch, widths[0]), output ``logits``."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(seed)

@@ -160,6 +160,9 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--models", default=os.path.join(ROOT, "examples", "out"))
     ap.add_argument("--only", default=None, help="comma-separated model names")
+    ap.add_argument("--pad-to", type=int, default=None,
+                    help="time the base with its hidden widths padded to a multiple of N (zero units, "
+                         "fibgraph.importers.torch_out.pad_widths); its parameter count includes the zeros")
     ap.add_argument("--md", default=None)
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
@@ -177,6 +180,12 @@ def main(argv=None):
         if a.only and name not in a.only.split(","):
             continue
         mo, mb, po, pb, shape, how = build()
+        if a.pad_to and isinstance(mb, torch.nn.Sequential):
+            from fibgraph.importers.torch_out import pad_widths
+
+            mb, added = pad_widths(mb, a.pad_to)
+            pb += added
+            how += f", base padded to multiples of {a.pad_to} (+{added:,} zero parameters)"
         mac_o, mac_b = macs(mo, shape), macs(mb, shape)
         mac_ratio = mac_o / mac_b if mac_o and mac_b else None
         for bs in batches:
@@ -213,7 +222,8 @@ def main(argv=None):
         with open(a.json, "w") as f:
             json.dump(info, f, indent=1)
     if a.md:
-        lines = [f"Device {a.device} ({info['machine']}), {a.dtype}, torch {torch.__version__}, median of "
+        lines = [f"Device {a.device} ({info['machine']}), {a.dtype}, torch {torch.__version__}, "
+                 f"{'bases padded to multiples of ' + str(a.pad_to) + ' (zeros counted), ' if a.pad_to else ''}median of "
                  f"{a.repeats} timed calls after {a.warmup} warm-up (a quarter of the repeats at batch > 1024), original and "
                  f"base alternating in {a.rounds} rounds (median of the round medians).", "",
                  "| model | batch | params | base params | param ratio | MAC ratio | original ms | base ms | "

@@ -131,6 +131,18 @@ def color(model, symmetry, eps, eps_file, linkage, metric, no_rescale, rtol, jso
             col.graph.write_graphml(tmp, col.labels)
 
 
+def _padded(module, multiple):
+    """``(module, zeros added)``: a chain padded to ``multiple``; an
+    interpreter as it is (``None``)."""
+    from torch import nn
+
+    from fibgraph.importers.torch_out import pad_widths
+
+    if not isinstance(module, nn.Sequential):
+        return module, None
+    return pad_widths(module, multiple)
+
+
 @cli.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", "out", type=click.Path(dir_okay=False), required=True,
@@ -149,6 +161,9 @@ def color(model, symmetry, eps, eps_file, linkage, metric, no_rescale, rtol, jso
               help="Also write the per-layer table (layer, group, units, classes, kept, params, eps) as CSV.")
 @click.option("--torch", "torch_out", type=click.Path(dir_okay=False), default=None,
               help="Also save the base as a torch module (torch.save; load with torch.load(p, weights_only=False)).")
+@click.option("--pad-to", "pad_to", type=click.IntRange(min=1), default=None,
+              help="With --torch: round the torch base's hidden widths up to a multiple of N with zero units "
+                   "(the same function; matrix kernels run faster at widths like 144 than 142).")
 @click.option("--keep", type=float, default=None,
               help="Fraction of the parameters to keep, in (0, 1]: per-layer eps found to land within 2% "
                    "(with --data: spent where the calibration loss rises least; else data-free).")
@@ -159,13 +174,15 @@ def color(model, symmetry, eps, eps_file, linkage, metric, no_rescale, rtol, jso
               help="Write the weights to OUT.data beside OUT (automatic above 2 GB).")
 @quiet_option()
 def compress(model, out, symmetry, eps, eps_file, linkage, metric, no_rescale, rtol, verify, data, report_out,
-             csv_out, torch_out, keep, repair, external_data, quiet):
+             csv_out, torch_out, pad_to, keep, repair, external_data, quiet):
     """Compress MODEL to its base network and write it to OUT (ONNX)."""
     from fibgraph.importers.api import atomic_write_json, compress_model
     from ..report import print_colour_report
 
     check_io(models=[model], reads=[("--eps-file", eps_file), ("--data", data)],
              writes=[("-o", out), ("--report", report_out), ("--csv", csv_out), ("--torch", torch_out)])
+    if pad_to is not None and not torch_out:
+        raise InputError("--pad-to rounds the torch base's widths: give --torch OUT.pt too")
     with shown(quiet):
         report = compress_model(model, out, symmetry, eps, eps_file, linkage, metric, not no_rescale, rtol,
                                 verify=verify, data=data, keep=keep, repair=repair,
@@ -174,8 +191,13 @@ def compress(model, out, symmetry, eps, eps_file, linkage, metric, no_rescale, r
             from fibgraph.importers.torch_out import onnx_to_torch, save_torch
 
             module, how = onnx_to_torch(out)
-            save_torch(module, torch_out)
             report["torch"] = {"path": os.fspath(torch_out), "module": type(module).__name__, "how": how}
+            if pad_to is not None:
+                module, added = _padded(module, pad_to)
+                report["torch"].update(pad_to=pad_to, zero_params_added=added)
+                how += f", widths padded to multiples of {pad_to} (+{added:,} zero parameters)" if added is not None \
+                    else f", not padded ({type(module).__name__} is not a chain of layers)"
+            save_torch(module, torch_out)
     print_colour_report(report)
     if "keep" in report:
         from .compress import print_keep

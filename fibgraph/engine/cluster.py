@@ -110,7 +110,7 @@ def _sq_dists(Z, sq, s, e):
     return G
 
 
-def _neighbour_components(Y, radius, unit=False, block_elems=1 << 22):
+def _neighbour_components(Y, radius, unit=False, block_elems=1 << 18):
     """Connected components of the graph joining rows at euclidean distance <= radius.
 
     Only the upper triangle of the Gram matrix is computed, in float32 blocks
@@ -149,8 +149,8 @@ def _neighbour_components(Y, radius, unit=False, block_elems=1 << 22):
         else:
             i, j = np.nonzero(_sq_dists(Y32, sq, s, e) <= np.float32(r2))
         keep = i + s != j + s
-        rows.append((i[keep] + s).astype(np.int64))
-        cols.append((j[keep] + s).astype(np.int64))
+        rows.append(i[keep] + s)              # int64 already: no second copy
+        cols.append(j[keep] + s)
         held += int(keep.sum())
         if held > block_elems or held >= n:
             fold()

@@ -29,7 +29,7 @@ from onnx import numpy_helper
 from fibgraph.errors import InputError
 
 __all__ = ["LEAN_BYTES", "EXTERNAL_DATA_BYTES", "EXTERNAL_MIN_BYTES", "ALIGN", "open_lean", "absolutize",
-           "tensor_array", "is_lean", "external_files", "session", "release", "trim", "save_model", "data_bytes",
+           "tensor_array", "is_lean", "external_files", "session", "release", "relieve", "trim", "save_model", "data_bytes",
            "check"]
 
 #: models with at least this many bytes of weights are opened lean
@@ -277,6 +277,14 @@ def release():
                 mm.madvise(mmap.MADV_DONTNEED)
             except (AttributeError, OSError, ValueError):
                 pass
+
+
+def relieve():
+    """:func:`release` and :func:`trim`: what the engine calls after each
+    refined level (the graph's ``relieve`` hook), so a level's mapped pages
+    and freed temporaries are not carried into the next."""
+    release()
+    trim()
 
 
 def trim():

@@ -274,7 +274,7 @@ def import_dag(path_or_model, feeds=None, label=None) -> DagImport:
     idx = np.concatenate([np.arange(s.n) for s in b.spaces]) if b.spaces else np.zeros(0, np.int64)
     g = WeightedDigraph(n=n, blocks=b.blocks, levels=levels, initial=initial, layer=space_of, index=idx,
                         kind=kinds, layer_names=[s.name for s in b.spaces], cyclic=cyclic,
-                        relieve=_external.release)      # a big model's mapped weights: resident one level at a time
+                        relieve=_external.relieve)      # a big model's mapped weights: resident one level at a time
     g.levels = levels
     # the rescaling merge: node sets that are positively homogeneous up to the next linear layers
     for sid in _homogeneous_spaces(b):

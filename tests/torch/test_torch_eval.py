@@ -14,6 +14,7 @@ import planted_nets as pn  # noqa: E402
 from helpers import assert_one_line_error, cli, mlp_onnx, read_json, run_onnx, save  # noqa: E402
 from fibgraph.importers import device_eval  # noqa: E402
 from fibgraph.importers.onnx.to_torch import OnnxModule  # noqa: E402
+from fibgraph.errors import InputError  # noqa: E402
 from fibgraph.importers.torch_out import load_torch, onnx_to_torch  # noqa: E402
 from fibgraph.importers.torch_rebuild import export_named  # noqa: E402
 
@@ -87,6 +88,46 @@ def test_compress_torch_out_loads_back_as_real_layers_and_matches(capsys, mlp, t
     t, o = read_json(tmp_path / "t.json"), read_json(tmp_path / "o.json")
     assert t["engine"] == "torch" and t["accuracy"] == o["accuracy"]
     assert t["loss"] == pytest.approx(o["loss"], rel=1e-5)
+
+
+def test_pad_to_rounds_the_torch_widths_with_zero_units(capsys, mlp, tmp_path):
+    """--pad-to 8: the merged width 7 becomes 8, the function is the same, the
+    report counts the zero parameters added; without --torch: exit 2."""
+    p, d, x = mlp
+    rc, so, err = cli(capsys, "compress", p, "-o", tmp_path / "s.onnx", "--torch", tmp_path / "s.pt",
+                      "--pad-to", "8", "--report", tmp_path / "r.json")
+    assert rc == 0, err
+    m = load_torch(tmp_path / "s.pt")
+    assert m[0].out_features == 8 and m[2].in_features == 8 and m[2].out_features == 4
+    t = read_json(tmp_path / "r.json")["torch"]
+    assert t["pad_to"] == 8 and t["zero_params_added"] == m[0].in_features + 1 + 4 and "padded" in so
+    with torch.no_grad():
+        got = m(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, run_onnx(str(tmp_path / "s.onnx"), x)[0], rtol=1e-5, atol=1e-5)
+    rc, _, err = cli(capsys, "compress", p, "-o", tmp_path / "t.onnx", "--pad-to", "8")
+    assert rc == 2 and "--torch" in err and not (tmp_path / "t.onnx").exists()
+
+
+def test_pad_widths_keeps_a_cnn_with_batchnorm_and_flatten_exact():
+    from fibgraph.importers.torch_out import pad_widths
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(1, 7, 3, padding=1), nn.BatchNorm2d(7), nn.ReLU(), nn.MaxPool2d(2),
+                      nn.Conv2d(7, 13, 3, padding=1), nn.Sigmoid(), nn.MaxPool2d(2), nn.Flatten(),
+                      nn.Linear(13 * 4, 34), nn.Tanh(), nn.Linear(34, 10)).eval()
+    with torch.no_grad():
+        m[1].running_mean.uniform_(-1, 1)
+        m[1].running_var.uniform_(0.5, 2)
+        m[1].bias.uniform_(-1, 1)
+    p, added = pad_widths(m, 8)
+    assert [p[0].out_channels, p[4].in_channels, p[4].out_channels, p[8].in_features, p[8].out_features,
+            p[10].in_features, p[10].out_features] == [8, 8, 16, 64, 40, 40, 10]
+    assert added == sum(t.numel() for t in p.parameters()) - sum(t.numel() for t in m.parameters())
+    x = torch.randn(5, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(p(x), m(x), rtol=1e-5, atol=1e-6)
+    with pytest.raises(InputError, match="nn.Sequential"):
+        pad_widths(nn.LSTM(3, 4), 8)
 
 
 def test_a_softmax_topped_module_is_scored_as_probabilities(capsys, mlp, tmp_path):
