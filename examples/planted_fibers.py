@@ -46,7 +46,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fibgraph.partition import canonical  # noqa: E402
-from fibgraph.importers.api import compress_model, count_params  # noqa: E402
+from fibgraph.importers.api import compress_model  # noqa: E402
 
 
 def planted_layer(rng, prev_labels, sizes, scale=1.0):

