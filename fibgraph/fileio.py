@@ -325,6 +325,13 @@ def _install(tmp, path):
         os.replace(tmp, path)
 
 
+def install(tmp, path):
+    """Move the finished file ``tmp`` to ``path`` as one of the command's
+    outputs: inside :func:`output_transaction` the file it replaces is kept
+    until the command succeeds and put back if it fails."""
+    _install(tmp, path)
+
+
 @contextlib.contextmanager
 def atomic_path(path, suffix=".tmp"):
     """Yield a temporary path beside ``path``; on success it replaces ``path``.

@@ -421,7 +421,7 @@ def compress_dag_model(path, out, symmetry="fibration", eps=0.0, eps_table=None,
     ``info`` goes to ``report["repair"]``."""
     import gc
 
-    from fibgraph.fileio import atomic_path
+    from fibgraph.fileio import atomic_path, install
 
     from .onnx import external
     from .onnx.runtime import check_loads
@@ -439,7 +439,17 @@ def compress_dag_model(path, out, symmetry="fibration", eps=0.0, eps_table=None,
         raise InputError(f"{out}: its data file {data_name} would overwrite the input's external data")
     report["output"] = os.fspath(out)
     with atomic_path(out, suffix=".onnx") as tmp:
-        written = external.save_model(m2, tmp, external=external_data, data_name=data_name)
+        # the data goes to a temporary name and is installed as an output of its own (an earlier
+        # OUT.data is kept until the command succeeds, and put back if anything after fails)
+        tmp_data = tmp[:-len(".onnx")] + ".data"
+        try:
+            written = external.save_model(m2, tmp, external=external_data, data_name=data_name, data_file=tmp_data)
+            if written:
+                install(tmp_data, data_path)
+                written = data_path
+        finally:
+            if os.path.lexists(tmp_data):
+                os.unlink(tmp_data)
         heavy = _heavy(m2) or _heavy(path)
         del m2
         if heavy:                                  # a full collection costs time in a big process: only for big models

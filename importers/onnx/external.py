@@ -406,13 +406,15 @@ def _copy_without(msg, skip, out):
     return out
 
 
-def save_model(model, path, external=None, data_name=None):
+def save_model(model, path, external=None, data_name=None, data_file=None):
     """Write ``model`` to ``path`` without assembling it in memory: embedded
     (one protobuf, its tensors written one by one) or, with ``external`` (None:
     automatically when its tensors exceed :data:`EXTERNAL_DATA_BYTES`), its
     numeric tensors of :data:`EXTERNAL_MIN_BYTES` or more in ``data_name``
     (default ``<file name>.data``) in the same folder, at :data:`ALIGN`-ed
-    offsets.  Returns the data file's path or None."""
+    offsets; ``data_file``: write the data there instead (a temporary name the
+    caller moves to ``data_name`` beside the model).  Returns the data file's
+    path or None."""
     path = os.fspath(path)
     if external is None:
         external = data_bytes(model) > EXTERNAL_DATA_BYTES
@@ -423,7 +425,7 @@ def save_model(model, path, external=None, data_name=None):
     data_path = None
     if external:
         data_name = data_name or os.path.basename(path) + ".data"
-        data_path = os.path.join(os.path.dirname(os.path.abspath(path)), data_name)
+        data_path = data_file or os.path.join(os.path.dirname(os.path.abspath(path)), data_name)
         with open(data_path, "wb") as fd:
             for t, b in zip(inits, big):
                 if not b:

@@ -297,3 +297,33 @@ def test_verify_batch_bounds_the_activations(monkeypatch):
     assert dag_api.verify_batch(imp) == 5
     monkeypatch.setattr(dag_api, "VERIFY_ACTIVATIONS", 1)
     assert dag_api.verify_batch(imp) == 2
+
+
+def test_a_failed_run_leaves_the_earlier_output_and_its_data_as_they_were(tmp_path, capsys, lean, monkeypatch):
+    """OUT.data is an output of its own: written under a temporary name,
+    installed with a backup of the file it replaces, put back when a later
+    step fails (here verify); on success it is replaced and nothing is left."""
+    from fibgraph.errors import InputError
+    from fibgraph.importers import dag_api
+
+    _, m = _planted(7)
+    src = save(m, tmp_path / "m.onnx")
+    out, data = tmp_path / "b.onnx", tmp_path / "b.onnx.data"
+    out.write_bytes(b"earlier model")
+    data.write_bytes(b"earlier data")
+
+    def fail(*a, **k):
+        raise InputError("verification run failed: made to fail")
+
+    monkeypatch.setattr(dag_api, "verify_dag", fail)
+    rc, _, err = cli(capsys, "compress", src, "-o", out, "--verify", "--external-data")
+    assert rc == 2 and "made to fail" in err
+    assert out.read_bytes() == b"earlier model" and data.read_bytes() == b"earlier data"
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".fibgraph")]
+    monkeypatch.undo()
+    monkeypatch.setattr(external, "LEAN_BYTES", 1)
+    monkeypatch.setattr(external, "EXTERNAL_MIN_BYTES", 64)
+    rc, _, err = cli(capsys, "compress", src, "-o", out, "--verify", "--external-data")
+    assert rc == 0, err
+    assert data.read_bytes() != b"earlier data" and onnx.load(str(out)).graph.initializer
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".fibgraph")]
