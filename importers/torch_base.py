@@ -296,7 +296,7 @@ def _compressor(mp, linkage, metric, rescale, rtol=DEFAULT_RTOL, symmetry="fibra
 
 def compress_module(model, example_inputs=None, eps=None, linkage="complete", metric="cosine", rescale=True,
                     rtol=DEFAULT_RTOL, symmetry="fibration", example=None, data=None, fallback=True,
-                    eps_by_layer=None, keep=None, pin=True) -> ModuleCompression:
+                    eps_by_layer=None, keep=None, pin=True, size_first=True) -> ModuleCompression:
     """Compress a torch module to its base: a :class:`ModuleCompression`
     (unpacks as ``module, base ONNX, colouring``).
 
@@ -318,6 +318,9 @@ def compress_module(model, example_inputs=None, eps=None, linkage="complete", me
     other groups).  ``fallback``: when the base still cannot be rebuilt (or
     ``pin=False``), return an ``OnnxModule`` of the base and say why in
     ``report["fallback"]`` (the module path that blocks), instead of raising.
+    ``size_first`` (default): when keeping units whole would miss the size
+    asked for, the result is the interpreter at that size; ``False``: the
+    module's own class at the size it can reach (``report["keep"]`` says so).
     As everywhere on the hypergraph path, there is no rescaling merge and
     cosine is replaced by the magnitude-aware distance.  ``keep`` (0 < keep
     <= 1, instead of ``eps``): the per-layer eps that keep this fraction of
@@ -365,7 +368,7 @@ def compress_module(model, example_inputs=None, eps=None, linkage="complete", me
         except InputError as e:
             blocked = e
             break
-    if small is not None and pinned and fallback:
+    if small is not None and pinned and fallback and size_first:
         lost = _pins_lose(first, found, m2, count_params(mp))
         if lost:
             small, blocked = None, f"{blocked}; {lost}"

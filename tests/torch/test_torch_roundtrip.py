@@ -290,3 +290,34 @@ def test_a_submodule_the_forward_never_reaches_is_kept_as_it_is(one_torch_thread
     x = torch.randn(8, 4)
     with torch.no_grad():
         assert float((small(x) - m(x)).abs().max()) < 1e-5
+
+
+def test_size_first_chooses_between_the_size_asked_and_the_modules_class():
+    """A TransformerEncoder at keep 0.5: keeping the attention and the residual
+    stream whole cannot reach half the parameters, so by default the result
+    is the interpreter at the size asked (and why); size_first=False gives
+    the module's own class at the size it reaches, said in the report."""
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Linear(6, 16)
+            self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True), 1)
+            self.fc = nn.Linear(16, 3)
+
+        def forward(self, x):
+            return self.fc(self.enc(self.inp(x)).mean(1))
+
+    from fibgraph.importers.onnx.to_torch import OnnxModule
+
+    m, x = Net().eval(), torch.randn(3, 5, 6)
+    a = compress_module(m, x, keep=0.5)
+    assert isinstance(a.module, OnnxModule) and a.report["keep"]["landed"]
+    assert "kept whole" in a.report["fallback"] and "asked: 50%" in a.report["fallback"]
+    b = compress_module(m, x, keep=0.5, size_first=False)
+    assert type(b.module) is Net and b.report["fallback"] is None and not b.report["keep"]["landed"]
+    assert b.report["exact_for_torch"] and b.report["params_after"] == n_params(b.module) < n_params(m)
+    assert b.module.enc.layers[0].linear1.out_features < 32
+    with torch.no_grad():
+        np.testing.assert_allclose(b.module(x).numpy(), _run_base(b.onnx, x), rtol=TOL, atol=TOL)
