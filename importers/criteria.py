@@ -53,8 +53,9 @@ def read_eps_table(path, names, aliases=None):
     for k, v in table.items():
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise InputError(f"{path}: eps of {k!r} must be a number, got {json.dumps(v)[:40]}")
-    aliases = {a: ws for a, ws in (aliases or {}).items() if a not in set(names)}
-    unknown = sorted(k for k in table if k != "*" and k not in set(names) and k not in aliases)
+    known = set(names)
+    aliases = {a: ws for a, ws in (aliases or {}).items() if a not in known}
+    unknown = sorted(k for k in table if k != "*" and k not in known and k not in aliases)
     if unknown:
         aliased = {w for ws in aliases.values() for w in ws}
         shown = sorted(aliases) + [n for n in names if n not in aliased] if aliases else list(names)

@@ -312,10 +312,11 @@ def verify_batch(imp, most=64, least=2):
 VERIFY_ACTIVATIONS = 64 << 20
 
 
-def verify_dag(a, b, imp, data=None, seed=0, repeats=3, batch=64):
+def verify_dag(a, b, imp, data=None, seed=0, repeats=3, batch="auto"):
     """Largest absolute output difference of models ``a`` and ``b`` (ModelProtos
     or paths) on ``repeats`` made-up inputs shaped like the probe's, at
-    ``batch`` samples where the model's batch axis is free (or on ``data``);
+    ``batch`` samples where the model's batch axis is free (or on ``data``;
+    ``"auto"``: :func:`verify_batch`, 64 unless one sample's activations are big);
     ``inputs`` in the result says what was fed to each input, ``rel_diff`` the
     difference over the original's largest absolute output.  One session at a
     time: ``a``'s outputs are kept, its session closed, then ``b`` runs.  A
@@ -324,7 +325,7 @@ def verify_dag(a, b, imp, data=None, seed=0, repeats=3, batch=64):
 
     import onnxruntime as ort
 
-    from .onnx.external import release, session, trim
+    from .onnx.external import relieve, session, trim
     from .onnx.feeds import describe, input_specs, short_error
 
     def options():
@@ -336,9 +337,10 @@ def verify_dag(a, b, imp, data=None, seed=0, repeats=3, batch=64):
         return so
 
     runs = 1 if data is not None else repeats
+    if batch == "auto":
+        batch = verify_batch(imp)
     with task("verifying: both models on the same inputs", total=2 * runs) as advance:
-        release()                              # the colouring's mapped pages and freed heap back first
-        trim()
+        relieve()                              # the colouring's mapped pages and freed heap back first
         sa = session(a, options())
         names = [i.name for i in sa.get_inputs()]
         specs = input_specs(imp.model)
@@ -464,7 +466,7 @@ def compress_dag_model(path, out, symmetry="fibration", eps=0.0, eps_table=None,
                 check_loads(tmp)                   # verify opens it anyway (verify_dag)
             t1 = time.perf_counter()
             if verify or data is not None:
-                report["verify"] = verify_dag(imp.model, tmp, imp, data=data, seed=seed, batch=verify_batch(imp))
+                report["verify"] = verify_dag(imp.model, tmp, imp, data=data, seed=seed)
         except BaseException:
             if written:
                 os.unlink(written)

@@ -85,9 +85,13 @@ def _export(model, example):
 
 
 def _scope(node_name):
-    """``enc.norm1`` from a legacy export's node name ``/enc/norm1/Mul``."""
+    """``enc.norm1`` from a legacy export's node name ``/enc/norm1/Mul``
+    (:func:`fibgraph.importers.onnx.groups.join_scopes`: ``/enc/enc.0/Mul`` is
+    ``enc.0``)."""
+    from .onnx.groups import join_scopes
+
     parts = [p for p in node_name.split("/") if p]
-    return ".".join(parts[:-1]) if len(parts) > 1 else node_name
+    return join_scopes(parts[:-1]) if len(parts) > 1 else node_name
 
 
 _SHAPE_OPS = frozenset({"Shape", "Constant", "ConstantOfShape", "Gather", "Unsqueeze", "Squeeze", "Concat", "Slice",
@@ -427,7 +431,7 @@ def _choose(mc, eps, keep, data, pinned):
     ``keep`` search over the groups not pinned; and the search's result."""
     if keep is None:
         drop = {w for g in pinned for w in mc.ties[g]}
-        return {w: e for w, e in eps.items() if w not in drop and w not in pinned}, None
+        return {w: e for w, e in eps.items() if w not in drop}, None
     from .keep import keep_search
 
     xy = None

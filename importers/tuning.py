@@ -94,7 +94,8 @@ class DagCompressor:
         groups' fibers are those of the graph with these nodes fixed, so the
         base stays exact at eps 0.  Used where a merge of these units has no
         place to go (a torch class that cannot hold multiplicities)."""
-        ids = [g.nodes for g in self.groups if g.name in set(names)]
+        names = set(names)
+        ids = [g.nodes for g in self.groups if g.name in names]
         if not ids:
             return
         ids = np.unique(np.concatenate(ids))

@@ -28,7 +28,7 @@ from scipy.spatial.distance import pdist
 
 from ..errors import InputError
 from ..partition import canonical
-from .signatures import F32_ROWS_MIN
+from .signatures import F32_ROWS_MIN, col_chunks
 
 __all__ = ["threshold_clusters", "joint_rows", "algorithm1", "prepare_rows", "METRICS", "LINKAGES"]
 
@@ -71,9 +71,9 @@ def _rows(X):
 _F64_CHUNK = 1 << 20
 
 
-def _col_steps(n_rows, K):
-    step = max(1, _F64_CHUNK // max(n_rows, 1))
-    return [(k0, min(K, k0 + step)) for k0 in range(0, K, step)]
+def _contiguous(Z):
+    """``Z`` C-contiguous, float32 rows as they are, anything else as float64."""
+    return np.ascontiguousarray(Z) if Z.dtype == np.float32 else np.ascontiguousarray(Z, dtype=np.float64)
 
 
 def row_norms(X):
@@ -82,7 +82,7 @@ def row_norms(X):
     if X.dtype == np.float64:
         return np.sqrt(np.einsum("ij,ij->i", X, X))
     sq = np.zeros(X.shape[0])
-    for k0, k1 in _col_steps(X.shape[0], X.shape[1]):
+    for k0, k1 in col_chunks(X.shape[0], X.shape[1], _F64_CHUNK):
         c = np.asarray(X[:, k0:k1], dtype=np.float64)
         sq += np.einsum("ij,ij->i", c, c)
     return np.sqrt(sq)
@@ -93,7 +93,7 @@ def _gram(Z, s, e):
     if Z.dtype == np.float64:
         return Z[s:e] @ Z[s:].T
     G = np.zeros((e - s, Z.shape[0] - s))
-    for k0, k1 in _col_steps(Z.shape[0] - s, Z.shape[1]):
+    for k0, k1 in col_chunks(Z.shape[0] - s, Z.shape[1], _F64_CHUNK):
         c = np.asarray(Z[s:, k0:k1], dtype=np.float64)
         G += c[:e - s] @ c.T
     return G
@@ -177,7 +177,7 @@ def _condensed(Z, cosine):
     if m * m * K < 2 * GRAM_MIN_WORK:
         d = pdist(Z, "euclidean")
         return 0.5 * d * d if cosine else d
-    Z = np.ascontiguousarray(Z) if Z.dtype == np.float32 else np.ascontiguousarray(Z, dtype=np.float64)
+    Z = _contiguous(Z)
     sq = row_norms(Z) ** 2
     out = np.empty(m * (m - 1) // 2)
     bs = max(1, (1 << 22) // m)
@@ -211,7 +211,7 @@ def _whole_dendrogram(Z, eps, linkage_method, metric):
     m, K = Z.shape
     if m <= 2 or m > FULL_LINKAGE_ROWS or m * m * K < 2 * GRAM_MIN_WORK:
         return None
-    Zc = np.ascontiguousarray(Z) if Z.dtype == np.float32 else np.ascontiguousarray(Z, dtype=np.float64)
+    Zc = _contiguous(Z)
     key = (hashlib.sha1(Zc.data).hexdigest(), Zc.shape, Zc.dtype.str, metric, linkage_method)
     link = _DENDROGRAMS.get(key)
     if link is None:

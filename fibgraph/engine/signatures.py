@@ -165,9 +165,9 @@ _SINGLETON_SALT = np.uint64(0xD6E8FEB86659FD93)
 _CHUNK = 1 << 19       # entries of one float64 chunk of a dense block (4 MB)
 
 
-def _col_chunks(n_rows, K):
-    """Column ranges of about ``_CHUNK`` entries for a block of ``n_rows`` rows."""
-    step = max(1, _CHUNK // max(n_rows, 1))
+def col_chunks(n_rows, K, chunk=_CHUNK):
+    """Column ranges of about ``chunk`` entries for a block of ``n_rows`` rows."""
+    step = max(1, chunk // max(n_rows, 1))
     return [(k0, min(K, k0 + step)) for k0 in range(0, K, step)]
 
 
@@ -192,7 +192,7 @@ def _hash_dense(A, keys, tol):
     n_t, K = A.shape
     if n_t > 256 and K > 4 * _PROBE_COLUMNS:
         var = np.concatenate([np.asarray(A[:, k0:k1], dtype=np.float64).var(axis=0)
-                              for k0, k1 in _col_chunks(n_t, K)])
+                              for k0, k1 in col_chunks(n_t, K)])
         cols = np.argsort(-var, kind="stable")[:_PROBE_COLUMNS]
         del var
         p1, p2 = _hash_columns(np.asarray(A[:, cols], dtype=np.float64), keys[cols], tol)
@@ -220,7 +220,7 @@ def _hash_dense_all(A, keys, tol, rows=None):
     h2 = np.zeros(n_t, np.uint64)
     if n_t == 0 or K == 0:
         return h1, h2
-    for k0, k1 in _col_chunks(n_t, K):
+    for k0, k1 in col_chunks(n_t, K):
         sub = A[:, k0:k1] if rows is None else A[rows, k0:k1]
         a, b = _hash_columns(np.ascontiguousarray(sub, dtype=np.float64), keys[k0:k1], tol)
         h1 += a

@@ -208,7 +208,7 @@ def _split_tied(graph, nodes, X, colours, crit, info_key, info, cols):
     if sp.issparse(X):
         norm = np.sqrt(np.asarray(X.multiply(X).sum(axis=1)).reshape(-1))
     else:
-        norm = np.sqrt(np.einsum("ij,ij->i", X, X))
+        norm = row_norms(X)
     set_scale = np.zeros(n_pos)
     np.maximum.at(set_scale, pos, norm)
     joint = 0

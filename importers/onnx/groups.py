@@ -250,7 +250,7 @@ def torch_names(imp) -> dict:
                     name = f"{path}{suffix}#{k}"
                 taken.add(name)
                 out[w] = name
-    imp._torch_names = out
+    _cache(imp, "_torch_names", out)
     return out
 
 
