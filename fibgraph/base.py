@@ -16,10 +16,12 @@ sum, so the base computes the same function.
 from __future__ import annotations
 
 import numpy as np
-import scipy.sparse as sp
 
 from .graph import Block, WeightedDigraph
 from .partition import canonical, class_sizes
+from .lazy import lazy_module
+
+sp = lazy_module("scipy.sparse")     # imported on first use: fibgraph.lazy
 
 __all__ = ["aggregate", "quotient"]
 

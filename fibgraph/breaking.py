@@ -38,11 +38,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.sparse as sp
 
 from .engine import Exact, refine
 from .graph import Block, WeightedDigraph
 from .partition import canonical
+from .lazy import lazy_module
+
+sp = lazy_module("scipy.sparse")     # imported on first use: fibgraph.lazy
 
 __all__ = ["LayerPlan", "plan_layer", "lift_weight", "chain_graph", "chain_covers", "BREAK_SYMMETRIES"]
 

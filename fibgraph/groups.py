@@ -38,8 +38,9 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 import numpy as np
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
+from .lazy import lazy_module
+
+sp = lazy_module("scipy.sparse")     # imported on first use: fibgraph.lazy
 
 __all__ = [
     "Group",
@@ -131,8 +132,8 @@ def _pairs(joins):
 def _components(n, a, b):
     if n == 0:
         return np.zeros(0, np.int64)
-    g = coo_matrix((np.ones(a.size), (a, b)), shape=(n, n))
-    return connected_components(g, directed=False)[1].astype(np.int64)
+    g = sp.coo_matrix((np.ones(a.size), (a, b)), shape=(n, n))
+    return sp.csgraph.connected_components(g, directed=False)[1].astype(np.int64)
 
 
 def tie_columns(n_nodes, joins) -> np.ndarray:

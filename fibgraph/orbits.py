@@ -37,11 +37,12 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
-import scipy.sparse as sp
-from scipy.sparse.csgraph import connected_components
 
 from .graph import WeightedDigraph
 from .partition import canonical
+from .lazy import lazy_module
+
+sp = lazy_module("scipy.sparse")     # imported on first use: fibgraph.lazy
 
 __all__ = ["Orbits", "OrbitsTooLarge", "automorphism_orbits", "weighted_edges", "format_group_size",
            "QUANT_DIGITS"]
@@ -238,7 +239,7 @@ def automorphism_orbits(graph: WeightedDigraph, initial=None, group_size=True,
         r = np.concatenate(parts_r)
         c = np.concatenate(parts_c)
         A = sp.csr_matrix((np.ones(r.size, np.int8), (r, c)), shape=(nr, nr))
-        _, lab_r = connected_components(A, directed=False)
+        _, lab_r = sp.csgraph.connected_components(A, directed=False)
     else:
         lab_r = np.arange(nr)
     labels = canonical(lab_r[new_id[rep[twin]]])

@@ -294,7 +294,7 @@ def _heavy(model) -> bool:
 def verify_batch(imp, most=64, least=2):
     """The made-up batch for verify: ``most``, or fewer where one sample's
     activations (every tensor of the probe run) are big, so that a batch's
-    activations stay within half the model's weights or
+    activations stay within a quarter of the model's weights or
     :data:`VERIFY_ACTIVATIONS` (a 25M-parameter CNN at 32 x 32: a few
     samples, not 64); at least ``least``, so a free batch axis is still
     exercised."""
@@ -304,12 +304,12 @@ def verify_batch(imp, most=64, least=2):
     per_sample = act / max(probe_batch, 1)
     if per_sample <= 0:
         return most
-    budget = max(2 * imp.n_params, VERIFY_ACTIVATIONS)
+    budget = max(imp.n_params, VERIFY_ACTIVATIONS)        # float32 weights: 4 bytes per parameter
     return int(min(most, max(least, budget // per_sample)))
 
 
 #: activations a verify batch may always take, whatever the model's size
-VERIFY_ACTIVATIONS = 64 << 20
+VERIFY_ACTIVATIONS = 16 << 20
 
 
 def verify_dag(a, b, imp, data=None, seed=0, repeats=3, batch="auto"):
@@ -325,7 +325,9 @@ def verify_dag(a, b, imp, data=None, seed=0, repeats=3, batch="auto"):
 
     import onnxruntime as ort
 
-    from .onnx.external import relieve, session, trim
+    from fibgraph.heap import session_heap, trim
+
+    from .onnx.external import relieve, session
     from .onnx.feeds import describe, input_specs, short_error
 
     def options():
@@ -339,7 +341,7 @@ def verify_dag(a, b, imp, data=None, seed=0, repeats=3, batch="auto"):
     runs = 1 if data is not None else repeats
     if batch == "auto":
         batch = verify_batch(imp)
-    with task("verifying: both models on the same inputs", total=2 * runs) as advance:
+    with task("verifying: both models on the same inputs", total=2 * runs) as advance, session_heap():
         relieve()                              # the colouring's mapped pages and freed heap back first
         sa = session(a, options())
         names = [i.name for i in sa.get_inputs()]

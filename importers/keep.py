@@ -36,7 +36,7 @@ import numpy as np
 
 from fibgraph.errors import InputError
 from fibgraph.tune import EPS_MAX
-from .onnx.external import trim
+from fibgraph.heap import trim
 
 __all__ = ["keep_search", "check_keep", "EPS_GRID", "KEEP_TOL"]
 

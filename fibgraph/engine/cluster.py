@@ -21,18 +21,37 @@ import hashlib
 from collections import OrderedDict
 
 import numpy as np
-import scipy.sparse as sp
-from scipy.cluster.hierarchy import fcluster, linkage
-from scipy.sparse.csgraph import connected_components
-from scipy.spatial.distance import pdist
 
 from ..errors import InputError
+from ..lazy import lazy_module
 from ..partition import canonical
 from .signatures import F32_ROWS_MIN, col_chunks
+
+sp = lazy_module("scipy.sparse")     # imported on first use: fibgraph.lazy
 
 __all__ = ["threshold_clusters", "joint_rows", "algorithm1", "prepare_rows", "METRICS", "LINKAGES"]
 
 METRICS = ("cosine", "euclidean")
+
+
+def pdist(X, metric):
+    """``scipy.spatial.distance.pdist``, imported on first use: scipy.spatial and
+    scipy.cluster (with scipy.linalg and scipy.special under them) are 15 MB of
+    resident memory that an exact colouring never needs."""
+    from scipy.spatial.distance import pdist as _pdist
+    return _pdist(X, metric)
+
+
+def linkage(d, method):
+    """``scipy.cluster.hierarchy.linkage``, imported on first use (see :func:`pdist`)."""
+    from scipy.cluster.hierarchy import linkage as _linkage
+    return _linkage(d, method=method)
+
+
+def fcluster(link, t, criterion):
+    """``scipy.cluster.hierarchy.fcluster``, imported on first use (see :func:`pdist`)."""
+    from scipy.cluster.hierarchy import fcluster as _fcluster
+    return _fcluster(link, t=t, criterion=criterion)
 LINKAGES = ("complete", "average")
 
 
@@ -69,11 +88,6 @@ def _rows(X):
 
 #: entries of one float64 column chunk of float32 rows
 _F64_CHUNK = 1 << 20
-
-
-def _contiguous(Z):
-    """``Z`` C-contiguous, float32 rows as they are, anything else as float64."""
-    return np.ascontiguousarray(Z) if Z.dtype == np.float32 else np.ascontiguousarray(Z, dtype=np.float64)
 
 
 def row_norms(X):
@@ -140,7 +154,7 @@ def _neighbour_components(Y, radius, unit=False, block_elems=1 << 18):
         cross = r != c
         if cross.any():
             g = sp.coo_matrix((np.ones(int(cross.sum()), dtype=np.int8), (r[cross], c[cross])), shape=(n, n))
-            lab = connected_components(g, directed=False)[1][lab]
+            lab = sp.csgraph.connected_components(g, directed=False)[1][lab]
 
     for s in range(0, n, bs):
         e = min(n, s + bs)
@@ -165,32 +179,72 @@ def _neighbour_components(Y, radius, unit=False, block_elems=1 << 18):
 GRAM_MIN_WORK = 1 << 22
 
 
-def _condensed(Z, cosine):
+def _condensed(Z, cosine, scale=None):
     """Condensed distances of the rows of ``Z`` in the order ``pdist`` gives them:
-    ``|u - v|^2 / 2`` (``cosine``) or ``|u - v|``.
+    ``|u - v|^2 / 2`` (``cosine``) or ``|u - v|``; ``scale``: of the rows
+    ``scale[i] * Z[i]`` (prepared rows without their scaled copy).
 
     Large inputs use ``|u|^2 + |v|^2 - 2 <u, v>`` from blockwise BLAS products
     (float64; clipped at 0, so equal rows are at distance 0 up to ~1e-16 of the
-    rows' squared norm), small ones ``scipy.spatial.distance.pdist``.
+    rows' squared norm), the scale applied to each product block, never to the
+    rows; small ones ``scipy.spatial.distance.pdist``.
     """
     m, K = Z.shape
     if m * m * K < 2 * GRAM_MIN_WORK:
+        if scale is not None:
+            Z = np.asarray(Z, dtype=np.float64) * scale[:, None]
         d = pdist(Z, "euclidean")
         return 0.5 * d * d if cosine else d
-    Z = _contiguous(Z)
-    sq = row_norms(Z) ** 2
+    if Z.dtype not in (np.float32, np.float64):
+        Z = np.asarray(Z, dtype=np.float64)
+    norms = row_norms(Z)
+    if scale is not None:
+        norms = norms * scale
+    sq = norms ** 2
     out = np.empty(m * (m - 1) // 2)
-    bs = max(1, (1 << 22) // m)
+    bs = max(1, _CONDENSED_BLOCK // m)
     pos = 0
     for s in range(0, m - 1, bs):
         e = min(m - 1, s + bs)
-        G = _sq_dists(Z, sq, s, e)
+        G = _gram(Z, s, e)
+        G *= -2.0
+        if scale is not None:
+            G *= scale[s:e, None]
+            G *= scale[None, s:]
+        G += sq[s:e, None]
+        G += sq[None, s:]
         np.maximum(G, 0.0, out=G)
         upper = np.arange(s, m)[None, :] > np.arange(s, e)[:, None]
         vals = G[upper]                            # row-major: pdist's order
-        out[pos:pos + vals.size] = 0.5 * vals if cosine else np.sqrt(vals)
+        del G
+        if cosine:
+            vals *= 0.5
+        else:
+            np.sqrt(vals, out=vals)
+        out[pos:pos + vals.size] = vals
         pos += vals.size
     return out
+
+
+#: entries of one block of Gram products in :func:`_condensed` (8 MB of float64)
+_CONDENSED_BLOCK = 1 << 20
+
+
+def _digest(Z, scale=None):
+    """A digest of the rows of ``Z`` (and ``scale``) read in place: a transposed
+    view is hashed through its transpose, anything else a few rows at a time."""
+    h = hashlib.sha1(f"{Z.shape}{Z.dtype.str}".encode())
+    if Z.flags.c_contiguous:
+        h.update(Z.data)
+    elif Z.flags.f_contiguous:
+        h.update(b"F")
+        h.update(Z.T.data)
+    else:
+        for k0, k1 in col_chunks(Z.shape[1], Z.shape[0], 1 << 20):    # row blocks of about 1M entries
+            h.update(np.ascontiguousarray(Z[k0:k1]).data)
+    if scale is not None:
+        h.update(np.ascontiguousarray(scale, dtype=np.float64).data)
+    return h.hexdigest()
 
 
 #: rows up to which a large clustering computes its whole dendrogram at once
@@ -201,21 +255,21 @@ _DENDROGRAMS = OrderedDict()      # (rows digest, shape, metric, method) -> link
 _DENDROGRAMS_KEPT = 64
 
 
-def _whole_dendrogram(Z, eps, linkage_method, metric):
+def _whole_dendrogram(Z, eps, linkage_method, metric, scale=None):
     """Labels (0-based) of ``Z``'s rows cut at ``eps`` from the whole dendrogram,
     remembered by the rows' digest, or None where the neighbour components are
     the better way (few rows, little work, or too many rows for m^2 memory).
+    ``scale``: of the rows ``scale[i] * Z[i]`` (:func:`_condensed`).
 
     This is Algorithm 1 itself (one linkage on all rows); the per-component
     path gives the same partition."""
     m, K = Z.shape
     if m <= 2 or m > FULL_LINKAGE_ROWS or m * m * K < 2 * GRAM_MIN_WORK:
         return None
-    Zc = _contiguous(Z)
-    key = (hashlib.sha1(Zc.data).hexdigest(), Zc.shape, Zc.dtype.str, metric, linkage_method)
+    key = (_digest(Z, scale), metric, linkage_method)
     link = _DENDROGRAMS.get(key)
     if link is None:
-        link = linkage(_condensed(Zc, cosine=(metric == "cosine")), method=linkage_method)
+        link = linkage(_condensed(Z, cosine=(metric == "cosine"), scale=scale), method=linkage_method)
         _DENDROGRAMS[key] = link
         while len(_DENDROGRAMS) > _DENDROGRAMS_KEPT:
             _DENDROGRAMS.popitem(last=False)
@@ -249,18 +303,28 @@ def threshold_clusters(X, eps, linkage_method="average", metric="cosine", prepar
         norms = row_norms(Y)
         zero = norms <= 0
     else:
-        Y, norms, zero = prepare_rows(X, metric, overwrite=overwrite)
+        if metric not in METRICS:
+            raise ValueError(f"unknown metric {metric!r}; choose from {METRICS}")
+        Y = X.toarray() if sp.issparse(X) else np.asarray(X)
+        norms = row_norms(Y)
+        zero = norms <= 0
     n = Y.shape[0]
     labels = np.full(n, -1, dtype=np.int64)
     nz = np.flatnonzero(~zero) if metric == "cosine" else np.arange(n)
     if metric == "cosine" and zero.any():
         labels[zero] = 0  # all-zero rows: one class
     if nz.size:
-        Z = Y if nz.size == n else Y[nz]
-        whole = _whole_dendrogram(Z, eps, linkage_method, metric)
+        scale = None
+        if not prepared:    # the whole dendrogram scales its products, not the rows: no scaled copy
+            top = norms.max() if norms.size and norms.max() > 0 else 1.0
+            scale = 1.0 / norms[nz] if metric == "cosine" else np.full(nz.size, 1.0 / top)
+        whole = _whole_dendrogram(Y if nz.size == n else Y[nz], eps, linkage_method, metric, scale=scale)
         if whole is not None:
             labels[nz] = whole + (1 if (metric == "cosine" and zero.any()) else 0)
             return canonical(labels)
+        if not prepared:
+            Y = prepare_rows(Y, metric, overwrite=overwrite)[0]
+        Z = Y if nz.size == n else Y[nz]
         # cosine distance d = |u - v|^2 / 2 on unit rows
         radius = np.sqrt(2.0 * eps) if metric == "cosine" else eps
         comp = _neighbour_components(Z, radius, unit=(metric == "cosine" and not prepared))

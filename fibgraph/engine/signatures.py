@@ -41,11 +41,13 @@ a third fed twice as much does not::
 from __future__ import annotations
 
 import numpy as np
-import scipy.sparse as sp
 
 from ..graph import WeightedDigraph
 from ..hashing import GOLD, M1, M2, mix
 from .sparse import group_rows, group_sorted, hash_entries, quantise, sparse_hash, value_labels
+from ..lazy import lazy_module
+
+sp = lazy_module("scipy.sparse")     # imported on first use: fibgraph.lazy
 
 __all__ = ["split_exact", "signature_matrix", "dense_rows"]
 

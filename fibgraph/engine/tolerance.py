@@ -56,13 +56,15 @@ Example: nodes 2, 3 and 4 (one old class) read the two inputs with rows
 from __future__ import annotations
 
 import numpy as np
-import scipy.sparse as sp
 
 from ..hashing import mix
 from ..partition import canonical
 from ..graph import AND_KINDS
 from .cluster import joint_rows, row_norms, threshold_clusters
 from .signatures import dense_rows, signature_matrix
+from ..lazy import lazy_module
+
+sp = lazy_module("scipy.sparse")     # imported on first use: fibgraph.lazy
 
 __all__ = ["AND_KINDS", "split_tolerance", "tied_columns", "and_rule_classes", "metric_for"]
 

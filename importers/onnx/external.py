@@ -27,13 +27,19 @@ import onnx
 from onnx import numpy_helper
 
 from fibgraph.errors import InputError
+from fibgraph.heap import trim
 
 __all__ = ["LEAN_BYTES", "EXTERNAL_DATA_BYTES", "EXTERNAL_MIN_BYTES", "ALIGN", "open_lean", "absolutize",
-           "tensor_array", "is_lean", "external_files", "session", "release", "relieve", "trim", "save_model", "data_bytes",
+           "tensor_array", "is_lean", "external_files", "session", "release", "relieve", "save_model", "data_bytes",
            "check"]
 
 #: models with at least this many bytes of weights are opened lean
 LEAN_BYTES = 64 << 20
+#: model files with at least this many bytes of weights are handed lean to an
+#: onnxruntime session (:func:`session`: it maps the weights instead of parsing the
+#: whole protobuf and copying every weight out of it; a 46 MB base took 90 MB at
+#: once and kept 50) and to the checker (:func:`check`)
+LEAN_FILE_BYTES = 4 << 20
 #: a written model whose tensors exceed this is written with external data (a
 #: protobuf cannot exceed 2 GiB)
 EXTERNAL_DATA_BYTES = (2 << 30) - (64 << 20)
@@ -118,15 +124,17 @@ def _lean_tensor(buf, start, end, location):
     return bytes(out) + _external_fields(location, a, b - a), b - a
 
 
-def open_lean(path):
+def open_lean(path, least=None):
     """The model at ``path`` with its large embedded initializers left in the
     file (external references to the file itself, relative to its folder:
     :func:`absolutize` them once checked), or None when its weights are fewer
-    than :data:`LEAN_BYTES`.  Raises ValueError on a malformed protobuf."""
+    than ``least`` bytes (:data:`LEAN_BYTES`).  Raises ValueError on a
+    malformed protobuf."""
+    least = LEAN_BYTES if least is None else least
     path = os.path.abspath(path)
     size = os.path.getsize(path)
     name = os.path.basename(path)
-    if size < LEAN_BYTES:
+    if size < least:
         return None
     with open(path, "rb") as fh:
         mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
@@ -146,7 +154,7 @@ def open_lean(path):
             out += _ld(7, bytes(g))
     finally:
         mm.close()
-    if moved < LEAN_BYTES:
+    if moved < least:
         return None
     return onnx.load_model_from_string(bytes(out))
 
@@ -280,31 +288,13 @@ def release():
 
 
 def relieve():
-    """:func:`release` and :func:`trim`: what the engine calls after each
+    """:func:`release` and :func:`fibgraph.heap.trim`: what the engine calls after each
     refined level (the graph's ``relieve`` hook), so a level's mapped pages
     and freed temporaries are not carried into the next."""
     release()
     trim()
 
 
-def trim():
-    """Give the C heap's free pages back to the system (glibc ``malloc_trim``;
-    elsewhere nothing).  numpy's freed temporaries stay in the process heap
-    otherwise, so a loop of colourings (the ``--keep`` search) holds the
-    largest transient of any step as resident memory."""
-    global _LIBC
-    if _LIBC is None:
-        try:
-            import ctypes
-
-            _LIBC = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _LIBC = False
-    if _LIBC:
-        _LIBC(0)
-
-
-_LIBC = None
 
 
 def check(path):
@@ -312,7 +302,7 @@ def check(path):
     protobuf without the weights' bytes (:func:`open_lean`), not parsed whole."""
     import tempfile
 
-    lean = open_lean(path)
+    lean = open_lean(path, least=LEAN_FILE_BYTES)
     if lean is None:
         onnx.checker.check_model(os.fspath(path))
         return
@@ -337,7 +327,8 @@ def session(model, options=None, providers=("CPUExecutionProvider",)):
     so = options or ort.SessionOptions()
     if not isinstance(model, onnx.ModelProto):
         model = os.fspath(model)
-        lean = open_lean(model) if isinstance(model, str) and os.path.isfile(model) else None
+        lean = open_lean(model, least=LEAN_FILE_BYTES) if isinstance(model, str) and os.path.isfile(model) \
+            else None
         if lean is None:          # small, or external already: onnxruntime maps page-aligned external data
             return ort.InferenceSession(model, so, providers=list(providers))
         model = absolutize(lean, os.path.dirname(os.path.abspath(model)))   # not the whole protobuf, then its tensors

@@ -52,6 +52,7 @@ import numpy as np
 import onnx
 
 from fibgraph.graph import PER_UNIT, WeightedDigraph
+from fibgraph.heap import trim
 from fibgraph.progress import task
 
 from . import external as _external
@@ -233,7 +234,7 @@ def import_dag(path_or_model, feeds=None, label=None) -> DagImport:
         model, label = load_onnx(path_or_model), str(path_or_model)
     with task(f"probing {os.path.basename(label)} in onnxruntime"):
         probe = probe_model(model, feeds)
-    _external.trim()               # the probe session's weights and arena back to the system
+    trim()                         # the probe session's weights and arena back to the system
     # where the inputs' units lie is not written in ONNX: try the layouts a
     # model may mean (features last, channels first, no unit axis: a signal
     # whose samples are positions) and keep the one with the fewest barriers

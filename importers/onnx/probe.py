@@ -6,6 +6,7 @@ import numpy as np
 import onnx
 
 from fibgraph.errors import InputError
+from fibgraph.heap import session_heap
 
 from . import external
 from .feeds import describe, input_specs, make_feeds, short_error
@@ -43,31 +44,32 @@ def probe_model(model, feeds=None):
     so.log_severity_level = 4          # a size that does not fit is tried quietly
     so.enable_cpu_mem_arena = False    # one run: intermediates freed as they die, not pooled
     so.add_session_config_entry("session.disable_prepacking", "1")   # no packed second copy of the weights
-    try:
-        sess = external.session(m, so)          # a big model's weights read in place, not serialised
-    except Exception as e:
-        raise InputError(f"onnxruntime cannot load the model: {short_error(e)}") from None
-    names = [o.name for o in sess.get_outputs()]
-    if feeds is not None:
-        tries = [feeds]
-    else:                      # the defaults, then every unknown dim at one size
-        specs = input_specs(model)
-        tries, seen = [], set()
-        for s in (None, 32, 64, 128, 320, 16, 8, 4, 2, 1):
-            f = sample_feeds(model, sizes=s, specs=specs)
-            key = tuple(v.shape for v in f.values())
-            if key not in seen:
-                seen.add(key)
-                tries.append(f)
-    err = None
-    for f in tries:
+    with session_heap():          # the run's activations go back as they are freed
         try:
-            out = sess.run(names, f)
-            vals = dict(zip(names, out))
-            vals.update(f)
-            return f, vals
-        except Exception as e:  # the size did not fit the model; try the next
-            err = e if err is None else err
+            sess = external.session(m, so)          # a big model's weights read in place, not serialised
+        except Exception as e:
+            raise InputError(f"onnxruntime cannot load the model: {short_error(e)}") from None
+        names = [o.name for o in sess.get_outputs()]
+        if feeds is not None:
+            tries = [feeds]
+        else:                      # the defaults, then every unknown dim at one size
+            specs = input_specs(model)
+            tries, seen = [], set()
+            for s in (None, 32, 64, 128, 320, 16, 8, 4, 2, 1):
+                f = sample_feeds(model, sizes=s, specs=specs)
+                key = tuple(v.shape for v in f.values())
+                if key not in seen:
+                    seen.add(key)
+                    tries.append(f)
+        err = None
+        for f in tries:
+            try:
+                out = sess.run(names, f)
+                vals = dict(zip(names, out))
+                vals.update(f)
+                return f, vals
+            except Exception as e:  # the size did not fit the model; try the next
+                err = e if err is None else err
     why = short_error(err)
     if feeds is not None:
         shapes = ", ".join(f"{k} {list(np.shape(v))}" for k, v in feeds.items())

@@ -132,3 +132,52 @@ def test_signature_rows_of_big_float32_weights_stay_float32(monkeypatch):
     X32, _ = signatures.signature_matrix(g, nodes, ["in"], colours, scales)
     assert X64.dtype == np.float64 and X32.dtype == np.float32 and X32.shape == X64.shape == (6, 5)
     np.testing.assert_allclose(X32, X64, rtol=1e-6)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_wide_rows_cluster_without_a_scaled_copy(metric):
+    # a layer whose rows are a transposed view of a float32 table (an embedding:
+    # 96 features x 100,000 rows): the whole dendrogram scales its Gram products,
+    # never the rows, so no array of the rows' size is made (the old path made two:
+    # the scaled rows, then a C-contiguous copy), and the clusters are Algorithm 1's
+    import tracemalloc
+
+    rng = np.random.default_rng(3)
+    centres = rng.normal(size=(12, 100_000)).astype(np.float32)
+    table = np.ascontiguousarray((np.repeat(centres, 8, axis=0)
+                                  * rng.uniform(0.5, 2.0, size=(96, 1)).astype(np.float32)).T)
+    rows = table.T                                   # F-ordered view, 38 MB
+    assert rows.flags.f_contiguous and not rows.flags.c_contiguous
+    cluster._DENDROGRAMS.clear()
+    tracemalloc.start()
+    try:
+        got = threshold_clusters(rows, 0.05, "average", metric)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 0.5 * rows.nbytes
+    want = algorithm1(rows.astype(np.float64), 0.05, "average", metric)
+    assert np.array_equal(got, want)
+    # cosine: equal up to a positive factor, so the 12 planted directions; euclidean sees the factors
+    assert (got.max() + 1 == 12) == (metric == "cosine")
+
+
+def test_wide_rows_with_zero_rows_and_the_dendrogram_cache():
+    # all-zero rows form one cosine class of their own; a second eps on the same
+    # rows is a cut of the remembered dendrogram and equals a fresh run
+    rng = np.random.default_rng(4)
+    X = rng.normal(size=(40, 60_000)).astype(np.float32)
+    X[5] = 0.0
+    X[17] = 0.0
+    X[9] = 3.0 * X[2]
+    cluster._DENDROGRAMS.clear()
+    a = threshold_clusters(X, 0.01, "complete", "cosine")
+    assert a[5] == a[17] and a[9] == a[2] and a.max() + 1 == 38
+    b = threshold_clusters(X, 0.995, "complete", "cosine")
+    assert len(cluster._DENDROGRAMS) == 1
+    cluster._DENDROGRAMS.clear()
+    assert np.array_equal(b, threshold_clusters(X, 0.995, "complete", "cosine"))
+    nz = np.flatnonzero(X.any(axis=1))
+    assert b[5] == b[17] and b[5] not in b[nz]
+    assert np.array_equal(canonical(b[nz]), algorithm1(X[nz].astype(np.float64), 0.995, "complete", "cosine"))
+    assert 1 < b.max() < 38

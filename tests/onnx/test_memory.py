@@ -327,3 +327,151 @@ def test_a_failed_run_leaves_the_earlier_output_and_its_data_as_they_were(tmp_pa
     assert rc == 0, err
     assert data.read_bytes() != b"earlier data" and onnx.load(str(out)).graph.initializer
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".fibgraph")]
+
+
+def test_a_model_file_of_a_few_megabytes_reaches_onnxruntime_and_the_checker_lean(tmp_path, monkeypatch):
+    """A file with 4 MB or more of weights (LEAN_FILE_BYTES) is handed to an
+    onnxruntime session and to the checker without its weights: onnxruntime
+    maps them from the file; before, it parsed the whole protobuf and copied
+    every weight out of it (a 46 MB base took 90 MB at once)."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(0)
+    Ws = [rng.normal(size=(1100, 1000)), rng.normal(size=(2, 1100))]
+    m = mlp_onnx(Ws, [np.zeros(1100), np.zeros(2)])
+    path = save(m, tmp_path / "m.onnx")
+    assert 4 << 20 <= os.path.getsize(path) < external.LEAN_BYTES
+    x = rng.normal(size=(3, 1000)).astype(np.float32)
+    want = run_onnx(m, x)[0]
+    handed, checked = [], []
+    real_sess, real_check = ort.InferenceSession, onnx.checker.check_model
+    monkeypatch.setattr(ort, "InferenceSession", lambda model, *a, **k: handed.append(model) or real_sess(model, *a, **k))
+    monkeypatch.setattr(onnx.checker, "check_model", lambda p, *a, **k: checked.append(p) or real_check(p, *a, **k))
+    sess = external.session(path)
+    np.testing.assert_allclose(sess.run(None, {"x": x})[0], want, rtol=1e-5, atol=1e-5)
+    assert len(handed) == 1 and isinstance(handed[0], bytes) and len(handed[0]) < 64 << 10
+    external.check(path)
+    assert len(checked) == 1 and checked[0] != path and os.path.getsize(path) > 4 << 20
+    assert not any(f.startswith(".fibgraph-check-") for f in os.listdir(tmp_path))     # its temporary is gone
+
+
+def _movement_model():
+    """x (1, 8) -> MatMul -> Reshape (1, 2, 4) -> Transpose -> Flatten -> MatMul -> y."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(1)
+    inits = [numpy_helper.from_array(rng.normal(size=(8, 8)).astype(np.float32), "W1"),
+             numpy_helper.from_array(np.array([1, 2, 4], np.int64), "shape"),
+             numpy_helper.from_array(rng.normal(size=(8, 3)).astype(np.float32), "W2")]
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"]),
+             helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("Reshape", ["r", "shape"], ["s"]),
+             helper.make_node("Transpose", ["s"], ["t"], perm=[0, 2, 1]),
+             helper.make_node("Flatten", ["t"], ["f"]),
+             helper.make_node("MatMul", ["f", "W2"], ["y"])]
+    g = helper.make_graph(nodes, "move", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])], initializer=inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_the_probe_and_movement_ops_leave_scipy_and_the_reference_evaluator_unimported(tmp_path):
+    """The probe holds the model's weights, so nothing else heavy is imported
+    before it: scipy arrives with the colouring (fibgraph.lazy).  Units move
+    through Reshape/Transpose/Flatten in onnxruntime; the ONNX reference
+    evaluator (12 MB with its schemas) is imported only for an op onnxruntime
+    has no integer kernel for."""
+    import subprocess
+    import sys
+
+    path = save(_movement_model(), tmp_path / "m.onnx")
+    code = ("import sys\n"
+            "from fibgraph.importers.onnx.load import load_onnx\n"
+            "from fibgraph.importers.onnx.probe import probe_model\n"
+            "from fibgraph.importers.onnx.importer import import_dag\n"
+            f"m = load_onnx({path!r})\n"
+            "probe_model(m)\n"
+            "print('scipy' if 'scipy.sparse._base' in sys.modules else 'no scipy')\n"
+            "imp = import_dag(m)\n"
+            "print(len(imp.barriers), 'reference' if 'onnx.reference' in sys.modules else 'no reference')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:2] == ["no scipy", "0 no reference"]
+
+
+@pytest.mark.parametrize("op,attrs,shape,extra", [
+    ("Reshape", {}, [2, 3, 4], [np.array([4, -1], np.int64)]),
+    ("Transpose", {"perm": [2, 0, 1]}, [2, 3, 4], []),
+    ("Gather", {"axis": 1}, [2, 3, 4], [np.array([2, -1, 0], np.int64)]),
+    ("Slice", {}, [2, 3, 4], [np.array([3], np.int64), np.array([0], np.int64), np.array([2], np.int64),
+                              np.array([-1], np.int64)]),
+    ("DepthToSpace", {"blocksize": 2}, [1, 8, 2, 3], []),        # no int64 kernel in onnxruntime
+])
+def test_unit_ids_move_as_the_reference_evaluator_moves_them(op, attrs, shape, extra):
+    from onnx import TensorProto, helper
+    from onnx.reference import ReferenceEvaluator
+
+    from fibgraph.importers.onnx.rules.movement import run_small
+
+    names = ["x"] + [f"a{k}" for k in range(len(extra))]
+    node = helper.make_node(op, names, ["y"], **attrs)
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info(n, TensorProto.INT64, None) for n in names],
+                          [onnx.ValueInfoProto(name="y")])
+    gm = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    feeds = {"x": np.arange(int(np.prod(shape)), dtype=np.int64).reshape(shape), **dict(zip(names[1:], extra))}
+    got = run_small(gm, feeds)[0]
+    want = ReferenceEvaluator(gm).run(None, feeds)[0]
+    assert got.dtype == np.int64 and np.array_equal(got, want)
+
+
+def test_kernel_weights_are_merged_in_chunks_as_the_formula_says(monkeypatch):
+    """``W_hat[r, q] = mean_{i in G(r)} sum_{k in G(q)} W[i, k]`` for a 4-D kernel,
+    computed a chunk of columns and a kernel position at a time."""
+    import scipy.sparse as sp
+
+    from fibgraph.importers.onnx.write import linear
+
+    monkeypatch.setattr(linear, "_CHUNK", 7)          # many chunks
+    rng = np.random.default_rng(2)
+    W = rng.normal(size=(6, 5, 3, 2)).astype(np.float32)
+    Rm = sp.csr_matrix(np.array([[.5, .5, 0, 0, 0, 0], [0, 0, 1, 0, 0, 0], [0, 0, 0, 1 / 3, 1 / 3, 1 / 3]]))
+    C = sp.csr_matrix(np.array([[1, 0, 1, 0, 0], [0, 1, 0, 1, 1]], float))
+    got = linear._two_sided_kernel(Rm, W, C)
+    want = np.einsum("ro,oikl,ci->rckl", Rm.toarray(), W.astype(np.float64), C.toarray())
+    assert got.shape == (3, 2, 3, 2)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_onnxruntime_runs_map_their_big_blocks():
+    """Inside ``session_heap`` a 2 MB block the heap has no free room for is
+    mapped on its own (freed back to the system at once), not carved from a
+    grown heap; after it the threshold is 32 MB again (numpy's temporaries
+    reuse the heap).  glibc only; in a fresh process, whose heap has no big
+    free chunk."""
+    import subprocess
+    import sys
+
+    code = """
+import ctypes, sys
+import numpy as np
+from fibgraph.heap import session_heap
+try:
+    libc = ctypes.CDLL("libc.so.6"); libc.mallinfo2
+except (OSError, AttributeError):
+    print("skip"); sys.exit()
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+libc.mallinfo2.restype = Info
+def mapped(nbytes):
+    before = libc.mallinfo2().hblkhd
+    a = np.ones(nbytes, np.uint8)
+    return libc.mallinfo2().hblkhd - before >= nbytes
+with session_heap():
+    inside = mapped(2 << 20)
+print(inside, mapped(2 << 20))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    if out.stdout.strip() == "skip":
+        pytest.skip("not glibc >= 2.33")
+    assert out.stdout.split() == ["True", "False"]

@@ -1,6 +1,6 @@
 """Movement rules: ops that move values without mixing them (Reshape,
 Transpose, Gather, Slice, Concat, ...) are applied to the layouts' id arrays
-themselves with the ONNX reference evaluator, so no op's layout rule is
+themselves (onnxruntime, else the ONNX reference evaluator), so no op's layout rule is
 guessed; a cut of q, k or v out of a packed projection is recorded
 (``packed``); pooling, resizing and padding act on positional axes; shape ops
 make shape values."""
@@ -35,9 +35,7 @@ def shape_op(b, node, name, a, kinds):
 
 @rule(*sorted(MOVE))
 def move(b, node, name, a, kinds):
-    """Apply the op to the operands' id arrays with the reference evaluator."""
-    from onnx.reference import ReferenceEvaluator
-
+    """Apply the op to the operands' id arrays (:func:`run_small`)."""
     ins, feeds = [], {}
     for k, x in enumerate(node.input):
         if not x:
@@ -61,11 +59,11 @@ def move(b, node, name, a, kinds):
     sub = onnx.helper.make_node(node.op_type, ins, outs, **attrs(node))
     gi = [onnx.helper.make_tensor_value_info(nm, onnx.helper.np_dtype_to_tensor_dtype(v.dtype), None)
           for nm, v in feeds.items()]
-    go = [onnx.helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None) for o in outs]
+    go = [onnx.ValueInfoProto(name=o) for o in outs]        # untyped: onnxruntime infers them
     gm = onnx.helper.make_model(onnx.helper.make_graph([sub], "move", gi, go),
                                 opset_imports=b.model.opset_import)
     try:
-        res = ReferenceEvaluator(gm).run(None, feeds)
+        res = run_small(gm, feeds)
     except Exception as e:
         raise Barrier(f"cannot follow units through {node.op_type} ({short_error(e, 200)})")
     for o, r in zip(node.output, res):
@@ -84,6 +82,28 @@ def move(b, node, name, a, kinds):
     return "shape"
 
 
+def run_small(gm, feeds):
+    """Outputs of the small graph ``gm`` (one op, or a short chain) on integer
+    ``feeds``: onnxruntime (one thread, no optimisation), else the ONNX
+    reference evaluator for what onnxruntime has no integer kernel for
+    (``Resize``, ``DepthToSpace``).  The reference evaluator is imported only
+    then: with the schemas it builds it holds 12 MB for the rest of the run."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 4                 # a missing kernel comes back as an exception
+    so.intra_op_num_threads = so.inter_op_num_threads = 1
+    so.enable_cpu_mem_arena = False
+    try:
+        sess = ort.InferenceSession(gm.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        return sess.run(None, feeds)
+    except Exception:                          # noqa: BLE001 - the reference evaluator decides
+        from onnx.reference import ReferenceEvaluator
+
+        return ReferenceEvaluator(gm).run(None, feeds)
+
+
 def packed_cut(b, node):
     """An output of a Gather/Slice/Split with ONE unit axis, cut from a tensor
     with several (torch's packed in_proj reshaped to (..., 3, d) and Gathered),
@@ -93,8 +113,6 @@ def packed_cut(b, node):
     v keep their own sizes instead of equal ones.  The equality is checked
     on an integer probe of the source's concrete shape (every position and
     unit labelled), not assumed from the op pattern."""
-    from onnx.reference import ReferenceEvaluator
-
     producer = {o: n for n in b.model.graph.node for o in n.output if o}
     chain, region, t = [node], [], node.input[0]
     for _ in range(16):
@@ -127,12 +145,12 @@ def packed_cut(b, node):
     if not outs:
         return
     gi = [onnx.helper.make_tensor_value_info(src, onnx.TensorProto.INT64, None)]
-    go = [onnx.helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None) for o in outs]
+    go = [onnx.ValueInfoProto(name=o) for o in outs]        # untyped: onnxruntime infers them
     gm = onnx.helper.make_model(onnx.helper.make_graph(list(chain), "packed", gi, go, initializer=inits),
                                 opset_imports=b.model.opset_import)
     P = np.arange(int(np.prod(shape)), dtype=np.int64).reshape(shape)
     try:
-        res = ReferenceEvaluator(gm).run(None, {src: P})
+        res = run_small(gm, {src: P})
     except Exception:
         return
     for o, Y in zip(outs, res):

@@ -21,9 +21,11 @@ For kept positions ``q`` each standing for a group ``G(q)``:
 from __future__ import annotations
 
 import numpy as np
-import scipy.sparse as sp
 
 from .groups import join_components, nodes_along, unit_axes
+from fibgraph.lazy import lazy_module
+
+sp = lazy_module("scipy.sparse")     # imported on first use: fibgraph.lazy
 
 __all__ = ["Axis", "column_scales"]
 
