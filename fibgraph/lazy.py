@@ -7,6 +7,11 @@ weights; with scipy imported lazily that step's peak does not carry scipy's
 pages as well: they arrive with the colouring, after the probe's session is
 gone.
 
+:func:`lazy_module` returns a stand-in whose first attribute access imports
+the module (``importlib.import_module``, under the import system's own
+lock, so threads may race for it) and forwards to it; ``sys.modules`` is
+not touched, so other code importing the module gets the real one.
+
 Example
 -------
 >>> from fibgraph.lazy import lazy_module
@@ -17,23 +22,26 @@ Example
 from __future__ import annotations
 
 import importlib
-import importlib.util
-import sys
+import types
 
 __all__ = ["lazy_module"]
 
 
+class _Lazy(types.ModuleType):
+    """A module's stand-in: attributes are read from the module, imported on first use."""
+
+    def __getattr__(self, attr):
+        if attr.startswith("__") and attr.endswith("__"):
+            raise AttributeError(attr)         # copy/pickle/doctest probes: not a reason to import
+        return getattr(importlib.import_module(self.__name__), attr)
+
+    def __repr__(self):
+        return f"<lazy module {self.__name__!r}>"
+
+
 def lazy_module(name):
-    """The module ``name``, executed on its first attribute access
-    (:class:`importlib.util.LazyLoader`); the module itself where it is
-    imported already.  Its parent packages are imported now."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.find_spec(name)
-    if spec is None or spec.loader is None:
-        return importlib.import_module(name)       # the ImportError the caller would get
-    spec.loader = importlib.util.LazyLoader(spec.loader)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    """A stand-in for the module ``name`` that imports it on first attribute
+    access; the module itself when it is imported already."""
+    import sys
+
+    return sys.modules.get(name) or _Lazy(name)

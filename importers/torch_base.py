@@ -42,6 +42,7 @@ from fibgraph.engine import DEFAULT_RTOL
 from fibgraph.retune import RetuneResult
 from fibgraph.tune import EPS_MAX, TuneResult
 
+from .torch_blocking import RebuildBlocked, node_scope, same_nodes, sizes_itself
 from .torch_train import as_tensors, first_tensor, module_loss, retune  # noqa: F401  (part of this API)
 
 __all__ = ["compress_module", "ModuleCompression", "module_from_onnx", "module_loss", "n_params", "tune_module", "retune",
@@ -84,96 +85,6 @@ def _export(model, example):
     return export_named(model, example)[0]
 
 
-def _scope(node_name):
-    """``enc.norm1`` from a legacy export's node name ``/enc/norm1/Mul``
-    (:func:`fibgraph.importers.onnx.groups.join_scopes`: ``/enc/enc.0/Mul`` is
-    ``enc.0``)."""
-    from .onnx.groups import join_scopes
-
-    parts = [p for p in node_name.split("/") if p]
-    return join_scopes(parts[:-1]) if len(parts) > 1 else node_name
-
-
-_SHAPE_OPS = frozenset({"Shape", "Constant", "ConstantOfShape", "Gather", "Unsqueeze", "Squeeze", "Concat", "Slice",
-                        "Reshape", "Transpose", "Cast", "Identity", "Expand", "Range", "Size"})
-
-
-class RebuildBlocked(InputError):
-    """The base computes some modules with nodes of its own; ``paths`` names
-    them (torch module paths)."""
-
-    def __init__(self, message, paths):
-        super().__init__(message)
-        self.paths = paths
-
-
-def _blocking(original, base):
-    """``(extra op types, module paths)``: computing ops the base has beyond
-    the export's, and the torch modules where they sit (a layer the writer
-    replaced, e.g. a LayerNorm of merged units; else the nearest named node
-    before each new node)."""
-    from collections import Counter
-
-    def compute(m):
-        return Counter(n.op_type for n in m.graph.node if n.op_type not in _SHAPE_OPS)
-
-    extra = compute(base) - compute(original)
-    if not extra:
-        return [], []
-    nodes = list(base.graph.node)
-    kept = {n.name for n in nodes}
-    own = {m.name for m in original.graph.node}
-    gone = [n for n in original.graph.node if n.op_type not in _SHAPE_OPS and n.name not in kept and "/" in n.name]
-    paths = [_scope(n.name) for n in gone]          # a torch layer the writer replaced (LayerNormalization)
-    producer = {t: k for k, n in enumerate(nodes) for t in n.output}
-    readers = {}
-    for k, n in enumerate(nodes):
-        for t in n.input:
-            readers.setdefault(t, []).append(k)
-    covered = set()                                 # the nodes that stand for a replaced layer
-    for g in gone:
-        stack = [producer[t] for t in g.output if t in producer]
-        while stack:
-            k = stack.pop()
-            if k in covered or nodes[k].name in own:
-                continue
-            covered.add(k)
-            stack += [producer[t] for t in nodes[k].input if t in producer and t not in g.input]
-    for k, n in enumerate(nodes):
-        if n.op_type not in extra or n.name in own or k in covered:
-            continue
-        # a node of the writer's own (no scope): the module of the first original node it feeds
-        seen, stack, hit = set(), [k], None
-        while stack and hit is None:
-            j = stack.pop(0)
-            for t in nodes[j].output:
-                for r in readers.get(t, []):
-                    if nodes[r].name in own and "/" in nodes[r].name:
-                        hit = nodes[r].name
-                        break
-                    if r not in seen:
-                        seen.add(r)
-                        stack.append(r)
-        if hit:
-            paths.append(_scope(hit))
-    return sorted(extra), list(dict.fromkeys(paths))
-
-
-def _same_nodes(original, base):
-    """Refuse a base that computes with nodes the export does not have (e.g.
-    multiplicities of merged units read by a LayerNorm, attention heads of
-    shrunk dims), naming the torch modules where they sit
-    (:class:`RebuildBlocked`).  The writer may drop or rewrite shape
-    arithmetic (an LSTM's initial state): only computing ops count."""
-    extra, paths = _blocking(original, base)
-    if not extra:
-        return
-    where = ", ".join(repr(w) for w in paths[:4]) + (", ..." if len(paths) > 4 else "") if paths else "a node"
-    raise RebuildBlocked(f"module {where}: the base computes it with {', '.join(extra)} nodes of its own "
-                         f"(multiplicities of merged units read by a LayerNorm, attention with shrunk head dims): "
-                         f"no torch layer of that class computes them", paths)
-
-
 def _groups_at(mc, original, paths):
     """Tunable groups of ``mc`` whose merges a torch rebuild cannot hold, from
     the module paths that block it: groups with a weight of the module
@@ -187,7 +98,8 @@ def _groups_at(mc, original, paths):
         pre = f"{path}." if path else ""
         hit = {g.name for g in mc.groups if g.name in tun and any(w.startswith(pre) for w in g.weights)}
         if not hit:
-            tensors = {t for n in original.graph.node if _scope(n.name) == path or _scope(n.name).startswith(pre)
+            tensors = {t for n in original.graph.node
+                       if node_scope(n.name) == path or node_scope(n.name).startswith(pre)
                        for t in list(n.input) + list(n.output) if t in mc.imp.layouts}
             if tensors:
                 ids = np.unique(np.concatenate([np.asarray(mc.imp.layouts[t]).reshape(-1) for t in tensors]))
@@ -217,7 +129,7 @@ def module_from_onnx(base, template, original=None, example=None, check=True, da
     if original is None:
         original = _export(template, ex)
     src, _ = tensor_sources(original, template)
-    _same_nodes(original, base)
+    same_nodes(original, base, lambda path: sizes_itself(template, path))
     small = rebuild(template, base_tensors(base, src))
     if check:
         _check_same(small, base, ex, data)

@@ -12,7 +12,8 @@ of that export rebuilt as the module's own classes.
   ``_transformer_encoder_layer_fwd``, which has no ONNX export).
 - :func:`rebuild`: ``copy.deepcopy`` of the module whose layers are replaced
   by new ones of the base's shapes (``nn.Linear``, ``nn.Conv1d/2d/3d``,
-  ``nn.BatchNorm1d/2d/3d``, ``nn.LSTM``, ``nn.GRU``; every other layer must
+  ``nn.BatchNorm1d/2d/3d``, ``nn.LSTM``, ``nn.GRU``, transformers'
+  ``Conv1D`` (GPT-2's projections); every other layer must
   keep its shapes, e.g. ``nn.MultiheadAttention``, ``nn.LayerNorm``), the
   parameters read back from the base's tensors through the inverse of the
   export's packing (transposed ``MatMul`` copies; LSTM/GRU gates reordered
@@ -34,7 +35,7 @@ import numpy as np
 
 from fibgraph.errors import InputError
 
-__all__ = ["export_named", "rebuild", "base_tensors", "param_count", "tensor_sources"]
+__all__ = ["export_named", "rebuild", "base_tensors", "param_count", "tensor_sources", "is_hf_conv1d"]
 
 BASE_SUFFIX = re.compile(r"(__base\d+)+$")
 REBUILD_HINT = ("the base is kept as fibgraph.importers.onnx.to_torch.OnnxModule (an ONNX interpreter) "
@@ -379,6 +380,14 @@ def param_count(module, values):
     return n
 
 
+def is_hf_conv1d(mod):
+    """transformers' ``Conv1D`` (GPT-2's projections): a linear layer whose
+    weight is stored (in, out) and whose output width is the attribute ``nf``;
+    known by its class name and fields, so transformers is never imported."""
+    return type(mod).__name__ == "Conv1D" and hasattr(mod, "nf") and hasattr(mod, "weight") and \
+        getattr(mod, "weight").dim() == 2 and tuple(mod.weight.shape)[1] == mod.nf
+
+
 def _new_layer(mod, new, path):
     """A layer of ``mod``'s class with the shapes of ``new`` (name -> array),
     or ``mod`` when nothing changes shape; InputError naming ``path`` when the
@@ -391,6 +400,9 @@ def _new_layer(mod, new, path):
     if t is nn.Linear:
         W = new["weight"]
         return nn.Linear(W.shape[1], W.shape[0], bias=mod.bias is not None)
+    if is_hf_conv1d(mod):                  # transformers' Conv1D: weight (nx, nf), y = x @ W + b
+        W = new["weight"]
+        return t(W.shape[1], W.shape[0])         # Conv1D(nf, nx)
     if t in (nn.Conv1d, nn.Conv2d, nn.Conv3d) and mod.groups == 1:
         W = new["weight"]
         return t(W.shape[1], W.shape[0], mod.kernel_size, stride=mod.stride, padding=mod.padding,

@@ -345,7 +345,8 @@ def test_a_model_file_of_a_few_megabytes_reaches_onnxruntime_and_the_checker_lea
     want = run_onnx(m, x)[0]
     handed, checked = [], []
     real_sess, real_check = ort.InferenceSession, onnx.checker.check_model
-    monkeypatch.setattr(ort, "InferenceSession", lambda model, *a, **k: handed.append(model) or real_sess(model, *a, **k))
+    monkeypatch.setattr(ort, "InferenceSession",
+                        lambda model, *a, **k: handed.append(model) or real_sess(model, *a, **k))
     monkeypatch.setattr(onnx.checker, "check_model", lambda p, *a, **k: checked.append(p) or real_check(p, *a, **k))
     sess = external.session(path)
     np.testing.assert_allclose(sess.run(None, {"x": x})[0], want, rtol=1e-5, atol=1e-5)

@@ -18,7 +18,10 @@ from .axis import Axis, column_scales
 from .groups import nodes_along, op_axes, unit_axes
 from .registry import rule_for
 
-__all__ = ["Writer"]
+__all__ = ["Writer", "SHAPE_REWRITE"]
+
+#: the name (prefix) of the nodes that rewrite a shape vector for a base's new sizes
+SHAPE_REWRITE = "fib_shape"
 
 
 class Writer:
@@ -145,7 +148,7 @@ class Writer:
         old, t = node.input[slot], self.tmp(node.input[slot])
         node.input[slot] = t          # before the insert: the node is a reference into the list
         self.insert(k, [helper.make_node("Where", [self.const(mask, bool), self.const(val, np.int64), old],
-                                         [t], name=self.tmp("fib_shape"))])
+                                         [t], name=self.tmp(SHAPE_REWRITE))])
 
     def kept_along(self, tname, axis):
         """Kept positions along ``axis``.  Along the last unit axis (the one that
@@ -236,7 +239,7 @@ class Writer:
                             mask[i], val[i] = True, v
                         self.insert(k + 1, [helper.make_node(
                             "Where", [self.const(mask, bool), self.const(val, np.int64), t], [out],
-                            name=self.tmp("fib_shape"))])
+                            name=self.tmp(SHAPE_REWRITE))])
                         k += 1
             elif node.op_type == "Reshape" and node.output[0] in self.imp.layouts:
                 sh = self.shrunk(node.output[0])
