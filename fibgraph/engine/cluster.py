@@ -32,6 +32,7 @@ sp = lazy_module("scipy.sparse")     # imported on first use: fibgraph.lazy
 __all__ = ["threshold_clusters", "joint_rows", "algorithm1", "prepare_rows", "METRICS", "LINKAGES"]
 
 METRICS = ("cosine", "euclidean")
+LINKAGES = ("complete", "average")
 
 
 def pdist(X, metric):
@@ -52,7 +53,6 @@ def fcluster(link, t, criterion):
     """``scipy.cluster.hierarchy.fcluster``, imported on first use (see :func:`pdist`)."""
     from scipy.cluster.hierarchy import fcluster as _fcluster
     return _fcluster(link, t=t, criterion=criterion)
-LINKAGES = ("complete", "average")
 
 
 def prepare_rows(X, metric, overwrite=False):
