@@ -106,6 +106,12 @@ def compress_model(path, out, symmetry="fibration", eps=0.0, eps_file=None, link
     metric, act_graph = _activation(metric, data, dag)
     eps = check_options(eps, linkage, metric)
     table = _dag_eps_table(dag, eps_file)
+    reference = None
+    if verify and data is None:
+        from .dag_verify import reference_first, verify_reference
+
+        if reference_first(dag):         # the original's session now, before the colouring's modules and caches
+            reference = verify_reference(dag.model, dag, seed=seed)
     found = None
     if keep is not None:
         from .keep import check_keep, keep_search
@@ -125,7 +131,7 @@ def compress_model(path, out, symmetry="fibration", eps=0.0, eps_file=None, link
     post = _repair_hook(data, dag) if repair else None
     report = compress_dag_model(path, out, symmetry, eps, table, linkage, metric, rtol,
                                 verify=verify, data=data, seed=seed, imp=dag, rescale=rescale, post=post,
-                                graph=act_graph, external_data=external_data)
+                                graph=act_graph, external_data=external_data, reference=reference)
     if act_graph is not None:
         report["metric"] = "activation (euclidean on activation-weighted rows)"
     if found is not None:

@@ -284,19 +284,19 @@ def test_writing_a_lean_model_hands_each_tensors_pages_back(tmp_path, lean, monk
 def test_verify_batch_bounds_the_activations(monkeypatch):
     """64 made-up samples for a model whose activations are small; fewer (but
     at least 2) where one sample's activations are big against the budget."""
-    from fibgraph.importers import dag_api
+    from fibgraph.importers import dag_verify
     from fibgraph.importers.onnx.importer import import_dag
 
     _, m = _planted(6)
     imp = import_dag(m)
-    assert dag_api.verify_batch(imp) == 64
+    assert dag_verify.verify_batch(imp) == 64
     inits = {t.name for t in imp.model.graph.initializer}
     per_sample = 4 * sum(int(np.prod(s)) for k, s in imp.shapes.items() if k not in inits and s is not None)
-    monkeypatch.setattr(dag_api, "VERIFY_ACTIVATIONS", 5 * per_sample)
+    monkeypatch.setattr(dag_verify, "VERIFY_ACTIVATIONS", 5 * per_sample)
     imp.n_params = 0
-    assert dag_api.verify_batch(imp) == 5
-    monkeypatch.setattr(dag_api, "VERIFY_ACTIVATIONS", 1)
-    assert dag_api.verify_batch(imp) == 2
+    assert dag_verify.verify_batch(imp) == 5
+    monkeypatch.setattr(dag_verify, "VERIFY_ACTIVATIONS", 1)
+    assert dag_verify.verify_batch(imp) == 2
 
 
 def test_a_failed_run_leaves_the_earlier_output_and_its_data_as_they_were(tmp_path, capsys, lean, monkeypatch):
@@ -315,7 +315,7 @@ def test_a_failed_run_leaves_the_earlier_output_and_its_data_as_they_were(tmp_pa
     def fail(*a, **k):
         raise InputError("verification run failed: made to fail")
 
-    monkeypatch.setattr(dag_api, "verify_dag", fail)
+    monkeypatch.setattr(dag_api, "verify_against", fail)
     rc, _, err = cli(capsys, "compress", src, "-o", out, "--verify", "--external-data")
     assert rc == 2 and "made to fail" in err
     assert out.read_bytes() == b"earlier model" and data.read_bytes() == b"earlier data"
@@ -476,3 +476,36 @@ print(inside, mapped(2 << 20))
     if out.stdout.strip() == "skip":
         pytest.skip("not glibc >= 2.33")
     assert out.stdout.split() == ["True", "False"]
+
+
+@pytest.mark.parametrize("first", [True, False])
+def test_the_originals_outputs_are_drawn_before_the_colouring_when_small(tmp_path, monkeypatch, first):
+    """``compress --verify``: the original's session runs right after the import
+    when its outputs for verify are small (then neither scipy's clustering nor
+    the ``--keep`` search is resident while it holds the weights), else at the
+    end as before; the verification is the same either way."""
+    from fibgraph.importers import api, dag_api, dag_verify
+    from fibgraph.importers.tuning import DagCompressor
+
+    if not first:
+        monkeypatch.setattr(dag_verify, "REFERENCE_FIRST_BYTES", 0)
+    _, m = _planted(8)
+    src = save(m, tmp_path / "m.onnx")
+    events = []
+    real_reference, real_colouring = dag_verify.verify_reference, DagCompressor.colouring
+
+    def spy_reference(*a, **k):
+        events.append("reference")
+        return real_reference(*a, **k)
+
+    def spy_colouring(self, *a, **k):
+        events.append("colouring")
+        return real_colouring(self, *a, **k)
+
+    monkeypatch.setattr(DagCompressor, "colouring", spy_colouring)
+    monkeypatch.setattr(dag_verify, "verify_reference", spy_reference)
+    monkeypatch.setattr(dag_api, "verify_reference", spy_reference)
+    report = api.compress_model(src, tmp_path / "b.onnx", keep=0.5, verify=True)
+    assert events.count("reference") == 1 and "colouring" in events
+    assert (events.index("reference") < events.index("colouring")) == first
+    assert report["verify"]["max_abs_diff"] < 1e-4 and report["verify"]["draws"] == 3
