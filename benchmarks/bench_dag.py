@@ -340,7 +340,7 @@ def ort_noise(imp, repeats=3, seed=0):
     graph optimisations and with none, on the inputs ``verify_dag`` uses (a scale for max_abs_diff)."""
     import onnxruntime as ort
 
-    from fibgraph.importers.dag_api import _feeds_like
+    from fibgraph.importers.dag_verify import _feeds_like
 
     def sess(level):
         so = ort.SessionOptions()

@@ -268,7 +268,7 @@ def test_cli_verify_line_names_the_inputs(tmp_path, capsys):
 def test_user_probe_keeps_its_integer_inputs():
     """A probe the user gave keeps its integer values in verify's draws (a
     sample rate, say), and the report says they were given."""
-    from fibgraph.importers.dag_api import _feeds_like
+    from fibgraph.importers.dag_verify import _feeds_like
     from fibgraph.importers.onnx.importer import import_dag
 
     m = _gather_model(50)
