@@ -30,7 +30,7 @@ import tempfile
 from .errors import InputError
 
 __all__ = ["read_input", "check_regular", "check_paths", "path_items", "show", "atomic_path", "write_atomic",
-           "write_json_atomic", "check_output_path", "make_output_dir", "output_transaction"]
+           "write_json_atomic", "check_output_path", "make_output_dir", "output_transaction", "install"]
 
 
 def show(path) -> str:
@@ -318,18 +318,14 @@ def make_output_dir(path):
     return path
 
 
-def _install(tmp, path):
-    if _ACTIVE:
-        _ACTIVE[-1].install(tmp, path)
-    else:
-        os.replace(tmp, path)
-
-
 def install(tmp, path):
     """Move the finished file ``tmp`` to ``path`` as one of the command's
     outputs: inside :func:`output_transaction` the file it replaces is kept
     until the command succeeds and put back if it fails."""
-    _install(tmp, path)
+    if _ACTIVE:
+        _ACTIVE[-1].install(tmp, path)
+    else:
+        os.replace(tmp, path)
 
 
 @contextlib.contextmanager
@@ -348,7 +344,7 @@ def atomic_path(path, suffix=".tmp"):
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
-        _install(tmp, path)
+        install(tmp, path)
     except OSError as e:
         raise InputError(f"{show(path)}: cannot write ({e.strerror or e})") from None
     finally:

@@ -107,10 +107,10 @@ def compress_model(path, out, symmetry="fibration", eps=0.0, eps_file=None, link
     eps = check_options(eps, linkage, metric)
     table = _dag_eps_table(dag, eps_file)
     reference = None
-    if verify and data is None:
+    if verify:
         from .dag_verify import reference_first, verify_reference
 
-        if reference_first(dag):         # the original's session now, before the colouring's modules and caches
+        if reference_first(dag, data):   # the original's session now, before the colouring's modules and caches
             reference = verify_reference(dag.model, dag, seed=seed)
     found = None
     if keep is not None:

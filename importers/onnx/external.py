@@ -30,7 +30,7 @@ from fibgraph.errors import InputError
 from fibgraph.heap import trim
 
 __all__ = ["LEAN_BYTES", "EXTERNAL_DATA_BYTES", "EXTERNAL_MIN_BYTES", "ALIGN", "open_lean", "absolutize",
-           "tensor_array", "is_lean", "external_files", "session", "release", "relieve", "save_model", "data_bytes",
+           "tensor_array", "is_lean", "external_files", "session", "release", "relieve", "drop_pages", "save_model", "data_bytes",
            "check"]
 
 #: models with at least this many bytes of weights are opened lean
@@ -281,10 +281,23 @@ def release():
     """Hand the resident pages of every mapped weight file back (they are read again when touched)."""
     for mm in _MAPS.values():
         if not mm.closed:
-            try:
-                mm.madvise(mmap.MADV_DONTNEED)
-            except (AttributeError, OSError, ValueError):
-                pass
+            drop_pages(mm)
+
+
+def drop_pages(mm, start=0, length=None):
+    """Hand back the resident pages of the read-only map ``mm`` (``MADV_DONTNEED``;
+    they are read again from the file when touched): all of them, or the whole
+    pages inside ``[start, start + length)``.  Where ``madvise`` is missing, nothing."""
+    try:
+        if length is None:
+            mm.madvise(mmap.MADV_DONTNEED)
+            return
+        lo = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+        hi = (start + length) // mmap.PAGESIZE * mmap.PAGESIZE
+        if hi > lo:
+            mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+    except (AttributeError, OSError, ValueError):
+        pass
 
 
 def relieve():
@@ -293,8 +306,6 @@ def relieve():
     and freed temporaries are not carried into the next."""
     release()
     trim()
-
-
 
 
 def check(path):
@@ -474,18 +485,7 @@ def _write(fo, raw, t):
     for a in range(0, len(raw), _WRITE_CHUNK):
         b = min(a + _WRITE_CHUNK, len(raw))
         fo.write(raw[a:b])
-        _drop(mm, offset + a, b - a)
+        drop_pages(mm, offset + a, b - a)
 
 
 _WRITE_CHUNK = 16 << 20
-
-
-def _drop(mm, start, length):
-    """MADV_DONTNEED on the whole pages inside ``[start, start + length)`` of ``mm``."""
-    lo = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
-    hi = (start + length) // mmap.PAGESIZE * mmap.PAGESIZE
-    if hi > lo:
-        try:
-            mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
-        except (AttributeError, OSError, ValueError):
-            pass

@@ -242,15 +242,12 @@ def _holds(mm, key, step=64 << 20):
     """Whether the map ``mm`` holds ``key``, scanned ``step`` bytes at a time,
     each span's pages handed back once searched (a model of several GB is
     never resident as a whole)."""
-    import mmap
+    from .external import drop_pages
 
     n = len(mm)
     for a in range(0, n, step):
         hit = mm.find(key, a, min(n, a + step + len(key) - 1)) >= 0
-        try:
-            mm.madvise(mmap.MADV_DONTNEED, a, min(step, n - a))
-        except (AttributeError, OSError, ValueError):
-            pass
+        drop_pages(mm, a, min(step, n - a))
         if hit:
             return True
     return False

@@ -270,8 +270,8 @@ def test_writing_a_lean_model_hands_each_tensors_pages_back(tmp_path, lean, monk
     lm = load_onnx(str(src))
     assert external.is_lean(lm)
     dropped = []
-    real = external._drop
-    monkeypatch.setattr(external, "_drop", lambda mm, a, n: (dropped.append(n), real(mm, a, n)))
+    real = external.drop_pages
+    monkeypatch.setattr(external, "drop_pages", lambda mm, a, n: (dropped.append(n), real(mm, a, n)))
     monkeypatch.setattr(external, "_WRITE_CHUNK", 256)
     external.save_model(lm, tmp_path / "o.onnx", external=ext)
     big = [t for t in lm.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
@@ -436,7 +436,7 @@ def test_kernel_weights_are_merged_in_chunks_as_the_formula_says(monkeypatch):
     W = rng.normal(size=(6, 5, 3, 2)).astype(np.float32)
     Rm = sp.csr_matrix(np.array([[.5, .5, 0, 0, 0, 0], [0, 0, 1, 0, 0, 0], [0, 0, 0, 1 / 3, 1 / 3, 1 / 3]]))
     C = sp.csr_matrix(np.array([[1, 0, 1, 0, 0], [0, 1, 0, 1, 1]], float))
-    got = linear._two_sided_kernel(Rm, W, C)
+    got = linear._two_sided(Rm, W, C)
     want = np.einsum("ro,oikl,ci->rckl", Rm.toarray(), W.astype(np.float64), C.toarray())
     assert got.shape == (3, 2, 3, 2)
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)

@@ -29,37 +29,25 @@ _CHUNK = 1 << 21     # float64 entries of one chunk of a weight (16 MB)
 
 
 def _two_sided(Rm, W, C):
-    """``Rm @ W @ C.T`` in float64 for a 2-D weight ``W`` (any float dtype,
-    maybe a view of the mapped file), one chunk of ``W``'s columns (then of
-    the product's rows) at a time: no float64 copy of the whole weight."""
-    n_out, n_in = W.shape
-    Y = np.empty((Rm.shape[0], n_in))
-    step = max(1, _CHUNK // max(n_out, 1))
-    for j in range(0, n_in, step):
-        Y[:, j:j + step] = Rm @ np.asarray(W[:, j:j + step], dtype=np.float64)
-    out = np.empty((Rm.shape[0], C.shape[0]))
-    step = max(1, _CHUNK // max(n_in, 1))
-    for r in range(0, Y.shape[0], step):
-        out[r:r + step] = (C @ np.ascontiguousarray(Y[r:r + step].T)).T
-    return out
-
-
-def _two_sided_kernel(Rm, W, C):
-    """The same for a kernel ``W`` (n_out, n_in, *kernel): rows through ``Rm``
-    one chunk of the flattened columns at a time, then ``C`` once per kernel
-    position; the float64 work is a fraction of the weight, never copies of
-    all of it (a 512 x 512 x 3 x 3 kernel took five float64 copies at once)."""
+    """``Rm @ W @ C.T`` along the first two axes of ``W``, a 2-D weight
+    (n_out, n_in) or a kernel (n_out, n_in, *kernel) of any float dtype
+    (maybe a view of the mapped file), in float64: rows through ``Rm`` one
+    chunk of the (flattened) columns at a time, then ``C`` one kernel position
+    and one chunk of rows at a time.  No float64 copy of the whole weight (a
+    512 x 512 x 3 x 3 kernel took five at once)."""
     n_out, n_in = W.shape[:2]
     k = int(np.prod(W.shape[2:]))
-    W2 = W.reshape(n_out, n_in * k)              # a view of a contiguous (mapped) kernel
+    W2 = W if W.ndim == 2 else W.reshape(n_out, n_in * k)     # a view of a contiguous (mapped) kernel
     Y = np.empty((Rm.shape[0], n_in * k))
     step = max(1, _CHUNK // max(n_out, 1))
     for j in range(0, n_in * k, step):
         Y[:, j:j + step] = Rm @ np.asarray(W2[:, j:j + step], dtype=np.float64)
     Y3 = Y.reshape(Rm.shape[0], n_in, k)
     out = np.empty((Rm.shape[0], C.shape[0], k))
+    step = max(1, _CHUNK // max(n_in, 1))
     for p in range(k):
-        out[:, :, p] = (C @ np.ascontiguousarray(Y3[:, :, p].T)).T
+        for r in range(0, Y.shape[0], step):
+            out[r:r + step, :, p] = (C @ np.ascontiguousarray(Y3[r:r + step, :, p].T)).T
     return out.reshape(Rm.shape[0], C.shape[0], *W.shape[2:])
 
 
@@ -83,7 +71,7 @@ def linear(w, rec):
     C = ax_in.sum_matrix(scaled=True)
 
     def rows_cols(M):          # M (n_out, n_in, ...) -> compressed
-        return _two_sided(Rm, M, C) if M.ndim == 2 else _two_sided_kernel(Rm, M, C)
+        return _two_sided(Rm, M, C)
 
     group = int(a.get("group", 1))
     if op == "Conv" and group > 1:
