@@ -1,5 +1,6 @@
 """Peak memory and wall time of ``fibgraph compress M -o B --eps 0 --verify``
-(or ``--keep F --verify`` with ``--keep F``)
+(or ``--keep F --verify`` with ``--keep F``; without ``--verify`` with
+``--no-verify``: the written base is then only checked and loaded)
 against the model's size: one fresh process per model, measured with
 ``/usr/bin/time -v`` (its "Maximum resident set size"), so the numbers are
 what a user sees.
@@ -43,13 +44,14 @@ def model_size(path):
     return os.path.getsize(path) + sum(os.path.getsize(f) for f in files), params
 
 
-def measure(path, extra=(), timeout=1800, pythonpath=ROOT, keep=None):
+def measure(path, extra=(), timeout=1800, pythonpath=ROOT, keep=None, verify=True):
     """Run the CLI under /usr/bin/time -v; (seconds, peak RSS bytes, exit code, report)."""
     with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(path))) as d:
         out, rep = os.path.join(d, "base.onnx"), os.path.join(d, "report.json")
         env = dict(os.environ, PYTHONPATH=pythonpath)
         cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "fibgraph", "compress", path, "-o", out,
-               *(["--eps", "0"] if keep is None else ["--keep", str(keep)]), "--verify", "--report", rep, *extra]
+               *(["--eps", "0"] if keep is None else ["--keep", str(keep)]), *(["--verify"] if verify else []),
+               "--report", rep, *extra]
         t = time.perf_counter()
         p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=pythonpath)  # -m: cwd first
         wall = time.perf_counter() - t
@@ -68,6 +70,7 @@ def main():
     ap.add_argument("--md", default=None)
     ap.add_argument("--extra", nargs="*", default=[])
     ap.add_argument("--keep", type=float, default=None, help="compress --keep F instead of --eps 0")
+    ap.add_argument("--no-verify", dest="verify", action="store_false", help="compress without --verify")
     ap.add_argument("--pythonpath", default=ROOT, help="the fibgraph checkout to measure")
     ap.add_argument("--plot", default=None, help="time and RSS vs parameters (.png, and .svg beside it)")
     a = ap.parse_args()
@@ -78,8 +81,10 @@ def main():
         path = os.path.abspath(path)
         name = name or os.path.basename(path)
         size, params = model_size(path)
-        wall, rss, rc, rep = measure(path, a.extra, pythonpath=a.pythonpath, keep=a.keep)
-        row = {"model": name, "setting": "eps 0" if a.keep is None else f"keep {a.keep:g}", "path": path, "file_mb": size / 2**20, "params": params, "seconds": wall,
+        wall, rss, rc, rep = measure(path, a.extra, pythonpath=a.pythonpath, keep=a.keep, verify=a.verify)
+        setting = ("eps 0" if a.keep is None else f"keep {a.keep:g}") + ("" if a.verify else ", no verify")
+        row = {"model": name, "setting": setting, "path": path, "file_mb": size / 2**20, "params": params,
+               "seconds": wall,
                "peak_rss_mb": (rss or 0) / 2**20, "ratio": (rss or 0) / size, "exit": rc,
                "max_abs_diff": (rep or {}).get("verify", {}).get("max_abs_diff"),
                "params_after": (rep or {}).get("params_after"), "code": code}

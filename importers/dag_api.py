@@ -208,7 +208,7 @@ def _barriers(imp, total):
 
 
 def color_dag_model(path, symmetry="fibration", eps=0.0, eps_table=None, linkage="complete", metric="cosine",
-                    rtol=DEFAULT_RTOL, imp=None, feeds=None, rescale=True, graph=None):
+                    rtol=DEFAULT_RTOL, imp=None, feeds=None, rescale=True, graph=None, spill=None):
     from .criteria import COMPRESS_SYMMETRIES
     from .onnx.runtime import count_params
 
@@ -219,7 +219,7 @@ def color_dag_model(path, symmetry="fibration", eps=0.0, eps_table=None, linkage
     total = count_params(imp.model)
     report = {"model": os.fspath(path), "symmetry": symmetry, "graph": "hypergraph", "params_before": total}
     if symmetry in COMPRESS_SYMMETRIES:
-        m2, gid, kept, why = col.base = write_dag_base(imp, col.labels, scales=col.scales)
+        m2, gid, kept, why = col.base = write_dag_base(imp, col.labels, scales=col.scales, spill=spill)
         report["params_after"] = count_params(m2)
         report["layers"] = _layers(imp, col, gid, kept, why)
     else:
@@ -252,50 +252,71 @@ def compress_dag_model(path, out, symmetry="fibration", eps=0.0, eps_table=None,
     from .onnx.runtime import check_loads
 
     t0 = time.perf_counter()
-    report, imp, col = color_dag_model(path, symmetry, eps, eps_table, linkage, metric, rtol, imp=imp,
-                                       rescale=rescale, graph=graph)
-    m2 = col.base[0]                         # written once, by color_dag_model
-    if post is not None:
-        m2, report["repair"] = post(m2, col, imp)
-    col.base = (None,) + tuple(col.base[1:])
-    data_name = os.path.basename(os.fspath(out)) + ".data"
-    data_path = os.path.join(os.path.dirname(os.path.abspath(out)), data_name)
-    if os.path.realpath(data_path) in {os.path.realpath(f) for f in external.external_files(imp.model)}:
-        raise InputError(f"{out}: its data file {data_name} would overwrite the input's external data")
-    report["output"] = os.fspath(out)
-    with atomic_path(out, suffix=".onnx") as tmp:
-        # the data goes to a temporary name and is installed as an output of its own (an earlier
-        # OUT.data is kept until the command succeeds, and put back if anything after fails)
-        tmp_data = tmp[:-len(".onnx")] + ".data"
-        try:
-            written = external.save_model(m2, tmp, external=external_data, data_name=data_name, data_file=tmp_data)
-            if written:
-                install(tmp_data, data_path)
-                written = data_path
-        finally:
-            if os.path.lexists(tmp_data):
-                os.unlink(tmp_data)
-        big = heavy(m2) or heavy(path)
-        del m2
-        if big:                                    # a full collection costs time in a big process: only for big models
-            gc.collect()
-        external.release()                         # the original's weights: not needed in memory until verify
-        try:
+    imp = imp or import_dag(path)
+    spill = _spill_beside(out) if external.is_lean(imp.model) else None
+    try:
+        report, imp, col = color_dag_model(path, symmetry, eps, eps_table, linkage, metric, rtol, imp=imp,
+                                               rescale=rescale, graph=graph, spill=spill)
+        m2 = col.base[0]                         # written once, by color_dag_model
+        if post is not None:
+            m2, report["repair"] = post(m2, col, imp)
+        col.base = (None,) + tuple(col.base[1:])
+        data_name = os.path.basename(os.fspath(out)) + ".data"
+        data_path = os.path.join(os.path.dirname(os.path.abspath(out)), data_name)
+        if os.path.realpath(data_path) in {os.path.realpath(f) for f in external.external_files(imp.model)}:
+            raise InputError(f"{out}: its data file {data_name} would overwrite the input's external data")
+        report["output"] = os.fspath(out)
+        with atomic_path(out, suffix=".onnx") as tmp:
+            # the data goes to a temporary name and is installed as an output of its own (an earlier
+            # OUT.data is kept until the command succeeds, and put back if anything after fails)
+            tmp_data = tmp[:-len(".onnx")] + ".data"
             try:
-                external.check(tmp)                # a path: external data and > 2 GB alike
-            except Exception as e:                 # a writer bug, never the user's input
-                raise RuntimeError(f"the written base model does not pass the ONNX checker: {e}") from None
-            if not (verify or data is not None):
-                check_loads(tmp)                   # verify opens it anyway (verify_dag)
-            t1 = time.perf_counter()
-            if verify or data is not None:
-                ref = reference if reference is not None else verify_reference(imp.model, imp, data=data, seed=seed)
-                report["verify"] = verify_against(tmp, ref)
-        except BaseException:
-            if written:
-                os.unlink(written)
-            raise
-    if written:
-        report["external_data"] = data_name
-    report["seconds"]["compress_write"] = round(time.perf_counter() - t1 + (t1 - t0) - report["seconds"]["colour"], 4)
-    return report
+                written = external.save_model(m2, tmp, external=external_data, data_name=data_name, data_file=tmp_data)
+                if written:
+                    install(tmp_data, data_path)
+                    written = data_path
+            finally:
+                if os.path.lexists(tmp_data):
+                    os.unlink(tmp_data)
+                if spill is not None:      # the base's new weights are in its own file now
+                    spill.close()
+            big = heavy(m2) or heavy(path)
+            del m2
+            if big:                    # a full collection costs time in a big process: only for big models
+                gc.collect()
+            external.release()                         # the original's weights: not needed in memory until verify
+            try:
+                try:
+                    external.check(tmp)                # a path: external data and > 2 GB alike
+                except Exception as e:                 # a writer bug, never the user's input
+                    raise RuntimeError(f"the written base model does not pass the ONNX checker: {e}") from None
+                if not (verify or data is not None):
+                    check_loads(tmp)                   # verify opens it anyway (verify_dag)
+                t1 = time.perf_counter()
+                if verify or data is not None:
+                    ref = reference if reference is not None else verify_reference(imp.model, imp, data=data, seed=seed)
+                    report["verify"] = verify_against(tmp, ref)
+            except BaseException:
+                if written:
+                    os.unlink(written)
+                raise
+        if written:
+            report["external_data"] = data_name
+        report["seconds"]["compress_write"] = round(time.perf_counter() - t1 + (t1 - t0)
+                                                    - report["seconds"]["colour"], 4)
+        return report
+    finally:
+        if spill is not None:
+            spill.close()
+
+
+def _spill_beside(out):
+    """A :class:`fibgraph.importers.onnx.spill.Spill` in ``out``'s folder for
+    a big model's base, or None where none can be made there (the base's new
+    weights are then held in memory)."""
+    from .onnx.spill import Spill
+
+    try:
+        return Spill(os.path.dirname(os.path.abspath(out)) or ".")
+    except OSError:
+        return None

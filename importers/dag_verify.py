@@ -112,17 +112,6 @@ VERIFY_ACTIVATIONS = 16 << 20
 REFERENCE_FIRST_BYTES = 64 << 20
 
 
-def _options():
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 4            # errors come back as exceptions
-    so.enable_cpu_mem_arena = False      # intermediates freed as they die, not pooled at their peak
-    so.add_session_config_entry("session.disable_prepacking", "1")   # no packed second copy of the weights
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC   # no re-laid-out (NCHWc) copies
-    return so
-
-
 @dataclass
 class Reference:
     """The original's outputs on verify's inputs: ``fed`` (drawn, feeds) per
@@ -144,6 +133,7 @@ def verify_reference(a, imp, data=None, seed=0, repeats=3, batch="auto"):
     from fibgraph.heap import session_heap, trim
 
     from .onnx.external import relieve, session
+    from .onnx.runtime import lean_options
     from .onnx.feeds import input_specs, short_error
 
     runs = 1 if data is not None else repeats
@@ -151,7 +141,7 @@ def verify_reference(a, imp, data=None, seed=0, repeats=3, batch="auto"):
         batch = verify_batch(imp)
     with task("verifying: the original on made-up inputs", total=runs) as advance, session_heap():
         relieve()                              # mapped pages and freed heap back first
-        sa = session(a, _options())
+        sa = session(a, lean_options())
         names = [i.name for i in sa.get_inputs()]
         specs = input_specs(imp.model)
 
@@ -209,13 +199,14 @@ def verify_against(b, ref):
     from fibgraph.heap import session_heap
 
     from .onnx.external import relieve, session
+    from .onnx.runtime import lean_options
     from .onnx.feeds import describe, short_error
 
     runs = len(ref.fed)
     with task("verifying: the base on the same inputs", total=runs) as advance, session_heap():
         relieve()
         try:
-            sb = session(b, _options())
+            sb = session(b, lean_options())
         except Exception as e:                 # a writer bug, never the user's input
             raise RuntimeError("the written base model does not load in onnxruntime "
                                f"({short_error(e)}); nothing was written") from None

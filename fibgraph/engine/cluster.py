@@ -24,6 +24,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..lazy import lazy_module
+from ..pages import drop_mapped
 from ..partition import canonical
 from .signatures import F32_ROWS_MIN, col_chunks
 
@@ -98,6 +99,7 @@ def row_norms(X):
     sq = np.zeros(X.shape[0])
     for k0, k1 in col_chunks(X.shape[0], X.shape[1], _F64_CHUNK):
         c = np.asarray(X[:, k0:k1], dtype=np.float64)
+        drop_mapped(X[:, k0:k1])          # a mapped weight's pages go back chunk by chunk
         sq += np.einsum("ij,ij->i", c, c)
     return np.sqrt(sq)
 
@@ -109,6 +111,7 @@ def _gram(Z, s, e):
     G = np.zeros((e - s, Z.shape[0] - s))
     for k0, k1 in col_chunks(Z.shape[0] - s, Z.shape[1], _F64_CHUNK):
         c = np.asarray(Z[s:, k0:k1], dtype=np.float64)
+        drop_mapped(Z[s:, k0:k1])
         G += c[:e - s] @ c.T
     return G
 
@@ -234,13 +237,15 @@ def _digest(Z, scale=None):
     """A digest of the rows of ``Z`` (and ``scale``) read in place: a transposed
     view is hashed through its transpose, anything else a few rows at a time."""
     h = hashlib.sha1(f"{Z.shape}{Z.dtype.str}".encode())
-    if Z.flags.c_contiguous:
-        h.update(Z.data)
-    elif Z.flags.f_contiguous:
+    if Z.flags.f_contiguous and not Z.flags.c_contiguous:
         h.update(b"F")
-        h.update(Z.T.data)
+        Z = Z.T
+    if Z.flags.c_contiguous:             # row blocks of about 1M entries, read in place
+        for k0, k1 in col_chunks(Z.shape[1], Z.shape[0], 1 << 20):
+            h.update(Z[k0:k1].data)
+            drop_mapped(Z[k0:k1])         # a mapped weight's pages go back block by block
     else:
-        for k0, k1 in col_chunks(Z.shape[1], Z.shape[0], 1 << 20):    # row blocks of about 1M entries
+        for k0, k1 in col_chunks(Z.shape[1], Z.shape[0], 1 << 20):
             h.update(np.ascontiguousarray(Z[k0:k1]).data)
     if scale is not None:
         h.update(np.ascontiguousarray(scale, dtype=np.float64).data)

@@ -90,11 +90,14 @@ def _parts(graph: WeightedDigraph, nodes_mask, direction, colours, scales):
                 yield {"targets": targets, "A": A, "keys": keys, "exact": b.exact}
                 continue
             # columns sorted by colour, then one segmented sum (float64), in
-            # row chunks so that no float64 copy of the whole block is made
+            # row chunks so that no float64 copy of the whole block is made;
+            # a big float32 weight's sums are stored float32 (as its unmerged
+            # rows are: half the memory, rounding far below any tolerance)
             order = np.argsort(inv, kind="stable")
             starts = np.flatnonzero(np.r_[True, inv[order][1:] != inv[order][:-1]])
             so = None if np.all(s == 1) else s[order][None, :, None]
-            A = np.empty((n_t, uc.size, D), dtype=np.float64)
+            big32 = W.dtype == np.float32 and n_t * uc.size * D >= F32_ROWS_MIN
+            A = np.empty((n_t, uc.size, D), dtype=np.float32 if big32 else np.float64)
             step = max(1, _CHUNK // max(n_o * D, 1))
             for r0 in range(0, n_t, step):
                 Wo = np.take(W[r0:r0 + step], order, axis=1).astype(np.float64, copy=False)
@@ -367,8 +370,8 @@ def signature_matrix(graph, nodes, directions, colours, scales):
 
 
 #: signature rows of at least this many entries built from float32 weights
-#: are kept in float32 (32 MB of float64 and more)
-F32_ROWS_MIN = 1 << 22
+#: are kept in float32 (8 MB of float64 and more), merged column sums too
+F32_ROWS_MIN = 1 << 20
 
 
 def dense_rows(X, members):

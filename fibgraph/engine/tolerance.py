@@ -60,6 +60,7 @@ import numpy as np
 from ..hashing import mix
 from ..partition import canonical
 from ..graph import AND_KINDS
+from ..pages import mapped_in
 from .cluster import joint_rows, row_norms, threshold_clusters
 from .signatures import dense_rows, signature_matrix
 from ..lazy import lazy_module
@@ -107,6 +108,8 @@ def split_tolerance(graph, nodes, directions, colours, scales, crit, info_key, i
     X, _ = signature_matrix(graph, nodes, directions, colours, scales)
     if X.shape[1] == 0:  # no edges into these nodes: nothing to compare
         return canonical(colours[nodes]), np.ones(nodes.size)
+    if graph.relieve is not None and mapped_in(X) is None:
+        graph.relieve()      # the rows are a copy: the weight pages read to make them go back before clustering
     cols = tied_columns(graph, nodes, tie) if tie is not None else None
     if cols is not None:
         return _split_tied(graph, nodes, X, colours, crit, info_key, info, cols)

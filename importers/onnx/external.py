@@ -28,9 +28,10 @@ from onnx import numpy_helper
 
 from fibgraph.errors import InputError
 from fibgraph.heap import trim
+from fibgraph.pages import drop_pages
 
 __all__ = ["LEAN_BYTES", "EXTERNAL_DATA_BYTES", "EXTERNAL_MIN_BYTES", "ALIGN", "open_lean", "absolutize",
-           "tensor_array", "is_lean", "external_files", "session", "release", "relieve", "drop_pages", "save_model", "data_bytes",
+           "tensor_array", "is_lean", "external_files", "session", "release", "forget", "relieve", "drop_pages", "save_model", "data_bytes",
            "check"]
 
 #: models with at least this many bytes of weights are opened lean
@@ -284,20 +285,16 @@ def release():
             drop_pages(mm)
 
 
-def drop_pages(mm, start=0, length=None):
-    """Hand back the resident pages of the read-only map ``mm`` (``MADV_DONTNEED``;
-    they are read again from the file when touched): all of them, or the whole
-    pages inside ``[start, start + length)``.  Where ``madvise`` is missing, nothing."""
-    try:
-        if length is None:
-            mm.madvise(mmap.MADV_DONTNEED)
-            return
-        lo = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
-        hi = (start + length) // mmap.PAGESIZE * mmap.PAGESIZE
-        if hi > lo:
-            mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
-    except (AttributeError, OSError, ValueError):
-        pass
+def forget(path):
+    """Close and forget every map of ``path`` (a file about to be removed); a
+    map a live view still reads stays open until that view goes."""
+    path = os.path.abspath(path)
+    for key in [k for k in _MAPS if k[0] == path]:
+        mm = _MAPS.pop(key)
+        try:
+            mm.close()
+        except BufferError:
+            pass
 
 
 def relieve():

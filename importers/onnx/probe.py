@@ -11,6 +11,7 @@ from fibgraph.heap import session_heap
 from . import external
 from .feeds import describe, input_specs, make_feeds, short_error
 from .limits import check_model
+from .runtime import lean_options
 
 __all__ = ["probe_model", "sample_feeds"]
 
@@ -28,8 +29,6 @@ def sample_feeds(model, seed=0, sizes=None, specs=None):
 def probe_model(model, feeds=None):
     """Run ``model`` once with every intermediate tensor exposed; returns
     ``(feeds, values)`` with the value of every tensor (initializers included)."""
-    import onnxruntime as ort
-
     check_model(model)                     # no run before the sizes it implies are checked
     m = onnx.ModelProto()
     m.CopyFrom(model)
@@ -39,11 +38,7 @@ def probe_model(model, feeds=None):
             if o and o not in have:
                 m.graph.output.append(onnx.ValueInfoProto(name=o))
                 have.add(o)
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.log_severity_level = 4          # a size that does not fit is tried quietly
-    so.enable_cpu_mem_arena = False    # one run: intermediates freed as they die, not pooled
-    so.add_session_config_entry("session.disable_prepacking", "1")   # no packed second copy of the weights
+    so = lean_options()                  # every node's value as written; a size that does not fit fails quietly
     with session_heap():          # the run's activations go back as they are freed
         try:
             sess = external.session(m, so)          # a big model's weights read in place, not serialised

@@ -424,9 +424,12 @@ def test_unit_ids_move_as_the_reference_evaluator_moves_them(op, attrs, shape, e
     assert got.dtype == np.int64 and np.array_equal(got, want)
 
 
-def test_kernel_weights_are_merged_in_chunks_as_the_formula_says(monkeypatch):
+@pytest.mark.parametrize("rows_shrink_more", [False, True])
+def test_kernel_weights_are_merged_in_chunks_as_the_formula_says(monkeypatch, rows_shrink_more):
     """``W_hat[r, q] = mean_{i in G(r)} sum_{k in G(q)} W[i, k]`` for a 4-D kernel,
-    computed a chunk of columns and a kernel position at a time."""
+    computed a chunk of columns and a kernel position at a time, whichever
+    side goes first (the one that shrinks the weight more), and stored as
+    float32 exactly as the float64 result rounded."""
     import scipy.sparse as sp
 
     from fibgraph.importers.onnx.write import linear
@@ -434,12 +437,19 @@ def test_kernel_weights_are_merged_in_chunks_as_the_formula_says(monkeypatch):
     monkeypatch.setattr(linear, "_CHUNK", 7)          # many chunks
     rng = np.random.default_rng(2)
     W = rng.normal(size=(6, 5, 3, 2)).astype(np.float32)
-    Rm = sp.csr_matrix(np.array([[.5, .5, 0, 0, 0, 0], [0, 0, 1, 0, 0, 0], [0, 0, 0, 1 / 3, 1 / 3, 1 / 3]]))
-    C = sp.csr_matrix(np.array([[1, 0, 1, 0, 0], [0, 1, 0, 1, 1]], float))
+    if rows_shrink_more:                              # 2 x 5 after the rows < 6 x 4 after the columns
+        Rm = sp.csr_matrix(np.array([[.5, .5, 0, 0, 0, 0], [0, 0, .25, .25, .25, .25]]))
+        C = sp.csr_matrix(np.array([[1, 0, 0, 0, 0], [0, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 0, 1, 1]], float))
+    else:                                             # 3 x 5 after the rows > 6 x 2 after the columns
+        Rm = sp.csr_matrix(np.array([[.5, .5, 0, 0, 0, 0], [0, 0, 1, 0, 0, 0], [0, 0, 0, 1 / 3, 1 / 3, 1 / 3]]))
+        C = sp.csr_matrix(np.array([[1, 0, 1, 0, 0], [0, 1, 0, 1, 1]], float))
     got = linear._two_sided(Rm, W, C)
     want = np.einsum("ro,oikl,ci->rckl", Rm.toarray(), W.astype(np.float64), C.toarray())
-    assert got.shape == (3, 2, 3, 2)
+    assert got.shape == (Rm.shape[0], C.shape[0], 3, 2) and got.dtype == np.float64
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    low = linear._two_sided(Rm, W, C, np.float32)
+    assert low.dtype == np.float32
+    np.testing.assert_array_equal(low, got.astype(np.float32))
 
 
 def test_onnxruntime_runs_map_their_big_blocks():

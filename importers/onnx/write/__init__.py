@@ -49,7 +49,7 @@ from .writer import Writer
 __all__ = ["RULES", "Writer", "dag_groups", "group_columns", "write_dag_base"]
 
 
-def write_dag_base(imp, labels, mode="merge", keep_pref=None, groups=None, scales=None, dry=False):
+def write_dag_base(imp, labels, mode="merge", keep_pref=None, groups=None, scales=None, dry=False, spill=None):
     """The compressed ONNX model of ``imp`` under the colouring ``labels``;
     returns ``(model, gid, kept, why)``.
 
@@ -62,12 +62,14 @@ def write_dag_base(imp, labels, mode="merge", keep_pref=None, groups=None, scale
     ``groups``: ``dag_groups(imp, labels, keep_pref)`` when the caller has it.
     ``scales``: per node, the rescaling merge's scales (``Refinement.scales``;
     None: all 1).  ``dry``: the new weights are written as shapes only (for a
-    parameter count: the model cannot run)."""
+    parameter count: the model cannot run).  ``spill``: a
+    :class:`fibgraph.importers.onnx.spill.Spill` the new weights go to (the
+    model is then lean and reads them from its file while the spill is open)."""
     if mode not in ("merge", "prune"):
         raise ValueError(f"mode must be 'merge' or 'prune', got {mode!r}")
     records = imp.records
     gid, kept, why = groups if groups is not None else dag_groups(imp, labels, keep_pref)
-    w = Writer(imp, gid, kept, prune=mode == "prune", scales=scales, labels=labels, dry=dry)
+    w = Writer(imp, gid, kept, prune=mode == "prune", scales=scales, labels=labels, dry=dry, spill=spill)
     with task("writing the base", total=len(records) + 1) as advance:
         for rec in records:
             w.write(rec)

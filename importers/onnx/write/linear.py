@@ -28,27 +28,41 @@ sp = lazy_module("scipy.sparse")     # imported on first use: fibgraph.lazy
 _CHUNK = 1 << 21     # float64 entries of one chunk of a weight (16 MB)
 
 
-def _two_sided(Rm, W, C):
+def _two_sided(Rm, W, C, dtype=np.float64):
     """``Rm @ W @ C.T`` along the first two axes of ``W``, a 2-D weight
     (n_out, n_in) or a kernel (n_out, n_in, *kernel) of any float dtype
-    (maybe a view of the mapped file), in float64: rows through ``Rm`` one
-    chunk of the (flattened) columns at a time, then ``C`` one kernel position
-    and one chunk of rows at a time.  No float64 copy of the whole weight (a
-    512 x 512 x 3 x 3 kernel took five at once)."""
+    (maybe a view of the mapped file), computed in float64 and stored as
+    ``dtype``.  The side that shrinks ``W`` more goes first, so the one
+    float64 intermediate is the smaller of ``Rm @ W`` and ``W @ C.T``: rows
+    through ``Rm`` one chunk of (flattened) columns at a time, columns through
+    ``C`` one kernel position and one chunk of rows at a time.  No float64
+    copy of the whole weight (a 512 x 512 x 3 x 3 kernel took five at once)."""
     n_out, n_in = W.shape[:2]
+    m, c = Rm.shape[0], C.shape[0]
     k = int(np.prod(W.shape[2:]))
-    W2 = W if W.ndim == 2 else W.reshape(n_out, n_in * k)     # a view of a contiguous (mapped) kernel
-    Y = np.empty((Rm.shape[0], n_in * k))
-    step = max(1, _CHUNK // max(n_out, 1))
-    for j in range(0, n_in * k, step):
-        Y[:, j:j + step] = Rm @ np.asarray(W2[:, j:j + step], dtype=np.float64)
-    Y3 = Y.reshape(Rm.shape[0], n_in, k)
-    out = np.empty((Rm.shape[0], C.shape[0], k))
-    step = max(1, _CHUNK // max(n_in, 1))
-    for p in range(k):
-        for r in range(0, Y.shape[0], step):
-            out[r:r + step, :, p] = (C @ np.ascontiguousarray(Y3[r:r + step, :, p].T)).T
-    return out.reshape(Rm.shape[0], C.shape[0], *W.shape[2:])
+    W3 = W.reshape(n_out, n_in, k)                  # a view of a contiguous (mapped) weight
+
+    def rows(X, out):          # out (m, cols) = Rm @ X (n_out, cols), a chunk of columns at a time
+        step = max(1, _CHUNK // max(X.shape[0], 1))
+        for j in range(0, X.shape[1], step):
+            out[:, j:j + step] = Rm @ np.asarray(X[:, j:j + step], dtype=np.float64)
+
+    def cols(X3, out3):        # out3 (r, c, k) = X3 (r, n_in, k) through C, per position and chunk of rows
+        step = max(1, _CHUNK // max(n_in, 1))
+        for p in range(k):
+            for r in range(0, X3.shape[0], step):
+                out3[r:r + step, :, p] = (C @ np.asarray(X3[r:r + step, :, p].T, dtype=np.float64)).T
+
+    out = np.empty((m, c, k), dtype=dtype)
+    if m * n_in <= n_out * c:                       # rows first
+        Y = np.empty((m, n_in * k))
+        rows(W3.reshape(n_out, n_in * k), Y)
+        cols(Y.reshape(m, n_in, k), out)
+    else:                                           # columns first
+        Z = np.empty((n_out, c, k))
+        cols(W3, Z)
+        rows(Z.reshape(n_out, c * k), out.reshape(m, c * k))
+    return out.reshape(m, c, *W.shape[2:])
 
 
 @writes(Kind.LINEAR)
@@ -70,8 +84,10 @@ def linear(w, rec):
         Rm = sp.diags(fold) @ Rm
     C = ax_in.sum_matrix(scaled=True)
 
-    def rows_cols(M):          # M (n_out, n_in, ...) -> compressed
-        return _two_sided(Rm, M, C)
+    def rows_cols(M, dtype=dt, values=not w.dry):   # M (n_out, n_in, ...) -> compressed, stored as dtype
+        if not values:       # a parameter count (the --keep search): the shape, nothing computed
+            return np.broadcast_to(np.zeros((), dtype), (Rm.shape[0], C.shape[0]) + M.shape[2:])
+        return _two_sided(Rm, M, C, dtype)
 
     group = int(a.get("group", 1))
     if op == "Conv" and group > 1:
@@ -119,7 +135,7 @@ def grouped_conv(w, k, node, W, dt, group, rows_cols, ax_in):
     full = np.zeros((c_out, c_in) + W.shape[2:])
     for g in range(group):
         full[g * go:(g + 1) * go, g * gi:(g + 1) * gi] = W[g * go:(g + 1) * go]
-    Wh = rows_cols(full)
+    Wh = rows_cols(full, np.float64, values=True)     # which channels it reads decides its form
     # the base input channels a base output reads: a kernel within float
     # rounding of zero (the engine's eps = 0 tolerance) reads none
     from fibgraph.engine import DEFAULT_RTOL

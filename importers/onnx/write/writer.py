@@ -32,9 +32,10 @@ class Writer:
     ``prune``: kept nodes stand for themselves only; ``scales``: per node, the
     rescaling merge's scales; ``labels``: the colouring (merge mode)."""
 
-    def __init__(self, imp, gid, kept, prune=False, scales=None, labels=None, dry=False):
+    def __init__(self, imp, gid, kept, prune=False, scales=None, labels=None, dry=False, spill=None):
         self.imp = imp
         self.dry = dry               # new weights as shapes only (a parameter count, no data)
+        self.spill = spill           # new weights to a data file (:class:`..spill.Spill`), not the protobuf
         self.labels = None if prune else labels
         self.gid, self.kept = gid, kept
         self.prune = prune
@@ -83,20 +84,26 @@ class Writer:
 
     def put(self, node, slot, value, like):
         """Replace input ``slot`` of ``node`` by a new initializer holding ``value``."""
-        dt = like.dtype if like is not None else np.float32
-        arr = np.ascontiguousarray(np.asarray(value).astype(dt, copy=False))
+        dt = np.dtype(like.dtype if like is not None else np.float32)
         # a weight shared by several nodes (an unrolled recurrence) that they all
-        # shrink alike is written once
-        key = (node.input[slot], arr.shape, arr.dtype.str, hashlib.sha1(arr.data).hexdigest())
+        # shrink alike is written once; dry (a parameter count): ``value`` may be
+        # a shape-only stand-in, and a weight is shrunk alike where its shapes agree
+        if self.dry:
+            arr = None
+            key = (node.input[slot], np.shape(value), dt.str)
+        else:
+            arr = np.ascontiguousarray(np.asarray(value).astype(dt, copy=False))
+            key = (node.input[slot], arr.shape, arr.dtype.str, hashlib.sha1(arr.data).hexdigest())
         name = self.written.get(key)
         if name is None:
             name = self.fresh(lambda c: f"{node.input[slot] or 'fib'}__base{c}")
             if self.dry:
-                t = onnx.TensorProto(name=name, dims=arr.shape,
-                                     data_type=helper.np_dtype_to_tensor_dtype(arr.dtype))
+                t = onnx.TensorProto(name=name, dims=np.shape(value),
+                                     data_type=helper.np_dtype_to_tensor_dtype(dt))
                 self.g.initializer.append(t)
             else:
-                self.g.initializer.append(numpy_helper.from_array(arr, name))
+                self.g.initializer.append(numpy_helper.from_array(arr, name) if self.spill is None
+                                          else self.spill.tensor(arr, name))
             self.written[key] = name
         node.input[slot] = name
         return name
@@ -277,10 +284,14 @@ class Writer:
         used = {x for n in self.g.node for x in n.input} | {o.name for o in self.g.output}
         for n in self.g.node:
             used |= _outer_refs(n)
-        keep = [t for t in self.g.initializer if t.name in used]
-        dropped = {t.name for t in self.g.initializer} - {t.name for t in keep}
-        del self.g.initializer[:]
-        self.g.initializer.extend(keep)
+        # deleted where they are: clearing the field and extending it by the kept
+        # ones would copy every new weight (protobuf copies a message it adds)
+        dropped = set()
+        for k in reversed(range(len(self.g.initializer))):
+            if self.g.initializer[k].name not in used:
+                dropped.add(self.g.initializer[k].name)
+                del self.g.initializer[k]
+        keep = self.g.initializer
         if self.m.ir_version < 4:
             # old IR: every initializer is also a graph input
             ins = [i for i in self.g.input if i.name not in dropped]
