@@ -36,6 +36,8 @@ import onnx
 from numpy.lib.stride_tricks import sliding_window_view
 from onnx import numpy_helper
 
+from .onnx.external import tensor_array
+
 __all__ = ["repair_base", "output_map", "intermediates", "RIDGE"]
 
 #: the ridge weight relative to the mean diagonal of the Gram matrix
@@ -55,16 +57,15 @@ def _attr(node, name, default=None):
 
 def intermediates(model, names, feeds):
     """Values of the tensors ``names`` (graph outputs added on a copy)."""
-    import onnxruntime as ort
+    from .onnx.external import session
+    from .onnx.runtime import lean_options
 
     m = copy.deepcopy(model)
     have = {o.name for o in m.graph.output}
     for n in names:
         if n not in have:
             m.graph.output.append(onnx.helper.ValueInfoProto(name=n))
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    s = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    s = session(m, lean_options())          # a big (lean) model's weights read from their file
     want = {i.name for i in s.get_inputs()}
     try:
         out = s.run(list(names), {k: v for k, v in feeds.items() if k in want})
@@ -218,8 +219,8 @@ def repair_base(orig, base, feeds, ridge=RIDGE, batchnorm=True, out_map=None):
     if cons:
         acts_o = intermediates(orig, sorted({o.input[0] for _, o, _ in cons}), feeds)
     for n, o, axis in cons:
-        Wb = numpy_helper.to_array(bi[n.input[1]]).astype(np.float64)
-        Wo = numpy_helper.to_array(oi[o.input[1]]).astype(np.float64)
+        Wb = tensor_array(bi[n.input[1]]).astype(np.float64)
+        Wo = tensor_array(oi[o.input[1]]).astype(np.float64)
         Xb = intermediates(base, [n.input[0]], feeds)[n.input[0]]
         Xo = acts_o[o.input[0]]
         Mb, Mo = _as_matrix(n, Wb, axis), _as_matrix(o, Wo, axis)
@@ -241,7 +242,7 @@ def repair_base(orig, base, feeds, ridge=RIDGE, batchnorm=True, out_map=None):
         e0, e1 = err(Mb), err(M)
         if not e1 <= e0:          # rounding on an exact merge: keep the merged weights
             M, e1 = Mb, e0
-        new = _from_matrix(n, M, Wb.shape, axis).astype(numpy_helper.to_array(bi[n.input[1]]).dtype)
+        new = _from_matrix(n, M, Wb.shape, axis).astype(tensor_array(bi[n.input[1]]).dtype)
         bi[n.input[1]].CopyFrom(numpy_helper.from_array(new, n.input[1]))
         rows.append({"node": n.name, "op": n.op_type, "weight": n.input[1], "inputs_before": int(Mo.shape[0]),
                      "inputs_after": int(k), "error_before": e0, "error_after": e1})
@@ -260,7 +261,7 @@ def _repair_batchnorm(orig, base, feeds):
             continue
         if not all(x in bi for x in n.input[3:5]):
             continue
-        if numpy_helper.to_array(bi[n.input[3]]).size != numpy_helper.to_array(_inits(orig)[o.input[3]]).size:
+        if tensor_array(bi[n.input[3]]).size != tensor_array(_inits(orig)[o.input[3]]).size:
             continue                         # the merged units' own norm: merged with them
         todo.append((n, o))
     if not todo:
@@ -273,12 +274,12 @@ def _repair_batchnorm(orig, base, feeds):
         if np.abs(a - b).max(initial=0.0) <= 1e-5 * np.abs(b).max(initial=0.0):
             continue                         # an exact merge (up to float rounding): nothing to shift
         ax = (0,) + tuple(range(2, a.ndim))
-        mean = numpy_helper.to_array(bi[n.input[3]]).astype(np.float64)
-        var = numpy_helper.to_array(bi[n.input[4]]).astype(np.float64)
+        mean = tensor_array(bi[n.input[3]]).astype(np.float64)
+        var = tensor_array(bi[n.input[4]]).astype(np.float64)
         vb, vo = a.var(axis=ax), b.var(axis=ax)
         mean2 = mean + a.mean(axis=ax) - b.mean(axis=ax)
         var2 = var * np.where(vo > 0, vb / np.where(vo > 0, vo, 1.0), 1.0)
-        dt = numpy_helper.to_array(bi[n.input[3]]).dtype
+        dt = tensor_array(bi[n.input[3]]).dtype
         bi[n.input[3]].CopyFrom(numpy_helper.from_array(mean2.astype(dt), n.input[3]))
         bi[n.input[4]].CopyFrom(numpy_helper.from_array(var2.astype(dt), n.input[4]))
         rows.append({"node": n.name, "batchnorm": True})

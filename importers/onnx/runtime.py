@@ -74,15 +74,18 @@ def probe_feeds(data, model):
     return feeds if fixed or v.ndim == 0 else {vi.name: v[:1]}
 
 
-def lean_options():
+def lean_options(fold=False):
     """onnxruntime session options that hold the weights once and the
     activations no longer than they live: no packed or re-laid-out (NCHWc)
-    second copy of a weight (prepacking and graph optimisations off: the graph
-    runs as written), no memory arena and no memory pattern (an activation is
-    freed when it dies, not pooled at the run's peak; on a 25M-parameter CNN
-    the three save about 20 MB of a verify run), errors only as exceptions.
-    Every session over a model's weights uses them (probe, load check,
-    verify); a timed run (``eval``) does not."""
+    second copy of a weight (prepacking off, graph optimisations off: the
+    graph runs as written), no memory arena and no memory pattern (an
+    activation is freed when it dies, not pooled at the run's peak; on a
+    25M-parameter CNN the three save about 20 MB of a verify run), errors
+    only as exceptions.  ``fold``: basic optimisations on, for a model that
+    computes something from its weights alone (:func:`folds_weights`: a
+    dynamo-exported GPT-2's transposed token table, 154 MB, is then made once
+    at load, not at every run).  Every session over a model's weights uses
+    them (probe, load check, verify); a timed run (``eval``) does not."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -90,19 +93,48 @@ def lean_options():
     so.enable_cpu_mem_arena = False
     so.enable_mem_pattern = False
     so.add_session_config_entry("session.disable_prepacking", "1")
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC if fold else \
+        ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return so
 
 
-def check_loads(m2):
+def folds_weights(model, least=1 << 20):
+    """Whether a node of ``model``'s graph computes from constants alone and
+    reads an initializer of ``least`` bytes or more (a Transpose of a weight):
+    constant folding makes its result once, where a graph run as written
+    would make it (and read the weight) at every run."""
+    inits = {t.name: t for t in model.graph.initializer}
+    consts = set(inits)
+    for n in model.graph.node:
+        if n.op_type == "Constant":
+            consts.update(n.output)
+            continue
+        if n.input and all(not x or x in consts for x in n.input):
+            consts.update(o for o in n.output if o)
+            if any(x in inits and _bytes(inits[x]) >= least for x in n.input):
+                return True
+    return False
+
+
+def _bytes(t):
+    """Bytes of a tensor's data, from its dims and type (nothing read)."""
+    try:
+        item = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+    except Exception:
+        return 0
+    return int(np.prod(t.dims, dtype=np.int64)) * item
+
+
+def check_loads(m2, fold=False):
     """The base must load in onnxruntime before it is written (the checker
     does not run shape inference through every op); ``m2``: a ModelProto or
     the path of the file written (a session over the file: its weights are
-    mapped, not copied, and not re-laid-out: :func:`lean_options`)."""
+    mapped, not copied, and not re-laid-out: :func:`lean_options`, ``fold``
+    as there)."""
     from .external import session as ext_session
 
     try:
-        ext_session(m2, lean_options())
+        ext_session(m2, lean_options(fold))
     except Exception as e:                 # a writer bug, never the user's input
         raise RuntimeError("the written base model does not load in onnxruntime "
                            f"({short_error(e)}); nothing was written") from None

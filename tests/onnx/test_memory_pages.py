@@ -187,3 +187,64 @@ def test_sessions_over_the_weights_copy_none_and_pool_nothing(tmp_path, capsys, 
         assert so.graph_optimization_level == ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         assert not so.enable_mem_pattern and not so.enable_cpu_mem_arena
         assert so.get_session_config_entry("session.disable_prepacking") == "1"
+
+
+def test_the_repair_of_a_big_models_base_is_the_in_memory_ones(tmp_path, capsys, monkeypatch):
+    """--data with the repair on a lean model (its weights and its base's new
+    weights in files): the calibration runs read them there (an absolute
+    external location was refused by onnxruntime: an internal error), and the
+    repaired base equals the in-memory path's."""
+    p, m = _planted(6)
+    src = save(m, tmp_path / "m.onnx")
+    x = np.random.default_rng(6).normal(size=(64, 32)).astype(np.float32)
+    np.savez(tmp_path / "cal.npz", x=x)
+    outs = {}
+    for name, least in (("lean", 1), ("mem", 1 << 40)):
+        monkeypatch.setattr(external, "LEAN_BYTES", least)
+        monkeypatch.setattr(external, "EXTERNAL_MIN_BYTES", 64)
+        rc, out, err = cli(capsys, "compress", src, "-o", tmp_path / f"{name}.onnx", "--eps", "0.3",
+                           "--data", tmp_path / "cal.npz", "--repair")
+        assert rc == 0, err
+        assert "repair gemm" in out
+        outs[name] = onnx.load(str(tmp_path / f"{name}.onnx"))
+    a, b = outs["lean"], outs["mem"]
+    assert [t.name for t in a.graph.initializer] == [t.name for t in b.graph.initializer]
+    for s, t in zip(a.graph.initializer, b.graph.initializer):
+        np.testing.assert_allclose(onnx.numpy_helper.to_array(s), onnx.numpy_helper.to_array(t), rtol=1e-6, atol=1e-7)
+
+
+def test_a_weight_computed_on_is_folded_once_and_nothing_else_is(tmp_path, capsys, monkeypatch):
+    """A graph that transposes a weight of 1 MB or more (a dynamo export's tied
+    output layer) runs with constant folding, so the transposed copy is made
+    once at load and not at every verify run; a graph without one runs as
+    written."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from fibgraph.importers.onnx.runtime import folds_weights
+
+    rng = np.random.default_rng(0)
+    E = rng.normal(size=(4096, 64)).astype(np.float32)            # 1 MB: a "token table"
+    W = rng.normal(size=(64, 64)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("Transpose", ["E"], ["Et"], perm=[1, 0]),
+             helper.make_node("MatMul", ["r", "Et"], ["y"])]
+    g = helper.make_graph(nodes, "tied", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4096])],
+                          [numpy_helper.from_array(E, "E"), numpy_helper.from_array(W, "W")])
+    tied = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    assert folds_weights(tied) and not folds_weights(tied, least=2 << 20)
+    assert not folds_weights(_planted(1)[1])
+    levels = []
+    real = external.session
+
+    def spy(model, options=None, providers=("CPUExecutionProvider",)):
+        levels.append(options.graph_optimization_level)
+        return real(model, options, providers)
+
+    monkeypatch.setattr(external, "session", spy)
+    src = save(tied, tmp_path / "tied.onnx")
+    rc, _, err = cli(capsys, "compress", src, "-o", tmp_path / "b.onnx", "--verify")
+    assert rc == 0, err
+    basic, none = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    assert levels[0] == none and levels[-2:] == [basic, basic]     # the probe as written; verify's two folded
