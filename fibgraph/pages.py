@@ -10,6 +10,8 @@ token table of 47 MB costs one chunk of memory, not 47 MB.
 - :func:`drop_pages`: hand back the whole pages of a span of a read-only map.
 - :func:`drop_mapped`: the same for the memory under a numpy view, when that
   view lies in a read-only map (anything else: nothing happens).
+- :func:`blocks`: an array as views that each fill a range of its memory
+  (along its slowest axis), to be read and handed back one at a time.
 
 Example
 -------
@@ -32,7 +34,7 @@ import mmap
 
 import numpy as np
 
-__all__ = ["drop_pages", "drop_mapped", "mapped_in"]
+__all__ = ["drop_pages", "drop_mapped", "mapped_in", "blocks"]
 
 
 def drop_pages(mm, start=0, length=None):
@@ -74,10 +76,25 @@ def mapped_in(a):
     return owner, lo - origin, hi + a.itemsize - lo
 
 
-def drop_mapped(a):
+def drop_mapped(a, spread=2.0):
     """Hand back the whole pages under ``a`` where ``a`` is a view of a
-    read-only map (:func:`mapped_in`); else nothing.  For a strided view,
-    every page between its first and last byte."""
+    read-only map (:func:`mapped_in`) whose bytes fill its span (at most
+    ``spread`` times its size: a block of rows, or of a transposed weight's
+    columns); else nothing.  A column chunk of a row-major weight spans the
+    whole weight: dropping it would drop what the next chunk reads."""
     where = mapped_in(a)
-    if where is not None:
+    if where is not None and where[2] <= spread * a.nbytes:
         drop_pages(*where)
+
+
+def blocks(a, entries=1 << 19):
+    """Views of ``a`` of about ``entries`` elements each, cut along its axis
+    of largest stride, so that each lies in one range of memory (a transposed
+    weight is cut along its columns: rows of the stored matrix)."""
+    if a.ndim == 0 or a.size == 0:
+        yield a
+        return
+    axis = int(np.argmax(np.abs(a.strides)))
+    step = max(1, entries // max(a.size // max(a.shape[axis], 1), 1))
+    for s in range(0, a.shape[axis], step):
+        yield a[(slice(None),) * axis + (slice(s, s + step),)]

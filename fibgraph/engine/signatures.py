@@ -44,6 +44,7 @@ import numpy as np
 
 from ..graph import WeightedDigraph
 from ..hashing import GOLD, M1, M2, mix
+from ..pages import blocks, drop_mapped
 from .sparse import group_rows, group_sorted, hash_entries, quantise, sparse_hash, value_labels
 from ..lazy import lazy_module
 
@@ -101,6 +102,7 @@ def _parts(graph: WeightedDigraph, nodes_mask, direction, colours, scales):
             step = max(1, _CHUNK // max(n_o * D, 1))
             for r0 in range(0, n_t, step):
                 Wo = np.take(W[r0:r0 + step], order, axis=1).astype(np.float64, copy=False)
+                drop_mapped(W[r0:r0 + step])
                 if so is not None:
                     Wo = Wo * so
                 A[r0:r0 + step] = np.add.reduceat(Wo, starts, axis=1)
@@ -177,10 +179,15 @@ def col_chunks(n_rows, K, chunk=_CHUNK):
 
 
 def _abs_max(values):
-    """max |values| without a temporary of the values' size."""
+    """max |values| without a temporary of the values' size, a block of its
+    memory at a time (a mapped weight's pages go back block by block)."""
     if values.size == 0:
         return 0.0
-    return max(float(values.max()), -float(values.min()))
+    m = 0.0
+    for c in blocks(values, _CHUNK):
+        m = max(m, float(c.max()), -float(c.min()))
+        drop_mapped(c)
+    return m
 
 
 def _hash_dense(A, keys, tol):
@@ -196,8 +203,7 @@ def _hash_dense(A, keys, tol):
     """
     n_t, K = A.shape
     if n_t > 256 and K > 4 * _PROBE_COLUMNS:
-        var = np.concatenate([np.asarray(A[:, k0:k1], dtype=np.float64).var(axis=0)
-                              for k0, k1 in col_chunks(n_t, K)])
+        var = np.concatenate([_read(A[:, k0:k1]).var(axis=0) for k0, k1 in col_chunks(n_t, K)])
         cols = np.argsort(-var, kind="stable")[:_PROBE_COLUMNS]
         del var
         p1, p2 = _hash_columns(np.asarray(A[:, cols], dtype=np.float64), keys[cols], tol)
@@ -217,6 +223,13 @@ def _hash_dense(A, keys, tol):
     return _hash_dense_all(A, keys, tol)
 
 
+def _read(view):
+    """A float64 copy of ``view``; a mapped weight's pages under it go back."""
+    out = np.ascontiguousarray(view, dtype=np.float64)
+    drop_mapped(view)
+    return out
+
+
 def _hash_dense_all(A, keys, tol, rows=None):
     """Row hashes of ``A`` (or of its rows ``rows``), one column chunk at a time."""
     n_t = A.shape[0] if rows is None else rows.size
@@ -226,8 +239,8 @@ def _hash_dense_all(A, keys, tol, rows=None):
     if n_t == 0 or K == 0:
         return h1, h2
     for k0, k1 in col_chunks(n_t, K):
-        sub = A[:, k0:k1] if rows is None else A[rows, k0:k1]
-        a, b = _hash_columns(np.ascontiguousarray(sub, dtype=np.float64), keys[k0:k1], tol)
+        sub = _read(A[:, k0:k1]) if rows is None else np.ascontiguousarray(A[rows, k0:k1], dtype=np.float64)
+        a, b = _hash_columns(sub, keys[k0:k1], tol)
         h1 += a
         h2 += b
     return h1, h2
