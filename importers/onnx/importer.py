@@ -96,9 +96,6 @@ def _ties(joins, node_level, space_of, n):
     of the joins whose two ends lie in one level (the gates, cell and hidden
     node of one LSTM/GRU unit: a recurrent op's node sets share its cyclic
     level).  A component with two nodes of one node set is left untied."""
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
     tie = np.full(n, -1, dtype=np.int64)
     if not joins or not n:
         return tie
@@ -107,6 +104,8 @@ def _ties(joins, node_level, space_of, n):
     same = (node_level[a] == node_level[b]) & (a != b)
     if not same.any():
         return tie
+    from scipy.sparse import coo_matrix              # only with joins (recurrent units): scipy costs 30 MB
+    from scipy.sparse.csgraph import connected_components
     a, b = a[same], b[same]
     _, comp = connected_components(coo_matrix((np.ones(a.size), (a, b)), shape=(n, n)), directed=False)
     size = np.bincount(comp, minlength=n)
