@@ -243,7 +243,10 @@ def compress_dag_model(path, out, symmetry="fibration", eps=0.0, eps_table=None,
     a failure leaves nothing written.  ``post(base, col, imp) -> (base, info)``
     may change the base before it is checked and written (the repair), its
     ``info`` goes to ``report["repair"]``.  ``reference``: the original's
-    outputs for verify drawn before (:func:`fibgraph.importers.dag_verify.reference_first`)."""
+    outputs for verify drawn before (:func:`fibgraph.importers.dag_verify.reference_first`).
+    A big (lean) model's new weights go to a spill file in ``out``'s folder
+    while the base is written (:mod:`fibgraph.importers.onnx.spill`), removed
+    once it is saved or anything fails."""
     import gc
 
     from fibgraph.fileio import atomic_path, install
