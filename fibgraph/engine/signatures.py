@@ -144,24 +144,63 @@ def _sum_sparse(parts):
 
 
 def _merge_parts(parts):
-    """Dense parts stay dense when their keys are disjoint from every other part's."""
+    """Dense and sparse parts whose values can be hashed (and compared) part by
+    part.  Values of one key are grouped together (:func:`_hash_columns`), so
+    parts that share a key are hashed as one: dense parts over disjoint
+    targets with the same keys (an LSTM's four gates reading the same inputs)
+    are stacked into one dense part; any other sharing (a (target, key) two
+    parts may both hold, or keys shared only in part, or with a sparse part)
+    turns the dense part into entries, summed with the sparse ones.  Entries
+    take 24 bytes per weight and a sort of them all, so they are the last
+    resort."""
     dense = [p for p in parts if "A" in p]
     sparse = [p for p in parts if "A" not in p]
     if len(dense) > 1 or sparse:
-        allkeys = [p["keys"] for p in dense] + [np.unique(p["key"]) for p in sparse]
-        cat = np.concatenate(allkeys) if allkeys else np.zeros(0, np.uint64)
-        u, cnt = np.unique(cat, return_counts=True)
-        shared = set(u[cnt > 1].tolist())
-        keep = []
-        for p in dense:
-            if shared and np.isin(p["keys"], list(shared)).any():
-                sparse.append(_dense_to_sparse(p))
+        spans = [(np.unique(p["targets"]), np.unique(p["keys"])) for p in dense]
+        skeys = [np.unique(p["key"]) for p in sparse]
+        comp = list(range(len(dense)))             # dense parts joined by a shared key (a few parts)
+        for i in range(len(dense)):
+            for j in range(i):
+                if _meets(spans[i][1], spans[j][1]):
+                    old, new = comp[i], comp[j]
+                    comp = [new if c == old else c for c in comp]
+        groups = {}
+        for i, c in enumerate(comp):
+            groups.setdefault(c, []).append(i)
+        keep, to_sparse = [], []
+        for idx in groups.values():
+            g = [dense[i] for i in idx]
+            alone = not any(_meets(spans[i][1], sk) for i in idx for sk in skeys)
+            same = all(np.array_equal(p["keys"], g[0]["keys"]) for p in g)
+            disjoint = np.unique(np.concatenate([spans[i][0] for i in idx])).size == sum(spans[i][0].size for i in idx)
+            if alone and same and disjoint:        # one part, or the same keys over other targets: stacked
+                keep.append(g[0] if len(g) == 1 else _stack(g))
             else:
-                keep.append(p)
+                to_sparse += g
         dense = keep
+        sparse += [_dense_to_sparse(p) for p in to_sparse]
     if sparse:
         sparse = [_sum_sparse(sparse)]
     return dense, sparse
+
+
+def _stack(group):
+    """Dense parts with the same keys over disjoint targets as one part."""
+    dt = np.float32 if all(p["A"].dtype == np.float32 for p in group) else np.float64
+    A = np.concatenate([p["A"] for p in group], axis=0, dtype=dt)
+    for p in group:
+        drop_mapped(p["A"])           # a part that is a view of a mapped weight: its pages go back
+    return {"targets": np.concatenate([p["targets"] for p in group]), "A": A, "keys": group[0]["keys"],
+            "exact": all(p["exact"] for p in group)}
+
+
+def _meets(a, b):
+    """Whether the sorted unique arrays ``a`` and ``b`` share an element."""
+    if a.size == 0 or b.size == 0 or a[-1] < b[0] or b[-1] < a[0]:
+        return False
+    pos = np.searchsorted(b, a)
+    pos[pos == b.size] = b.size - 1
+    return bool(np.any(b[pos] == a))
 
 
 # ---------------------------------------------------------- quantising

@@ -22,7 +22,7 @@ from fibgraph.graph import FACTOR
 
 import numpy as np
 
-from ..build import Barrier, dedupe_cols, etype
+from ..build import Barrier, as_float, dedupe_cols, etype
 from ..records import RecurrentRecord
 from .registry import rule
 
@@ -48,8 +48,8 @@ def map_recurrent(b, node, name, a, kinds):
     layout = int(a.get("layout", 0))
     H = int(a["hidden_size"])
     G = 4 if op == "LSTM" else 3
-    W = _val(b, Wn).astype(np.float64)
-    R = _val(b, Rn).astype(np.float64)
+    W = as_float(_val(b, Wn))          # as stored (a float32 view of the file): the engine sums in float64
+    R = as_float(_val(b, Rn))
     dirs = W.shape[0]
     Bv = _val(b, Bn).astype(np.float64) if Bn else np.zeros((dirs, 2 * G * H))
     if op == "LSTM" and a.get("input_forget", 0):
