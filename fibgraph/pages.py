@@ -10,6 +10,7 @@ token table of 47 MB costs one chunk of memory, not 47 MB.
 - :func:`drop_pages`: hand back the whole pages of a span of a read-only map.
 - :func:`drop_mapped`: the same for the memory under a numpy view, when that
   view lies in a read-only map (anything else: nothing happens).
+- :func:`read`: a copy of a view in a dtype, its pages handed back after.
 - :func:`blocks`: an array as views that each fill a range of its memory
   (along its slowest axis), to be read and handed back one at a time.
 
@@ -34,7 +35,7 @@ import mmap
 
 import numpy as np
 
-__all__ = ["drop_pages", "drop_mapped", "mapped_in", "blocks"]
+__all__ = ["drop_pages", "drop_mapped", "mapped_in", "read", "blocks"]
 
 
 def drop_pages(mm, start=0, length=None):
@@ -85,6 +86,15 @@ def drop_mapped(a, spread=2.0):
     where = mapped_in(a)
     if where is not None and where[2] <= spread * a.nbytes:
         drop_pages(*where)
+
+
+def read(view, dtype=np.float64, order="K"):
+    """``np.asarray(view, dtype, order)`` (a copy for another dtype), then the
+    pages under ``view`` handed back (:func:`drop_mapped`): one chunk of a
+    loop over a mapped weight."""
+    out = np.asarray(view, dtype=dtype, order=order)
+    drop_mapped(view)
+    return out
 
 
 def blocks(a, entries=1 << 19):

@@ -170,6 +170,14 @@ def planted_mlp(rng, n_in, hidden_labels, n_out, same_row_as=None, scale=0.6, sp
 
 
 # ------------------------------------------------------------- ONNX builders
+def small_planted_mlp(seed=0):
+    """``(planted, model)``: a 32-input MLP with two planted hidden layers (64
+    units in 16 fibers of 4, 48 in 12 fibers) and 3 outputs, as ONNX."""
+    rng = np.random.default_rng(seed)
+    p = planted_mlp(rng, 32, [np.repeat(np.arange(16), 4), np.tile(np.arange(12), 4)], 3)
+    return p, mlp_onnx(p.Ws, p.bs)
+
+
 def _init(name, arr, dtype=np.float32):
     return numpy_helper.from_array(np.asarray(arr, dtype=dtype), name)
 

@@ -24,7 +24,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..lazy import lazy_module
-from ..pages import drop_mapped
+from ..pages import drop_mapped, read
 from ..partition import canonical
 from .signatures import F32_ROWS_MIN, col_chunks
 
@@ -98,8 +98,7 @@ def row_norms(X):
         return np.sqrt(np.einsum("ij,ij->i", X, X))
     sq = np.zeros(X.shape[0])
     for k0, k1 in col_chunks(X.shape[0], X.shape[1], _F64_CHUNK):
-        c = np.asarray(X[:, k0:k1], dtype=np.float64)
-        drop_mapped(X[:, k0:k1])          # a mapped weight's pages go back chunk by chunk
+        c = read(X[:, k0:k1])             # a mapped weight's pages go back chunk by chunk
         sq += np.einsum("ij,ij->i", c, c)
     return np.sqrt(sq)
 
@@ -110,8 +109,7 @@ def _gram(Z, s, e):
         return Z[s:e] @ Z[s:].T
     G = np.zeros((e - s, Z.shape[0] - s))
     for k0, k1 in col_chunks(Z.shape[0] - s, Z.shape[1], _F64_CHUNK):
-        c = np.asarray(Z[s:, k0:k1], dtype=np.float64)
-        drop_mapped(Z[s:, k0:k1])
+        c = read(Z[s:, k0:k1])
         G += c[:e - s] @ c.T
     return G
 

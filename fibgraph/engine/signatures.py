@@ -44,7 +44,7 @@ import numpy as np
 
 from ..graph import WeightedDigraph
 from ..hashing import GOLD, M1, M2, mix
-from ..pages import blocks, drop_mapped
+from ..pages import blocks, drop_mapped, read
 from .sparse import group_rows, group_sorted, hash_entries, quantise, sparse_hash, value_labels
 from ..lazy import lazy_module
 
@@ -242,7 +242,7 @@ def _hash_dense(A, keys, tol):
     """
     n_t, K = A.shape
     if n_t > 256 and K > 4 * _PROBE_COLUMNS:
-        var = np.concatenate([_read(A[:, k0:k1]).var(axis=0) for k0, k1 in col_chunks(n_t, K)])
+        var = np.concatenate([read(A[:, k0:k1]).var(axis=0) for k0, k1 in col_chunks(n_t, K)])
         cols = np.argsort(-var, kind="stable")[:_PROBE_COLUMNS]
         del var
         p1, p2 = _hash_columns(np.asarray(A[:, cols], dtype=np.float64), keys[cols], tol)
@@ -262,13 +262,6 @@ def _hash_dense(A, keys, tol):
     return _hash_dense_all(A, keys, tol)
 
 
-def _read(view):
-    """A float64 copy of ``view``; a mapped weight's pages under it go back."""
-    out = np.ascontiguousarray(view, dtype=np.float64)
-    drop_mapped(view)
-    return out
-
-
 def _hash_dense_all(A, keys, tol, rows=None):
     """Row hashes of ``A`` (or of its rows ``rows``), one column chunk at a time."""
     n_t = A.shape[0] if rows is None else rows.size
@@ -278,7 +271,7 @@ def _hash_dense_all(A, keys, tol, rows=None):
     if n_t == 0 or K == 0:
         return h1, h2
     for k0, k1 in col_chunks(n_t, K):
-        sub = _read(A[:, k0:k1]) if rows is None else np.ascontiguousarray(A[rows, k0:k1], dtype=np.float64)
+        sub = read(A[:, k0:k1], order="C") if rows is None else np.ascontiguousarray(A[rows, k0:k1], dtype=np.float64)
         a, b = _hash_columns(sub, keys[k0:k1], tol)
         h1 += a
         h2 += b

@@ -3,6 +3,8 @@ probe's feeds, verification of a base against its original, accuracy and
 loss of a classifier, and the parameter count every report uses."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import onnx
 
@@ -11,6 +13,7 @@ from fibgraph.limits import check_elements, npz_headers, read_npz
 from fibgraph.fileio import check_regular
 
 from .feeds import short_error
+from .limits import tensor_size
 from .load import float_tensors, load_onnx
 
 __all__ = ["count_params", "data_feeds", "probe_feeds", "check_loads", "session", "run", "load_data",
@@ -111,18 +114,15 @@ def folds_weights(model, least=1 << 20):
             continue
         if n.input and all(not x or x in consts for x in n.input):
             consts.update(o for o in n.output if o)
-            if any(x in inits and _bytes(inits[x]) >= least for x in n.input):
+            if any(x in inits and _declared_bytes(inits[x]) >= least for x in n.input):
                 return True
     return False
 
 
-def _bytes(t):
-    """Bytes of a tensor's data, from its dims and type (nothing read)."""
-    try:
-        item = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
-    except Exception:
-        return 0
-    return int(np.prod(t.dims, dtype=np.int64)) * item
+def _declared_bytes(t):
+    """Bytes a tensor declares (its dims and type, nothing read: :func:`.limits.tensor_size`)."""
+    dims, itemsize, name = tensor_size(t)
+    return 0 if dims is None or name is None else math.prod(dims) * itemsize
 
 
 def check_loads(m2, fold=False):

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import pytest
 
-from helpers import cli, max_rel_diff, mlp_onnx, planted_mlp, run_onnx, save
+from helpers import cli, max_rel_diff, mlp_onnx, run_onnx, save, small_planted_mlp
 
 from fibgraph.importers.onnx import external
 from fibgraph.importers.onnx.importer import import_dag
@@ -25,12 +25,6 @@ def lean(monkeypatch):
     """Every model counts as big: opened lean, weights read in place."""
     monkeypatch.setattr(external, "LEAN_BYTES", 1)
     monkeypatch.setattr(external, "EXTERNAL_MIN_BYTES", 64)
-
-
-def _planted(seed=0):
-    rng = np.random.default_rng(seed)
-    p = planted_mlp(rng, 32, [np.repeat(np.arange(16), 4), np.tile(np.arange(12), 4)], 3)
-    return p, mlp_onnx(p.Ws, p.bs)
 
 
 def _mapped(arr):
@@ -46,7 +40,7 @@ def _mapped(arr):
 
 
 def test_embedded_model_is_imported_without_copying_its_weights(tmp_path, lean):
-    p, m = _planted()
+    p, m = small_planted_mlp()
     path = save(m, tmp_path / "m.onnx")
     model = load_onnx(path)
     assert external.is_lean(model)
@@ -66,7 +60,7 @@ def test_external_data_input_is_memory_mapped(tmp_path, capsys, lean, flag):
     """Every tensor external, small ones (biases below EXTERNAL_MIN_BYTES) too:
     read in place, and written back embedded or external, never as a
     reference to the input's file."""
-    _, m = _planted(1)
+    _, m = small_planted_mlp(1)
     path = str(tmp_path / "m.onnx")
     onnx.save_model(m, path, save_as_external_data=True, location="weights.bin", size_threshold=0)
     model = load_onnx(path)
@@ -87,7 +81,7 @@ def test_external_data_input_is_memory_mapped(tmp_path, capsys, lean, flag):
 
 @pytest.mark.parametrize("flag", ["--external-data", None])
 def test_external_data_output_is_in_folder_relative_and_verifies(tmp_path, capsys, lean, monkeypatch, flag):
-    p, m = _planted(2)
+    p, m = small_planted_mlp(2)
     src = save(m, tmp_path / "m.onnx")
     out = tmp_path / "b.onnx"
     if flag is None:               # automatic: the base's tensors exceed the threshold
@@ -111,7 +105,7 @@ def test_external_data_output_is_in_folder_relative_and_verifies(tmp_path, capsy
 def test_embedded_output_by_default_streamed_equal(tmp_path, capsys, lean):
     """Without the flag (below the threshold) one protobuf, written tensor by
     tensor, equal to the base the in-memory path writes."""
-    _, m = _planted(3)
+    _, m = small_planted_mlp(3)
     src = save(m, tmp_path / "m.onnx")
     rc, _, err = cli(capsys, "compress", src, "-o", tmp_path / "lean.onnx", "--verify")
     assert rc == 0, err
@@ -128,7 +122,7 @@ def test_embedded_output_by_default_streamed_equal(tmp_path, capsys, lean):
 
 def test_save_model_round_trip(tmp_path):
     """Embedded: the same ModelProto back; external: the same tensors, page-aligned offsets."""
-    _, m = _planted(4)
+    _, m = small_planted_mlp(4)
     external.save_model(m, tmp_path / "e.onnx", external=False)
     assert onnx.load(str(tmp_path / "e.onnx")) == m
     external.save_model(m, tmp_path / "x.onnx", external=True)
@@ -144,7 +138,7 @@ def test_save_model_round_trip(tmp_path):
 def test_sessions_are_built_from_the_file_not_the_weights(tmp_path, capsys, lean, monkeypatch):
     """The probe and verify hand onnxruntime a protobuf without the weights (or
     the written file's path), and verify opens one session at a time."""
-    _, m = _planted(5)
+    _, m = small_planted_mlp(5)
     src = save(m, tmp_path / "m.onnx")
     weights = sum(t.ByteSize() for t in m.graph.initializer if t.name.startswith("W"))
     seen, live = [], weakref.WeakSet()
@@ -174,7 +168,7 @@ def test_sessions_are_built_from_the_file_not_the_weights(tmp_path, capsys, lean
 
 
 def test_truncated_external_data_is_one_line(tmp_path, capsys, lean):
-    _, m = _planted(6)
+    _, m = small_planted_mlp(6)
     path = str(tmp_path / "m.onnx")
     onnx.save_model(m, path, save_as_external_data=True, location="w.bin", size_threshold=0)
     with open(tmp_path / "w.bin", "r+b") as f:
@@ -190,7 +184,7 @@ def test_a_file_replaced_at_the_same_path_is_read_anew(tmp_path, lean):
     path = str(tmp_path / "m.onnx")
     vals = []
     for seed in (7, 8):
-        _, m = _planted(seed)
+        _, m = small_planted_mlp(seed)
         tmp = str(tmp_path / f"t{seed}.onnx")
         save(m, tmp)
         os.replace(tmp, path)
@@ -265,7 +259,7 @@ def test_writing_a_lean_model_hands_each_tensors_pages_back(tmp_path, lean, monk
     """A lean model's tensors are written from the map in chunks whose pages
     are released as they go (not left resident), and the file is the one
     the in-memory model gives."""
-    _, m = _planted(5)
+    _, m = small_planted_mlp(5)
     src = save(m, tmp_path / "m.onnx")
     lm = load_onnx(str(src))
     assert external.is_lean(lm)
@@ -287,7 +281,7 @@ def test_verify_batch_bounds_the_activations(monkeypatch):
     from fibgraph.importers import dag_verify
     from fibgraph.importers.onnx.importer import import_dag
 
-    _, m = _planted(6)
+    _, m = small_planted_mlp(6)
     imp = import_dag(m)
     assert dag_verify.verify_batch(imp) == 64
     inits = {t.name for t in imp.model.graph.initializer}
@@ -306,7 +300,7 @@ def test_a_failed_run_leaves_the_earlier_output_and_its_data_as_they_were(tmp_pa
     from fibgraph.errors import InputError
     from fibgraph.importers import dag_api
 
-    _, m = _planted(7)
+    _, m = small_planted_mlp(7)
     src = save(m, tmp_path / "m.onnx")
     out, data = tmp_path / "b.onnx", tmp_path / "b.onnx.data"
     out.write_bytes(b"earlier model")
@@ -499,7 +493,7 @@ def test_the_originals_outputs_are_drawn_before_the_colouring_when_small(tmp_pat
 
     if not first:
         monkeypatch.setattr(dag_verify, "REFERENCE_FIRST_BYTES", 0)
-    _, m = _planted(8)
+    _, m = small_planted_mlp(8)
     src = save(m, tmp_path / "m.onnx")
     events = []
     real_reference, real_colouring = dag_verify.verify_reference, DagCompressor.colouring

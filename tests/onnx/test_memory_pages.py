@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import pytest
 
-from helpers import cli, mlp_onnx, planted_mlp, save
+from helpers import cli, save, small_planted_mlp
 
 from fibgraph.importers.onnx import external
 
@@ -95,12 +95,6 @@ def test_exact_hashing_reads_a_mapped_weight_a_chunk_at_a_time(mapped_rows):
         np.testing.assert_array_equal(a, b)
 
 
-def _planted(seed=0):
-    rng = np.random.default_rng(seed)
-    p = planted_mlp(rng, 32, [np.repeat(np.arange(16), 4), np.tile(np.arange(12), 4)], 3)
-    return p, mlp_onnx(p.Ws, p.bs)
-
-
 def test_a_big_models_new_weights_are_spilled_and_the_spill_removed(tmp_path, capsys, monkeypatch):
     """A lean model's base gets its new weights from a spill file in the
     output's folder; the base written is the in-memory path's, and the spill
@@ -115,7 +109,7 @@ def test_a_big_models_new_weights_are_spilled_and_the_spill_removed(tmp_path, ca
     real = Spill.tensor
     monkeypatch.setattr(Spill, "tensor", lambda self, arr, name: (spilled.append((self.path, name)),
                                                                   real(self, arr, name))[1])
-    _, m = _planted(2)
+    _, m = small_planted_mlp(2)
     src = save(m, tmp_path / "m.onnx")
     rc, _, err = cli(capsys, "compress", src, "-o", tmp_path / "lean.onnx", "--verify")
     assert rc == 0, err
@@ -167,7 +161,7 @@ def test_a_dry_write_counts_the_parameters_of_the_real_one_without_merging(kind,
     from fibgraph.importers.onnx.runtime import count_params
     from fibgraph.importers.onnx.write import linear, write_dag_base
 
-    m = _planted(3)[1] if kind == "mlp" else _planted_conv()
+    m = small_planted_mlp(3)[1] if kind == "mlp" else _planted_conv()
     imp = import_dag(m)
     col = colour_dag(imp, "fibration", 0.0, {}, "complete", "cosine", 1e-5, True)
     real, *_ = write_dag_base(imp, col.labels, scales=col.scales)
@@ -195,7 +189,7 @@ def test_sessions_over_the_weights_copy_none_and_pool_nothing(tmp_path, capsys, 
         return real(model, options, providers)
 
     monkeypatch.setattr(external, "session", spy)
-    _, m = _planted(4)
+    _, m = small_planted_mlp(4)
     src = save(m, tmp_path / "m.onnx")
     for extra in ([], ["--verify"]):
         rc, _, err = cli(capsys, "compress", src, "-o", tmp_path / "b.onnx", *extra)
@@ -213,7 +207,7 @@ def test_the_repair_of_a_big_models_base_is_the_in_memory_ones(tmp_path, capsys,
     weights in files): the calibration runs read them there (an absolute
     external location was refused by onnxruntime: an internal error), and the
     repaired base equals the in-memory path's."""
-    p, m = _planted(6)
+    p, m = small_planted_mlp(6)
     src = save(m, tmp_path / "m.onnx")
     x = np.random.default_rng(6).normal(size=(64, 32)).astype(np.float32)
     np.savez(tmp_path / "cal.npz", x=x)
@@ -253,7 +247,7 @@ def test_a_weight_computed_on_is_folded_once_and_nothing_else_is(tmp_path, capsy
                           [numpy_helper.from_array(E, "E"), numpy_helper.from_array(W, "W")])
     tied = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     assert folds_weights(tied) and not folds_weights(tied, least=2 << 20)
-    assert not folds_weights(_planted(1)[1])
+    assert not folds_weights(small_planted_mlp(1)[1])
     levels = []
     real = external.session
 
