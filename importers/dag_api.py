@@ -252,7 +252,7 @@ def compress_dag_model(path, out, symmetry="fibration", eps=0.0, eps_table=None,
     from fibgraph.fileio import atomic_path, install
 
     from .onnx import external
-    from .onnx.runtime import check_loads, folds_weights
+    from .onnx.runtime import check_loads
 
     t0 = time.perf_counter()
     imp = imp or import_dag(path)
@@ -294,7 +294,7 @@ def compress_dag_model(path, out, symmetry="fibration", eps=0.0, eps_table=None,
                 except Exception as e:                 # a writer bug, never the user's input
                     raise RuntimeError(f"the written base model does not pass the ONNX checker: {e}") from None
                 if not (verify or data is not None):
-                    check_loads(tmp, folds_weights(imp.model))     # verify opens it anyway
+                    check_loads(tmp)
                 t1 = time.perf_counter()
                 if verify or data is not None:
                     ref = reference if reference is not None else verify_reference(imp.model, imp, data=data, seed=seed)

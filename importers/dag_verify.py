@@ -115,15 +115,12 @@ REFERENCE_FIRST_BYTES = 64 << 20
 @dataclass
 class Reference:
     """The original's outputs on verify's inputs: ``fed`` (drawn, feeds) per
-    run, ``outs`` the outputs per run; ``data``/``seed``/``specs`` as drawn;
-    ``fold``: the sessions fold constant subgraphs over weights
-    (:func:`fibgraph.importers.onnx.runtime.folds_weights`)."""
+    run, ``outs`` the outputs per run; ``data``/``seed``/``specs`` as drawn."""
     fed: list
     outs: list
     data: object
     seed: int
     specs: dict
-    fold: bool = False
 
 
 def verify_reference(a, imp, data=None, seed=0, repeats=3, batch="auto"):
@@ -135,17 +132,16 @@ def verify_reference(a, imp, data=None, seed=0, repeats=3, batch="auto"):
 
     from fibgraph.heap import session_heap, trim
 
-    from .onnx.external import relieve, session
+    from .onnx.external import relieve
     from .onnx.feeds import input_specs, short_error
-    from .onnx.runtime import folds_weights, lean_options
+    from .onnx.runtime import lean_session
 
     runs = 1 if data is not None else repeats
     if batch == "auto":
         batch = verify_batch(imp)
     with task("verifying: the original on made-up inputs", total=runs) as advance, session_heap():
         relieve()                              # mapped pages and freed heap back first
-        fold = folds_weights(imp.model)        # the base keeps the original's constant subgraphs
-        sa = session(a, lean_options(fold))
+        sa = lean_session(a)                   # weights read in place; chains on weights alone folded once
         names = [i.name for i in sa.get_inputs()]
         specs = input_specs(imp.model)
 
@@ -178,7 +174,7 @@ def verify_reference(a, imp, data=None, seed=0, repeats=3, batch="auto"):
         if heavy(a):                           # a full collection costs time in a big process: only for big models
             gc.collect()
         trim()                                 # the session's weights back to the system
-    return Reference(fed=fed, outs=ra, data=data, seed=seed, specs=specs, fold=fold)
+    return Reference(fed=fed, outs=ra, data=data, seed=seed, specs=specs)
 
 
 def reference_first(imp, data=None, repeats=3):
@@ -202,15 +198,15 @@ def verify_against(b, ref):
     that is not finite is an error, not a number."""
     from fibgraph.heap import session_heap
 
-    from .onnx.external import relieve, session
-    from .onnx.runtime import lean_options
+    from .onnx.external import relieve
+    from .onnx.runtime import lean_session
     from .onnx.feeds import describe, short_error
 
     runs = len(ref.fed)
     with task("verifying: the base on the same inputs", total=runs) as advance, session_heap():
         relieve()
         try:
-            sb = session(b, lean_options(ref.fold))
+            sb = lean_session(b)
         except Exception as e:                 # a writer bug, never the user's input
             raise RuntimeError("the written base model does not load in onnxruntime "
                                f"({short_error(e)}); nothing was written") from None

@@ -373,14 +373,33 @@ def joint_rows(blocks, metric, scales=None):
     divided by ``sqrt(len(blocks))``.  On these rows the euclidean distance is
     the root mean square of the per-set distances and ``|u - v|^2 / 2`` the
     mean of the per-set cosine distances, so eps keeps its meaning (one block:
-    the plain rows).  ``scales`` (euclidean only): divide block ``s`` by
-    ``scales[s]`` instead of its own largest row norm (e.g. the largest norm
-    over the whole layer).  Use with ``threshold_clusters(..., prepared=True)``."""
-    if scales is not None and metric == "euclidean":
-        ys = [np.asarray(b, dtype=np.float64) / (s if s > 0 else 1.0) for b, s in zip(blocks, scales)]
-    else:
-        ys = [prepare_rows(b, metric)[0] for b in blocks]
-    return np.hstack(ys) / np.sqrt(len(ys)) if ys else np.zeros((0, 0))
+    the plain rows).  ``scales`` (euclidean only, one per block): divide block
+    ``s`` by ``scales[s]`` instead of its own largest row norm (e.g. the
+    largest norm over the whole layer).  ``blocks`` may be a generator: each
+    block is prepared and stored (float32 once the rows reach
+    :data:`F32_ROWS_MIN` entries; every product on them is float64) before
+    the next is made.  Use with ``threshold_clusters(..., prepared=True)``."""
+    ys = []
+    for k, b in enumerate(blocks):
+        if scales is not None and metric == "euclidean":
+            s = scales[k]
+            y = np.asarray(b, dtype=np.float64) / (s if s > 0 else 1.0)
+        else:
+            y = prepare_rows(b, metric)[0]
+        if y.size >= F32_ROWS_MIN or (ys and ys[0].dtype == np.float32):
+            y = y.astype(np.float32)
+        ys.append(y)
+        del b, y
+    if not ys:
+        return np.zeros((0, 0))
+    dt = np.float32 if sum(y.size for y in ys) >= F32_ROWS_MIN else np.float64
+    out = np.empty((ys[0].shape[0], sum(y.shape[1] for y in ys)), dtype=dt)
+    k, root = 0, np.sqrt(len(ys))
+    while ys:
+        y = ys.pop(0)
+        np.divide(y, root, out=out[:, k:k + y.shape[1]], casting="unsafe")
+        k += y.shape[1]
+    return out
 
 
 def algorithm1(X, eps, linkage_method="average", metric="cosine"):

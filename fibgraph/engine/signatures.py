@@ -45,6 +45,7 @@ import numpy as np
 from ..graph import WeightedDigraph
 from ..hashing import GOLD, M1, M2, mix
 from ..pages import blocks, drop_mapped, read
+from .rowparts import F32_ROWS_MIN, RowParts
 from .sparse import group_rows, group_sorted, hash_entries, quantise, sparse_hash, value_labels
 from ..lazy import lazy_module
 
@@ -374,28 +375,41 @@ def split_exact(graph, nodes, directions, colours, scales, rtol):
 
 
 def signature_matrix(graph, nodes, directions, colours, scales):
-    """Signature rows of ``nodes`` as a (sparse) matrix with aligned columns."""
+    """Signature rows of ``nodes`` as a (sparse) matrix with aligned columns; a
+    big dense part over only some of the rows (an LSTM level's gates) makes it
+    a :class:`~fibgraph.engine.rowparts.RowParts` instead: the part as it is,
+    not filled with zero rows or copied into a sparse matrix."""
     mask = np.zeros(graph.n, dtype=bool)
     mask[nodes] = True
     local = np.full(graph.n, -1, dtype=np.int64)
     local[nodes] = np.arange(nodes.size)
-    mats = []
+    mats, held, loose = [], [], []
     exact = True
     for direction in directions:
         dense, sparse = _merge_parts(list(_parts(graph, mask, direction, colours, scales)))
         for p in dense:
             exact &= p["exact"]
             tl = local[p["targets"]]
+            held.append((tl, p["A"]))
             if np.array_equal(tl, np.arange(nodes.size)):
                 mats.append(p["A"])                  # no copy (a float32 view of a weight stays one)
                 continue
-            M = np.zeros((nodes.size, p["A"].shape[1]))
-            M[tl] = p["A"]
-            mats.append(sp.csr_matrix(M))
+            mats.append(None)                        # filled below, unless the rows stay in parts
         for p in sparse:
             exact &= p["exact"]
             uk, kcol = np.unique(p["key"], return_inverse=True)
-            mats.append(sp.csr_matrix((p["v"], (local[p["t"]], kcol)), shape=(nodes.size, uk.size)))
+            loose.append(sp.csr_matrix((p["v"], (local[p["t"]], kcol)), shape=(nodes.size, uk.size)))
+            mats.append(loose[-1])
+    if any(tl.size < nodes.size and nodes.size * A.shape[1] >= F32_ROWS_MIN for tl, A in held):
+        return RowParts(nodes.size, held, sp.hstack(loose).tocsr() if loose else None), exact
+    parts = iter([(tl, A) for tl, A in held])
+    for k, m in enumerate(mats):
+        if m is None or isinstance(m, np.ndarray):
+            tl, A = next(parts)
+            if m is None:
+                M = np.zeros((nodes.size, A.shape[1]))
+                M[tl] = A
+                mats[k] = sp.csr_matrix(M)
     if not mats:
         return np.zeros((nodes.size, 0)), exact
     dense_mats = [m for m in mats if isinstance(m, np.ndarray)]
@@ -414,14 +428,13 @@ def signature_matrix(graph, nodes, directions, colours, scales):
     return sp.hstack([sp.csr_matrix(m) for m in mats]).tocsr(), exact
 
 
-#: signature rows of at least this many entries built from float32 weights
-#: are kept in float32 (8 MB of float64 and more), merged column sums too
-F32_ROWS_MIN = 1 << 20
-
 
 def dense_rows(X, members):
     """The rows ``members`` of a signature matrix as a dense array (of a sparse
-    matrix: only the columns those rows use)."""
+    matrix or a :class:`~fibgraph.engine.rowparts.RowParts`: only the columns
+    those rows use)."""
+    if isinstance(X, RowParts):
+        return X.rows(members)
     if not sp.issparse(X) and members.size == X.shape[0] and np.array_equal(members, np.arange(members.size)):
         return X                                     # every row, in order: no copy
     rows = X[members]

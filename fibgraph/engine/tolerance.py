@@ -62,6 +62,7 @@ from ..partition import canonical
 from ..graph import AND_KINDS
 from ..pages import mapped_in
 from .cluster import joint_rows, row_norms, threshold_clusters
+from .rowparts import RowParts
 from .signatures import dense_rows, signature_matrix
 from ..lazy import lazy_module
 
@@ -210,7 +211,9 @@ def _split_tied(graph, nodes, X, colours, crit, info_key, info, cols):
     bounds = np.flatnonzero(np.diff(cls[order])) + 1
     # euclidean: each node set's rows over that set's largest row norm in the level
     # (not in the class: a class that shrinks must not magnify its distances)
-    if sp.issparse(X):
+    if isinstance(X, RowParts):
+        norm = X.row_norms()
+    elif sp.issparse(X):
         norm = np.sqrt(np.asarray(X.multiply(X).sum(axis=1)).reshape(-1))
     else:
         norm = row_norms(X)
@@ -223,10 +226,10 @@ def _split_tied(graph, nodes, X, colours, crit, info_key, info, cols):
             nxt += 1
             continue
         present = np.flatnonzero(table[members[0]] >= 0)     # the same in the whole class
-        blocks = [dense_rows(X, table[members, p]) for p in present]
-        if len(blocks) == 1:
-            lab = threshold_clusters(blocks[0], crit.eps, crit.linkage, metric)
-        else:
+        if len(present) == 1:
+            lab = threshold_clusters(dense_rows(X, table[members, present[0]]), crit.eps, crit.linkage, metric)
+        else:                  # one node set's rows at a time, each prepared and stored before the next is made
+            blocks = (dense_rows(X, table[members, p]) for p in present)
             rows = joint_rows(blocks, metric, set_scale[present])
             lab = threshold_clusters(rows, crit.eps, crit.linkage, metric, prepared=True)
             joint += members.size

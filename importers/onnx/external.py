@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import weakref
 
 import numpy as np
 import onnx
@@ -50,6 +51,7 @@ EXTERNAL_MIN_BYTES = 1024
 ALIGN = 4096
 
 _MAPS = {}          # (absolute path, inode, size, mtime) -> mmap (read-only), shared by every view
+_ADOPTED = weakref.WeakSet()     # other read-only maps of weights (folded values' temporary files)
 
 
 # ------------------------------------------------------------ wire format
@@ -279,10 +281,17 @@ def tensor_array(t) -> np.ndarray:
 
 
 def release():
-    """Hand the resident pages of every mapped weight file back (they are read again when touched)."""
-    for mm in _MAPS.values():
+    """Hand the resident pages of every mapped weight file back (they are read
+    again when touched), the folded weights' temporary files included (:func:`adopt`)."""
+    for mm in [*_MAPS.values(), *_ADOPTED]:
         if not mm.closed:
             drop_pages(mm)
+
+
+def adopt(mm):
+    """Have :func:`release` hand back the pages of the read-only map ``mm`` too
+    (held weakly: it closes with its last view)."""
+    _ADOPTED.add(mm)
 
 
 def forget(path):

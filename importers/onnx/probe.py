@@ -3,12 +3,12 @@ on sample inputs (batch 1), for the hypergraph importer's layouts."""
 from __future__ import annotations
 
 import numpy as np
-import onnx
 
 from fibgraph.errors import InputError
 from fibgraph.heap import session_heap
 
 from . import external
+from .fold import cut, feedable, fold_constants
 from .feeds import describe, input_specs, make_feeds, short_error
 from .limits import check_model
 from .runtime import lean_options
@@ -28,16 +28,15 @@ def sample_feeds(model, seed=0, sizes=None, specs=None):
 
 def probe_model(model, feeds=None):
     """Run ``model`` once with every intermediate tensor exposed; returns
-    ``(feeds, values)`` with the value of every tensor (initializers included)."""
+    ``(feeds, values)`` with the value of every computed tensor.  What is
+    computed from weights alone and folds (:mod:`.fold`: a weight sliced,
+    reordered, transposed, cast) is made with numpy, views of the weights
+    where it can, and fed to the run: onnxruntime would make (and return) a
+    copy per step."""
     check_model(model)                     # no run before the sizes it implies are checked
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    have = {o.name for o in m.graph.output}
-    for node in m.graph.node:
-        for o in node.output:
-            if o and o not in have:
-                m.graph.output.append(onnx.ValueInfoProto(name=o))
-                have.add(o)
+    folded = fold_constants(model)
+    m, cut_in = cut(model, folded, expose=True)
+    extra = {x: feedable(folded[x]) for x in cut_in}     # a mapped weight: read in place
     so = lean_options()                  # every node's value as written; a size that does not fit fails quietly
     with session_heap():          # the run's activations go back as they are freed
         try:
@@ -59,9 +58,10 @@ def probe_model(model, feeds=None):
         err = None
         for f in tries:
             try:
-                out = sess.run(names, f)
+                out = sess.run(names, {**f, **extra})
                 vals = dict(zip(names, out))
                 vals.update(f)
+                vals.update(folded)
                 return f, vals
             except Exception as e:  # the size did not fit the model; try the next
                 err = e if err is None else err

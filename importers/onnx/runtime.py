@@ -3,7 +3,7 @@ probe's feeds, verification of a base against its original, accuracy and
 loss of a classifier, and the parameter count every report uses."""
 from __future__ import annotations
 
-import math
+import os
 
 import numpy as np
 import onnx
@@ -13,10 +13,9 @@ from fibgraph.limits import check_elements, npz_headers, read_npz
 from fibgraph.fileio import check_regular
 
 from .feeds import short_error
-from .limits import tensor_size
 from .load import float_tensors, load_onnx
 
-__all__ = ["count_params", "data_feeds", "probe_feeds", "check_loads", "session", "run", "load_data",
+__all__ = ["count_params", "data_feeds", "probe_feeds", "check_loads", "lean_options", "lean_session", "session", "run", "load_data",
            "inputs_for", "verify_models", "prob_kind", "evaluate"]
 
 
@@ -77,18 +76,15 @@ def probe_feeds(data, model):
     return feeds if fixed or v.ndim == 0 else {vi.name: v[:1]}
 
 
-def lean_options(fold=False):
+def lean_options():
     """onnxruntime session options that hold the weights once and the
     activations no longer than they live: no packed or re-laid-out (NCHWc)
     second copy of a weight (prepacking off, graph optimisations off: the
     graph runs as written), no memory arena and no memory pattern (an
     activation is freed when it dies, not pooled at the run's peak; on a
     25M-parameter CNN the three save about 20 MB of a verify run), errors
-    only as exceptions.  ``fold``: basic optimisations on, for a model that
-    computes something from its weights alone (:func:`folds_weights`: a
-    dynamo-exported GPT-2's transposed token table, 154 MB, is then made once
-    at load, not at every run).  Every session over a model's weights uses
-    them (probe, load check, verify); a timed run (``eval``) does not."""
+    only as exceptions.  Every session over a model's weights uses them
+    (probe, load check, verify, repair); a timed run (``eval``) does not."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -96,45 +92,56 @@ def lean_options(fold=False):
     so.enable_cpu_mem_arena = False
     so.enable_mem_pattern = False
     so.add_session_config_entry("session.disable_prepacking", "1")
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC if fold else \
-        ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return so
 
 
-def folds_weights(model, least=1 << 20):
-    """Whether a node of ``model``'s graph computes from constants alone and
-    reads an initializer of ``least`` bytes or more (a Transpose of a weight):
-    constant folding makes its result once, where a graph run as written
-    would make it (and read the weight) at every run."""
-    inits = {t.name: t for t in model.graph.initializer}
-    consts = set(inits)
-    for n in model.graph.node:
-        if n.op_type == "Constant":
-            consts.update(n.output)
-            continue
-        if n.input and all(not x or x in consts for x in n.input):
-            consts.update(o for o in n.output if o)
-            if any(x in inits and _declared_bytes(inits[x]) >= least for x in n.input):
-                return True
-    return False
+class _Fed:
+    """A session with some inputs always fed: the folded weights of :func:`lean_session`."""
+
+    def __init__(self, sess, extra):
+        self._sess, self._extra = sess, extra
+
+    def get_inputs(self):
+        return [i for i in self._sess.get_inputs() if i.name not in self._extra]
+
+    def get_outputs(self):
+        return self._sess.get_outputs()
+
+    def run(self, names, feeds, *args):
+        return self._sess.run(names, {**feeds, **self._extra}, *args)
 
 
-def _declared_bytes(t):
-    """Bytes a tensor declares (its dims and type, nothing read: :func:`.limits.tensor_size`)."""
-    dims, itemsize, name = tensor_size(t)
-    return 0 if dims is None or name is None else math.prod(dims) * itemsize
+def lean_session(model):
+    """A session over ``model`` (a path or a ModelProto) with :func:`lean_options`
+    whose nodes on weights alone that fold (:mod:`.fold`: a dynamo export's
+    gate reordering, a transposed token table) are made once here and fed:
+    run as written, every run would copy those weights again, and
+    onnxruntime's own constant folding keeps a copy of its own."""
+    from . import external
+    from .fold import cut, feedable, fold_constants
+
+    m = model
+    if not isinstance(m, onnx.ModelProto):
+        path = os.path.abspath(os.fspath(model))
+        m = external.open_lean(path, least=external.LEAN_FILE_BYTES) or onnx.load(path, load_external_data=False)
+        m = external.absolutize(m, os.path.dirname(path))
+    folded = fold_constants(m)
+    if not folded:
+        return external.session(model, lean_options())
+    m, names = cut(m, folded)
+    return _Fed(external.session(m, lean_options()), {x: feedable(folded[x]) for x in names})
 
 
-def check_loads(m2, fold=False):
+def check_loads(m2):
     """The base must load in onnxruntime before it is written (the checker
     does not run shape inference through every op); ``m2``: a ModelProto or
     the path of the file written (a session over the file: its weights are
-    mapped, not copied, and not re-laid-out: :func:`lean_options`, ``fold``
-    as there)."""
+    mapped, not copied, and not re-laid-out: :func:`lean_options`)."""
     from .external import session as ext_session
 
     try:
-        ext_session(m2, lean_options(fold))
+        ext_session(m2, lean_options())
     except Exception as e:                 # a writer bug, never the user's input
         raise RuntimeError("the written base model does not load in onnxruntime "
                            f"({short_error(e)}); nothing was written") from None

@@ -135,6 +135,32 @@ def test_exact_ignores_ties(noisy):
     assert np.array_equal(with_tie, without)
 
 
+def test_an_lstm_level_splits_alike_in_parts_and_as_one_matrix(noisy, monkeypatch):
+    """The gate rows held as parts (fibgraph/engine/rowparts.py; float32 rows)
+    and as one zero-filled matrix (float64): the same labels at EPS."""
+    from fibgraph.engine import cluster, rowparts, signatures
+
+    kind, _, _, _, _, imp = noisy
+    made = []
+    real = signatures.signature_matrix
+
+    def spy(*a):
+        X, exact = real(*a)
+        made.append(type(X).__name__)
+        return X, exact
+
+    monkeypatch.setattr("fibgraph.engine.tolerance.signature_matrix", spy)
+    monkeypatch.setattr(signatures, "F32_ROWS_MIN", 1 << 40)
+    whole = colour_dag(imp, "fibration", eps=EPS, linkage="complete").labels
+    assert "RowParts" not in made
+    for mod in (signatures, rowparts, cluster):
+        monkeypatch.setattr(mod, "F32_ROWS_MIN", 1)
+    made.clear()
+    parts = colour_dag(imp, "fibration", eps=EPS, linkage="complete").labels
+    assert "RowParts" in made
+    np.testing.assert_array_equal(parts, whole)
+
+
 # ------------------------------------------------------------- the engine
 def _two_set_graph(rng, noise):
     """Inputs 0..3; set A (nodes 4..9) and set B (10..15) in one level, A_j and
