@@ -302,6 +302,23 @@ def node_by_op(model, op):
 
 
 # ----------------------------------------------------------------- the CLI
+def spy_sessions(monkeypatch):
+    """Record every onnxruntime session fibgraph opens over a model's weights
+    (``importers/onnx/external.session``): a list of ``(model, options)``
+    that fills as sessions are made."""
+    from fibgraph.importers.onnx import external
+
+    made = []
+    real = external.session
+
+    def spy(model, options=None, providers=("CPUExecutionProvider",)):
+        made.append((model, options))
+        return real(model, options, providers)
+
+    monkeypatch.setattr(external, "session", spy)
+    return made
+
+
 def cli_sub(*args, cwd=None):
     """Run the real CLI in a subprocess: (returncode, stdout, stderr)."""
     env = dict(os.environ)

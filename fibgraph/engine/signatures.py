@@ -394,7 +394,7 @@ def signature_matrix(graph, nodes, directions, colours, scales):
             if np.array_equal(tl, np.arange(nodes.size)):
                 mats.append(p["A"])                  # no copy (a float32 view of a weight stays one)
                 continue
-            mats.append(None)                        # filled below, unless the rows stay in parts
+            mats.append((tl, p["A"]))                # zero-filled below, unless the rows stay in parts
         for p in sparse:
             exact &= p["exact"]
             uk, kcol = np.unique(p["key"], return_inverse=True)
@@ -402,14 +402,12 @@ def signature_matrix(graph, nodes, directions, colours, scales):
             mats.append(loose[-1])
     if any(tl.size < nodes.size and nodes.size * A.shape[1] >= F32_ROWS_MIN for tl, A in held):
         return RowParts(nodes.size, held, sp.hstack(loose).tocsr() if loose else None), exact
-    parts = iter([(tl, A) for tl, A in held])
     for k, m in enumerate(mats):
-        if m is None or isinstance(m, np.ndarray):
-            tl, A = next(parts)
-            if m is None:
-                M = np.zeros((nodes.size, A.shape[1]))
-                M[tl] = A
-                mats[k] = sp.csr_matrix(M)
+        if isinstance(m, tuple):                     # a dense part over some of the rows
+            tl, A = m
+            M = np.zeros((nodes.size, A.shape[1]))
+            M[tl] = A
+            mats[k] = sp.csr_matrix(M)
     if not mats:
         return np.zeros((nodes.size, 0)), exact
     dense_mats = [m for m in mats if isinstance(m, np.ndarray)]
@@ -426,7 +424,6 @@ def signature_matrix(graph, nodes, directions, colours, scales):
         # dense matrix, never a sparse copy of the dense block (~3x its size)
         return np.hstack([m if isinstance(m, np.ndarray) else m.toarray() for m in mats], dtype=dt), exact
     return sp.hstack([sp.csr_matrix(m) for m in mats]).tocsr(), exact
-
 
 
 def dense_rows(X, members):

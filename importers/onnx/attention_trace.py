@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 
 from . import external
-from .load import tensor_value
+from .load import attrs, tensor_value
 
 __all__ = ["Graph", "Fail", "nodename", "trace_back", "trace_forward", "candidates", "run_path", "needed",
            "evaluate", "SHAPE_OPS", "SCALE_OPS", "BIAS_OPS", "SCORE_PATH", "PROB_PATH"]
@@ -25,10 +25,6 @@ PROB_PATH = {"Cast", "Identity", "Dropout", "Where", "Reshape"}
 
 
 # ------------------------------------------------------------------ graph helpers
-def _attrs(node):
-    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-
-
 def nodename(node, i):
     return node.name or f"#{i} {node.op_type}"
 
@@ -113,7 +109,7 @@ def trace_back(G, t, side):
                 raise Fail(f"{side} side: MatMul {nodename(n, i)!r} has its constant as the first operand")
             raise Fail(f"{side} side: MatMul {nodename(n, i)!r} of two computed tensors, no projection")
         if op == "Gemm":
-            a = _attrs(n)
+            a = attrs(n)
             if dins == [0] and not a.get("transA", 0):
                 return {"node": n, "index": i, "data": n.input[0], "weight": n.input[1], "kind": "Gemm",
                         "transB": bool(a.get("transB", 0)), "alpha": float(a.get("alpha", 1.0)),
@@ -148,9 +144,9 @@ def trace_forward(G, t):
         op = n.op_type
         if op == "MatMul" and k == 0 and not G.is_dyn(n.input[1]):
             return {"node": n, "index": i, "weight": n.input[1], "kind": "MatMul"}, path
-        if op == "Gemm" and k == 0 and not G.is_dyn(n.input[1]) and not _attrs(n).get("transA", 0):
+        if op == "Gemm" and k == 0 and not G.is_dyn(n.input[1]) and not attrs(n).get("transA", 0):
             return {"node": n, "index": i, "weight": n.input[1], "kind": "Gemm",
-                    "transB": bool(_attrs(n).get("transB", 0))}, path
+                    "transB": bool(attrs(n).get("transB", 0))}, path
         if op in SHAPE_OPS and k == 0 and len(n.output) == 1:
             path.append((n, 0, 0))
             t = n.output[0]
@@ -200,7 +196,7 @@ def _ints(v):
 
 
 def _axes(node, vals, G, slot=1):
-    a = _attrs(node)
+    a = attrs(node)
     if "axes" in a:
         return list(a["axes"])
     if len(node.input) > slot and node.input[slot]:
@@ -211,7 +207,7 @@ def _axes(node, vals, G, slot=1):
 def _simulate(G, node, slot, out_k, P, vals):
     """Apply ``node`` to the probe ``P`` (its input ``slot``); other inputs from ``vals``."""
     op = node.op_type
-    a = _attrs(node)
+    a = attrs(node)
     if op in ("Identity", "Cast", "Dropout"):
         return P
     if op in SCALE_OPS or op in BIAS_OPS:

@@ -24,7 +24,8 @@ from fibgraph.errors import InputError
 from fibgraph.graph import FACTOR, PER_UNIT, Block
 
 from . import external as _external
-from .load import graph_float_tensors, outer_refs, tensor_value
+from .fold import constant_value
+from .load import attrs, graph_float_tensors, outer_refs, tensor_value
 from .probe import probe_model
 from .records import EmbeddingRecord
 
@@ -34,11 +35,6 @@ __all__ = ["Builder", "Space", "Barrier", "META", "attrs", "nodename", "etype", 
 
 class Barrier(Exception):
     """Raised by a rule: the node is a barrier (the message says why)."""
-
-
-def attrs(node):
-    """A node's attributes as ``{name: value}``."""
-    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
 
 
 def nodename(node, i):
@@ -167,13 +163,10 @@ class Builder:
                     self.consumers.setdefault(x, []).append(node)
 
     def _constant_value(self, node):
-        a = attrs(node)
-        if "value" in a:
-            return tensor_value(a["value"])
-        for k in ("value_float", "value_int", "value_floats", "value_ints"):
-            if k in a:
-                return np.array(a[k])
-        raise InputError(f"{self.label}: Constant node {node.name!r} holds no tensor value")
+        try:
+            return constant_value(node)
+        except InputError as e:
+            raise InputError(f"{self.label}: {e}") from None
 
     # ------------------------------------------------------------ nodes
     def new_space(self, n, kind, node="", weight=None, key=None, distinct=False, level=None):

@@ -51,18 +51,14 @@ from fibgraph.errors import InputError
 from fibgraph.pages import blocks, drop_mapped, drop_pages, mapped_in
 
 from . import external
-from .load import outer_refs, tensor_value
+from .load import attrs, outer_refs, tensor_value
 
-__all__ = ["FOLDS", "folded_outputs", "fold_constants", "constant_value", "cut", "feedable"]
+__all__ = ["FOLDS", "folded_outputs", "fold_constants", "constant_value", "cut", "feedable", "slice_bounds"]
 
 SPILL_BYTES = 1 << 20           # a new array at least this big, made from a mapped weight, goes to a file
 _CASTS = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.INT8,
           onnx.TensorProto.INT16, onnx.TensorProto.INT32, onnx.TensorProto.INT64, onnx.TensorProto.UINT8,
           onnx.TensorProto.UINT16, onnx.TensorProto.UINT32, onnx.TensorProto.UINT64, onnx.TensorProto.BOOL}
-
-
-def _attrs(node):
-    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
 
 
 def _axis(a, rank):
@@ -92,17 +88,23 @@ def _slice(xs, at):
     idx = [slice(None)] * x.ndim
     for s, e, a, st in zip(starts, ends, axes, steps):
         a = _axis(a, x.ndim)
-        n = x.shape[a]
         if st == 0:
             raise ValueError("Slice step 0")
-        s = s + n if s < 0 else s
-        e = e + n if e < 0 else e
-        if st > 0:
-            s, e = min(max(s, 0), n), min(max(e, 0), n)
-        else:
-            s, e = min(max(s, 0), n - 1), min(max(e, -1), n - 1)
+        s, e = slice_bounds(s, e, st, x.shape[a])
         idx[a] = slice(s, None if e < 0 else e, st)
     return [x[tuple(idx)]]
+
+
+def slice_bounds(start, end, step, n):
+    """ONNX ``Slice``'s ``start`` and ``end`` on an axis of ``n`` (negative ones
+    counted from the end, then clamped: to ``[0, n]`` for a positive step, to
+    ``[0, n - 1]`` and ``[-1, n - 1]`` for a negative one, where ``end`` = -1
+    means "through index 0"); ``range(start, end, step)`` are the indices taken."""
+    start = start + n if start < 0 else start
+    end = end + n if end < 0 else end
+    if step > 0:
+        return min(max(start, 0), n), min(max(end, 0), n)
+    return min(max(start, 0), n - 1), min(max(end, -1), n - 1)
 
 
 def _concat(xs, at):
@@ -256,7 +258,7 @@ def _folds(node):
     if node.op_type == "Constant":
         return any(a.name in _CONSTANT_KEYS for a in node.attribute)
     if node.op_type == "Cast":
-        return int(_attrs(node).get("to", 0)) in _CASTS
+        return int(attrs(node).get("to", 0)) in _CASTS
     return bool(node.input) and (node.op_type in FOLDS or node.op_type == "Split")
 
 
@@ -303,7 +305,7 @@ def fold_constants(model):
             values[node.output[0]] = constant_value(node)
             continue
         xs = [None if not x else values[x] if x in values else tensor_value(inits[x]) for x in node.input]
-        at = _attrs(node)
+        at = attrs(node)
         try:
             res = _split(xs, at, len(node.output)) if node.op_type == "Split" else FOLDS[node.op_type](xs, at)
         except Exception:
@@ -334,10 +336,10 @@ def constant_value(node):
 
 def cut(model, folded, expose=False):
     """``model`` (a copy) without the nodes that fold: every folded value a
-    remaining node reads is a graph input instead (the caller feeds
-    :func:`feedable` of ``folded[name]``), the initializers only folded nodes
-    read are dropped; ``expose``: every node output a graph output too (the
-    probe).  Returns ``(model, fed names)``."""
+    remaining node reads is a graph input instead, the initializers only
+    folded nodes read are dropped; ``expose``: every node output a graph
+    output too (the probe).  Returns ``(model, feeds)``: the inputs made of
+    folded values, each as :func:`feedable`."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
     g = m.graph
@@ -366,4 +368,4 @@ def cut(model, folded, expose=False):
                 if o and o not in have:
                     g.output.append(onnx.ValueInfoProto(name=o))
                     have.add(o)
-    return m, fed
+    return m, {x: feedable(folded[x]) for x in fed}

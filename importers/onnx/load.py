@@ -12,7 +12,7 @@ from fibgraph.fileio import read_input
 from .limits import check_model, check_model_file
 from .validate import validate_model
 
-__all__ = ["load_onnx", "tensor_value", "float_tensors", "graph_float_tensors", "outer_refs", "FLOAT_TYPES"]
+__all__ = ["load_onnx", "attrs", "tensor_value", "float_tensors", "graph_float_tensors", "outer_refs", "FLOAT_TYPES"]
 
 
 def _external_location(t):
@@ -87,6 +87,11 @@ def _all_tensors(model):
         for a in node.attribute:
             if a.type == onnx.AttributeProto.TENSOR:
                 yield a.t
+
+
+def attrs(node):
+    """A node's attributes as ``{name: value}``."""
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
 
 
 def tensor_value(t) -> np.ndarray:

@@ -8,7 +8,7 @@ from fibgraph.errors import InputError
 from fibgraph.heap import session_heap
 
 from . import external
-from .fold import cut, feedable, fold_constants
+from .fold import cut, fold_constants
 from .feeds import describe, input_specs, make_feeds, short_error
 from .limits import check_model
 from .runtime import lean_options
@@ -35,8 +35,7 @@ def probe_model(model, feeds=None):
     copy per step."""
     check_model(model)                     # no run before the sizes it implies are checked
     folded = fold_constants(model)
-    m, cut_in = cut(model, folded, expose=True)
-    extra = {x: feedable(folded[x]) for x in cut_in}     # a mapped weight: read in place
+    m, extra = cut(model, folded, expose=True)        # a mapped weight fed: read in place
     so = lean_options()                  # every node's value as written; a size that does not fit fails quietly
     with session_heap():          # the run's activations go back as they are freed
         try:

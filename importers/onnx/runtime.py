@@ -119,7 +119,7 @@ def lean_session(model):
     run as written, every run would copy those weights again, and
     onnxruntime's own constant folding keeps a copy of its own."""
     from . import external
-    from .fold import cut, feedable, fold_constants
+    from .fold import cut, fold_constants
 
     m = model
     if not isinstance(m, onnx.ModelProto):
@@ -127,10 +127,10 @@ def lean_session(model):
         m = external.open_lean(path, least=external.LEAN_FILE_BYTES) or onnx.load(path, load_external_data=False)
         m = external.absolutize(m, os.path.dirname(path))
     folded = fold_constants(m)
-    if not folded:
+    if not folded:       # a written file goes to onnxruntime by its path, as external.session hands it over
         return external.session(model, lean_options())
-    m, names = cut(m, folded)
-    return _Fed(external.session(m, lean_options()), {x: feedable(folded[x]) for x in names})
+    m, fed = cut(m, folded)
+    return _Fed(external.session(m, lean_options()), fed)
 
 
 def check_loads(m2):

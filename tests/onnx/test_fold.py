@@ -14,7 +14,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from helpers import cli, save
+from helpers import cli, save, spy_sessions
 
 from fibgraph.importers.onnx import external, fold
 from fibgraph.pages import mapped_in
@@ -119,16 +119,9 @@ def test_the_probe_is_fed_the_folded_weights_and_returns_them_all(monkeypatch):
     from fibgraph.importers.onnx.probe import probe_model
 
     m = _gates_model()
-    seen = []
-    real = external.session
-
-    def spy(model, options=None, providers=("CPUExecutionProvider",)):
-        seen.append(model)
-        return real(model, options, providers)
-
-    monkeypatch.setattr(external, "session", spy)
+    seen = spy_sessions(monkeypatch)
     feeds, vals = probe_model(m)
-    ran = seen[0]
+    ran = seen[0][0]
     assert {n.op_type for n in ran.graph.node} == {"LSTM", "Squeeze", "Gather", "MatMul"}
     assert {i.name for i in ran.graph.input} == {"x", "Wtu", "Rtu"}
     assert {t.name for t in ran.graph.initializer} == {"one", "head", "last"}    # Wt, Rt: folded only
@@ -196,18 +189,11 @@ def test_verify_of_a_transposed_table_feeds_the_fold_and_folds_nothing_itself(tm
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4096])],
                           [numpy_helper.from_array(E, "E"), numpy_helper.from_array(W, "W")])
     tied = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    ran = []
-    real = external.session
-
-    def spy(model, options=None, providers=("CPUExecutionProvider",)):
-        ran.append((model, options.graph_optimization_level))
-        return real(model, options, providers)
-
-    monkeypatch.setattr(external, "session", spy)
+    ran = spy_sessions(monkeypatch)
     src = save(tied, tmp_path / "tied.onnx")
     rc, out, err = cli(capsys, "compress", src, "-o", tmp_path / "b.onnx", "--verify")
     assert rc == 0, err
-    assert all(level == ort.GraphOptimizationLevel.ORT_DISABLE_ALL for _, level in ran)
+    assert all(so.graph_optimization_level == ort.GraphOptimizationLevel.ORT_DISABLE_ALL for _, so in ran)
     probe, verify_a, verify_b = ran[0][0], ran[-2][0], ran[-1][0]
     for model in (probe, verify_a, verify_b):
         assert "Transpose" not in {n.op_type for n in model.graph.node}

@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import pytest
 
-from helpers import cli, save, small_planted_mlp
+from helpers import cli, save, small_planted_mlp, spy_sessions
 
 from fibgraph.importers.onnx import external
 
@@ -181,21 +181,14 @@ def test_sessions_over_the_weights_copy_none_and_pool_nothing(tmp_path, capsys, 
     weights, arena or memory pattern: the options that hold the weights once."""
     import onnxruntime as ort
 
-    opts = []
-    real = external.session
-
-    def spy(model, options=None, providers=("CPUExecutionProvider",)):
-        opts.append(options)
-        return real(model, options, providers)
-
-    monkeypatch.setattr(external, "session", spy)
+    made = spy_sessions(monkeypatch)
     _, m = small_planted_mlp(4)
     src = save(m, tmp_path / "m.onnx")
     for extra in ([], ["--verify"]):
         rc, _, err = cli(capsys, "compress", src, "-o", tmp_path / "b.onnx", *extra)
         assert rc == 0, err
-    assert len(opts) >= 5                        # probe + check, probe + verify's two
-    for so in opts:
+    assert len(made) >= 5                        # probe + check, probe + verify's two
+    for _, so in made:
         assert so is not None
         assert so.graph_optimization_level == ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         assert not so.enable_mem_pattern and not so.enable_cpu_mem_arena

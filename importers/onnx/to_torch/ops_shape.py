@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from fibgraph.errors import InputError
 
+from ..fold import slice_bounds
 from .registry import (
     CHECKS,
     OPS,
@@ -102,16 +103,12 @@ def _slice_tensor(x, starts, ends, axes, steps):
     rev = []
     for s, e, a, st in zip(starts, ends, axes, steps):
         a = axis_index(a, r)
-        d = x.shape[a]
         if st == 0:
             raise InputError("onnx -> torch: Slice with step 0")
-        s = s + d if s < 0 else s
-        e = e + d if e < 0 else e
+        s, e = slice_bounds(s, e, st, x.shape[a])
         if st > 0:
-            s, e = min(max(s, 0), d), min(max(e, 0), d)
             idx[a] = slice(s, e, st)
         else:
-            s, e = min(max(s, 0), d - 1), min(max(e, -1), d - 1)
             rev.append((a, list(range(s, e, st))))
     y = x[tuple(idx)]
     for a, ind in rev:
