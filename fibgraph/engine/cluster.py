@@ -366,7 +366,7 @@ def threshold_clusters(X, eps, linkage_method="average", metric="cosine", prepar
     return canonical(labels)
 
 
-def joint_rows(blocks, metric, scales=None):
+def joint_rows(blocks, metric, scales=None, widths=None):
     """Rows of tied items (e.g. the columns gate i / f / g / o, cell, hidden of
     an LSTM's units): each block (one node set's rows, one row per item) is
     prepared for ``metric`` on its own, then the blocks are concatenated and
@@ -375,30 +375,54 @@ def joint_rows(blocks, metric, scales=None):
     mean of the per-set cosine distances, so eps keeps its meaning (one block:
     the plain rows).  ``scales`` (euclidean only, one per block): divide block
     ``s`` by ``scales[s]`` instead of its own largest row norm (e.g. the
-    largest norm over the whole layer).  ``blocks`` may be a generator: each
-    block is prepared and stored (float32 once the rows reach
-    :data:`F32_ROWS_MIN` entries; every product on them is float64) before
-    the next is made.  Use with ``threshold_clusters(..., prepared=True)``."""
-    ys = []
-    for k, b in enumerate(blocks):
-        if scales is not None and metric == "euclidean":
-            s = scales[k]
-            y = np.asarray(b, dtype=np.float64) / (s if s > 0 else 1.0)
-        else:
-            y = prepare_rows(b, metric)[0]
-        if y.size >= F32_ROWS_MIN or (ys and ys[0].dtype == np.float32):
-            y = y.astype(np.float32)
-        ys.append(y)
-        del b, y
-    if not ys:
+    largest norm over the whole layer).  Stored float32 once the rows reach
+    :data:`F32_ROWS_MIN` entries (every product on them is float64).
+
+    ``blocks`` may be a generator; with ``widths`` (the blocks' column
+    counts) each block is scaled straight into its columns of the result, a
+    few rows at a time, before the next is made: the result and one block are
+    all that is ever held (an LSTM layer's joint rows are 75 MB; made block by
+    block and concatenated they took twice that).  Use with
+    ``threshold_clusters(..., prepared=True)``.
+
+    >>> joint_rows([np.array([[3.0, 4.0], [0.0, 1.0]]), np.array([[2.0], [2.0]])], "cosine").round(3).tolist()
+    [[0.424, 0.566, 0.707], [0.0, 0.707, 0.707]]
+    """
+    if widths is None:
+        blocks = list(blocks)
+        widths = [np.shape(b)[1] for b in blocks]
+    widths = [int(w) for w in widths]
+    if not widths:
         return np.zeros((0, 0))
-    dt = np.float32 if sum(y.size for y in ys) >= F32_ROWS_MIN else np.float64
-    out = np.empty((ys[0].shape[0], sum(y.shape[1] for y in ys)), dtype=dt)
-    k, root = 0, np.sqrt(len(ys))
-    while ys:
-        y = ys.pop(0)
-        np.divide(y, root, out=out[:, k:k + y.shape[1]], casting="unsafe")
-        k += y.shape[1]
+    root, out, k, made = np.sqrt(len(widths)), None, 0, 0
+    for i, b in enumerate(blocks):
+        made += 1
+        if i >= len(widths):
+            raise ValueError(f"joint_rows: more blocks than the {len(widths)} widths given")
+        b = b.toarray() if sp.issparse(b) else _rows(b)
+        if b.shape[1] != widths[i]:
+            raise ValueError(f"joint_rows: block {i} has {b.shape[1]} columns, not {widths[i]}")
+        if out is None:
+            dt = np.float32 if b.shape[0] * sum(widths) >= F32_ROWS_MIN else np.float64
+            out = np.empty((b.shape[0], sum(widths)), dtype=dt)
+        if scales is not None and metric == "euclidean":
+            div = np.full((b.shape[0], 1), scales[i] if scales[i] > 0 else 1.0)
+        else:
+            if metric not in METRICS:
+                raise ValueError(f"unknown metric {metric!r}; choose from {METRICS}")
+            norms = row_norms(b)
+            if metric == "cosine":
+                div = np.where(norms <= 0, 1.0, norms)[:, None]
+            else:
+                div = np.full((b.shape[0], 1), norms.max() if norms.size and norms.max() > 0 else 1.0)
+        div *= root
+        step = max(1, _F64_CHUNK // max(b.shape[1], 1))
+        for r in range(0, b.shape[0], step):
+            out[r:r + step, k:k + b.shape[1]] = np.asarray(b[r:r + step], dtype=np.float64) / div[r:r + step]
+        k += b.shape[1]
+        del b
+    if made != len(widths):
+        raise ValueError(f"joint_rows: {made} blocks for {len(widths)} widths")
     return out
 
 

@@ -57,6 +57,14 @@ class RowParts:
         self.shape = (self.n, width)
         self.float32 = bool(self.dense) and all(A.dtype == np.float32 for _, A in self.dense)
 
+    def width(self, members):
+        """The number of columns :meth:`rows` gives for ``members``."""
+        members = np.asarray(members, dtype=np.int64)
+        w = sum(A.shape[1] for (_, A), at in zip(self.dense, self._at) if np.any(at[members] >= 0))
+        if self.sparse is not None:
+            w += int(np.count_nonzero(np.diff(self.sparse[members].tocsc().indptr)))
+        return w
+
     def rows(self, members):
         """The rows ``members`` as a new dense array over the columns they use
         (each dense part's columns where a member reads it, the sparse part's

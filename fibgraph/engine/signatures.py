@@ -51,7 +51,7 @@ from ..lazy import lazy_module
 
 sp = lazy_module("scipy.sparse")     # imported on first use: fibgraph.lazy
 
-__all__ = ["split_exact", "signature_matrix", "dense_rows"]
+__all__ = ["split_exact", "signature_matrix", "dense_rows", "dense_width"]
 
 
 def _key(colour, d, etype=None):
@@ -424,6 +424,15 @@ def signature_matrix(graph, nodes, directions, colours, scales):
         # dense matrix, never a sparse copy of the dense block (~3x its size)
         return np.hstack([m if isinstance(m, np.ndarray) else m.toarray() for m in mats], dtype=dt), exact
     return sp.hstack([sp.csr_matrix(m) for m in mats]).tocsr(), exact
+
+
+def dense_width(X, members):
+    """The number of columns :func:`dense_rows` gives for ``members``."""
+    if isinstance(X, RowParts):
+        return X.width(members)
+    if not sp.issparse(X):
+        return X.shape[1]
+    return int(np.count_nonzero(np.diff(X[members].tocsc().indptr)))
 
 
 def dense_rows(X, members):

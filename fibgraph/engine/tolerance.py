@@ -63,7 +63,7 @@ from ..graph import AND_KINDS
 from ..pages import mapped_in
 from .cluster import joint_rows, row_norms, threshold_clusters
 from .rowparts import RowParts
-from .signatures import dense_rows, signature_matrix
+from .signatures import dense_rows, dense_width, signature_matrix
 from ..lazy import lazy_module
 
 sp = lazy_module("scipy.sparse")     # imported on first use: fibgraph.lazy
@@ -230,7 +230,8 @@ def _split_tied(graph, nodes, X, colours, crit, info_key, info, cols):
             lab = threshold_clusters(dense_rows(X, table[members, present[0]]), crit.eps, crit.linkage, metric)
         else:                  # one node set's rows at a time, each prepared and stored before the next is made
             blocks = (dense_rows(X, table[members, p]) for p in present)
-            rows = joint_rows(blocks, metric, set_scale[present])
+            rows = joint_rows(blocks, metric, set_scale[present],
+                              widths=[dense_width(X, table[members, p]) for p in present])
             lab = threshold_clusters(rows, crit.eps, crit.linkage, metric, prepared=True)
             joint += members.size
         lab_item[members] = nxt + lab

@@ -35,8 +35,10 @@ __all__ = ["LEAN_BYTES", "EXTERNAL_DATA_BYTES", "EXTERNAL_MIN_BYTES", "ALIGN", "
            "tensor_array", "is_lean", "external_files", "session", "release", "forget", "relieve", "drop_pages", "save_model", "data_bytes",
            "check"]
 
-#: models with at least this many bytes of weights are opened lean
-LEAN_BYTES = 64 << 20
+#: models with at least this many bytes of weights are opened lean (a 31 MB
+#: LSTM read whole, its bytes and the parsed protobuf, peaked at 301 MiB with
+#: --keep and --verify; lean, 186 MiB; it was 64 MB until the eighth session)
+LEAN_BYTES = 4 << 20
 #: model files with at least this many bytes of weights are handed lean to an
 #: onnxruntime session (:func:`session`: it maps the weights instead of parsing the
 #: whole protobuf and copying every weight out of it; a 46 MB base took 90 MB at

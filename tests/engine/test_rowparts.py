@@ -8,7 +8,7 @@ import pytest
 import scipy.sparse as sp
 from scipy.spatial.distance import pdist
 
-from fibgraph.engine import cluster, rowparts
+from fibgraph.engine import cluster, rowparts, signatures
 from fibgraph.engine.rowparts import RowParts
 
 
@@ -56,3 +56,34 @@ def test_joint_rows_from_a_generator_equal_the_list_and_big_ones_are_float32(mon
     small = cluster.joint_rows((b for b in blocks), "cosine")
     assert small.dtype == np.float32
     np.testing.assert_allclose(small, cluster.joint_rows(blocks, "cosine").astype(np.float32), rtol=1e-6)
+
+
+def test_joint_rows_with_widths_scale_each_block_into_place_and_check_the_count():
+    """Given the widths, every block is written into its own columns as it
+    comes (equal to the list's result; the euclidean distance the root mean
+    square of the blocks' scaled distances); a block of another width, or
+    fewer blocks than widths, is an error, not uninitialised columns."""
+    rng = np.random.default_rng(3)
+    blocks = [rng.normal(size=(20, k)).astype(np.float32) for k in (5, 3, 7)]
+    for metric, scales in (("euclidean", [2.0, 0.0, 5.0]), ("euclidean", None), ("cosine", None)):
+        want = cluster.joint_rows(list(blocks), metric, scales)
+        got = cluster.joint_rows((b for b in blocks), metric, scales, widths=[5, 3, 7])
+        np.testing.assert_array_equal(got, want)
+    scales = [2.0, 0.0, 5.0]
+    got = cluster.joint_rows(iter(blocks), "euclidean", scales, widths=[5, 3, 7])
+    sq = sum(pdist(b.astype(np.float64)) ** 2 / (s if s > 0 else 1.0) ** 2 for b, s in zip(blocks, scales))
+    np.testing.assert_allclose(pdist(got.astype(np.float64)), np.sqrt(sq / 3), rtol=1e-6)
+    with pytest.raises(ValueError, match="columns"):
+        cluster.joint_rows(iter(blocks), "cosine", widths=[5, 4, 7])
+    with pytest.raises(ValueError, match="blocks for"):
+        cluster.joint_rows(iter(blocks[:2]), "cosine", widths=[5, 3, 7])
+
+
+def test_the_width_of_members_is_the_width_of_their_rows():
+    X, full = _parts(np.random.default_rng(4))
+    for members in ([0], [1, 3], list(range(12)), [2, 5, 7]):
+        m = np.array(members)
+        assert X.width(m) == X.rows(m).shape[1]
+        S = sp.csr_matrix(full)
+        assert signatures.dense_width(S, m) == signatures.dense_rows(S, m).shape[1]
+        assert signatures.dense_width(full, m) == full.shape[1]

@@ -152,22 +152,32 @@ def _planted_conv():
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
 
 
-@pytest.mark.parametrize("kind", ["mlp", "conv"])
-def test_a_dry_write_counts_the_parameters_of_the_real_one_without_merging(kind, monkeypatch):
+@pytest.mark.parametrize("kind", ["mlp", "conv", "lstm"])
+def test_a_dry_write_counts_the_parameters_of_the_real_one_without_merging(kind, monkeypatch, tmp_path):
     """The --keep search's parameter counts: a dry write has the real base's
-    initializer shapes, and merges no weight."""
+    initializer shapes, and merges no weight (an LSTM's gate blocks neither)."""
     from fibgraph.importers.dag_api import colour_dag
     from fibgraph.importers.onnx.importer import import_dag
     from fibgraph.importers.onnx.runtime import count_params
-    from fibgraph.importers.onnx.write import linear, write_dag_base
+    from fibgraph.importers.onnx.write import axis, linear, recurrent, write_dag_base
 
-    m = small_planted_mlp(3)[1] if kind == "mlp" else _planted_conv()
+    if kind == "lstm":
+        pytest.importorskip("torch")
+        import planted_nets as pn
+
+        net, info = pn.planted_lstm(0, bidirectional=True)
+        m = onnx.load(str(pn.export_one(net, pn.example_input(info, batch=3), tmp_path / "l.onnx", dynamo=False)))
+    else:
+        m = small_planted_mlp(3)[1] if kind == "mlp" else _planted_conv()
     imp = import_dag(m)
     col = colour_dag(imp, "fibration", 0.0, {}, "complete", "cosine", 1e-5, True)
-    real, *_ = write_dag_base(imp, col.labels, scales=col.scales)
     calls = []
-    orig = linear._two_sided
-    monkeypatch.setattr(linear, "_two_sided", lambda *a, **k: (calls.append(1), orig(*a, **k))[1])
+    orig = axis.two_sided
+    for mod in (linear, recurrent):
+        monkeypatch.setattr(mod, "two_sided", lambda *a, **k: (calls.append(1), orig(*a, **k))[1])
+    real, *_ = write_dag_base(imp, col.labels, scales=col.scales)
+    assert calls                                  # the spy sees the real merge
+    calls.clear()
     dry, *_ = write_dag_base(imp, col.labels, scales=col.scales, dry=True)
     assert not calls
     assert count_params(dry) == count_params(real) < count_params(m)

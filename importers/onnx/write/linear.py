@@ -18,51 +18,12 @@ from onnx import helper
 
 from ..records import Kind
 from .attention import row_factor
+from .axis import CHUNK, two_sided
 from .groups import nodes_along
 from .registry import writes
 from fibgraph.lazy import lazy_module
 
 sp = lazy_module("scipy.sparse")     # imported on first use: fibgraph.lazy
-
-
-_CHUNK = 1 << 21     # float64 entries of one chunk of a weight (16 MB)
-
-
-def _two_sided(Rm, W, C, dtype=np.float64):
-    """``Rm @ W @ C.T`` along the first two axes of ``W``, a 2-D weight
-    (n_out, n_in) or a kernel (n_out, n_in, *kernel) of any float dtype
-    (maybe a view of the mapped file), computed in float64 and stored as
-    ``dtype``.  The side that shrinks ``W`` more goes first, so the one
-    float64 intermediate is the smaller of ``Rm @ W`` and ``W @ C.T``: rows
-    through ``Rm`` one chunk of (flattened) columns at a time, columns through
-    ``C`` one kernel position and one chunk of rows at a time.  No float64
-    copy of the whole weight (a 512 x 512 x 3 x 3 kernel took five at once)."""
-    n_out, n_in = W.shape[:2]
-    m, c = Rm.shape[0], C.shape[0]
-    k = int(np.prod(W.shape[2:]))
-    W3 = W.reshape(n_out, n_in, k)                  # a view of a contiguous (mapped) weight
-
-    def rows(X, out):          # out (m, cols) = Rm @ X (n_out, cols), a chunk of columns at a time
-        step = max(1, _CHUNK // max(X.shape[0], 1))
-        for j in range(0, X.shape[1], step):
-            out[:, j:j + step] = Rm @ np.asarray(X[:, j:j + step], dtype=np.float64)
-
-    def cols(X3, out3):        # out3 (r, c, k) = X3 (r, n_in, k) through C, per position and chunk of rows
-        step = max(1, _CHUNK // max(n_in, 1))
-        for p in range(k):
-            for r in range(0, X3.shape[0], step):
-                out3[r:r + step, :, p] = (C @ np.asarray(X3[r:r + step, :, p].T, dtype=np.float64)).T
-
-    out = np.empty((m, c, k), dtype=dtype)
-    if m * n_in <= n_out * c:                       # rows first
-        Y = np.empty((m, n_in * k))
-        rows(W3.reshape(n_out, n_in * k), Y)
-        cols(Y.reshape(m, n_in, k), out)
-    else:                                           # columns first
-        Z = np.empty((n_out, c, k))
-        cols(W3, Z)
-        rows(Z.reshape(n_out, c * k), out.reshape(m, c * k))
-    return out.reshape(m, c, *W.shape[2:])
 
 
 @writes(Kind.LINEAR)
@@ -87,7 +48,7 @@ def linear(w, rec):
     def rows_cols(M, dtype=dt, values=not w.dry):   # M (n_out, n_in, ...) -> compressed, stored as dtype
         if not values:       # a parameter count (the --keep search): the shape, nothing computed
             return np.broadcast_to(np.zeros((), dtype), (Rm.shape[0], C.shape[0]) + M.shape[2:])
-        return _two_sided(Rm, M, C, dtype)
+        return two_sided(Rm, M, C, dtype)
 
     group = int(a.get("group", 1))
     if op == "Conv" and group > 1:
@@ -205,7 +166,7 @@ def embedding(w, rec):
     T = w.value(node.input[0])          # (vocab, L): a view of the mapped table
     Rm = ax.mean_matrix()
     out = np.empty((T.shape[0], Rm.shape[0]), dtype=T.dtype)
-    step = max(1, _CHUNK // max(T.shape[1], 1))
+    step = max(1, CHUNK // max(T.shape[1], 1))
     for r in range(0, T.shape[0], step):      # float64 per chunk of rows, never the whole table
         out[r:r + step] = (Rm @ np.asarray(T[r:r + step], dtype=np.float64).T).T
     w.put(node, 0, out, T)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..records import Kind
-from .axis import Axis
+from .axis import Axis, two_sided
 from .registry import writes
 
 
@@ -31,21 +31,28 @@ def recurrent(w, rec):
     Cx = ax_x.sum_matrix()
 
     def blocks(M, nb, cols):
-        out = []
+        # per direction and gate block: rows by the mean, columns (W, R) by
+        # ``cols``; float64 one block chunk at a time (:func:`.axis.two_sided`),
+        # no float64 copy of the whole weight; dry (a parameter count): the shape
+        shape = (dirs, nb * Hh) + ((cols(0).shape[0],) if cols(0) is not None else ())
+        if w.dry:
+            return np.broadcast_to(np.zeros((), M.dtype), shape)
+        out = np.empty(shape, dtype=M.dtype)
         for d in range(dirs):
-            Rm = axes[d].mean_matrix()
-            C = cols(d)
-            out.append(np.concatenate([(Rm @ M[d, g * H:(g + 1) * H]) @ C.T if C is not None
-                                       else Rm @ M[d, g * H:(g + 1) * H] for g in range(nb)]))
-        return np.stack(out)
+            Rm, C = axes[d].mean_matrix(), cols(d)
+            for g in range(nb):
+                blk = M[d, g * H:(g + 1) * H]
+                out[d, g * Hh:(g + 1) * Hh] = two_sided(Rm, blk, C, M.dtype) if C is not None \
+                    else Rm @ np.asarray(blk, dtype=np.float64)
+        return out
 
     W = w.value(node.input[1])
     R = w.value(node.input[2])
-    w.put(node, 1, blocks(W.astype(np.float64), G, lambda d: Cx), W)
-    w.put(node, 2, blocks(R.astype(np.float64), G, lambda d: axes[d].sum_matrix()), R)
+    w.put(node, 1, blocks(W, G, lambda d: Cx), W)
+    w.put(node, 2, blocks(R, G, lambda d: axes[d].sum_matrix()), R)
     if len(node.input) > 3 and node.input[3]:
         B = w.value(node.input[3])
-        w.put(node, 3, blocks(B.astype(np.float64), 2 * G, lambda d: None), B)
+        w.put(node, 3, blocks(B, 2 * G, lambda d: None), B)
     for slot in (5, 6):
         if len(node.input) > slot and node.input[slot]:
             if node.input[slot] in w.imp.layouts:
@@ -59,7 +66,7 @@ def recurrent(w, rec):
             w.put(node, slot, np.moveaxis(vh, 0, rec.layout), v)
     if len(node.input) > 7 and node.input[7]:
         P = w.value(node.input[7])
-        w.put(node, 7, blocks(P.astype(np.float64), 3, lambda d: None), P)
+        w.put(node, 7, blocks(P, 3, lambda d: None), P)
     for at in node.attribute:
         if at.name == "hidden_size":
             at.i = Hh
