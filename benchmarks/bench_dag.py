@@ -449,7 +449,7 @@ def worker(spec):
                           "t_export": meta["t_export"], "t_build": meta["t_build"]}
     if profiles:
         res["profile"] = profiles
-    del imp, col, m2
+    imp = col = m2 = None           # freed before the next model (the stages' lambdas hold them as closure cells)
     if spec.get("e2e"):
         _reset_peak()
         out = os.path.join(spec["tmp"], os.path.basename(spec["path"])[:-5] + "_base.onnx")

@@ -427,12 +427,18 @@ def joint_rows(blocks, metric, scales=None, widths=None):
 
 
 def algorithm1(X, eps, linkage_method="average", metric="cosine"):
-    """Reference: the paper's Algorithm 1 for one layer, plainly (full distance matrix)."""
+    """Reference: the paper's Algorithm 1 for one layer, plainly (full distance
+    matrix).  Under cosine, all-zero rows (no direction: ``pdist`` gives NaN)
+    are one class of their own, as in :func:`threshold_clusters`; merged into
+    a nonzero row's class they would be given its nonzero base row."""
     Y, norms, zero = prepare_rows(X, metric)
     if Y.shape[0] < 2:
         return np.zeros(Y.shape[0], dtype=np.int64)
-    d = pdist(Y, "cosine" if metric == "cosine" else "euclidean")
-    if metric == "cosine":
-        d = np.nan_to_num(d, nan=0.0)
-    lab = fcluster(linkage(d, method=linkage_method), t=eps, criterion="distance")
+    lab = np.zeros(Y.shape[0], dtype=np.int64)
+    keep = np.flatnonzero(~zero) if metric == "cosine" else np.arange(Y.shape[0])
+    if keep.size == 1:
+        lab[keep] = 1
+    elif keep.size:
+        d = pdist(Y[keep], "cosine" if metric == "cosine" else "euclidean")
+        lab[keep] = fcluster(linkage(d, method=linkage_method), t=eps, criterion="distance")
     return canonical(lab)

@@ -26,6 +26,11 @@ def _planted_rows(seed, k=6, per=5, dim=4, noise=0.02):
 def test_threshold_clusters_equal_algorithm1(seed, eps, link, metric):
     X = _planted_rows(seed)
     assert np.array_equal(threshold_clusters(X, eps, link, metric), algorithm1(X, eps, link, metric))
+    X[[3, 11]] = 0.0               # zero rows: one class of their own under cosine, in both
+    got = threshold_clusters(X, eps, link, metric)
+    assert np.array_equal(got, algorithm1(X, eps, link, metric))
+    if metric == "cosine":
+        assert got[3] == got[11] and np.sum(got == got[3]) == 2
 
 
 @settings(max_examples=25, deadline=None)
