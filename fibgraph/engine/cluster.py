@@ -18,6 +18,7 @@ Distances (both dimensionless, range [0, 2]):
 from __future__ import annotations
 
 import hashlib
+import itertools
 from collections import OrderedDict
 
 import numpy as np
@@ -388,9 +389,15 @@ def joint_rows(blocks, metric, scales=None, widths=None):
     >>> joint_rows([np.array([[3.0, 4.0], [0.0, 1.0]]), np.array([[2.0], [2.0]])], "cosine").round(3).tolist()
     [[0.424, 0.566, 0.707], [0.0, 0.707, 0.707]]
     """
-    if widths is None:
-        blocks = list(blocks)
-        widths = [np.shape(b)[1] for b in blocks]
+    if widths is None:         # held together, then concatenated (small rows: the least work)
+        ys = [(np.asarray(b.toarray() if sp.issparse(b) else b, dtype=np.float64) / (s if s > 0 else 1.0))
+              if scales is not None and metric == "euclidean" else prepare_rows(b, metric)[0]
+              for b, s in zip(blocks, scales if scales is not None else itertools.repeat(None))]
+        if not ys:
+            return np.zeros((0, 0))
+        out = np.concatenate(ys, axis=1)
+        out /= np.sqrt(len(ys))
+        return out.astype(np.float32) if out.size >= F32_ROWS_MIN else out
     widths = [int(w) for w in widths]
     if not widths:
         return np.zeros((0, 0))
@@ -415,10 +422,11 @@ def joint_rows(blocks, metric, scales=None, widths=None):
                 div = np.where(norms <= 0, 1.0, norms)[:, None]
             else:
                 div = np.full((b.shape[0], 1), norms.max() if norms.size and norms.max() > 0 else 1.0)
-        div *= root
         step = max(1, _F64_CHUNK // max(b.shape[1], 1))
         for r in range(0, b.shape[0], step):
-            out[r:r + step, k:k + b.shape[1]] = np.asarray(b[r:r + step], dtype=np.float64) / div[r:r + step]
+            y = np.asarray(b[r:r + step], dtype=np.float64) / div[r:r + step]
+            y /= root
+            out[r:r + step, k:k + b.shape[1]] = y
         k += b.shape[1]
         del b
     if made != len(widths):

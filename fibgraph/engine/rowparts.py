@@ -31,12 +31,48 @@ from ..pages import read
 
 sp = lazy_module("scipy.sparse")     # imported on first use: fibgraph.lazy
 
-__all__ = ["RowParts"]
+__all__ = ["RowParts", "sparse_rows", "sparse_width"]
 
 #: signature rows of at least this many entries built from float32 weights
 #: are kept in float32 (8 MB of float64 and more), merged column sums too;
 #: the clustering computes in float64 from them (fibgraph.engine.cluster)
 F32_ROWS_MIN = 1 << 20
+
+
+def _gather(S, members):
+    """(local row, column, value) of the entries of rows ``members`` of the
+    CSR matrix ``S``, gathered with numpy (scipy's row indexing builds two
+    matrices per call: the tolerance split asks for thousands of small
+    classes per colouring)."""
+    members = np.asarray(members, dtype=np.int64)
+    starts = S.indptr[members].astype(np.int64)
+    lens = S.indptr[members + 1].astype(np.int64) - starts
+    row = np.repeat(np.arange(members.size), lens)
+    pos = np.arange(int(lens.sum()), dtype=np.int64) + np.repeat(starts - (np.cumsum(lens) - lens), lens)
+    return row, S.indices[pos], S.data[pos]
+
+
+def _csr(S):
+    S = S if S.format == "csr" else S.tocsr()
+    if not S.has_canonical_format:
+        S = S.copy()
+        S.sum_duplicates()
+    return S
+
+
+def sparse_rows(S, members, dtype=np.float64):
+    """The rows ``members`` of the sparse matrix ``S`` as a dense array over
+    only the columns they use (in column order)."""
+    row, col, val = _gather(_csr(S), members)
+    used, inv = np.unique(col, return_inverse=True)
+    out = np.zeros((np.size(members), used.size), dtype=dtype)
+    out[row, inv.reshape(-1)] = val
+    return out
+
+
+def sparse_width(S, members):
+    """The number of columns :func:`sparse_rows` gives for ``members``."""
+    return int(np.unique(_gather(_csr(S), members)[1]).size)
 
 
 class RowParts:
@@ -47,7 +83,7 @@ class RowParts:
     def __init__(self, n, dense, sparse=None):
         self.n = int(n)
         self.dense = [(np.asarray(r, dtype=np.int64), A) for r, A in dense]
-        self.sparse = sparse
+        self.sparse = None if sparse is None else _csr(sparse)
         self._at = []
         for r, _ in self.dense:
             at = np.full(self.n, -1, dtype=np.int64)
@@ -62,7 +98,7 @@ class RowParts:
         members = np.asarray(members, dtype=np.int64)
         w = sum(A.shape[1] for (_, A), at in zip(self.dense, self._at) if np.any(at[members] >= 0))
         if self.sparse is not None:
-            w += int(np.count_nonzero(np.diff(self.sparse[members].tocsc().indptr)))
+            w += sparse_width(self.sparse, members)
         return w
 
     def rows(self, members):
@@ -78,8 +114,7 @@ class RowParts:
                 parts.append((pos, A))
         tail = None
         if self.sparse is not None:
-            S = self.sparse[members].tocsc()
-            tail = S[:, np.flatnonzero(np.diff(S.indptr))].toarray()
+            tail = sparse_rows(self.sparse, members)
         width = sum(A.shape[1] for _, A in parts) + (0 if tail is None else tail.shape[1])
         small = members.size * width < F32_ROWS_MIN
         out = np.zeros((members.size, width), dtype=np.float64 if small or not self.float32 else np.float32)

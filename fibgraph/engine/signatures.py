@@ -45,7 +45,7 @@ import numpy as np
 from ..graph import WeightedDigraph
 from ..hashing import GOLD, M1, M2, mix
 from ..pages import blocks, drop_mapped, read
-from .rowparts import F32_ROWS_MIN, RowParts
+from .rowparts import F32_ROWS_MIN, RowParts, sparse_rows, sparse_width
 from .sparse import group_rows, group_sorted, hash_entries, quantise, sparse_hash, value_labels
 from ..lazy import lazy_module
 
@@ -432,7 +432,7 @@ def dense_width(X, members):
         return X.width(members)
     if not sp.issparse(X):
         return X.shape[1]
-    return int(np.count_nonzero(np.diff(X[members].tocsc().indptr)))
+    return sparse_width(X, members)
 
 
 def dense_rows(X, members):
@@ -443,8 +443,6 @@ def dense_rows(X, members):
         return X.rows(members)
     if not sp.issparse(X) and members.size == X.shape[0] and np.array_equal(members, np.arange(members.size)):
         return X                                     # every row, in order: no copy
-    rows = X[members]
-    if sp.issparse(rows):  # only the columns these rows use
-        rows = rows.tocsc()
-        rows = rows[:, np.flatnonzero(np.diff(rows.indptr))].toarray()
-    return rows
+    if sp.issparse(X):          # only the columns these rows use
+        return sparse_rows(X, members, X.dtype)
+    return X[members]

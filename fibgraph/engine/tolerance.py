@@ -62,7 +62,7 @@ from ..partition import canonical
 from ..graph import AND_KINDS
 from ..pages import mapped_in
 from .cluster import joint_rows, row_norms, threshold_clusters
-from .rowparts import RowParts
+from .rowparts import F32_ROWS_MIN, RowParts
 from .signatures import dense_rows, dense_width, signature_matrix
 from ..lazy import lazy_module
 
@@ -230,8 +230,11 @@ def _split_tied(graph, nodes, X, colours, crit, info_key, info, cols):
             lab = threshold_clusters(dense_rows(X, table[members, present[0]]), crit.eps, crit.linkage, metric)
         else:                  # one node set's rows at a time, each prepared and stored before the next is made
             blocks = (dense_rows(X, table[members, p]) for p in present)
+            # a big class's rows go straight into one array sized from the
+            # widths; a small one's (most of them) are simply concatenated
+            big = members.size * X.shape[1] >= F32_ROWS_MIN // 8
             rows = joint_rows(blocks, metric, set_scale[present],
-                              widths=[dense_width(X, table[members, p]) for p in present])
+                              widths=[dense_width(X, table[members, p]) for p in present] if big else None)
             lab = threshold_clusters(rows, crit.eps, crit.linkage, metric, prepared=True)
             joint += members.size
         lab_item[members] = nxt + lab

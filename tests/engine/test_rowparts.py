@@ -87,3 +87,25 @@ def test_the_width_of_members_is_the_width_of_their_rows():
         S = sp.csr_matrix(full)
         assert signatures.dense_width(S, m) == signatures.dense_rows(S, m).shape[1]
         assert signatures.dense_width(full, m) == full.shape[1]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_sparse_rows_are_the_rows_over_their_used_columns(seed):
+    """Rows gathered with numpy equal scipy's dense rows restricted to the
+    columns they store: unsorted members, an empty row, duplicate entries
+    (summed), CSC input."""
+    rng = np.random.default_rng(seed)
+    A = sp.random(15, 9, density=0.25, random_state=seed).toarray()
+    A[3] = 0.0                                          # an empty row
+    S = sp.csr_matrix(A)
+    cut = S.indptr[6]                                   # row 5 holds column 4 twice more: not canonical
+    dup = sp.csr_matrix((np.r_[S.data[:cut], 1.0, 2.0, S.data[cut:]],
+                         np.r_[S.indices[:cut], 4, 4, S.indices[cut:]],
+                         S.indptr + 2 * (np.arange(16) >= 6)), shape=S.shape)
+    assert not dup.has_canonical_format and dup.toarray()[5, 4] == A[5, 4] + 3.0
+    for X in (S, dup, S.tocsc()):
+        members = rng.permutation(15)[: int(rng.integers(1, 15))]
+        used = np.unique(sp.csr_matrix(X)[members].tocoo().col)
+        got = rowparts.sparse_rows(X, members)
+        np.testing.assert_allclose(got, X.toarray()[members][:, used])
+        assert rowparts.sparse_width(X, members) == got.shape[1] == used.size
