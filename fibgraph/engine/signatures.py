@@ -101,13 +101,24 @@ def _parts(graph: WeightedDigraph, nodes_mask, direction, colours, scales):
             big32 = W.dtype == np.float32 and n_t * uc.size * D >= F32_ROWS_MIN
             A = np.empty((n_t, uc.size, D), dtype=np.float32 if big32 else np.float64)
             step = max(1, _CHUNK // max(n_o * D, 1))
+            # one pair of chunk buffers reused: a fresh chunk per step is fresh
+            # pages to fault in whenever the heap has just been trimmed
+            b_in = np.empty((min(step, n_t), n_o, D), dtype=W.dtype)
+            b64 = b_in if W.dtype == np.float64 else np.empty(b_in.shape)
             for r0 in range(0, n_t, step):
-                Wo = np.take(W[r0:r0 + step], order, axis=1).astype(np.float64, copy=False)
-                drop_mapped(W[r0:r0 + step])
+                c = W[r0:r0 + step]
+                n = c.shape[0]
+                np.take(c, order, axis=1, out=b_in[:n], mode="clip")
+                drop_mapped(c)
+                if b64 is not b_in:
+                    b64[:n] = b_in[:n]
                 if so is not None:
-                    Wo = Wo * so
-                A[r0:r0 + step] = np.add.reduceat(Wo, starts, axis=1)
-                del Wo
+                    b64[:n] *= so
+                if A.dtype == np.float64:
+                    np.add.reduceat(b64[:n], starts, axis=1, out=A[r0:r0 + step])
+                else:
+                    A[r0:r0 + step] = np.add.reduceat(b64[:n], starts, axis=1)
+            del b_in, b64
             keys = _key(np.repeat(uc, D), np.tile(np.arange(D), uc.size))
             yield {"targets": targets, "A": A.reshape(n_t, uc.size * D), "keys": keys,
                    "exact": b.exact}
