@@ -18,7 +18,6 @@ Distances (both dimensionless, range [0, 2]):
 from __future__ import annotations
 
 import hashlib
-import itertools
 from collections import OrderedDict
 
 import numpy as np
@@ -63,19 +62,30 @@ def prepare_rows(X, metric, overwrite=False):
     Returns ``(Y, norms, zero_mask)``.  ``overwrite``: ``X`` (a float64 array
     the caller owns and no longer needs) is scaled in place, no copy.
     """
-    if metric not in METRICS:
-        raise ValueError(f"unknown metric {metric!r}; choose from {METRICS}")
     X = X.toarray() if sp.issparse(X) else _rows(X)
-    norms = row_norms(X)
+    norms, div = _divisor(X, metric)
     zero = norms <= 0
-    div = np.where(zero, 1.0, norms)[:, None] if metric == "cosine" else \
-        (norms.max() if norms.size and norms.max() > 0 else 1.0)
     if overwrite and X.flags.writeable and X.flags.owndata:
         X /= div
         return X, norms, zero
     if X.dtype == np.float32:
         return np.divide(X, div, dtype=np.float32), norms, zero
     return X / div, norms, zero
+
+
+def _divisor(X, metric, scale=None):
+    """``(norms, div)``: the rows' norms and what :func:`prepare_rows` divides
+    them by: each row's norm (cosine; zero rows by 1), or the largest norm, or
+    ``scale`` where given (euclidean; 0 counts as 1).  ``norms`` is None when
+    ``scale`` made them unneeded."""
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; choose from {METRICS}")
+    if scale is not None and metric == "euclidean":
+        return None, (scale if scale > 0 else 1.0)
+    norms = row_norms(X)
+    if metric == "cosine":
+        return norms, np.where(norms <= 0, 1.0, norms)[:, None]
+    return norms, (norms.max() if norms.size and norms.max() > 0 else 1.0)
 
 
 def _rows(X):
@@ -390,9 +400,9 @@ def joint_rows(blocks, metric, scales=None, widths=None):
     [[0.424, 0.566, 0.707], [0.0, 0.707, 0.707]]
     """
     if widths is None:         # held together, then concatenated (small rows: the least work)
-        ys = [(np.asarray(b.toarray() if sp.issparse(b) else b, dtype=np.float64) / (s if s > 0 else 1.0))
-              if scales is not None and metric == "euclidean" else prepare_rows(b, metric)[0]
-              for b, s in zip(blocks, scales if scales is not None else itertools.repeat(None))]
+        ys = [prepare_rows(b, metric)[0] if scales is None or metric != "euclidean" else
+              np.asarray(b.toarray() if sp.issparse(b) else b, dtype=np.float64) / _divisor(b, metric, scales[i])[1]
+              for i, b in enumerate(blocks)]
         if not ys:
             return np.zeros((0, 0))
         out = np.concatenate(ys, axis=1)
@@ -412,19 +422,10 @@ def joint_rows(blocks, metric, scales=None, widths=None):
         if out is None:
             dt = np.float32 if b.shape[0] * sum(widths) >= F32_ROWS_MIN else np.float64
             out = np.empty((b.shape[0], sum(widths)), dtype=dt)
-        if scales is not None and metric == "euclidean":
-            div = np.full((b.shape[0], 1), scales[i] if scales[i] > 0 else 1.0)
-        else:
-            if metric not in METRICS:
-                raise ValueError(f"unknown metric {metric!r}; choose from {METRICS}")
-            norms = row_norms(b)
-            if metric == "cosine":
-                div = np.where(norms <= 0, 1.0, norms)[:, None]
-            else:
-                div = np.full((b.shape[0], 1), norms.max() if norms.size and norms.max() > 0 else 1.0)
+        div = _divisor(b, metric, None if scales is None else scales[i])[1]
         step = max(1, _F64_CHUNK // max(b.shape[1], 1))
         for r in range(0, b.shape[0], step):
-            y = np.asarray(b[r:r + step], dtype=np.float64) / div[r:r + step]
+            y = np.asarray(b[r:r + step], dtype=np.float64) / (div[r:r + step] if np.ndim(div) else div)
             y /= root
             out[r:r + step, k:k + b.shape[1]] = y
         k += b.shape[1]

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 
 from . import external
-from .load import attrs, tensor_value
+from .load import attrs, ints, tensor_value
 
 __all__ = ["Graph", "Fail", "nodename", "trace_back", "trace_forward", "candidates", "run_path", "needed",
            "evaluate", "SHAPE_OPS", "SCALE_OPS", "BIAS_OPS", "SCORE_PATH", "PROB_PATH"]
@@ -191,16 +191,12 @@ def candidates(G):
 
 
 # ------------------------------------------------------------------------ probes
-def _ints(v):
-    return [int(x) for x in np.asarray(v).reshape(-1)]
-
-
 def _axes(node, vals, G, slot=1):
     a = attrs(node)
     if "axes" in a:
         return list(a["axes"])
     if len(node.input) > slot and node.input[slot]:
-        return _ints(vals[node.input[slot]])
+        return ints(vals[node.input[slot]])
     return None
 
 
@@ -214,7 +210,7 @@ def _simulate(G, node, slot, out_k, P, vals):
         other = vals[node.input[1 - slot]]
         return np.broadcast_to(P, np.broadcast_shapes(P.shape, np.shape(other)))
     if op == "Reshape":
-        shape = _ints(vals[node.input[1]])
+        shape = ints(vals[node.input[1]])
         if not a.get("allowzero", 0):
             shape = [P.shape[j] if s == 0 else s for j, s in enumerate(shape)]
         return P.reshape(shape)
@@ -237,9 +233,9 @@ def _simulate(G, node, slot, out_k, P, vals):
         if G.opset < 10 and "starts" in a:
             starts, ends, axes, steps = a["starts"], a["ends"], a.get("axes"), None
         else:
-            starts, ends = _ints(vals[node.input[1]]), _ints(vals[node.input[2]])
-            axes = _ints(vals[node.input[3]]) if len(node.input) > 3 and node.input[3] else None
-            steps = _ints(vals[node.input[4]]) if len(node.input) > 4 and node.input[4] else None
+            starts, ends = ints(vals[node.input[1]]), ints(vals[node.input[2]])
+            axes = ints(vals[node.input[3]]) if len(node.input) > 3 and node.input[3] else None
+            steps = ints(vals[node.input[4]]) if len(node.input) > 4 and node.input[4] else None
         axes = list(range(len(starts))) if axes is None else axes
         steps = [1] * len(starts) if steps is None else steps
         sl = [slice(None)] * P.ndim
@@ -249,7 +245,7 @@ def _simulate(G, node, slot, out_k, P, vals):
     if op == "Split":
         ax = a.get("axis", 0) % P.ndim
         if len(node.input) > 1 and node.input[1]:
-            sizes = _ints(vals[node.input[1]])
+            sizes = ints(vals[node.input[1]])
         elif "split" in a:
             sizes = list(a["split"])
         else:
@@ -261,9 +257,9 @@ def _simulate(G, node, slot, out_k, P, vals):
         ax = a.get("axis", 1) % (P.ndim + 1) if P.ndim else 0
         return P.reshape(int(np.prod(P.shape[:ax])), -1)
     if op == "Tile":
-        return np.tile(P, _ints(vals[node.input[1]]))
+        return np.tile(P, ints(vals[node.input[1]]))
     if op == "Expand":
-        return np.broadcast_to(P, np.broadcast_shapes(P.shape, tuple(_ints(vals[node.input[1]]))))
+        return np.broadcast_to(P, np.broadcast_shapes(P.shape, tuple(ints(vals[node.input[1]]))))
     raise Fail(f"cannot evaluate {op} on a probe")
 
 

@@ -51,7 +51,7 @@ from fibgraph.errors import InputError
 from fibgraph.pages import blocks, drop_mapped, drop_pages, mapped_in
 
 from . import external
-from .load import attrs, outer_refs, tensor_value
+from .load import attrs, ints, outer_refs, tensor_value
 
 __all__ = ["FOLDS", "folded_outputs", "fold_constants", "constant_value", "cut", "feedable", "slice_bounds"]
 
@@ -68,15 +68,11 @@ def _axis(a, rank):
     return a + rank if a < 0 else a
 
 
-def _ints(v):
-    return [int(x) for x in np.asarray(v).reshape(-1)]
-
-
 def _arg(xs, k, at, name):
     """Input ``k`` (opset 13 style) or attribute ``name`` (older opsets)."""
     if len(xs) > k and xs[k] is not None:
-        return _ints(xs[k])
-    return None if name not in at else _ints(at[name])
+        return ints(xs[k])
+    return None if name not in at else ints(at[name])
 
 
 # ------------------------------------------------------------------ the ops
@@ -166,7 +162,7 @@ def _squeeze(xs, at):
 
 
 def _reshape(xs, at):
-    x, shape = xs[0], _ints(xs[1])
+    x, shape = xs[0], ints(xs[1])
     if not at.get("allowzero", 0):
         shape = [x.shape[k] if s == 0 else s for k, s in enumerate(shape)]
     return [x.reshape(shape)]

@@ -12,7 +12,7 @@ from fibgraph.fileio import read_input
 from .limits import check_model, check_model_file
 from .validate import validate_model
 
-__all__ = ["load_onnx", "attrs", "tensor_value", "float_tensors", "graph_float_tensors", "outer_refs", "FLOAT_TYPES"]
+__all__ = ["load_onnx", "attrs", "ints", "tensor_value", "float_tensors", "graph_float_tensors", "outer_refs", "FLOAT_TYPES"]
 
 
 def _external_location(t):
@@ -92,6 +92,11 @@ def _all_tensors(model):
 def attrs(node):
     """A node's attributes as ``{name: value}``."""
     return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def ints(v):
+    """An attribute's or a tensor's values as a list of Python ints."""
+    return [int(x) for x in np.asarray(v).reshape(-1)]
 
 
 def tensor_value(t) -> np.ndarray:

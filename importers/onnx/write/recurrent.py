@@ -34,12 +34,13 @@ def recurrent(w, rec):
         # per direction and gate block: rows by the mean, columns (W, R) by
         # ``cols``; float64 one block chunk at a time (:func:`.axis.two_sided`),
         # no float64 copy of the whole weight; dry (a parameter count): the shape
-        shape = (dirs, nb * Hh) + ((cols(0).shape[0],) if cols(0) is not None else ())
+        Cs = [cols(d) for d in range(dirs)]
+        shape = (dirs, nb * Hh) + ((Cs[0].shape[0],) if Cs[0] is not None else ())
         if w.dry:
             return np.broadcast_to(np.zeros((), M.dtype), shape)
         out = np.empty(shape, dtype=M.dtype)
-        for d in range(dirs):
-            Rm, C = axes[d].mean_matrix(), cols(d)
+        for d, C in enumerate(Cs):
+            Rm = axes[d].mean_matrix()
             for g in range(nb):
                 blk = M[d, g * H:(g + 1) * H]
                 out[d, g * Hh:(g + 1) * Hh] = two_sided(Rm, blk, C, M.dtype) if C is not None \
