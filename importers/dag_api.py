@@ -70,7 +70,7 @@ def weight_entries(imp):
 
 
 def _criteria(imp, eps, table, linkage, metric, rtol, rescale=True):
-    from .criteria import criteria_from_table
+    from .criteria import criteria_from_table, make_criterion
 
     groups = groups_of(imp)
     names = [u.weight for u, _ in weight_uses(imp)]
@@ -103,6 +103,15 @@ def _criteria(imp, eps, table, linkage, metric, rtol, rescale=True):
         c = crit[first.node_sets[0]]
         for s in g.node_set_names:
             crit.setdefault(s, c)
+    # a group the writer keeps whole (its units are tied to the model's outputs,
+    # or feed a barrier) is coloured exactly whatever eps asks: no eps can shrink
+    # it, its readers' rows are then compared on the units the base really keeps,
+    # and a wide head (an 18,710-class softmax) is not clustered for nothing
+    exact = make_criterion(0.0, linkage, metric, rescale, rtol)
+    for g in groups:
+        if not g.tunable:
+            for s in g.node_set_names:
+                crit[s] = exact
     return crit
 
 

@@ -45,7 +45,7 @@ import re
 
 import numpy as np
 
-from .onnx.groups import weight_uses
+from .onnx.groups import output_mask, weight_uses
 from .onnx.load import tensor_value
 
 __all__ = ["DagLayer", "tie_labels", "dag_layers", "output_mask", "layer_view", "find_qk_pairs"]
@@ -65,16 +65,6 @@ def tie_labels(imp) -> np.ndarray:
     from .onnx.groups import columns_of
 
     return columns_of(imp)
-
-
-def output_mask(imp, lab=None) -> np.ndarray:
-    """Nodes tied (through element-wise ops, a residual stream) to a node of a graph output."""
-    lab = tie_labels(imp) if lab is None else lab
-    out_nodes = np.zeros(imp.graph.n, dtype=bool)
-    for o in imp.outputs:
-        if o in imp.layouts:
-            out_nodes[np.asarray(imp.layouts[o]).reshape(-1)] = True
-    return np.isin(lab, lab[out_nodes])
 
 
 def _weight_uses(imp):

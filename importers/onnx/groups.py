@@ -18,7 +18,7 @@ from fibgraph.groups import Group, GroupKind, WeightUse, set_components, tie_col
 
 from .records import Kind
 
-__all__ = ["columns_of", "group_of_weight", "groups_of", "weight_uses", "module_name", "display_names",
+__all__ = ["columns_of", "output_mask", "kept_mask", "group_of_weight", "groups_of", "weight_uses", "module_name", "display_names",
            "node_module", "torch_names", "eps_names",
            "space_display_names"]
 
@@ -42,17 +42,35 @@ def _cache(imp, attr, value):
         pass                                # an object without a __dict__: no cache
 
 
-def _output_nodes(imp):
+def output_mask(imp, col=None) -> np.ndarray:
+    """Nodes tied (a column of :func:`columns_of`: element-wise ops, a bias add,
+    a normalisation along the units, a residual stream) to a node of a graph
+    output.  The writer keeps such a column whole, so a weight whose units all
+    lie in such columns is an output layer: a softmax head (``MatMul -> Add ->
+    Softmax``) is one as much as a bare last ``Linear``."""
+    col = columns_of(imp) if col is None else col
     out = np.zeros(imp.graph.n, dtype=bool)
     for o in imp.outputs:
         if o in imp.layouts:
             out[np.asarray(imp.layouts[o]).reshape(-1)] = True
-    return out
+    return np.isin(col, col[out])
+
+
+def kept_mask(imp, col=None) -> np.ndarray:
+    """Nodes tied to a node the writer must keep (``imp.keep``: a graph output,
+    an input of a barrier): the writer keeps their columns whole."""
+    col = columns_of(imp) if col is None else col
+    return np.isin(col, col[np.asarray(imp.keep, dtype=bool)])
 
 
 def _uses(imp):
-    """(WeightUse, its node set indices, record kind) per compressible weight use, in record order."""
-    out_nodes = _output_nodes(imp)
+    """(WeightUse, its node set indices, record kind) per compressible weight use, in record order.
+
+    A use is an output layer (``is_output``) or kept whole (``keep``) when every
+    one of its units is tied to an output or a kept node: the writer keeps
+    those columns, so no eps shrinks the weight (:func:`output_mask`)."""
+    col = columns_of(imp)
+    out_nodes, kept = output_mask(imp, col), kept_mask(imp, col)
     res = []
     for rec in imp.records:
         if rec.kind in (Kind.LINEAR, Kind.EMBEDDING):
@@ -65,7 +83,7 @@ def _uses(imp):
             continue
         names = tuple(imp.spaces[s].name for s in sets)
         for w in roles:
-            res.append((WeightUse(w, rec.op, ids, names, bool(out_nodes[ids].all()), bool(imp.keep[ids].all()),
+            res.append((WeightUse(w, rec.op, ids, names, bool(out_nodes[ids].all()), bool(kept[ids].all()),
                                   len(res), sets, "linear" if rec.kind is Kind.LINEAR else rec.kind.value),
                         sets, rec.kind))
     return res
