@@ -29,6 +29,11 @@ across levels are not tied: a stream's writers read colours that the stream
 itself determines (joint clustering would need the whole stream as one
 fixpoint level), so each node set is clustered alone and the writer keeps the
 meet (BENCHMARKS.md, "Sequence models", measures what that costs).
+
+Output layers (every unit tied to a node of a graph output: a softmax head, an
+encoder's residual stream) and layers whose units feed a barrier are kept
+whole by the writer, so they are coloured exactly whatever eps asks
+(docs/design.md section 5).
 """
 from __future__ import annotations
 
@@ -43,7 +48,7 @@ from fibgraph.partition import canonical, classes
 from fibgraph.engine import DEFAULT_RTOL, Tolerance
 from fibgraph.symmetry import colour
 
-from .onnx.groups import groups_of, weight_uses
+from .onnx.groups import groups_of, module_name, weight_uses
 from .onnx.write import write_dag_base
 from .onnx.importer import import_dag
 from .dag_verify import heavy, verify_against, verify_dag, verify_reference  # noqa: F401  (verify_dag: API)
@@ -157,6 +162,14 @@ def _layers(imp, col, gid=None, kept=None, why=None):
                                 "metric": level_info.get("metric", c.metric if homog else "euclidean"),
                                 "requested_metric": c.metric,
                                 "rescale": bool(level_info.get("rescale", False))}
+            if level_info.get("blocked_rows"):     # a component too big for the exact linkage
+                rows = int(level_info["blocked_rows"])
+                rec["criterion"]["blocked_rows"] = rows
+                rec["criterion"]["note"] = (
+                    f"{module_name(w)}: an eps-component of {rows:,} rows was clustered by blocked complete "
+                    f"linkage (bounded memory; classes of diameter <= eps, possibly finer than the exact "
+                    f"linkage's, which needs {8 * rows ** 2 / 2 ** 30:.1f} GiB: set FIBGRAPH_EXACT_LINKAGE_ROWS="
+                    f"{rows} to ask for it)")
             joint = level_info.get("joint")
             if joint and joint["node_sets"]:     # a recurrent unit's node sets clustered as one
                 rec["criterion"]["joint"] = joint["node_sets"]

@@ -7,7 +7,12 @@ computed by first finding the connected components of the ``eps``-neighbour
 graph (blockwise BLAS products, memory ``O(block * n)``): every complete- or
 average-linkage cluster cut at ``eps`` lies inside one component (a merge at
 height <= eps needs at least one pair at distance <= eps), so scipy's linkage
-run per component gives exactly the partition of the global run.
+run per component gives exactly the partition of the global run.  A
+component of more than :func:`exact_linkage_rows` rows (4,096: the exact
+linkage's distances and scipy's copy are 8 m^2 bytes) is clustered under
+complete linkage by blocked complete linkage (:mod:`fibgraph.engine.blocked`:
+bounded memory, every class still of diameter <= eps, possibly finer);
+``FIBGRAPH_EXACT_LINKAGE_ROWS`` asks for the exact, quadratic one.
 
 Distances (both dimensionless, range [0, 2]):
 - ``cosine``: ``1 - <u, v> / (|u| |v|)``; rows that differ by a positive
@@ -18,6 +23,7 @@ Distances (both dimensionless, range [0, 2]):
 from __future__ import annotations
 
 import hashlib
+import os
 from collections import OrderedDict
 
 import numpy as np
@@ -26,6 +32,7 @@ from ..errors import InputError
 from ..lazy import lazy_module
 from ..pages import drop_mapped, read
 from ..partition import canonical
+from .blocked import blocked_complete
 from .signatures import F32_ROWS_MIN, col_chunks
 
 sp = lazy_module("scipy.sparse")     # imported on first use: fibgraph.lazy
@@ -292,12 +299,38 @@ def _whole_dendrogram(Z, eps, linkage_method, metric, scale=None):
     return fcluster(link, t=eps, criterion="distance") - 1
 
 
-#: the most rows one eps-neighbourhood component may hold: linkage on them needs
-#: their condensed distance matrix (m^2 / 2 doubles: 1.5 GiB at 20,000)
+#: the most rows one eps-neighbourhood component may hold for average linkage:
+#: it needs their condensed distance matrix (m^2 / 2 doubles: 1.5 GiB at 20,000)
 MAX_LINKAGE_ROWS = 20_000
+#: the most rows of one component that complete linkage clusters exactly (its
+#: condensed distances and scipy's copy: 8 m^2 bytes, 134 MB at 4,096); a
+#: larger component is clustered by blocked complete linkage in runs of half
+#: as many items (bounded memory, every class still of diameter <= eps:
+#: :mod:`fibgraph.engine.blocked`).
+#: The environment variable ``FIBGRAPH_EXACT_LINKAGE_ROWS`` raises it (the
+#: quadratic exact linkage on request)
+EXACT_LINKAGE_ROWS = 4096
+EXACT_LINKAGE_ENV = "FIBGRAPH_EXACT_LINKAGE_ROWS"
 
 
-def threshold_clusters(X, eps, linkage_method="average", metric="cosine", prepared=False, overwrite=False):
+def exact_linkage_rows(method="complete") -> int:
+    """The most rows of one component linked exactly: ``FIBGRAPH_EXACT_LINKAGE_ROWS``
+    when set, else :data:`EXACT_LINKAGE_ROWS` (complete linkage; beyond it,
+    blocked) or :data:`MAX_LINKAGE_ROWS` (average linkage; beyond it, an error)."""
+    text = os.environ.get(EXACT_LINKAGE_ENV)
+    if text is None:
+        return EXACT_LINKAGE_ROWS if method == "complete" else MAX_LINKAGE_ROWS
+    try:
+        n = int(text)
+    except ValueError:
+        raise InputError(f"{EXACT_LINKAGE_ENV}: a number of rows, got {text!r}") from None
+    if n < 2:
+        raise InputError(f"{EXACT_LINKAGE_ENV}: at least 2 rows, got {n}")
+    return n
+
+
+def threshold_clusters(X, eps, linkage_method="average", metric="cosine", prepared=False, overwrite=False,
+                       stats=None):
     """Flat clusters of the rows of ``X`` cut at distance ``eps``.
 
     Equal to ``fcluster(linkage(pdist(rows), method), eps, 'distance')`` (the
@@ -308,7 +341,10 @@ def threshold_clusters(X, eps, linkage_method="average", metric="cosine", prepar
     concatenation of several node sets' prepared rows over ``sqrt(sets)``, see
     :func:`joint_rows`); the distance is then ``|u - v|`` (euclidean) or
     ``|u - v|^2 / 2`` (cosine) on the given rows.  ``overwrite``: ``X`` may be
-    scaled in place (:func:`prepare_rows`).
+    scaled in place (:func:`prepare_rows`).  A component of more than
+    :func:`exact_linkage_rows` rows under complete linkage is clustered by
+    :func:`fibgraph.engine.blocked.blocked_complete`; ``stats`` (a dict, optional)
+    then gets ``blocked_rows``, the largest such component.
     """
     if linkage_method not in LINKAGES:
         raise ValueError(f"unknown linkage {linkage_method!r}; choose from {LINKAGES}")
@@ -351,20 +387,20 @@ def threshold_clusters(X, eps, linkage_method="average", metric="cosine", prepar
                 out[members] = nxt
                 nxt += 1
                 continue
-            if members.size > MAX_LINKAGE_ROWS and linkage_method == "complete":
-                # complete linkage: equal rows never change a maximum distance, so
-                # the clusters of the distinct rows carry over to their copies
-                uniq, inv = np.unique(Z[members], axis=0, return_inverse=True)
-                inv = inv.reshape(-1)
-                if uniq.shape[0] < members.size:
-                    sub = threshold_clusters(uniq, eps, linkage_method, metric, prepared=True)
-                    out[members] = nxt + sub[inv]
-                    nxt += int(sub.max()) + 1
-                    continue
-            if members.size > MAX_LINKAGE_ROWS:
+            limit = exact_linkage_rows(linkage_method)
+            if members.size > limit and linkage_method == "complete":
+                # bounded memory, every class still of diameter <= eps
+                sub = blocked_complete(Z, eps, metric == "cosine", max(2, limit // 2), rows=members)
+                if stats is not None:
+                    stats["blocked_rows"] = max(stats.get("blocked_rows", 0), int(members.size))
+                out[members] = nxt + sub
+                nxt += int(sub.max()) + 1
+                continue
+            if members.size > limit:
                 raise InputError(f"eps {eps:g}: {members.size:,} rows lie within one another's eps-neighbourhood; "
                                  f"{linkage_method} linkage on them needs {members.size ** 2 * 4 / 2 ** 30:.1f} GiB "
-                                 f"(limit {MAX_LINKAGE_ROWS:,} rows): use a smaller eps")
+                                 f"(limit {limit:,} rows, {EXACT_LINKAGE_ENV}): use a smaller eps, or complete "
+                                 f"linkage (bounded memory)")
             # one component holding every row: members is arange (stable sort), no copy
             d = _condensed(Z if members.size == Z.shape[0] else Z[members], cosine=(metric == "cosine"))
             if members.size == 2:  # one pair: merged iff its distance is within eps

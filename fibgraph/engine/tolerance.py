@@ -122,6 +122,7 @@ def split_tolerance(graph, nodes, directions, colours, scales, crit, info_key, i
     nxt = 0
     order = np.argsort(old, kind="stable")
     bounds = np.flatnonzero(np.diff(old[order])) + 1
+    stats = {}
     for members in np.split(order, bounds):
         if members.size == 1:
             out[members] = nxt
@@ -131,7 +132,7 @@ def split_tolerance(graph, nodes, directions, colours, scales, crit, info_key, i
         norms = row_norms(rows) if rescale else None
         # scaled in place: the rows are this loop's own copy, or every row of a
         # fresh X; prepare_rows never overwrites a view (of a weight)
-        lab = threshold_clusters(rows, crit.eps, crit.linkage, metric, overwrite=True)
+        lab = threshold_clusters(rows, crit.eps, crit.linkage, metric, overwrite=True, stats=stats)
         out[members] = nxt + lab
         nxt += int(lab.max()) + 1
         if rescale:     # each member over its cluster's mean row norm (clusters of 2+ rows)
@@ -140,7 +141,7 @@ def split_tolerance(graph, nodes, directions, colours, scales, crit, info_key, i
             sel = (cnt[lab] > 1) & (mean[lab] > 0)
             new_scales[members[sel]] = np.where(norms[sel] > 0, norms[sel] / np.where(sel, mean[lab], 1.0)[sel], 1.0)
     info[info_key] = {"eps": crit.eps, "linkage": crit.linkage, "metric": metric,
-                      "metric_requested": crit.metric, "rescale": rescale,
+                      "metric_requested": crit.metric, "rescale": rescale, **stats,
                       **({"note": note} if note else {})}
     return canonical(out), new_scales
 
@@ -220,6 +221,7 @@ def _split_tied(graph, nodes, X, colours, crit, info_key, info, cols):
     set_scale = np.zeros(n_pos)
     np.maximum.at(set_scale, pos, norm)
     joint = 0
+    stats = {}
     for members in np.split(order, bounds):
         if members.size == 1:
             lab_item[members] = nxt
@@ -227,7 +229,8 @@ def _split_tied(graph, nodes, X, colours, crit, info_key, info, cols):
             continue
         present = np.flatnonzero(table[members[0]] >= 0)     # the same in the whole class
         if len(present) == 1:
-            lab = threshold_clusters(dense_rows(X, table[members, present[0]]), crit.eps, crit.linkage, metric)
+            lab = threshold_clusters(dense_rows(X, table[members, present[0]]), crit.eps, crit.linkage, metric,
+                                     stats=stats)
         else:                  # one node set's rows at a time, each prepared and stored before the next is made
             blocks = (dense_rows(X, table[members, p]) for p in present)
             # a big class's rows go straight into one array sized from the
@@ -235,7 +238,7 @@ def _split_tied(graph, nodes, X, colours, crit, info_key, info, cols):
             big = members.size * X.shape[1] >= F32_ROWS_MIN // 8
             rows = joint_rows(blocks, metric, set_scale[present],
                               widths=[dense_width(X, table[members, p]) for p in present] if big else None)
-            lab = threshold_clusters(rows, crit.eps, crit.linkage, metric, prepared=True)
+            lab = threshold_clusters(rows, crit.eps, crit.linkage, metric, prepared=True, stats=stats)
             joint += members.size
         lab_item[members] = nxt + lab
         nxt += int(lab.max()) + 1
@@ -246,6 +249,6 @@ def _split_tied(graph, nodes, X, colours, crit, info_key, info, cols):
             for l in np.unique(graph.layer[nodes[multi[multi >= 0]]])]
     info[info_key] = {"eps": crit.eps, "linkage": crit.linkage, "metric": metric,
                       "metric_requested": crit.metric, "rescale": False,
-                      "joint": {"items": int(joint), "node_sets": sets},
+                      "joint": {"items": int(joint), "node_sets": sets}, **stats,
                       **({"note": note} if note else {})}
     return canonical(out), np.ones(nodes.size)

@@ -44,8 +44,8 @@ def test_neighbour_components_do_not_depend_on_the_block_size(seed, radius, bloc
     assert np.array_equal(canonical(whole), canonical(small))
 
 
-def test_a_huge_component_of_equal_rows_is_clustered_by_its_distinct_rows(monkeypatch):
-    monkeypatch.setattr(cluster, "MAX_LINKAGE_ROWS", 50)
+def test_a_huge_component_of_equal_rows_is_clustered_as_its_distinct_rows(monkeypatch):
+    monkeypatch.setattr(cluster, "EXACT_LINKAGE_ROWS", 50)      # blocked complete linkage
     X = np.repeat(np.array([[1.0, 0.0], [1.0, 0.01], [0.0, 1.0]]), 200, axis=0)
     lab = threshold_clusters(X, 0.1, "complete", "euclidean")
     assert np.array_equal(lab, canonical(np.repeat([0, 0, 1], 200)))
