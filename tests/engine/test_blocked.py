@@ -141,3 +141,14 @@ def test_compress_says_when_a_layer_was_clustered_in_blocks(tmp_path, capsys, mo
     rc, out, err = cli(capsys, "compress", src, "-o", tmp_path / "c.onnx", "--eps", "1.5", "--report", tmp_path / "s.json")
     assert rc == 0, err
     assert not any(ly["criterion"].get("blocked_rows") for ly in read_json(tmp_path / "s.json")["layers"])
+
+
+def test_a_bad_exact_linkage_setting_is_one_line_before_any_work(tmp_path, capsys, monkeypatch):
+    from helpers import assert_one_line_error, cli, save, small_planted_mlp
+
+    src = save(small_planted_mlp(1)[1], tmp_path / "m.onnx")
+    for bad in ("abc", "1"):
+        monkeypatch.setenv("FIBGRAPH_EXACT_LINKAGE_ROWS", bad)
+        rc, _, err = cli(capsys, "compress", src, "-o", tmp_path / "b.onnx")
+        assert_one_line_error(rc, err, "FIBGRAPH_EXACT_LINKAGE_ROWS")
+        assert not (tmp_path / "b.onnx").exists()
