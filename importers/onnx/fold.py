@@ -53,7 +53,7 @@ from fibgraph.pages import blocks, drop_mapped, drop_pages, mapped_in
 from . import external
 from .load import attrs, ints, outer_refs, tensor_value
 
-__all__ = ["FOLDS", "folded_outputs", "fold_constants", "constant_value", "cut", "feedable", "slice_bounds"]
+__all__ = ["FOLDS", "folded_outputs", "fold_constants", "constant_value", "cut", "feedable", "to_file", "slice_bounds"]
 
 SPILL_BYTES = 1 << 20           # a new array at least this big, made from a mapped weight, goes to a file
 _CASTS = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.INT8,
@@ -224,6 +224,16 @@ def _to_file(chunks, shape, dtype):
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)     # the map keeps the unlinked file
     external.adopt(mm)                   # its pages go back with the model's
     return np.frombuffer(mm, dtype=dtype).reshape(shape)
+
+
+def to_file(v):
+    """``v`` (an array of rank >= 1) in an unlinked temporary file, mapped back
+    read-only, written a block of rows at a time: its pages are read again
+    only where it is read, and go back like the model's (a probe value of
+    1 MB or more)."""
+    v = np.asarray(v)
+    step = max(1, (1 << 21) // max(1, int(np.prod(v.shape[1:], dtype=np.int64))))
+    return _to_file((v[r:r + step] for r in range(0, v.shape[0], step)), v.shape, v.dtype)
 
 
 def feedable(v):

@@ -26,6 +26,50 @@ def sample_feeds(model, seed=0, sizes=None, specs=None):
     return make_feeds(model, n=1, seed=seed, size=sizes, specs=specs)
 
 
+#: the most bytes of values one probe run returns (about: each chunk's size is
+#: estimated from the last's).  onnxruntime keeps every graph output of a
+#: run until the run ends, so each chunk of the tensors (in graph order) is a
+#: session of its own that exposes that chunk alone, and computes only the
+#: nodes it needs: a ViT-base's 500 MB of activations are never held at once
+PROBE_CHUNK_BYTES = 64 << 20
+#: tensors exposed by the first chunk (its sizes size the next one)
+FIRST_CHUNK = 64
+#: a probe value this big or bigger goes to a mapped temporary file
+SPILL_BYTES = 256 << 10
+
+
+def _node_outputs(graph):
+    return list(dict.fromkeys(o for n in graph.node for o in n.output if o))
+
+
+def _run_in_chunks(m, so, names, feeds):
+    """The values of ``names`` (in graph order) from sessions over ``m``, each
+    exposing one chunk of them; a value of :data:`SPILL_BYTES` or more goes
+    to a mapped temporary file (:func:`fold.to_file`): the builder reads the
+    shapes and dtypes of big activations, rarely their values."""
+    import onnx
+
+    from .fold import to_file
+
+    vals, i, step = {}, 0, FIRST_CHUNK
+    while i < len(names):
+        chunk = names[i:i + step]
+        del m.graph.output[:]
+        m.graph.output.extend(onnx.ValueInfoProto(name=n) for n in chunk)
+        try:
+            sess = external.session(m, so)          # a big model's weights read in place, not serialised
+        except Exception as e:
+            raise InputError(f"onnxruntime cannot load the model: {short_error(e)}") from None
+        got = 0
+        for n, v in zip(chunk, sess.run(chunk, feeds)):
+            got += v.nbytes
+            vals[n] = to_file(v) if v.nbytes >= SPILL_BYTES and v.ndim else v
+        del sess
+        i += len(chunk)
+        step = max(1, int(PROBE_CHUNK_BYTES * len(chunk) / max(got, 1)))
+    return vals
+
+
 def probe_model(model, feeds=None):
     """Run ``model`` once with every intermediate tensor exposed; returns
     ``(feeds, values)`` with the value of every computed tensor.  What is
@@ -35,14 +79,10 @@ def probe_model(model, feeds=None):
     copy per step."""
     check_model(model)                     # no run before the sizes it implies are checked
     folded = fold_constants(model)
-    m, extra = cut(model, folded, expose=True)        # a mapped weight fed: read in place
+    m, extra = cut(model, folded)        # a mapped weight fed: read in place
     so = lean_options()                  # every node's value as written; a size that does not fit fails quietly
+    names = _node_outputs(m.graph)
     with session_heap():          # the run's activations go back as they are freed
-        try:
-            sess = external.session(m, so)          # a big model's weights read in place, not serialised
-        except Exception as e:
-            raise InputError(f"onnxruntime cannot load the model: {short_error(e)}") from None
-        names = [o.name for o in sess.get_outputs()]
         if feeds is not None:
             tries = [feeds]
         else:                      # the defaults, then every unknown dim at one size
@@ -57,11 +97,12 @@ def probe_model(model, feeds=None):
         err = None
         for f in tries:
             try:
-                out = sess.run(names, {**f, **extra})
-                vals = dict(zip(names, out))
+                vals = _run_in_chunks(m, so, names, {**f, **extra})
                 vals.update(f)
                 vals.update(folded)
                 return f, vals
+            except InputError:
+                raise
             except Exception as e:  # the size did not fit the model; try the next
                 err = e if err is None else err
     why = short_error(err)
