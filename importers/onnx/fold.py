@@ -340,12 +340,11 @@ def constant_value(node):
     raise InputError(f"Constant node {node.name!r} holds no tensor value")
 
 
-def cut(model, folded, expose=False):
+def cut(model, folded):
     """``model`` (a copy) without the nodes that fold: every folded value a
     remaining node reads is a graph input instead, the initializers only
-    folded nodes read are dropped; ``expose``: every node output a graph
-    output too (the probe).  Returns ``(model, feeds)``: the inputs made of
-    folded values, each as :func:`feedable`."""
+    folded nodes read are dropped.  Returns ``(model, feeds)``: the inputs
+    made of folded values, each as :func:`feedable`."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
     g = m.graph
@@ -367,11 +366,4 @@ def cut(model, folded, expose=False):
         v = folded[x]
         g.input.append(onnx.helper.make_tensor_value_info(x, onnx.helper.np_dtype_to_tensor_dtype(v.dtype),
                                                           list(v.shape)))
-    if expose:
-        have = {o.name for o in g.output}
-        for node in g.node:
-            for o in node.output:
-                if o and o not in have:
-                    g.output.append(onnx.ValueInfoProto(name=o))
-                    have.add(o)
     return m, {x: feedable(folded[x]) for x in fed}

@@ -18,8 +18,8 @@ from fibgraph.groups import Group, GroupKind, WeightUse, set_components, tie_col
 
 from .records import Kind
 
-__all__ = ["columns_of", "output_mask", "kept_mask", "group_of_weight", "groups_of", "weight_uses", "module_name", "display_names",
-           "node_module", "torch_names", "eps_names",
+__all__ = ["columns_of", "output_mask", "kept_mask", "group_of_weight", "groups_of", "weight_uses", "module_name",
+           "display_names", "node_module", "torch_names", "eps_names",
            "space_display_names"]
 
 

@@ -1,5 +1,6 @@
-"""One run of the model to learn its shapes: every intermediate tensor's value
-on sample inputs (batch 1), for the hypergraph importer's layouts."""
+"""Runs of the model to learn its shapes: every intermediate tensor's value on
+sample inputs (batch 1), for the hypergraph importer's layouts, a chunk of
+the tensors per run (:data:`PROBE_CHUNK_BYTES`)."""
 from __future__ import annotations
 
 import numpy as np
@@ -71,8 +72,9 @@ def _run_in_chunks(m, so, names, feeds):
 
 
 def probe_model(model, feeds=None):
-    """Run ``model`` once with every intermediate tensor exposed; returns
-    ``(feeds, values)`` with the value of every computed tensor.  What is
+    """Run ``model`` with every intermediate tensor exposed, a chunk of them per
+    session (:func:`_run_in_chunks`); returns ``(feeds, values)`` with the
+    value of every computed tensor.  What is
     computed from weights alone and folds (:mod:`.fold`: a weight sliced,
     reordered, transposed, cast) is made with numpy, views of the weights
     where it can, and fed to the run: onnxruntime would make (and return) a
