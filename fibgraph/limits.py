@@ -25,11 +25,13 @@ import numpy as np
 
 from .errors import InputError
 
-__all__ = ["ENV", "EPS_FILE_MAX", "parse_size", "format_size", "default_max_memory", "max_memory",
-           "set_max_memory", "check_bytes", "check_elements", "npz_headers", "read_npz"]
+__all__ = ["ENV", "EPS_FILE_MAX", "LINKAGE_ENV", "parse_size", "format_size", "default_max_memory", "max_memory",
+           "set_max_memory", "linkage_rows_env", "check_bytes", "check_elements", "npz_headers", "read_npz"]
 
 ENV = "FIBGRAPH_MAX_MEMORY"
 EPS_FILE_MAX = 10 << 20                  # an eps file is a small JSON object
+#: the most rows one eps-component is linked exactly (fibgraph.engine.cluster.exact_linkage_rows)
+LINKAGE_ENV = "FIBGRAPH_EXACT_LINKAGE_ROWS"
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMGTP]?)(?:I?B)?\s*$", re.IGNORECASE)
 _limit = None                             # set by set_max_memory (the CLI option)
@@ -74,6 +76,23 @@ def set_max_memory(size=None):
     """Set the limit (bytes or a size text); None goes back to the environment or the default."""
     global _limit
     _limit = None if size is None else parse_size(size)
+
+
+def linkage_rows_env():
+    """The rows ``FIBGRAPH_EXACT_LINKAGE_ROWS`` sets (an int >= 2), or None when it
+    is unset; anything else is an :class:`~fibgraph.errors.InputError`.  Read
+    here, not in the engine, so the CLI checks it at start without importing
+    the engine."""
+    text = os.environ.get(LINKAGE_ENV)
+    if text is None:
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        raise InputError(f"{LINKAGE_ENV}: a number of rows, got {text!r}") from None
+    if n < 2:
+        raise InputError(f"{LINKAGE_ENV}: at least 2 rows, got {n}")
+    return n
 
 
 def max_memory() -> int:

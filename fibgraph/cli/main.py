@@ -62,9 +62,9 @@ def _max_memory_option(group):
 def cli():
     """fibgraph: fibrations, opfibrations, coverings and orbits of trained networks,
     and exact compression to the base network."""
-    from ..engine.cluster import exact_linkage_rows
+    from ..limits import linkage_rows_env
 
-    exact_linkage_rows()      # a bad FIBGRAPH_EXACT_LINKAGE_ROWS: one line before any work
+    linkage_rows_env()      # a bad FIBGRAPH_EXACT_LINKAGE_ROWS: one line before any work
 
 
 @cli.command()

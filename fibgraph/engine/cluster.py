@@ -23,13 +23,13 @@ Distances (both dimensionless, range [0, 2]):
 from __future__ import annotations
 
 import hashlib
-import os
 from collections import OrderedDict
 
 import numpy as np
 
 from ..errors import InputError
 from ..lazy import lazy_module
+from ..limits import LINKAGE_ENV, linkage_rows_env
 from ..pages import drop_mapped, read
 from ..partition import canonical
 from .blocked import blocked_complete
@@ -310,23 +310,17 @@ MAX_LINKAGE_ROWS = 20_000
 #: The environment variable ``FIBGRAPH_EXACT_LINKAGE_ROWS`` raises it (the
 #: quadratic exact linkage on request)
 EXACT_LINKAGE_ROWS = 4096
-EXACT_LINKAGE_ENV = "FIBGRAPH_EXACT_LINKAGE_ROWS"
 
 
 def exact_linkage_rows(method="complete") -> int:
     """The most rows of one component linked exactly: ``FIBGRAPH_EXACT_LINKAGE_ROWS``
-    when set, else :data:`EXACT_LINKAGE_ROWS` (complete linkage; beyond it,
-    blocked) or :data:`MAX_LINKAGE_ROWS` (average linkage; beyond it, an error)."""
-    text = os.environ.get(EXACT_LINKAGE_ENV)
-    if text is None:
-        return EXACT_LINKAGE_ROWS if method == "complete" else MAX_LINKAGE_ROWS
-    try:
-        n = int(text)
-    except ValueError:
-        raise InputError(f"{EXACT_LINKAGE_ENV}: a number of rows, got {text!r}") from None
-    if n < 2:
-        raise InputError(f"{EXACT_LINKAGE_ENV}: at least 2 rows, got {n}")
-    return n
+    when set (:func:`fibgraph.limits.linkage_rows_env`), else
+    :data:`EXACT_LINKAGE_ROWS` (complete linkage; beyond it, blocked) or
+    :data:`MAX_LINKAGE_ROWS` (average linkage; beyond it, an error)."""
+    n = linkage_rows_env()
+    if n is not None:
+        return n
+    return EXACT_LINKAGE_ROWS if method == "complete" else MAX_LINKAGE_ROWS
 
 
 def threshold_clusters(X, eps, linkage_method="average", metric="cosine", prepared=False, overwrite=False,
@@ -382,12 +376,12 @@ def threshold_clusters(X, eps, linkage_method="average", metric="cosine", prepar
         order = np.argsort(comp, kind="stable")
         bounds = np.flatnonzero(np.diff(comp[order])) + 1
         nxt = 0
+        limit = exact_linkage_rows(linkage_method)
         for members in np.split(order, bounds):
             if members.size == 1:
                 out[members] = nxt
                 nxt += 1
                 continue
-            limit = exact_linkage_rows(linkage_method)
             if members.size > limit and linkage_method == "complete":
                 # bounded memory, every class still of diameter <= eps
                 sub = blocked_complete(Z, eps, metric == "cosine", max(2, limit // 2), rows=members)
@@ -399,7 +393,7 @@ def threshold_clusters(X, eps, linkage_method="average", metric="cosine", prepar
             if members.size > limit:
                 raise InputError(f"eps {eps:g}: {members.size:,} rows lie within one another's eps-neighbourhood; "
                                  f"{linkage_method} linkage on them needs {members.size ** 2 * 4 / 2 ** 30:.1f} GiB "
-                                 f"(limit {limit:,} rows, {EXACT_LINKAGE_ENV}): use a smaller eps, or complete "
+                                 f"(limit {limit:,} rows, {LINKAGE_ENV}): use a smaller eps, or complete "
                                  f"linkage (bounded memory)")
             # one component holding every row: members is arange (stable sort), no copy
             d = _condensed(Z if members.size == Z.shape[0] else Z[members], cosine=(metric == "cosine"))

@@ -228,25 +228,12 @@ def _to_file(chunks, shape, dtype):
 
 def to_file(v):
     """``v`` (an array of rank >= 1) in an unlinked temporary file, mapped back
-    read-only, written a block of rows at a time: its pages are read again
-    only where it is read, and go back like the model's (a probe value of
-    1 MB or more)."""
+    read-only, written a block of rows at a time (a strided view of a mapped
+    weight: its pages handed back after each block): the result's pages are
+    read again only where it is read, and go back like the model's (a big
+    probe value, a transposed table fed to a session)."""
     v = np.asarray(v)
-    step = max(1, (1 << 21) // max(1, int(np.prod(v.shape[1:], dtype=np.int64))))
-    return _to_file((v[r:r + step] for r in range(0, v.shape[0], step)), v.shape, v.dtype)
-
-
-def feedable(v):
-    """``v`` as a C-contiguous array onnxruntime reads in place: ``v`` itself,
-    or a copy; one of 1 MB or more of a mapped weight (a transposed table)
-    goes to a temporary file a block of rows at a time, the weight's pages
-    handed back after each block."""
-    v = np.asarray(v)
-    if v.flags.c_contiguous:
-        return v
-    if not _spills([v], v.shape, v.dtype):
-        return np.ascontiguousarray(v)
-    where = mapped_in(v)
+    where = None if v.flags.c_contiguous else mapped_in(v)
 
     def chunks():
         step = max(1, (1 << 21) // max(1, int(np.prod(v.shape[1:], dtype=np.int64))))
@@ -255,6 +242,18 @@ def feedable(v):
             if where is not None:
                 drop_pages(*where)          # a strided block reads the whole span
     return _to_file(chunks(), v.shape, v.dtype)
+
+
+def feedable(v):
+    """``v`` as a C-contiguous array onnxruntime reads in place: ``v`` itself,
+    or a copy; one of 1 MB or more of a mapped weight (a transposed table)
+    goes to a temporary file (:func:`to_file`)."""
+    v = np.asarray(v)
+    if v.flags.c_contiguous:
+        return v
+    if not _spills([v], v.shape, v.dtype):
+        return np.ascontiguousarray(v)
+    return to_file(v)
 
 
 # ------------------------------------------------------------------ the walk

@@ -36,7 +36,7 @@ PROBE_CHUNK_BYTES = 64 << 20
 #: tensors exposed by the first chunk (its sizes size the next one)
 FIRST_CHUNK = 64
 #: a probe value this big or bigger goes to a mapped temporary file
-SPILL_BYTES = 256 << 10
+PROBE_SPILL_BYTES = 256 << 10
 
 
 def _node_outputs(graph):
@@ -45,7 +45,7 @@ def _node_outputs(graph):
 
 def _run_in_chunks(m, so, names, feeds):
     """The values of ``names`` (in graph order) from sessions over ``m``, each
-    exposing one chunk of them; a value of :data:`SPILL_BYTES` or more goes
+    exposing one chunk of them; a value of :data:`PROBE_SPILL_BYTES` or more goes
     to a mapped temporary file (:func:`fold.to_file`): the builder reads the
     shapes and dtypes of big activations, rarely their values."""
     import onnx
@@ -64,7 +64,7 @@ def _run_in_chunks(m, so, names, feeds):
         got = 0
         for n, v in zip(chunk, sess.run(chunk, feeds)):
             got += v.nbytes
-            vals[n] = to_file(v) if v.nbytes >= SPILL_BYTES and v.ndim else v
+            vals[n] = to_file(v) if v.nbytes >= PROBE_SPILL_BYTES and v.ndim else v
         del sess
         i += len(chunk)
         step = max(1, int(PROBE_CHUNK_BYTES * len(chunk) / max(got, 1)))

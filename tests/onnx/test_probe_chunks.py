@@ -31,7 +31,7 @@ def test_chunked_probe_values_equal_one_run(monkeypatch):
     whole_feeds, whole = probe.probe_model(m)
     monkeypatch.setattr(probe, "FIRST_CHUNK", 2)
     monkeypatch.setattr(probe, "PROBE_CHUNK_BYTES", 64)      # a tensor or two per session
-    monkeypatch.setattr(probe, "SPILL_BYTES", 100)           # nearly every value to a mapped file
+    monkeypatch.setattr(probe, "PROBE_SPILL_BYTES", 100)           # nearly every value to a mapped file
     exposed = []
     orig = external.session
     monkeypatch.setattr(external, "session", lambda mm, so=None, **k: (exposed.append(
@@ -53,7 +53,7 @@ def test_chunked_probe_imports_the_same_graph(monkeypatch):
     a = import_dag(m)
     monkeypatch.setattr(probe, "FIRST_CHUNK", 1)
     monkeypatch.setattr(probe, "PROBE_CHUNK_BYTES", 1)
-    monkeypatch.setattr(probe, "SPILL_BYTES", 1)
+    monkeypatch.setattr(probe, "PROBE_SPILL_BYTES", 1)
     b = import_dag(m)
     assert a.graph.n == b.graph.n and np.array_equal(a.graph.initial, b.graph.initial)
     assert sorted(a.layouts) == sorted(b.layouts)
